@@ -1,0 +1,179 @@
+"""Reading and checking safetensors checkpoints before their data is loaded.
+
+The header of a safetensors file (8-byte little-endian length, then JSON) names every tensor with
+its dtype, shape and byte range, so a file can be described and checked against a model without
+reading its 4 to 16 GB of data. `safetensors` has no API for the header alone (its `safe_open`
+needs a framework to hand tensors to), hence this small reader.
+"""
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype names -> MLX dtype names
+ST_DTYPES = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+    "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+    "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
+}
+FLOAT_DTYPES = {"bfloat16", "float16", "float32", "float64"}
+
+
+class CheckpointError(ValueError):
+    """A weight file that is not what the model needs; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # MLX dtype name, e.g. "bfloat16"
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Quantization:
+    bits: int
+    group_size: int
+
+    def __str__(self) -> str:
+        return f"{self.bits}-bit (group size {self.group_size})"
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_bytes: int
+
+
+def read_header(path: str | Path) -> Header:
+    """Parses a safetensors header; raises `CheckpointError` for a missing, foreign or
+    truncated file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file. Check the path, or download the weights again.")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(
+                f"{path}: not a safetensors file ({size} bytes, too short for a header). "
+                "Download it again or pass the right file.")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(
+                f"{path}: not a safetensors file, or truncated (header length {n} does not fit "
+                f"in {size} bytes). Download it again or pass the right file.")
+        try:
+            raw = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(
+                f"{path}: not a safetensors file (its header is not JSON: {e}). "
+                "Download it again or pass the right file.") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object).")
+    metadata = raw.pop("__metadata__", None) or {}
+    tensors, end = {}, 0
+    for name, entry in raw.items():
+        try:
+            dtype = ST_DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            start, stop = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed safetensors header entry for '{name}'.") from None
+        tensors[name] = TensorInfo(dtype, shape)
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated: the header describes {8 + n + end} bytes but the file has {size}. "
+            "The download was probably interrupted: delete the file and download it again.")
+    return Header(path, tensors, metadata, end)
+
+
+def quantization_of(tensors: dict[str, TensorInfo]) -> Quantization | None:
+    """Bits and group size of a Moshi checkpoint, read off the text head's packed shapes
+    (`out_norm.weight` gives the model width); None for an unquantized file."""
+    w, s = tensors.get("text_linear.weight"), tensors.get("text_linear.scales")
+    norm = tensors.get("out_norm.weight")
+    if w is None or s is None or norm is None or w.dtype != "uint32":
+        return None
+    dim = norm.shape[-1]
+    return Quantization(bits=32 * w.shape[-1] // dim, group_size=dim // s.shape[-1])
+
+
+def describe(tensors: dict[str, TensorInfo]) -> str:
+    q = quantization_of(tensors)
+    if q is not None:
+        return f"{q} quantized weights"
+    dtypes = sorted({t.dtype for t in tensors.values()})
+    return f"unquantized {'/'.join(dtypes)} weights"
+
+
+def model_tensors(model) -> dict[str, TensorInfo]:
+    """The parameter tree of a (lazily built) model, without evaluating it."""
+    return {
+        name: TensorInfo(str(a.dtype).removeprefix("mlx.core."), tuple(a.shape))
+        for name, a in tree_flatten(model.parameters())
+    }
+
+
+def _quantize_hint(q: Quantization | None) -> str:
+    if q is None:
+        return "do not quantize the model (no -q)"
+    return f"nn.quantize(model, bits={q.bits}, group_size={q.group_size}), i.e. -q {q.bits}"
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
+    return "\n  " + "\n  ".join(items[:limit]) + more
+
+
+def check_tensors(path: Path, found: dict[str, TensorInfo], expected: dict[str, TensorInfo]) -> None:
+    """Raises `CheckpointError` unless `found` has exactly the names and shapes of `expected`."""
+    q_file, q_model = quantization_of(found), quantization_of(expected)
+    if q_file != q_model:
+        raise CheckpointError(
+            f"{path}: this file holds {describe(found)} but the model was built for "
+            f"{describe(expected)}. Load it with {_quantize_hint(q_file)}.")
+    missing = sorted(expected.keys() - found.keys())
+    extra = sorted(found.keys() - expected.keys())
+    wrong = [
+        f"'{k}': expected shape {list(expected[k].shape)}, found {list(found[k].shape)}"
+        for k in sorted(expected.keys() & found.keys())
+        if expected[k].shape != found[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing from the file:" + _listing(
+            [f"'{k}' (expected shape {list(expected[k].shape)}, {expected[k].dtype})" for k in missing]))
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s) in the file:" + _listing(
+            [f"'{k}' (shape {list(found[k].shape)}, {found[k].dtype})" for k in extra]))
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape:" + _listing(wrong))
+    if problems:
+        raise CheckpointError(
+            f"{path} does not match the model config ({describe(found)}):\n"
+            + "\n".join(problems)
+            + "\nCheck that the file and the config (--lm-config) belong to the same model.")
+
+
+def check_file_matches_model(path: str | Path, model) -> Header:
+    header = read_header(path)
+    check_tensors(header.path, header.tensors, model_tensors(model))
+    return header
+
+
+def load(path: str | Path) -> dict[str, mx.array]:
+    """Loads a safetensors file's arrays, turning loader failures into `CheckpointError`."""
+    read_header(path)
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: could not be read as safetensors ({e}).") from None

@@ -1,0 +1,116 @@
+"""Streaming generation: one call per 80 ms frame, with Moshi's codebook delays."""
+
+from collections import deque
+
+import mlx.core as mx
+
+from ..utils.sampling import Sampler
+from .lm import Lm
+
+
+class LmGen:
+    """Runs Moshi one step at a time.
+
+    Each `step(user_tokens)` feeds the user's Mimi codes for the current frame and samples Moshi's
+    text token and audio codes. Delays follow Moshi's training layout: the input at step t holds,
+    for a codebook with delay d, the token of position t-1-d (the audio padding token `card`
+    before the stream starts), and the text input is the previous text token (`text_card` at the
+    first step). Moshi's codebook k sampled at step t belongs to frame t - delays[k], so a frame
+    is complete `max_delay` steps after its semantic code was sampled.
+
+    Memory is flat: the temporal transformer keeps the last `context` steps in a rotating cache
+    and only the last `max_delay + 1` steps of tokens are kept here.
+    """
+
+    def __init__(
+        self,
+        model: Lm,
+        max_steps: int | None = None,
+        text_sampler: Sampler | None = None,
+        audio_sampler: Sampler | None = None,
+        batch_size: int = 1,
+        compile: bool = True,
+    ):
+        """`max_steps` is accepted for compatibility and is not a limit: conversations can run
+        for any number of steps. `compile` compiles the depformer's per-step sampling."""
+        cfg = model.cfg
+        self.model = model
+        self.max_steps = max_steps
+        self.text_sampler = text_sampler or Sampler()
+        self.audio_sampler = audio_sampler or Sampler()
+        self.batch_size = batch_size
+        self.dep_q = cfg.dep_q
+        self.num_user_codebooks = cfg.n_q - cfg.dep_q
+        self.audio_delays = cfg.audio_delays
+        self.max_delay = max(self.audio_delays)
+        self.step_idx = 0
+        self.cache = model.make_cache()
+        self._text: mx.array | None = None  # [B] text token of the previous step
+        self._sampled: deque[mx.array] = deque(maxlen=self.max_delay + 1)  # [B, dep_q] per step
+        self._user: deque[mx.array] = deque(maxlen=self.max_delay + 1)  # [B, n_user] per step
+        self._padding = mx.full((batch_size,), cfg.audio_padding_token, mx.int32)
+
+        def sample_audio(hidden, text_token):
+            return model.depformer.sample(hidden, text_token, self.audio_sampler)
+
+        if compile:
+            state = [model.depformer.state, mx.random.state]
+            sample_audio = mx.compile(sample_audio, inputs=state, outputs=[mx.random.state])
+        self._sample_audio = sample_audio
+
+    def _past(self, history: deque, steps_ago: int) -> mx.array | None:
+        """The entry stored `steps_ago` steps before the current one (1 = previous step)."""
+        return history[-steps_ago] if 0 < steps_ago <= len(history) else None
+
+    def _input_tokens(self) -> tuple[mx.array, mx.array]:
+        """Text [B, 1] and audio [B, n_q, 1] inputs of the current step."""
+        t = self.step_idx
+        b = self.batch_size
+        if t == 0:
+            text = mx.full((b,), self.model.cfg.text_initial_token, mx.int32)
+        else:
+            text = self._text
+        columns = []
+        for k, delay in enumerate(self.audio_delays):
+            if k < self.dep_q:
+                # Position t-1-delay of Moshi's codebook k was sampled at step t-1.
+                source = self._sampled[-1] if t - 1 >= delay else None
+                col = k
+            else:
+                source = self._past(self._user, delay + 1) if t - 1 >= delay else None
+                col = k - self.dep_q
+            columns.append(self._padding if source is None else source[:, col])
+        return text[:, None], mx.stack(columns, axis=1)[:, :, None]
+
+    def step(self, user_tokens: mx.array) -> mx.array:
+        """user_tokens: int32 [B, 8], the user's Mimi codes for this frame.
+        Returns Moshi's text token for this step, [B, 1] int32 (evaluation is started, not
+        awaited: `.item()` or `.tolist()` waits for it)."""
+        user_tokens = mx.array(user_tokens).astype(mx.int32)
+        expected = (self.batch_size, self.num_user_codebooks)
+        if tuple(user_tokens.shape) != expected:
+            raise ValueError(
+                f"user_tokens must have shape [batch, codebooks] = {list(expected)}, "
+                f"got {list(user_tokens.shape)}")
+        text_in, audio_in = self._input_tokens()
+        hidden, text_logits = self.model(text_in, audio_in, cache=self.cache)
+        text_token = self.text_sampler(text_logits[:, -1])[0]
+        audio_tokens = self._sample_audio(hidden, text_token)
+        self._text = text_token
+        self._sampled.append(audio_tokens)
+        self._user.append(user_tokens)
+        self.step_idx += 1
+        mx.async_eval(text_token, audio_tokens)
+        return text_token[:, None]
+
+    def last_audio_tokens(self) -> mx.array | None:
+        """Moshi's 8 codes [B, dep_q] of the frame completed by the last step, or None while the
+        delays are still filling (the first `max_delay` steps)."""
+        frame = self.step_idx - 1 - self.max_delay
+        if frame < 0:
+            return None
+        columns = [
+            self._past(self._sampled, self.step_idx - (frame + delay))[:, k]
+            for k, delay in enumerate(self.audio_delays[: self.dep_q])
+        ]
+        return mx.stack(columns, axis=1)

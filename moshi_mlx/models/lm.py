@@ -1,0 +1,173 @@
+"""Moshi's language model: a temporal transformer over 80 ms steps and a depformer over codebooks.
+
+Shapes use `B` for batch, `T` for steps (12.5 Hz), `K` for audio codebooks.
+"""
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import ConcatenateKVCache
+
+from ..utils.sampling import Sampler
+from . import checkpoint
+from .config import LmConfig
+from .transformer import RMSNorm, Transformer, TransformerArgs
+
+ZERO_TOKEN = -1
+"""Input token meaning 'nothing here': it embeds to an all-zero vector (as in Moshi)."""
+
+
+def default_activation_dtype() -> mx.Dtype:
+    """bf16 activations on a GPU (Metal, CUDA); float32 on the CPU, where MLX's quantized matmuls
+    run several times faster with float32 inputs than with bf16 ones (see BENCHMARKS.md)."""
+    return mx.bfloat16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
+
+
+def embed(emb: nn.Module, tokens: mx.array) -> mx.array:
+    """Looks tokens up in a (possibly quantized) embedding; ZERO_TOKEN gives zeros."""
+    out = emb(mx.maximum(tokens, 0))
+    return mx.where((tokens == ZERO_TOKEN)[..., None], mx.zeros((), out.dtype), out)
+
+
+class DepFormerSlice(nn.Module):
+    """The weights used for one codebook of a step: input projection, embedding of the previous
+    token (text for the first codebook), a small transformer and the output head."""
+
+    def __init__(self, in_vocab: int, cfg: LmConfig, args: TransformerArgs):
+        super().__init__()
+        self.emb = nn.Embedding(in_vocab, cfg.depformer_dim)
+        self.linear_in = nn.Linear(cfg.dim, cfg.depformer_dim, bias=False)
+        self.transformer = Transformer(args)
+        self.linear_out = nn.Linear(cfg.depformer_dim, cfg.card, bias=False)
+
+    def __call__(self, hidden: mx.array, prev_token: mx.array, cache) -> mx.array:
+        """hidden: [B, 1, dim]; prev_token: [B] -> logits [B, card]."""
+        x = self.linear_in(hidden) + embed(self.emb, prev_token[:, None]).astype(hidden.dtype)
+        return self.linear_out(self.transformer(x, cache=cache))[:, 0]
+
+
+class DepFormer(nn.Module):
+    """Samples the `dep_q` codebooks of one step one after the other. Slice k attends to the
+    slices before it within the step (the cache starts empty at every step)."""
+
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        args = TransformerArgs(
+            dim=cfg.depformer_dim,
+            num_heads=cfg.depformer_num_heads,
+            num_layers=cfg.depformer_num_layers,
+            ffn_hidden=cfg.depformer_ffn_hidden,
+            context=cfg.depformer_context,
+            max_period=cfg.depformer_max_period,
+            rope=cfg.depformer_pos_emb == "rope",
+            norm_f32=cfg.norm == "rms_norm_f32",
+        )
+        self.slices = [
+            DepFormerSlice(cfg.text_card + 1 if k == 0 else cfg.card + 1, cfg, args)
+            for k in range(cfg.dep_q)
+        ]
+
+    def _new_cache(self) -> list[ConcatenateKVCache]:
+        # At most dep_q (8) entries per step: mlx_lm's concatenating cache is the right fit.
+        return [ConcatenateKVCache() for _ in self.slices[0].transformer.layers]
+
+    def __call__(self, hidden: mx.array, tokens: mx.array) -> mx.array:
+        """Teacher-forced logits. hidden: [B, T, dim]; tokens: [B, dep_q, T], the input of each
+        slice (the step's text token, then Moshi's codebooks 0..dep_q-2).
+        Returns [B, T, dep_q, card]."""
+        b, t, d = hidden.shape
+        hidden = hidden.reshape(b * t, 1, d)
+        tokens = tokens.transpose(0, 2, 1).reshape(b * t, -1)
+        cache = self._new_cache()
+        logits = [s(hidden, tokens[:, k], cache) for k, s in enumerate(self.slices)]
+        return mx.stack(logits, axis=1).reshape(b, t, len(self.slices), -1)
+
+    def sample(self, hidden: mx.array, text_token: mx.array, sampler: Sampler) -> mx.array:
+        """hidden: [B, 1, dim]; text_token: [B] -> Moshi's audio tokens [B, dep_q] (int32)."""
+        cache = self._new_cache()
+        token = text_token
+        out = []
+        for s in self.slices:
+            token = sampler(s(hidden, token, cache))[0]
+            out.append(token)
+        return mx.stack(out, axis=1)
+
+
+class Lm(nn.Module):
+    """Text embedding plus `n_q` audio-codebook embeddings, summed into the temporal transformer,
+    whose normalised output feeds the text head and the depformer."""
+
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
+        self.audio_embs = [nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
+        self.transformer = Transformer(
+            TransformerArgs(
+                dim=cfg.dim,
+                num_heads=cfg.num_heads,
+                num_layers=cfg.num_layers,
+                ffn_hidden=cfg.ffn_hidden,
+                context=cfg.context,
+                max_period=cfg.max_period,
+                rope=cfg.positional_embedding == "rope",
+                norm_f32=cfg.norm == "rms_norm_f32",
+            )
+        )
+        self.out_norm = RMSNorm(cfg.dim, cfg.norm == "rms_norm_f32")
+        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        self.depformer = DepFormer(cfg)
+        self.activation_dtype = default_activation_dtype()
+
+    def embed(self, text_tokens: mx.array, audio_tokens: mx.array) -> mx.array:
+        """text_tokens: [B, T]; audio_tokens: [B, n_q, T] -> [B, T, dim]."""
+        x = embed(self.text_emb, text_tokens).astype(self.activation_dtype)
+        for k, emb in enumerate(self.audio_embs):
+            x = x + embed(emb, audio_tokens[:, k]).astype(self.activation_dtype)
+        return x
+
+    def __call__(self, text_tokens: mx.array, audio_tokens: mx.array, cache=None):
+        """Temporal transformer over T steps.
+
+        text_tokens: [B, T]; audio_tokens: [B, n_q, T] (input tokens, delays already applied).
+        With `cache` (from `make_cache`) the steps continue a stream; without it they are a whole
+        sequence under a causal mask limited to `context` steps.
+        Returns (hidden [B, T, dim] for the depformer, text logits [B, T, text_card]).
+        """
+        x = self.embed(text_tokens, audio_tokens)
+        mask = None
+        if cache is None:
+            t = x.shape[1]
+            mask = create_causal_mask(t, window_size=self.cfg.context) if t > 1 else None
+        hidden = self.out_norm(self.transformer(x, cache=cache, mask=mask))
+        return hidden, self.text_linear(hidden)
+
+    def make_cache(self):
+        """Sliding-window KV caches of the temporal transformer: memory stays flat at `context`."""
+        return self.transformer.make_cache()
+
+    def warmup(self) -> None:
+        """Runs one step (greedy) so kernels are built before a conversation starts."""
+        b = 1
+        text = mx.full((b, 1), self.cfg.text_initial_token, mx.int32)
+        audio = mx.full((b, self.cfg.n_q, 1), self.cfg.audio_padding_token, mx.int32)
+        hidden, logits = self(text, audio, cache=self.make_cache())
+        greedy = Sampler(temp=0.0)
+        text_token = greedy(logits[:, -1])[0]
+        mx.eval(self.depformer.sample(hidden, text_token, greedy))
+
+    def load_weights(self, file_or_weights, strict: bool = True):
+        """Loads a safetensors file (or a list of (name, array) pairs) into the model.
+
+        With a file path and `strict`, the file's tensor names, shapes and quantization are
+        checked against the model first; a mismatch raises `CheckpointError` naming the file, the
+        tensor, what was expected and what was found.
+        """
+        if isinstance(file_or_weights, (str, Path)):
+            path = Path(file_or_weights)
+            if strict:
+                checkpoint.check_file_matches_model(path, self)
+            file_or_weights = list(checkpoint.load(path).items())
+        return super().load_weights(file_or_weights, strict=strict)

@@ -1,0 +1,3 @@
+from .sampling import Sampler
+
+__all__ = ["Sampler"]
