@@ -1,0 +1,55 @@
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from moshi_mlx import models
+
+DATA = Path(__file__).parent / "data"
+
+
+def load_config(name: str, **overrides) -> models.LmConfig:
+    d = json.loads((DATA / f"{name}.json").read_text())
+    d.update(overrides)
+    return models.LmConfig.from_config_dict(d)
+
+
+def tiny_config(**overrides) -> models.LmConfig:
+    """A very small Moshi (same structure as 7B: 16 codebooks, 8 generated, delays)."""
+    d = json.loads((DATA / "test_small.json").read_text())
+    d.update(dim=64, num_heads=4, num_layers=2, text_card=50, card=40, depformer_dim=32,
+             depformer_num_heads=2, depformer_num_layers=2, depformer_dim_feedforward=96)
+    d.update(overrides)
+    return models.LmConfig.from_config_dict(d)
+
+
+def random_model(cfg: models.LmConfig, seed: int = 0, dtype=mx.float32) -> models.Lm:
+    """An Lm with random weights, norms included, at a scale that keeps activations O(1)."""
+    mx.random.seed(seed)
+    model = models.Lm(cfg)
+    params = []
+    for name, p in tree_flatten(model.parameters()):
+        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "out_norm" in name:
+            p = 1.0 + 0.1 * mx.random.normal(p.shape)
+        elif ".emb" in name or "_emb" in name:
+            p = mx.random.normal(p.shape)
+        else:
+            p = mx.random.normal(p.shape) * (p.shape[-1] ** -0.5)
+        params.append((name, p))
+    model.update(tree_unflatten(params))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def save_model(model: nn.Module, path: Path) -> Path:
+    mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())))
+    return path
+
+
+@pytest.fixture
+def tiny_cfg() -> models.LmConfig:
+    return tiny_config()
