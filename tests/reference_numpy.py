@@ -9,7 +9,7 @@ def rms_norm(x, w, eps=1e-8):
 
 
 def rope(x, positions, base):
-    """Rotates consecutive pairs (x[2i], x[2i+1]) of x: [heads, T, D] by positions * base^(-2i/D)."""
+    """Rotates the pairs (x[2i], x[2i+1]) of x: [heads, T, D] by angle positions * base^(-2i/D)."""
     d = x.shape[-1]
     freqs = base ** (-np.arange(0, d, 2) / d)
     angle = positions[:, None] * freqs[None]

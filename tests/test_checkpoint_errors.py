@@ -71,7 +71,8 @@ def test_missing_extra_and_misshaped_tensors(files, tmp_path):
     assert str(path) in msg
     assert "'transformer.layers.0.norm1.weight' (expected shape [256]" in msg
     assert "'depformer.slices.0.bogus.weight' (shape [3]" in msg
-    assert f"'text_linear.weight': expected shape [{CFG.text_card}, 256], found [{CFG.text_card}, 8]" in msg
+    n = CFG.text_card
+    assert f"'text_linear.weight': expected shape [{n}, 256], found [{n}, 8]" in msg
 
 
 def test_truncated_file(files, tmp_path):

@@ -4,10 +4,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+import reference_numpy as ref
 from conftest import random_model, save_model, tiny_config
 from mlx.utils import tree_flatten
 
-import reference_numpy as ref
 from moshi_mlx import models
 
 
@@ -102,14 +102,18 @@ def test_save_reload_strict_and_quantized_logits_close(tmp_path):
     text, audio = random_tokens(cfg, 6, seed=8)
     _, ref_logits = bf16(text, audio)
     _, re_logits = reloaded(text, audio)
-    np.testing.assert_array_equal(np.array(ref_logits), np.array(re_logits))
+    np.testing.assert_array_equal(np.array(ref_logits.astype(mx.float32)),
+                                  np.array(re_logits.astype(mx.float32)))
 
     def rel_err(logits):
-        a, b = np.array(logits, np.float64), np.array(ref_logits, np.float64)
+        a = np.array(logits.astype(mx.float32), np.float64)
+        b = np.array(ref_logits.astype(mx.float32), np.float64)
         return np.linalg.norm(a - b) / np.linalg.norm(b)
 
-    q8 = quantized(random_model(cfg, seed=7, dtype=mx.bfloat16), cfg, 8, 64, tmp_path / "q8.safetensors")
-    q4 = quantized(random_model(cfg, seed=7, dtype=mx.bfloat16), cfg, 4, 32, tmp_path / "q4.safetensors")
+    q8 = quantized(random_model(cfg, seed=7, dtype=mx.bfloat16), cfg, 8, 64,
+                   tmp_path / "q8.safetensors")
+    q4 = quantized(random_model(cfg, seed=7, dtype=mx.bfloat16), cfg, 4, 32,
+                   tmp_path / "q4.safetensors")
     err8, err4 = rel_err(q8(text, audio)[1]), rel_err(q4(text, audio)[1])
     # 8-bit affine groups of 64 keep ~2-3 significant digits per weight: a few % at most on
     # logits; 4-bit (groups of 32) is ~8x coarser. Both must be far from a broken model (~1.4).
@@ -117,3 +121,22 @@ def test_save_reload_strict_and_quantized_logits_close(tmp_path):
     assert err8 < 0.05, err8
     assert err4 < 0.3, err4
     assert err8 < err4
+
+
+def test_activation_dtype_follows_weights_and_backend(tiny_cfg):
+    from moshi_mlx.models.lm import pick_activation_dtype
+
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    from conftest import load_config
+
+    model = random_model(load_config("test_small", num_layers=1, depformer_num_layers=1),
+                         dtype=mx.bfloat16)
+    assert pick_activation_dtype(model) == mx.bfloat16
+    text, audio = random_tokens(model.cfg, 3)
+    assert model(text, audio)[1].dtype == mx.bfloat16
+    nn.quantize(model, bits=8, group_size=32)
+    expected = mx.bfloat16 if on_gpu else mx.float32
+    assert pick_activation_dtype(model) == expected
+    assert model(text, audio)[1].dtype == expected
+    model.activation_dtype = mx.bfloat16
+    assert model(text, audio)[1].dtype == mx.bfloat16

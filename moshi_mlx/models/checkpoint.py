@@ -57,7 +57,8 @@ def read_header(path: str | Path) -> Header:
     truncated file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file. Check the path, or download the weights again.")
+        raise CheckpointError(
+            f"{path}: no such file. Check the path, or download the weights again.")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -86,7 +87,8 @@ def read_header(path: str | Path) -> Header:
             shape = tuple(int(s) for s in entry["shape"])
             start, stop = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed safetensors header entry for '{name}'.") from None
+            raise CheckpointError(
+                f"{path}: malformed safetensors header entry for '{name}'.") from None
         tensors[name] = TensorInfo(dtype, shape)
         end = max(end, stop)
     if 8 + n + end > size:
@@ -134,7 +136,9 @@ def _listing(items: list[str], limit: int = 8) -> str:
     return "\n  " + "\n  ".join(items[:limit]) + more
 
 
-def check_tensors(path: Path, found: dict[str, TensorInfo], expected: dict[str, TensorInfo]) -> None:
+def check_tensors(
+    path: Path, found: dict[str, TensorInfo], expected: dict[str, TensorInfo]
+) -> None:
     """Raises `CheckpointError` unless `found` has exactly the names and shapes of `expected`."""
     q_file, q_model = quantization_of(found), quantization_of(expected)
     if q_file != q_model:
@@ -150,8 +154,9 @@ def check_tensors(path: Path, found: dict[str, TensorInfo], expected: dict[str, 
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensor(s) missing from the file:" + _listing(
-            [f"'{k}' (expected shape {list(expected[k].shape)}, {expected[k].dtype})" for k in missing]))
+        problems.append(f"{len(missing)} tensor(s) missing from the file:" + _listing([
+            f"'{k}' (expected shape {list(expected[k].shape)}, {expected[k].dtype})"
+            for k in missing]))
     if extra:
         problems.append(f"{len(extra)} unexpected tensor(s) in the file:" + _listing(
             [f"'{k}' (shape {list(found[k].shape)}, {found[k].dtype})" for k in extra]))

@@ -77,7 +77,8 @@ class LmConfig:
     def validate(self) -> None:
         def need(cond: bool, name: str, why: str):
             if not cond:
-                raise ConfigError(f"invalid model config: field '{name}' = {getattr(self, name)!r}: {why}")
+                value = getattr(self, name)
+                raise ConfigError(f"invalid model config: field '{name}' = {value!r}: {why}")
 
         for name in ("dim", "text_card", "n_q", "dep_q", "card", "num_heads", "num_layers",
                      "context", "depformer_dim", "depformer_dim_feedforward",
@@ -99,7 +100,8 @@ class LmConfig:
         need(0 <= self.existing_text_padding_id < self.text_card, "existing_text_padding_id",
              f"must be a token id below text_card={self.text_card}")
         need(self.causal is True, "causal", "only causal temporal transformers are supported")
-        need(self.depformer_causal is True, "depformer_causal", "only a causal depformer is supported")
+        need(self.depformer_causal is True, "depformer_causal",
+             "only a causal depformer is supported")
         need(self.layer_scale is None, "layer_scale", "layer scales are not supported (use null)")
         need(self.depformer_layer_scale in (None, False), "depformer_layer_scale",
              "layer scales are not supported (use null)")

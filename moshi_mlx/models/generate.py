@@ -56,7 +56,8 @@ class LmGen:
         if compile:
             state = [model.depformer.state, mx.random.state]
             sample_audio = mx.compile(sample_audio, inputs=state, outputs=[mx.random.state])
-        self._sample_audio = sample_audio
+        self.sample_audio = sample_audio
+        """The depformer's sampling of one step, (hidden [B, 1, dim], text [B]) -> [B, dep_q]."""
 
     def _past(self, history: deque, steps_ago: int) -> mx.array | None:
         """The entry stored `steps_ago` steps before the current one (1 = previous step)."""
@@ -95,7 +96,7 @@ class LmGen:
         text_in, audio_in = self._input_tokens()
         hidden, text_logits = self.model(text_in, audio_in, cache=self.cache)
         text_token = self.text_sampler(text_logits[:, -1])[0]
-        audio_tokens = self._sample_audio(hidden, text_token)
+        audio_tokens = self.sample_audio(hidden, text_token)
         self._text = text_token
         self._sampled.append(audio_tokens)
         self._user.append(user_tokens)

@@ -19,10 +19,15 @@ ZERO_TOKEN = -1
 """Input token meaning 'nothing here': it embeds to an all-zero vector (as in Moshi)."""
 
 
-def default_activation_dtype() -> mx.Dtype:
-    """bf16 activations on a GPU (Metal, CUDA); float32 on the CPU, where MLX's quantized matmuls
-    run several times faster with float32 inputs than with bf16 ones (see BENCHMARKS.md)."""
-    return mx.bfloat16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
+def pick_activation_dtype(model: "Lm") -> mx.Dtype:
+    """The dtype activations run in, chosen from the weights and the backend (measured, see
+    BENCHMARKS.md): quantized models use bf16 on a GPU but float32 on the CPU, where MLX's
+    quantized matmuls are several times faster with float32 inputs; unquantized models use
+    their weights' own dtype, which avoids converting every weight at every step."""
+    if isinstance(model.text_linear, nn.QuantizedLinear):
+        on_gpu = mx.default_device().type == mx.DeviceType.gpu
+        return mx.bfloat16 if on_gpu else mx.float32
+    return model.out_norm.weight.dtype
 
 
 def embed(emb: nn.Module, tokens: mx.array) -> mx.array:
@@ -119,13 +124,14 @@ class Lm(nn.Module):
         self.out_norm = RMSNorm(cfg.dim, cfg.norm == "rms_norm_f32")
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
         self.depformer = DepFormer(cfg)
-        self.activation_dtype = default_activation_dtype()
+        self.activation_dtype: mx.Dtype | None = None  # None: `pick_activation_dtype`
 
     def embed(self, text_tokens: mx.array, audio_tokens: mx.array) -> mx.array:
         """text_tokens: [B, T]; audio_tokens: [B, n_q, T] -> [B, T, dim]."""
-        x = embed(self.text_emb, text_tokens).astype(self.activation_dtype)
+        dtype = self.activation_dtype or pick_activation_dtype(self)
+        x = embed(self.text_emb, text_tokens).astype(dtype)
         for k, emb in enumerate(self.audio_embs):
-            x = x + embed(emb, audio_tokens[:, k]).astype(self.activation_dtype)
+            x = x + embed(emb, audio_tokens[:, k]).astype(dtype)
         return x
 
     def __call__(self, text_tokens: mx.array, audio_tokens: mx.array, cache=None):

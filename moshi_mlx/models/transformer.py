@@ -42,7 +42,7 @@ class RMSNorm(nn.RMSNorm):
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with a fused q/k/v projection and no biases."""
+    """Multi-head self-attention with a fused q/k/v projection and no biases."""
 
     def __init__(self, args: TransformerArgs):
         super().__init__()
@@ -104,7 +104,7 @@ class Transformer(nn.Module):
         self.layers = [TransformerLayer(args) for _ in range(args.num_layers)]
 
     def __call__(self, x: mx.array, cache=None, mask=None) -> mx.array:
-        """x: [batch, steps, dim]. Without `cache`, pass the sliding causal `mask` of the context."""
+        """x: [batch, steps, dim]. Without `cache`, pass the context's sliding causal `mask`."""
         cache = cache or [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):
             x = layer(x, cache=c, mask=mask)
