@@ -76,6 +76,30 @@ def measure(model: models.Lm, steps: int, warmup: int) -> dict:
     return {"step": step_times, "temporal": temporal, "depformer": depformer, "peak": peak}
 
 
+def long_conversation(config: str, fmt: str, steps: int) -> list[str]:
+    """Memory and step time along one long conversation: flat once `context` steps are cached."""
+    model = build(config, fmt)
+    greedy = utils.Sampler(temp=0)
+    gen = models.LmGen(model=model, text_sampler=greedy, audio_sampler=greedy)
+    user = mx.zeros((1, model.cfg.n_q - model.cfg.dep_q), mx.int32)
+    checkpoints = sorted({min(steps, s) for s in (100, 1000, model.cfg.context, 5000, steps)})
+    rows = ["", f"Long conversation: {config} {fmt}, {steps} steps (context {model.cfg.context})",
+            "", "| step | active memory MiB | step ms (median of the last 100) |", "|---|---|---|"]
+    times = []
+    for i in range(1, steps + 1):
+        t0 = time.perf_counter()
+        gen.step(user).item()
+        audio = gen.last_audio_tokens()
+        if audio is not None:
+            audio.tolist()
+        times.append(time.perf_counter() - t0)
+        if i in checkpoints:
+            rows.append(f"| {i} | {mx.get_active_memory() / 2**20:.1f} "
+                        f"| {1000 * statistics.median(times[-100:]):.1f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +109,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compare-steps", type=int, default=5,
                         help="steps for the run with the other activation dtype (0: skip)")
+    parser.add_argument("--long-steps", type=int, default=10000,
+                        help="steps of the long-conversation run on test_small q4 (0: skip)")
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args()
 
@@ -117,6 +143,8 @@ def main() -> None:
                 print(row, flush=True)
             del model
             mx.clear_cache()
+    if args.long_steps:
+        lines += long_conversation("test_small", "q4", args.long_steps)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 
