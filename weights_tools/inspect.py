@@ -77,7 +77,7 @@ def inspect_file(path: str | Path, config: str | Path | None = None,
     report = {
         "path": str(header.path),
         "file_bytes": header.path.stat().st_size,
-        "kind": "moshi",
+        "kind": "unknown",  # "moshi" once a config matches, or "mimi"
         "format": format_label(header, quant),
         "bits": quant.bits if quant else None,
         "group_size": quant.group_size if quant else None,
@@ -92,8 +92,9 @@ def inspect_file(path: str | Path, config: str | Path | None = None,
     if is_mimi(header.tensors):
         report["kind"] = "mimi"
         return report
-    report["matches"] = matching_configs(header.tensors, quant, known_configs())
-    used = known_configs()[report["matches"][0]] if report["matches"] else None
+    builtins = known_configs()
+    report["matches"] = matching_configs(header.tensors, quant, builtins)
+    used = builtins[report["matches"][0]] if report["matches"] else None
     if config is not None:
         cfg = load_config(config)
         diff = diff_tensors(header.tensors, expected_tensors(cfg, quant))
@@ -103,9 +104,8 @@ def inspect_file(path: str | Path, config: str | Path | None = None,
         if diff.ok:
             used = cfg
     if used is not None:
+        report["kind"] = "moshi"
         report["memory"] = memory_needed(used, header.data_bytes, activation_dtype)
-    elif not report["matches"] and config is None:
-        report["kind"] = "unknown"
     return report
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+from moshi_mlx.models import LmConfig
 from moshi_mlx.models.checkpoint import (
     FLOAT_DTYPES,
     Header,
     Quantization,
     TensorInfo,
+    load,
     quantization_of,
     read_header,
 )
@@ -57,7 +59,7 @@ def refuse_quantized(header: Header) -> None:
                         f"is already {what}; pass the bf16 checkpoint (model.safetensors).")
 
 
-def resolve_config(header: Header, config: str | Path | None):
+def resolve_config(header: Header, config: str | Path | None) -> LmConfig:
     """The config whose bf16 model has exactly the file's tensors: `config` when given, else a
     `config.json` beside the file or a built-in one (7B v0.1, demo)."""
     if config is not None:
@@ -119,7 +121,7 @@ def quantize_file(src: str | Path, dst: str | Path | None = None, bits: int = 4,
     metadata = {**header.metadata, "quantization_bits": str(quant.bits),
                 "quantization_group_size": str(quant.group_size)}
 
-    source = mx.load(str(src))  # lazy: each tensor is read from disk when evaluated
+    source = load(src)  # lazy: each tensor is read from disk when evaluated
     bar = tqdm(total=header.data_bytes, unit="B", unit_scale=True, desc=f"q{bits} {src.name}",
                disable=None if progress is None else not progress)
     with bar, atomic_output(dst) as tmp, tmp.open("wb") as f:
