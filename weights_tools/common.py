@@ -1,0 +1,173 @@
+"""Pieces shared by the weight tools: one-line errors, atomic outputs, and the lazily built model
+that says which tensors a Moshi checkpoint holds (MLX is lazy: building the 7B model allocates
+nothing, so its parameter tree is known instantly)."""
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from moshi_mlx.models import CheckpointError, ConfigError, Lm, LmConfig, config_v0_1
+from moshi_mlx.models.checkpoint import Quantization, TensorInfo, model_tensors
+
+DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
+"""Group sizes of Kyutai's q4 and q8 files."""
+
+
+class ToolError(Exception):
+    """An input the user can fix; reported as one line on stderr with exit code 1."""
+
+
+def run_tool(prog: str, action: Callable[[], None]) -> int:
+    """Runs a tool's action; returns its exit code. Known failures print one line, no traceback."""
+    try:
+        action()
+    except (ToolError, CheckpointError, ConfigError) as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`, renamed to `path` when the block succeeds and
+    removed when it fails or is interrupted, so `path` never holds a half-written file."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ToolError(f"{path}: the output directory {path.parent} does not exist; create it "
+                        "or choose another output path.")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def package_data(name: str) -> str:
+    """Text of a file shipped in `weights_tools/data/`."""
+    return resources.files("weights_tools").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def demo_config() -> LmConfig:
+    """The small demo model (dim 256, 4 layers, text vocabulary 1000) that make_demo builds."""
+    return LmConfig.from_config_dict(json.loads(package_data("demo_config.json")))
+
+
+def known_configs() -> dict[str, LmConfig]:
+    """Configs a checkpoint is matched against when none is given."""
+    return {"moshi-7b-v0.1": config_v0_1(), "demo": demo_config()}
+
+
+def load_config(path: str | Path) -> LmConfig:
+    """Reads a Kyutai `config.json`; raises `ToolError` naming the file when it cannot."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ToolError(f"{path}: no such config file; check the --config path.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ToolError(f"{path}: expected a JSON model config, but it does not parse ({e}); "
+                        "pass the repository's config.json.") from None
+    try:
+        return LmConfig.from_config_dict(data)
+    except ConfigError as e:
+        raise ToolError(f"{path}: {e}") from None
+
+
+def lazy_model(cfg: LmConfig, quant: Quantization | None = None) -> Lm:
+    """`Lm(cfg)` cast to bf16 and, with `quant`, quantized as the app does it; never evaluated."""
+    model = Lm(cfg)
+    model.set_dtype(mx.bfloat16)
+    if quant is not None:
+        try:
+            nn.quantize(model, bits=quant.bits, group_size=quant.group_size)
+        except ValueError as e:
+            raise ToolError(f"cannot quantize this model to {quant}: {e}") from None
+    return model
+
+
+def quantizable_weights(model: nn.Module) -> set[str]:
+    """Names of the weights `nn.quantize` replaces in `model`: those of the leaf modules with a
+    `to_quantized` method (its default predicate), i.e. every Linear and Embedding."""
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    return {f"{path}.weight" for path, module in leaves if hasattr(module, "to_quantized")}
+
+
+def expected_tensors(cfg: LmConfig, quant: Quantization | None = None) -> dict[str, TensorInfo]:
+    """Every tensor (name -> dtype, shape) of a checkpoint for `cfg`, as the app loads it."""
+    return model_tensors(lazy_model(cfg, quant))
+
+
+def num_elements(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+@dataclass
+class TensorDiff:
+    """How a file's tensors differ from those a config expects (names and shapes only)."""
+
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    misshaped: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # name, expected, found
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.misshaped)
+
+    def summary(self) -> str:
+        """One line, e.g. "2 missing ('a', 'b'), 1 mis-shaped ('c': expected [4], found [8])"."""
+        def names(items):
+            shown = ", ".join(f"'{n}'" for n in items[:3])
+            return shown + (", ..." if len(items) > 3 else "")
+
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing ({names(self.missing)})")
+        if self.extra:
+            parts.append(f"{len(self.extra)} extra ({names(self.extra)})")
+        if self.misshaped:
+            shown = ", ".join(f"'{n}': expected {list(e)}, found {list(f)}"
+                              for n, e, f in self.misshaped[:3])
+            more = ", ..." if len(self.misshaped) > 3 else ""
+            parts.append(f"{len(self.misshaped)} mis-shaped ({shown}{more})")
+        return "; ".join(parts) if parts else "all tensors match"
+
+
+def diff_tensors(found: dict[str, TensorInfo], expected: dict[str, TensorInfo]) -> TensorDiff:
+    return TensorDiff(
+        missing=sorted(expected.keys() - found.keys()),
+        extra=sorted(found.keys() - expected.keys()),
+        misshaped=[(k, expected[k].shape, found[k].shape)
+                   for k in sorted(expected.keys() & found.keys())
+                   if expected[k].shape != found[k].shape],
+    )
+
+
+def matching_configs(tensors: dict[str, TensorInfo], quant: Quantization | None,
+                     candidates: dict[str, LmConfig]) -> list[str]:
+    """Names of the candidate configs whose model has exactly these tensor names and shapes."""
+    matches = []
+    for name, cfg in candidates.items():
+        try:
+            if diff_tensors(tensors, expected_tensors(cfg, quant)).ok:
+                matches.append(name)
+        except ToolError:  # this config's widths cannot take the file's group size
+            continue
+    return matches

@@ -1,0 +1,187 @@
+"""Quantizes a bf16 Moshi checkpoint to 4 or 8 bits, tensor by tensor.
+
+The output holds exactly what `nn.quantize(model, bits, group_size)` followed by saving the
+parameters gives (same tensors, bit for bit), but only one tensor is in memory at a time: the
+input is read lazily and the output written as it goes, so the 15.4 GB bf16 7B file converts on
+a 16 GB machine. Which weights are quantized comes from the model itself: those of its Linear and
+Embedding modules, as `nn.quantize` decides.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from moshi_mlx.models import LmConfig
+from moshi_mlx.models.checkpoint import (
+    FLOAT_DTYPES,
+    Header,
+    Quantization,
+    TensorInfo,
+    load,
+    quantization_of,
+    read_header,
+)
+
+from .common import (
+    DEFAULT_GROUP_SIZE,
+    ToolError,
+    atomic_output,
+    diff_tensors,
+    expected_tensors,
+    known_configs,
+    lazy_model,
+    load_config,
+    matching_configs,
+    quantizable_weights,
+    run_tool,
+)
+from .safetensors_writer import SafetensorsWriter, nbytes
+
+PROG = "python -m weights_tools.quantize"
+QUANT_PARTS = ("weight", "scales", "biases")  # what mx.quantize returns for one weight
+
+
+def default_output(src: Path, bits: int) -> Path:
+    """`model.safetensors` -> `model.q4.safetensors` (a `.bf16` suffix is dropped)."""
+    stem = src.name.removesuffix(".safetensors").removesuffix(".bf16")
+    return src.with_name(f"{stem}.q{bits}.safetensors")
+
+
+def refuse_quantized(header: Header) -> None:
+    q = quantization_of(header.tensors)
+    packed = [n for n, t in header.tensors.items() if n.endswith(".scales") or t.dtype == "uint32"]
+    if q is not None or packed:
+        what = f"{q} quantized" if q is not None else "quantized (it has packed weights/scales)"
+        raise ToolError(f"{header.path}: expected unquantized (bf16) weights, found a file that "
+                        f"is already {what}; pass the bf16 checkpoint (model.safetensors).")
+
+
+def resolve_config(header: Header, config: str | Path | None) -> LmConfig:
+    """The config whose bf16 model has exactly the file's tensors: `config` when given, else a
+    `config.json` beside the file or a built-in one (7B v0.1, demo)."""
+    if config is not None:
+        cfg = load_config(config)
+        diff = diff_tensors(header.tensors, expected_tensors(cfg))
+        if not diff.ok:
+            raise ToolError(f"{header.path}: does not match the config {config}: "
+                            f"{diff.summary()}; pass the config of this checkpoint.")
+        return cfg
+    candidates = dict(known_configs())
+    beside = header.path.parent / "config.json"
+    if beside.is_file():
+        try:
+            candidates = {str(beside): load_config(beside), **candidates}
+        except ToolError:
+            pass  # not a model config: the built-in ones may still match
+    names = matching_configs(header.tensors, None, candidates)
+    if not names:
+        raise ToolError(f"{header.path}: its tensors match no known Moshi config "
+                        f"({', '.join(candidates)}); pass the model's config.json with --config.")
+    return candidates[names[0]]
+
+
+def plan_layout(header: Header, targets: set[str], quantized: dict[str, TensorInfo]
+                ) -> list[tuple[str, TensorInfo]]:
+    """Output tensors in data order: the input's order (sorted), each quantized weight expanded
+    to its packed weight, scales and biases."""
+    layout = []
+    for name in sorted(header.tensors):
+        if name in targets:
+            prefix = name.removesuffix("weight")
+            layout += [(prefix + part, quantized[prefix + part]) for part in QUANT_PARTS]
+        else:
+            layout.append((name, quantized[name]))
+    if {n for n, _ in layout} != quantized.keys():
+        raise AssertionError("the planned output does not cover the quantized model's tensors")
+    return layout
+
+
+def quantize_file(src: str | Path, dst: str | Path | None = None, bits: int = 4,
+                  group_size: int | None = None, config: str | Path | None = None,
+                  progress: bool | None = None) -> Path:
+    """Writes the `bits`-bit quantization of the bf16 checkpoint `src` to `dst` (default:
+    `<name>.q<bits>.safetensors` beside it) and returns its path. Float tensors that stay
+    unquantized (norms) are stored in bf16, as in Kyutai's files. `progress`: None shows a bar
+    on a terminal only. Raises `ToolError` / `CheckpointError` for a file it cannot convert."""
+    src = Path(src)
+    if bits not in DEFAULT_GROUP_SIZE:
+        raise ToolError(f"--bits must be one of {sorted(DEFAULT_GROUP_SIZE)}, got {bits}.")
+    quant = Quantization(bits, group_size or DEFAULT_GROUP_SIZE[bits])
+    dst = Path(dst) if dst is not None else default_output(src, bits)
+    header = read_header(src)
+    refuse_quantized(header)
+    if dst.resolve() == src.resolve():
+        raise ToolError(f"{dst}: the output would overwrite the input; choose another --out.")
+    cfg = resolve_config(header, config)
+    targets = quantizable_weights(lazy_model(cfg))
+    layout = plan_layout(header, targets, expected_tensors(cfg, quant))
+    metadata = {**header.metadata, "quantization_bits": str(quant.bits),
+                "quantization_group_size": str(quant.group_size)}
+
+    source = load(src)  # lazy: each tensor is read from disk when evaluated
+    bar = tqdm(total=header.data_bytes, unit="B", unit_scale=True, desc=f"q{bits} {src.name}",
+               disable=None if progress is None else not progress)
+    with bar, atomic_output(dst) as tmp, tmp.open("wb") as f:
+        writer = SafetensorsWriter(f, layout, metadata)
+        for name in sorted(header.tensors):
+            array = source.pop(name)
+            if header.tensors[name].dtype in FLOAT_DTYPES:
+                array = array.astype(mx.bfloat16)
+            try:
+                if name in targets:
+                    prefix = name.removesuffix("weight")
+                    parts = mx.quantize(array, group_size=quant.group_size, bits=quant.bits)
+                    mx.eval(parts)
+                    for part, value in zip(QUANT_PARTS, parts, strict=True):
+                        writer.write(prefix + part, value)
+                else:
+                    writer.write(name, array)
+            except RuntimeError as e:
+                raise ToolError(f"{src}: could not read tensor '{name}' ({e}); the file may be "
+                                "damaged: download or convert it again.") from None
+            del array
+            bar.update(nbytes(header.tensors[name]))
+        writer.finish()
+    return dst
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Quantize a bf16 Moshi checkpoint (safetensors) to 4 or 8 bits, exactly as "
+        "nn.quantize(model, bits, group_size) would, reading and writing one tensor at a time "
+        "(the 15.4 GB 7B file converts on a 16 GB machine). Linear and Embedding weights are "
+        "quantized; the rest is kept in bf16. Bits and group size are recorded in the output's "
+        "metadata. Load the result with nn.quantize(model, bits=B, group_size=G) and "
+        "model.load_weights(file, strict=True).")
+    p.add_argument("input", type=Path, help="bf16 checkpoint, e.g. model.safetensors")
+    p.add_argument("--bits", type=int, choices=sorted(DEFAULT_GROUP_SIZE), default=4,
+                   help="bits per weight (default: 4)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
+                   help="weights sharing one scale and bias (default: 32 for 4 bits, "
+                   "64 for 8 bits, as in Kyutai's q4/q8 files)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output file (default: INPUT's name with .q4/.q8 before .safetensors)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the model's config.json (default: a config.json beside INPUT, or the "
+                   "built-in 7B v0.1 / demo config whose tensors match the file)")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def action():
+        out = quantize_file(args.input, args.out, bits=args.bits, group_size=args.group_size,
+                            config=args.config, progress=False if args.no_progress else None)
+        print(f"wrote {out}")
+
+    return run_tool(PROG, action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Random bf16 Moshi checkpoints, generated and written one tensor at a time (for demos, tests
+and benchmarks: files of any size without holding them in memory)."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from moshi_mlx.models import LmConfig
+from moshi_mlx.models.checkpoint import model_tensors
+
+from .common import atomic_output, lazy_model, quantizable_weights
+from .safetensors_writer import SafetensorsWriter
+
+
+def scaled_uniform(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """float32 values uniform in [-a, a] with standard deviation `std` (a = std * sqrt(3));
+    uniform draws cost a third of normal ones."""
+    values = rng.random(shape, dtype=np.float32)
+    values -= np.float32(0.5)
+    values *= np.float32(2 * std * 3**0.5)
+    return values
+
+
+def write_random_lm(path: str | Path, cfg: LmConfig, seed: int = 0) -> Path:
+    """Writes a bf16 checkpoint of `Lm(cfg)` to `path`: every Linear / Embedding weight uniform
+    with variance 1 / in_features, from numpy's PCG64 seeded by `seed` (the same bytes on every
+    platform), every other parameter (the norms' scales) at the model's initial value."""
+    path = Path(path)
+    model = lazy_model(cfg)
+    tensors = model_tensors(model)
+    random_names = quantizable_weights(model)
+    initial = dict(tree_flatten(model.parameters()))
+    layout = sorted(tensors.items())
+    rng = np.random.default_rng(seed)
+    with atomic_output(path) as tmp, tmp.open("wb") as f:
+        writer = SafetensorsWriter(f, layout)
+        for name, info in layout:
+            if name in random_names:
+                values = scaled_uniform(rng, info.shape, std=info.shape[-1] ** -0.5)
+                array = mx.array(values).astype(mx.bfloat16)
+            else:
+                array = initial[name]
+            writer.write(name, array)
+        writer.finish()
+    return path
