@@ -44,12 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="write the transcript (words with frame times) and timing figures")
     parser.add_argument("--seed", type=int, help="random seed (default: a random one, logged)")
-    parser.add_argument("--text-temp", type=float, default=0.7, help="text sampling temperature")
-    parser.add_argument("--text-top-k", type=int, default=25, help="text sampling top-k")
-    parser.add_argument("--audio-temp", type=float, default=0.8, help="audio sampling temperature")
-    parser.add_argument("--audio-top-k", type=int, default=250, help="audio sampling top-k")
+    for stream, temp, top_k in (("text", 0.7, 25), ("audio", 0.8, 250)):
+        parser.add_argument(f"--{stream}-temp", type=float, default=temp,
+                            help=f"{stream} sampling temperature, 0 for greedy (default: {temp})")
+        parser.add_argument(f"--{stream}-top-k", type=int, default=top_k,
+                            help=f"{stream} sampling top-k, 0 for all (default: {top_k})")
     model_files.add_model_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.text_sampler = utils.Sampler(temp=args.text_temp, top_k=args.text_top_k)
+        args.audio_sampler = utils.Sampler(temp=args.audio_temp, top_k=args.audio_top_k)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
 
 class TextPrinter:
@@ -143,11 +150,8 @@ def run(args: argparse.Namespace) -> None:
     seed = secrets.randbits(32) if args.seed is None else args.seed
     log.info("seed: %d", seed)
     mx.random.seed(seed)
-    gen = models.LmGen(
-        model=model,
-        text_sampler=utils.Sampler(temp=args.text_temp, top_k=args.text_top_k),
-        audio_sampler=utils.Sampler(temp=args.audio_temp, top_k=args.audio_top_k),
-    )
+    gen = models.LmGen(model=model, text_sampler=args.text_sampler,
+                       audio_sampler=args.audio_sampler)
     out, transcript, timing = stream(pcm, gen, mimi, tokenizer, cfg)
     write_wav(args.output, out, SAMPLE_RATE)
     log.info("wrote %s: %.2f s; %d steps at %.2f steps/s, real-time factor %.2f",

@@ -119,3 +119,12 @@ def test_interrupt_writes_nothing(tmp_path, demo_env):
     assert proc.wait(timeout=60) == 130, rest
     assert "interrupted" in rest and "Traceback" not in rest
     assert list(out_dir.iterdir()) == []
+
+
+def test_invalid_sampling_flags_are_usage_errors(capsys):
+    from moshi_mlx.run_inference import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["in.wav", "out.wav", "--audio-temp", "-0.5"])
+    assert e.value.code == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
