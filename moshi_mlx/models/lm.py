@@ -19,15 +19,20 @@ ZERO_TOKEN = -1
 """Input token meaning 'nothing here': it embeds to an all-zero vector (as in Moshi)."""
 
 
-def pick_activation_dtype(model: "Lm") -> mx.Dtype:
+def activation_dtype_for(quantized: bool, weight_dtype: mx.Dtype = mx.bfloat16) -> mx.Dtype:
     """The dtype activations run in, chosen from the weights and the backend (measured, see
     BENCHMARKS.md): quantized models use bf16 on a GPU but float32 on the CPU, where MLX's
     quantized matmuls are several times faster with float32 inputs; unquantized models use
     their weights' own dtype, which avoids converting every weight at every step."""
-    if isinstance(model.text_linear, nn.QuantizedLinear):
-        on_gpu = mx.default_device().type == mx.DeviceType.gpu
-        return mx.bfloat16 if on_gpu else mx.float32
-    return model.out_norm.weight.dtype
+    if quantized:
+        return mx.bfloat16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
+    return weight_dtype
+
+
+def pick_activation_dtype(model: "Lm") -> mx.Dtype:
+    """`activation_dtype_for` a built model."""
+    quantized = isinstance(model.text_linear, nn.QuantizedLinear)
+    return activation_dtype_for(quantized, model.out_norm.weight.dtype)
 
 
 def embed(emb: nn.Module, tokens: mx.array) -> mx.array:

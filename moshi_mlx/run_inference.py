@@ -1,0 +1,194 @@
+"""Offline inference: Moshi listens to a wav file and its voice is written to another.
+
+    python -m moshi_mlx.run_inference INPUT.wav OUTPUT.wav [--json FILE] [--seed N] [-q 4|8] ...
+
+The input is resampled to 24 kHz mono and streamed frame by frame (80 ms) through Mimi and Moshi,
+as the live apps do. Moshi's text is printed as it comes; its voice is written as a 24 kHz mono
+wav of the input's duration.
+"""
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass
+from math import ceil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from . import model_files, models, utils
+from .audio_io import AudioFileError, read_wav, write_wav
+from .mimi_stream import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, MimiStream
+from .text import Transcript, token_text
+from .utils.files import atomic_write
+
+log = logging.getLogger("moshi_mlx")
+
+PROGRESS_MIN_SECONDS = 5.0  # inputs longer than this get a progress bar (on a terminal)
+LINE_WIDTH = 72
+USER_ERRORS = (model_files.ModelFilesError, models.CheckpointError, models.ConfigError,
+               AudioFileError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m moshi_mlx.run_inference",
+        description="Stream a wav file through Moshi; write its voice and print its text.")
+    parser.add_argument("input", type=Path, help="input wav (any rate, mono or stereo)")
+    parser.add_argument("output", type=Path, help="output wav: Moshi's voice, 24 kHz mono")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="write the transcript (words with frame times) and timing figures")
+    parser.add_argument("--seed", type=int, help="random seed (default: a random one, logged)")
+    for stream, temp, top_k in (("text", 0.7, 25), ("audio", 0.8, 250)):
+        parser.add_argument(f"--{stream}-temp", type=float, default=temp,
+                            help=f"{stream} sampling temperature, 0 for greedy (default: {temp})")
+        parser.add_argument(f"--{stream}-top-k", type=int, default=top_k,
+                            help=f"{stream} sampling top-k, 0 for all (default: {top_k})")
+    model_files.add_model_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        args.text_sampler = utils.Sampler(temp=args.text_temp, top_k=args.text_top_k)
+        args.audio_sampler = utils.Sampler(temp=args.audio_temp, top_k=args.audio_top_k)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+class TextPrinter:
+    """Prints Moshi's text on stdout as it comes. While a progress bar is drawn on the same
+    terminal, text goes out in whole lines above the bar instead, so the two do not mix."""
+
+    def __init__(self, bar: tqdm | None):
+        self.bar = bar if bar is not None and not bar.disable and sys.stdout.isatty() else None
+        self.line = ""
+        self.printed = False
+
+    def add(self, piece: str) -> None:
+        self.printed = True
+        if self.bar is None:
+            print(piece, end="", flush=True)
+            return
+        if piece.startswith(" ") and len(self.line) + len(piece) > LINE_WIDTH:
+            self.bar.write(self.line.strip(), file=sys.stdout)
+            self.line = ""
+        self.line += piece
+
+    def finish(self) -> None:
+        if self.bar is not None and self.line:
+            self.bar.write(self.line.strip(), file=sys.stdout)
+        elif self.bar is None and self.printed:
+            print(flush=True)
+
+
+@dataclass
+class Timing:
+    steps: int
+    seconds: float  # wall-clock time of the streaming loop (Mimi and Moshi)
+    audio_seconds: float
+    steps_per_second: float
+    real_time_factor: float  # processing seconds per second of audio: below 1 is faster
+
+
+def stream(pcm: np.ndarray, gen: models.LmGen, mimi: MimiStream, tokenizer,
+           cfg: models.LmConfig) -> tuple[np.ndarray, Transcript, Timing]:
+    """Streams pcm (float32 [samples] at 24 kHz) through Mimi and Moshi, one frame per step.
+
+    Moshi's audio for frame f is complete `max_delay` steps after step f, so silence is fed for
+    that many extra steps; the output has exactly the input's number of samples.
+    """
+    frames = ceil(len(pcm) / FRAME_SIZE)
+    steps = frames + gen.max_delay
+    padded = np.zeros(steps * FRAME_SIZE, dtype=np.float32)
+    padded[: len(pcm)] = pcm
+    n_user = cfg.n_q - cfg.dep_q
+    transcript = Transcript(FRAME_RATE)
+    out = []
+    show_bar = len(pcm) / SAMPLE_RATE > PROGRESS_MIN_SECONDS
+    with tqdm(total=steps, unit="step", disable=None if show_bar else True,
+              file=sys.stderr) as bar:
+        printer = TextPrinter(bar)
+        start = time.perf_counter()
+        for step in range(steps):
+            codes = mimi.encode(padded[step * FRAME_SIZE:(step + 1) * FRAME_SIZE])
+            token = gen.step(mx.array(codes[None, :n_user]))[0, 0].item()
+            piece = token_text(tokenizer, token, cfg.existing_text_padding_id)
+            if piece is not None and step < frames:
+                transcript.add(piece, step)
+                printer.add(piece)
+            audio = gen.last_audio_tokens()
+            if audio is not None:
+                out.append(mimi.decode(np.array(audio[0])))
+            bar.update()
+        seconds = time.perf_counter() - start
+        printer.finish()
+    audio_seconds = len(pcm) / SAMPLE_RATE
+    timing = Timing(steps, seconds, audio_seconds, steps / seconds, seconds / audio_seconds)
+    return np.concatenate(out)[: len(pcm)], transcript, timing
+
+
+def check_writable(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise AudioFileError(f"{path}: cannot write there, {path.parent} is not a directory.")
+    if path.is_dir():
+        raise AudioFileError(f"{path}: is a directory.")
+
+
+def run(args: argparse.Namespace) -> None:
+    check_writable(args.output)
+    if args.json:
+        check_writable(args.json)
+    pcm = read_wav(args.input, SAMPLE_RATE)
+    log.info("input: %s, %.2f s", args.input, len(pcm) / SAMPLE_RATE)
+    files = model_files.resolve(args)
+    model, tokenizer, cfg = model_files.load_model(files)
+    mimi = MimiStream(files.mimi_weight, num_codebooks=max(cfg.dep_q, cfg.n_q - cfg.dep_q))
+    seed = secrets.randbits(32) if args.seed is None else args.seed
+    log.info("seed: %d", seed)
+    mx.random.seed(seed)
+    gen = models.LmGen(model=model, text_sampler=args.text_sampler,
+                       audio_sampler=args.audio_sampler)
+    out, transcript, timing = stream(pcm, gen, mimi, tokenizer, cfg)
+    write_wav(args.output, out, SAMPLE_RATE)
+    log.info("wrote %s: %.2f s; %d steps at %.2f steps/s, real-time factor %.2f",
+             args.output, len(out) / SAMPLE_RATE, timing.steps, timing.steps_per_second,
+             timing.real_time_factor)
+    if args.json:
+        report = {
+            "input": str(args.input),
+            "output": str(args.output),
+            "seed": seed,
+            "text": transcript.text,
+            "words": [asdict(w) for w in transcript.words],
+            "timing": asdict(timing),
+            "mimi_restarts": mimi.restarts,
+            "moshi_weight": str(files.moshi_weight),
+        }
+        with atomic_write(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted (no file is left half-written)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

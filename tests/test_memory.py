@@ -1,0 +1,74 @@
+import json
+import logging
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from moshi_mlx import memory, models
+from moshi_mlx.model_files import ModelFiles
+from moshi_mlx.models.checkpoint import Quantization
+
+DATA = Path(__file__).parent / "data"
+GB = 10**9
+
+
+def sparse_safetensors(listing: Path, path: Path) -> int:
+    """Writes a safetensors file with the tensor layout of a `tests/data` listing: a real header
+    followed by a hole as large as the data (no disk used). Returns the data size in bytes."""
+    sizes = {"BF16": 2, "F32": 4, "U32": 4}
+    header, offset = {}, 0
+    for name, info in json.loads(listing.read_text())["tensors"].items():
+        n = sizes[info["st_dtype"]]
+        for s in info["shape"]:
+            n *= s
+        header[name] = {"dtype": info["st_dtype"], "shape": info["shape"],
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return offset
+
+
+def test_estimate_of_moshi_7b_q4(tmp_path):
+    weights = sparse_safetensors(DATA / "moshi-7b-v0.1.q4.json", tmp_path / "model.q4.safetensors")
+    sparse_safetensors(DATA / "mimi-tokenizer-e351c8d8-checkpoint125.json", tmp_path / "mimi.st")
+    files = ModelFiles(models.config_v0_1(), tmp_path / "model.q4.safetensors",
+                       tmp_path / "mimi.st", tmp_path / "spm.model", Quantization(4, 32))
+    est = memory.estimate(files)
+    assert est.weights == weights == 4805385728
+    act = models.lm.activation_dtype_for(quantized=True).size
+    assert est.kv_cache == 2 * 32 * 3000 * 4096 * act
+    assert est.mimi == 4 * 96151393
+    assert est.total == est.weights + est.kv_cache + est.mimi
+
+
+def test_smaller_quantizations_are_suggested_when_memory_is_short():
+    bf16 = memory.MemoryEstimate(weights=16 * GB, kv_cache=2 * GB, mimi=GB // 2, quantization=None)
+    message = memory.shortage_message(bf16, available=8 * GB)
+    assert "only 8.0 GB" in message
+    # q8 weights: 8.5 bits per weight instead of 16; q4: 5 bits.
+    assert "-q 8 (about 11.0 GB) or -q 4 (about 7.5 GB)" in message
+    q8 = bf16.with_quantization(Quantization(8, 64))
+    assert "Try -q 4 (about 7.5 GB)." in memory.shortage_message(q8, available=8 * GB)
+    q4 = bf16.with_quantization(Quantization(4, 32))
+    assert "Close other applications" in memory.shortage_message(q4, available=4 * GB)
+    assert memory.shortage_message(q4, available=8 * GB) is None
+
+
+def test_warning_is_logged_when_memory_is_short(monkeypatch, caplog):
+    est = memory.MemoryEstimate(weights=5 * GB, kv_cache=GB, mimi=0, quantization=None)
+    monkeypatch.setattr(memory, "available_memory", lambda: 2 * GB)
+    with caplog.at_level(logging.INFO, logger="moshi_mlx"):
+        memory.warn_if_short(est)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "-q 8" in warnings[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo")
+def test_available_memory_on_linux():
+    available = memory.available_memory()
+    assert 0 < available <= 2**50

@@ -1,0 +1,130 @@
+"""End to end: `python -m moshi_mlx.run_inference` on speech made with espeak-ng, on the demo
+model (no download)."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import wave
+from math import ceil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FRAME = 1920  # samples per 80 ms frame at 24 kHz
+
+
+def run_cli(*args, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moshi_mlx.run_inference", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def read_pcm16(path: Path) -> tuple[np.ndarray, int, int]:
+    """-> (samples float [n], sample rate, channels)."""
+    with wave.open(str(path)) as w:
+        assert w.getsampwidth() == 2
+        data = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768
+        return data, w.getframerate(), w.getnchannels()
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is needed by this test: apt-get install {name}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Path:
+    """About 4 s of English speech as a 44.1 kHz stereo wav."""
+    tmp = tmp_path_factory.mktemp("speech")
+    subprocess.run([tool("espeak-ng"), "-w", tmp / "mono.wav",
+                    "Hello Moshi. How are you today? Tell me about the weather."], check=True)
+    subprocess.run([tool("sox"), tmp / "mono.wav", "-r", "44100", "-c", "2", tmp / "speech.wav"],
+                   check=True)
+    return tmp / "speech.wav"
+
+
+def test_end_to_end_on_the_demo_model(speech, demo_env, tmp_path):
+    pcm_in, rate_in, channels_in = read_pcm16(speech)
+    assert (rate_in, channels_in) == (44100, 2)
+    in_seconds = len(pcm_in) / channels_in / rate_in
+
+    first = run_cli(speech, tmp_path / "a.wav", "--demo", "--seed", 7, "--json",
+                    tmp_path / "a.json", env=demo_env)
+    assert first.returncode == 0, first.stderr
+    out, rate, channels = read_pcm16(tmp_path / "a.wav")
+    assert (rate, channels) == (24000, 1)
+    assert abs(len(out) / rate - in_seconds) <= FRAME / 24000
+    assert np.sqrt(np.mean(out**2)) > 1e-3, "the output is silent"
+    printed = first.stdout.strip()
+    assert printed, "no text was printed"
+
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["seed"] == 7
+    assert report["text"] == " ".join(printed.split())
+    frames = [w["frame"] for w in report["words"]]
+    assert frames == sorted(frames) and 0 <= frames[0] and frames[-1] < ceil(len(out) / FRAME)
+    assert all(w["time"] == round(w["frame"] * 0.08, 3) for w in report["words"])
+    timing = report["timing"]
+    assert timing["steps"] == ceil(len(out) / FRAME) + 1  # one extra step for the codebook delay
+    assert timing["steps_per_second"] > 0 and timing["real_time_factor"] > 0
+
+    again = run_cli(speech, tmp_path / "b.wav", "--demo", "--seed", 7, env=demo_env)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "b.wav").read_bytes() == (tmp_path / "a.wav").read_bytes()
+    assert again.stdout == first.stdout
+
+    other = run_cli(speech, tmp_path / "c.wav", "--demo", "--seed", 8, env=demo_env)
+    assert other.returncode == 0, other.stderr
+    assert (tmp_path / "c.wav").read_bytes() != (tmp_path / "a.wav").read_bytes()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "no such file"),
+    (lambda p: p.write_bytes(b""), "the file is empty"),
+    (lambda p: p.write_text("just some text, not audio"), "not a wav file"),
+])
+def test_bad_input_gets_one_clear_line_and_no_output(tmp_path, demo_env, make, message):
+    make(tmp_path / "in.wav")
+    result = run_cli(tmp_path / "in.wav", tmp_path / "out.wav", "--demo", env=demo_env)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_interrupt_writes_nothing(tmp_path, demo_env):
+    seconds = 60
+    with wave.open(str(tmp_path / "long.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        noise = np.random.default_rng(0).standard_normal(16000 * seconds) * 3000
+        w.writeframes(noise.astype("<i2").tobytes())
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moshi_mlx.run_inference", tmp_path / "long.wav",
+         out_dir / "out.wav", "--demo", "--json", out_dir / "out.json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=demo_env)
+    for line in proc.stderr:  # the streaming loop starts right after the seed is logged
+        if line.startswith("seed:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert list(out_dir.iterdir()) == []
+
+
+def test_invalid_sampling_flags_are_usage_errors(capsys):
+    from moshi_mlx.run_inference import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["in.wav", "out.wav", "--audio-temp", "-0.5"])
+    assert e.value.code == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
