@@ -1,0 +1,1 @@
+"""Command-line tools that make, convert and inspect Moshi weight files."""
