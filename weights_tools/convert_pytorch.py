@@ -16,8 +16,9 @@ import argparse
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,13 +142,26 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
         problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type:"
                         + checkpoint._listing(wrong))
     if problems:
+        hint = "Pass the language model's file (not Mimi's) and the --config that matches it."
+        if "audio_embs.0.weight" in found:
+            hint = "This file is already in the MLX layout: load it directly, no conversion needed."
         raise CheckpointError(
             f"{header.path} is not a PyTorch Moshi LM checkpoint of {config_name}:\n"
-            + "\n".join(problems)
-            + "\nPass the language model's file (not Mimi's) and the --config that matches it.")
+            + "\n".join(problems) + "\n" + hint)
 
 
-def _expected_tensors(cfg: LmConfig, bits: int | None, group_size: int | None):
+def _group_size(bits: int | None, group_size: int | None) -> int | None:
+    """The quantization group size to use (None without quantization); checks the options."""
+    if bits is None:
+        if group_size is not None:
+            raise ConversionError("--group-size only applies with --bits")
+        return None
+    if bits not in DEFAULT_GROUP_SIZE:
+        raise ConversionError(f"bits must be 4 or 8, got {bits}")
+    return group_size or DEFAULT_GROUP_SIZE[bits]
+
+
+def _model_tensors(cfg: LmConfig, bits: int | None, group_size: int | None):
     """Parameter names, shapes and dtypes of `Lm(cfg)` in bf16, before and after quantization.
     The model is built lazily: no weight is ever materialised."""
     model = Lm(cfg)
@@ -207,6 +221,14 @@ def _output_layout(rules: list[Rule],
     return [(n, expected[n]) for n in names]
 
 
+def output_tensors(cfg: LmConfig, bits: int | None = None,
+                   group_size: int | None = None) -> dict[str, TensorInfo]:
+    """The tensors `convert` writes for `cfg`, in file order: the parameters of `Lm(cfg)` in
+    bf16, after `nn.quantize(model, bits, group_size)` when `bits` is given."""
+    _, expected = _model_tensors(cfg, bits, _group_size(bits, group_size))
+    return dict(_output_layout(conversion_rules(cfg), expected))
+
+
 def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
             bits: int | None = None, group_size: int | None = None,
             progress: bool = False) -> Path:
@@ -221,12 +243,7 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     cfg = config or config_v0_1()
     config_name = (f"the given config (dim {cfg.dim}, {cfg.num_layers} layers)" if config
                    else "Moshi 7B v0.1 (the default without --config)")
-    if bits is None and group_size is not None:
-        raise ConversionError("--group-size only applies with --bits")
-    if bits is not None and bits not in DEFAULT_GROUP_SIZE:
-        raise ConversionError(f"bits must be 4 or 8, got {bits}")
-    if bits is not None and group_size is None:
-        group_size = DEFAULT_GROUP_SIZE[bits]
+    group_size = _group_size(bits, group_size)
     if not dst.parent.is_dir():
         raise ConversionError(f"{dst}: the output directory {dst.parent} does not exist; create it")
     if dst.exists() and src.exists() and dst.samefile(src):
@@ -235,17 +252,16 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     header = checkpoint.read_header(src)
     stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
     rules = conversion_rules(cfg, stacked)
-    plain, expected = _expected_tensors(cfg, bits, group_size)
+    plain, expected = _model_tensors(cfg, bits, group_size)
     check_source(header, rules, plain, config_name)
     layout = _output_layout(rules, expected)
     arrays = checkpoint.load(src)
 
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
-    tmp = Path(tmp_name)
+    tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.partial"
     try:
-        with os.fdopen(fd, "wb") as f:
+        produced = _converted(rules, arrays, expected, bits, group_size, progress)
+        with tmp.open("xb") as f, closing(produced):
             f.write(_header_bytes(layout))
-            produced = _converted(rules, arrays, expected, bits, group_size, progress)
             for (name, info), (out_name, value) in zip(layout, produced, strict=True):
                 got = TensorInfo(str(value.dtype).removeprefix("mlx.core."), tuple(value.shape))
                 if out_name != name or got != info:
