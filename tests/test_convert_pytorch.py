@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from moshi_mlx import models, utils
 from moshi_mlx.models import CheckpointError, Lm, LmConfig
+from weights_tools import convert_pytorch
 from weights_tools.convert_pytorch import convert
 
 DATA = Path(__file__).parent / "data"
@@ -305,6 +306,18 @@ def test_q8_logits_stay_close_to_bf16(cfg, files):
         assert (q.argmax(-1) == r.argmax(-1)).mean() > 0.75
 
 
+@pytest.mark.parametrize("variant", ["bf16", "q4", "q8"])
+def test_7b_output_is_the_layout_of_kyutais_mlx_files(variant):
+    """For Moshi 7B, the default config, the converter writes exactly the tensor names, shapes
+    and dtypes of Kyutai's released MLX files (listed in tests/data), default group sizes
+    included."""
+    reference = json.loads((DATA / f"moshi-7b-v0.1.{variant}.json").read_text())
+    bits = (reference["quantization"] or {}).get("bits")
+    planned = convert_pytorch.output_tensors(models.config_v0_1(), bits=bits)
+    assert {n: (list(i.shape), i.dtype) for n, i in planned.items()} == {
+        n: (t["shape"], t["dtype"]) for n, t in reference["tensors"].items()}
+
+
 def edited_checkpoint(src: Path, dst: Path, drop: str | None = None, add: str | None = None):
     from safetensors.torch import load_file
 
@@ -334,7 +347,25 @@ def test_convert_error_lists_tensors_and_leaves_nothing(cfg, files, tmp_path, dr
     assert list(out_dir.iterdir()) == []
 
 
-def test_cli_quantizes_and_reports_errors_in_one_message(files, tmp_path):
+def test_interrupted_conversion_leaves_nothing(cfg, files, tmp_path, monkeypatch):
+    """Ctrl-C (or any failure) in the middle of writing removes the partial file."""
+    calls = []
+
+    def interrupt_on_tenth_tensor(rule, source):
+        calls.append(rule.source)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return apply(rule, source)
+
+    apply = convert_pytorch.Rule.apply
+    monkeypatch.setattr(convert_pytorch.Rule, "apply", interrupt_on_tenth_tensor)
+    with pytest.raises(KeyboardInterrupt):
+        convert(files["released"], tmp_path / "model.safetensors", cfg)
+    assert len(calls) == 10
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_quantizes_and_reports_errors_without_traceback(files, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG))
     out = tmp_path / "q4.safetensors"
@@ -352,3 +383,8 @@ def test_cli_quantizes_and_reports_errors_in_one_message(files, tmp_path):
     assert "Traceback" not in bad.stderr
     assert "--config" in bad.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+    again = subprocess.run([*cmd, str(out), "--out", str(tmp_path / "y.safetensors")],
+                           capture_output=True, text=True)
+    assert again.returncode == 1
+    assert "already in the MLX layout" in again.stderr
