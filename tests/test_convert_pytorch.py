@@ -108,7 +108,7 @@ def load_mlx(cfg: LmConfig, path: Path, bits: int | None = None) -> Lm:
     """`Lm` with the converted weights, computing in float32."""
     model = Lm(cfg)
     if bits is not None:
-        nn.quantize(model, bits=bits, group_size={4: 32, 8: 64}[bits])
+        nn.quantize(model, bits=bits, group_size=convert_pytorch.DEFAULT_GROUP_SIZE[bits])
     model.load_weights(path, strict=True)
     model.set_dtype(mx.float32)
     model.activation_dtype = mx.float32
