@@ -1,0 +1,334 @@
+"""Converts a checkpoint of Kyutai's PyTorch `moshi` package to this project's MLX layout.
+
+    python -m weights_tools.convert_pytorch model.safetensors --out model.bf16.safetensors
+    python -m weights_tools.convert_pytorch model.safetensors --out model.q4.safetensors --bits 4
+
+The source is the language model's state dict in safetensors, e.g. `model.safetensors` of
+`kyutai/moshiko-pytorch-bf16`. Both layouts of its attention weights are read: the released files
+(`self_attn.in_proj_weight`, the depformer's per-codebook weights stacked along the first axis)
+and `state_dict()` of recent `moshi` versions (`self_attn.in_projs.{k}.weight`). The output is
+bf16 in the parameter names of `moshi_mlx.models.Lm`, optionally quantized in the same pass as
+`nn.quantize(model, bits, group_size)` quantizes it (every Linear and Embedding), so it loads
+with `strict=True`. Tensors are converted one at a time: memory stays near the largest tensor.
+"""
+
+import argparse
+import json
+import math
+import os
+import secrets
+import sys
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from tqdm import tqdm
+
+from moshi_mlx.models import CheckpointError, ConfigError, Lm, LmConfig, checkpoint, config_v0_1
+from moshi_mlx.models.checkpoint import FLOAT_DTYPES, ST_DTYPES, TensorInfo
+
+DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
+_MLX_TO_ST_DTYPE = {mlx_name: st_name for st_name, mlx_name in ST_DTYPES.items()}
+
+
+class ConversionError(ValueError):
+    """Options that cannot produce a model file (bits, group size, paths)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One tensor of the PyTorch file and the MLX weights made from it.
+
+    kind "copy": the tensor as is (one target); "norm": an RMS norm scale of shape [1, 1, dim]
+    flattened to [dim] and given to every target (the depformer's norms are shared by all its
+    codebooks); "chunks": split into len(targets) equal parts along the first axis, part k to
+    target k (the released files stack the depformer's per-codebook attention weights).
+    """
+
+    source: str
+    targets: tuple[str, ...]
+    kind: str = "copy"
+
+    def source_shape(self, plain: dict[str, TensorInfo]) -> tuple[int, ...]:
+        """The shape the source must have, given the unquantized model's parameter shapes."""
+        shape = plain[self.targets[0]].shape
+        if self.kind == "norm":
+            return (1, 1, *shape)
+        if self.kind == "chunks":
+            return (len(self.targets) * shape[0], *shape[1:])
+        return shape
+
+    def apply(self, source: mx.array) -> list[tuple[str, mx.array]]:
+        if self.kind == "norm":
+            return [(t, source.reshape(-1)) for t in self.targets]
+        if self.kind == "chunks":
+            parts = mx.split(source, len(self.targets), axis=0)
+            return list(zip(self.targets, parts, strict=True))
+        return [(self.targets[0], source)]
+
+
+def _layer_rules(src: str, dst: list[str], per_step: bool, stacked: bool) -> list[Rule]:
+    """Rules of PyTorch transformer layer `src` feeding the MLX layers `dst`: one layer for the
+    temporal transformer, one per codebook for the depformer (`per_step` weights)."""
+    rules = [
+        Rule(f"{src}.{norm}.alpha", tuple(f"{d}.{norm}.weight" for d in dst), "norm")
+        for norm in ("norm1", "norm2")
+    ]
+    for proj in ("in_proj", "out_proj"):
+        if stacked:
+            name = "in_proj_weight" if proj == "in_proj" else "out_proj.weight"
+            rules.append(Rule(f"{src}.self_attn.{name}",
+                              tuple(f"{d}.self_attn.{proj}.weight" for d in dst), "chunks"))
+        else:
+            rules += [Rule(f"{src}.self_attn.{proj}s.{k}.weight", (f"{d}.self_attn.{proj}.weight",))
+                      for k, d in enumerate(dst)]
+    for k, d in enumerate(dst):
+        gating = f"{src}.gating.{k}" if per_step else f"{src}.gating"
+        rules += [Rule(f"{gating}.{lin}.weight", (f"{d}.gating.{lin}.weight",))
+                  for lin in ("linear_in", "linear_out")]
+    return rules
+
+
+def conversion_rules(cfg: LmConfig, stacked: bool = True) -> list[Rule]:
+    """Every tensor of a PyTorch Moshi LM state dict and where it goes in `Lm`.
+
+    `stacked`: attention weights as in the released files (`self_attn.in_proj_weight`,
+    `self_attn.out_proj.weight`); otherwise as `moshi` >= 0.2 names them in `state_dict()`
+    (`self_attn.in_projs.{k}.weight`, `self_attn.out_projs.{k}.weight`).
+    """
+    rules = [
+        Rule("text_emb.weight", ("text_emb.weight",)),
+        *(Rule(f"emb.{k}.weight", (f"audio_embs.{k}.weight",)) for k in range(cfg.n_q)),
+        Rule("out_norm.alpha", ("out_norm.weight",), "norm"),
+        Rule("text_linear.weight", ("text_linear.weight",)),
+    ]
+    for i in range(cfg.num_layers):
+        layer = f"transformer.layers.{i}"
+        rules += _layer_rules(layer, [layer], per_step=False, stacked=stacked)
+    for k in range(cfg.dep_q):
+        s = f"depformer.slices.{k}"
+        emb = "depformer_text_emb" if k == 0 else f"depformer_emb.{k - 1}"
+        rules += [
+            Rule(f"depformer_in.{k}.weight", (f"{s}.linear_in.weight",)),
+            Rule(f"{emb}.weight", (f"{s}.emb.weight",)),
+            Rule(f"linears.{k}.weight", (f"{s}.linear_out.weight",)),
+        ]
+    for i in range(cfg.depformer_num_layers):
+        dst = [f"depformer.slices.{k}.transformer.layers.{i}" for k in range(cfg.dep_q)]
+        rules += _layer_rules(f"depformer.layers.{i}", dst, per_step=True, stacked=stacked)
+    return rules
+
+
+def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, TensorInfo],
+                 config_name: str) -> None:
+    """Raises `CheckpointError` listing every missing, unexpected, misshapen or non-float
+    tensor of the source file."""
+    found = header.tensors
+    wanted = {r.source: r.source_shape(plain) for r in rules}
+    missing = [f"'{n}' (expected shape {list(s)})" for n, s in wanted.items() if n not in found]
+    extra = [f"'{n}' (shape {list(found[n].shape)})" for n in sorted(found.keys() - wanted.keys())]
+    wrong = [f"'{n}': expected shape {list(s)}, found {list(found[n].shape)}"
+             for n, s in wanted.items() if n in found and found[n].shape != s]
+    wrong += [f"'{n}': expected a floating-point tensor, found {found[n].dtype}"
+              for n in wanted if n in found and found[n].dtype not in FLOAT_DTYPES]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing:" + checkpoint._listing(missing))
+    if extra:
+        problems.append(f"{len(extra)} unknown tensor(s):" + checkpoint._listing(extra))
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type:"
+                        + checkpoint._listing(wrong))
+    if problems:
+        hint = "Pass the language model's file (not Mimi's) and the --config that matches it."
+        if "audio_embs.0.weight" in found:
+            hint = "This file is already in the MLX layout: load it directly, no conversion needed."
+        raise CheckpointError(
+            f"{header.path} is not a PyTorch Moshi LM checkpoint of {config_name}:\n"
+            + "\n".join(problems) + "\n" + hint)
+
+
+def _group_size(bits: int | None, group_size: int | None) -> int | None:
+    """The quantization group size to use (None without quantization); checks the options."""
+    if bits is None:
+        if group_size is not None:
+            raise ConversionError("--group-size only applies with --bits")
+        return None
+    if bits not in DEFAULT_GROUP_SIZE:
+        raise ConversionError(f"bits must be 4 or 8, got {bits}")
+    return group_size or DEFAULT_GROUP_SIZE[bits]
+
+
+def _model_tensors(cfg: LmConfig, bits: int | None, group_size: int | None):
+    """Parameter names, shapes and dtypes of `Lm(cfg)` in bf16, before and after quantization.
+    The model is built lazily: no weight is ever materialised."""
+    model = Lm(cfg)
+    model.set_dtype(mx.bfloat16)
+    plain = checkpoint.model_tensors(model)
+    if bits is None:
+        return plain, plain
+    try:
+        nn.quantize(model, bits=bits, group_size=group_size)
+    except ValueError as e:
+        raise ConversionError(
+            f"cannot quantize this model with {bits} bits and group size {group_size} ({e}). "
+            f"Use the default group size ({DEFAULT_GROUP_SIZE[bits]}).") from None
+    return plain, checkpoint.model_tensors(model)
+
+
+def _header_bytes(layout: list[tuple[str, TensorInfo]]) -> bytes:
+    """A safetensors header for tensors stored one after the other in `layout` order."""
+    entries, offset = {"__metadata__": {"format": "mlx"}}, 0
+    for name, info in layout:
+        size = math.prod(info.shape) * getattr(mx, info.dtype).size
+        entries[name] = {"dtype": _MLX_TO_ST_DTYPE[info.dtype], "shape": list(info.shape),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _converted(rules: list[Rule], arrays: dict[str, mx.array], expected: dict[str, TensorInfo],
+               bits: int | None, group_size: int | None, progress: bool):
+    """Yields (name, array) of the output in the order of `rules`, loading one source at a time."""
+    for rule in tqdm(rules, desc="converting", unit="tensor", disable=not progress):
+        for name, value in rule.apply(arrays.pop(rule.source)):
+            value = value.astype(mx.bfloat16)
+            base = name.removesuffix(".weight")
+            if f"{base}.scales" in expected:
+                parts = mx.quantize(value, group_size=group_size, bits=bits)
+                yield from zip((name, f"{base}.scales", f"{base}.biases"), parts, strict=True)
+            else:
+                yield name, value
+
+
+def _output_layout(rules: list[Rule],
+                   expected: dict[str, TensorInfo]) -> list[tuple[str, TensorInfo]]:
+    """Names and descriptions of the output tensors, in the order `_converted` yields them."""
+    names = []
+    for rule in rules:
+        for target in rule.targets:
+            base = target.removesuffix(".weight")
+            quantized = f"{base}.scales" in expected
+            names += [target, f"{base}.scales", f"{base}.biases"] if quantized else [target]
+    if sorted(names) != sorted(expected):
+        missing, extra = sorted(expected.keys() - set(names)), sorted(set(names) - expected.keys())
+        raise RuntimeError("internal error: the conversion rules do not match the MLX model's "
+                           f"parameters (missing {missing}, extra {extra})")
+    return [(n, expected[n]) for n in names]
+
+
+def output_tensors(cfg: LmConfig, bits: int | None = None,
+                   group_size: int | None = None) -> dict[str, TensorInfo]:
+    """The tensors `convert` writes for `cfg`, in file order: the parameters of `Lm(cfg)` in
+    bf16, after `nn.quantize(model, bits, group_size)` when `bits` is given."""
+    _, expected = _model_tensors(cfg, bits, _group_size(bits, group_size))
+    return dict(_output_layout(conversion_rules(cfg), expected))
+
+
+def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
+            bits: int | None = None, group_size: int | None = None,
+            progress: bool = False) -> Path:
+    """Converts PyTorch Moshi LM weights `src` (safetensors) into an MLX file `dst` for
+    `Lm(config)` (default: Moshi 7B v0.1), in bf16 or quantized with `bits` (4 or 8) and
+    `group_size` (default 32 for 4 bits, 64 for 8).
+
+    Raises `CheckpointError` (source not a matching checkpoint) or `ConversionError` (options);
+    nothing is left at `dst` unless the whole file was written. Returns `dst`.
+    """
+    src, dst = Path(src), Path(dst)
+    cfg = config or config_v0_1()
+    config_name = (f"the given config (dim {cfg.dim}, {cfg.num_layers} layers)" if config
+                   else "Moshi 7B v0.1 (the default without --config)")
+    group_size = _group_size(bits, group_size)
+    if not dst.parent.is_dir():
+        raise ConversionError(f"{dst}: the output directory {dst.parent} does not exist; create it")
+    if dst.exists() and src.exists() and dst.samefile(src):
+        raise ConversionError(f"{dst}: the output would overwrite the source; choose another path")
+
+    header = checkpoint.read_header(src)
+    stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
+    rules = conversion_rules(cfg, stacked)
+    plain, expected = _model_tensors(cfg, bits, group_size)
+    check_source(header, rules, plain, config_name)
+    layout = _output_layout(rules, expected)
+    arrays = checkpoint.load(src)
+
+    tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.partial"
+    try:
+        produced = _converted(rules, arrays, expected, bits, group_size, progress)
+        with tmp.open("xb") as f, closing(produced):
+            f.write(_header_bytes(layout))
+            for (name, info), (out_name, value) in zip(layout, produced, strict=True):
+                got = TensorInfo(str(value.dtype).removeprefix("mlx.core."), tuple(value.shape))
+                if out_name != name or got != info:
+                    raise RuntimeError(f"internal error: produced {out_name} {got}, "
+                                       f"the header promised {name} {info}")
+                value = mx.contiguous(value)
+                mx.eval(value)
+                f.write(memoryview(value))
+        checkpoint.check_tensors(tmp, checkpoint.read_header(tmp).tensors, expected)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def _load_config(path: str) -> LmConfig:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a JSON config ({e})") from None
+    try:
+        return LmConfig.from_config_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m weights_tools.convert_pytorch",
+        description=(
+            "Convert a Moshi LM checkpoint of Kyutai's PyTorch package (e.g. model.safetensors of "
+            "kyutai/moshiko-pytorch-bf16) to the MLX layout of moshi_mlx, in bf16 or quantized. "
+            "The output loads with Lm(cfg).load_weights(out, strict=True), after "
+            "nn.quantize(model, bits, group_size) when --bits is given."),
+    )
+    parser.add_argument("src", help="PyTorch Moshi LM weights (safetensors)")
+    parser.add_argument("--out", required=True,
+                        help="output .safetensors (written atomically: nothing is left on failure)")
+    parser.add_argument("--bits", type=int, choices=sorted(DEFAULT_GROUP_SIZE),
+                        help="quantize Linear and Embedding weights to this many bits "
+                             "(default: no quantization, bf16)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128),
+                        help="quantization group size (default: 32 for 4 bits, 64 for 8)")
+    parser.add_argument("--config", metavar="CONFIG_JSON",
+                        help="the model's config.json in Kyutai's format "
+                             "(default: Moshi 7B v0.1, as moshiko/moshika)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = _load_config(args.config) if args.config else None
+        dst = convert(args.src, args.out, cfg, args.bits, args.group_size, progress=True)
+    except (CheckpointError, ConfigError, ConversionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing written to {args.out}", file=sys.stderr)
+        return 130
+    info = checkpoint.read_header(dst)
+    print(f"wrote {dst}: {len(info.tensors)} tensors, {checkpoint.describe(info.tensors)}, "
+          f"{info.data_bytes / 1e9:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
