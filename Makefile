@@ -11,7 +11,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,parity]"
+	# Kyutai's PyTorch moshi (parity test): its pins are older than what we use, hence --no-deps.
+	$(PY) -m pip install --quiet --no-deps moshi==0.2.13
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from . import model_files, models, utils
 from .audio_io import AudioFileError, read_wav, write_wav
-from .mimi_stream import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, MimiStream
-from .text import Transcript, token_text
+from .conversation import Conversation
+from .mimi_stream import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from .text import Transcript
 from .utils.files import atomic_write
 
 log = logging.getLogger("moshi_mlx")
@@ -94,18 +95,16 @@ class Timing:
     real_time_factor: float  # processing seconds per second of audio: below 1 is faster
 
 
-def stream(pcm: np.ndarray, gen: models.LmGen, mimi: MimiStream, tokenizer,
-           cfg: models.LmConfig) -> tuple[np.ndarray, Transcript, Timing]:
+def stream(pcm: np.ndarray, conversation: Conversation) -> tuple[np.ndarray, Transcript, Timing]:
     """Streams pcm (float32 [samples] at 24 kHz) through Mimi and Moshi, one frame per step.
 
     Moshi's audio for frame f is complete `max_delay` steps after step f, so silence is fed for
     that many extra steps; the output has exactly the input's number of samples.
     """
     frames = ceil(len(pcm) / FRAME_SIZE)
-    steps = frames + gen.max_delay
+    steps = frames + conversation.max_delay
     padded = np.zeros(steps * FRAME_SIZE, dtype=np.float32)
     padded[: len(pcm)] = pcm
-    n_user = cfg.n_q - cfg.dep_q
     transcript = Transcript(FRAME_RATE)
     out = []
     show_bar = len(pcm) / SAMPLE_RATE > PROGRESS_MIN_SECONDS
@@ -114,15 +113,12 @@ def stream(pcm: np.ndarray, gen: models.LmGen, mimi: MimiStream, tokenizer,
         printer = TextPrinter(bar)
         start = time.perf_counter()
         for step in range(steps):
-            codes = mimi.encode(padded[step * FRAME_SIZE:(step + 1) * FRAME_SIZE])
-            token = gen.step(mx.array(codes[None, :n_user]))[0, 0].item()
-            piece = token_text(tokenizer, token, cfg.existing_text_padding_id)
-            if piece is not None and step < frames:
-                transcript.add(piece, step)
-                printer.add(piece)
-            audio = gen.last_audio_tokens()
-            if audio is not None:
-                out.append(mimi.decode(np.array(audio[0])))
+            frame = conversation.step(padded[step * FRAME_SIZE:(step + 1) * FRAME_SIZE])
+            if frame.text is not None and step < frames:
+                transcript.add(frame.text, step)
+                printer.add(frame.text)
+            if frame.pcm is not None:
+                out.append(frame.pcm)
             bar.update()
         seconds = time.perf_counter() - start
         printer.finish()
@@ -146,13 +142,12 @@ def run(args: argparse.Namespace) -> None:
     log.info("input: %s, %.2f s", args.input, len(pcm) / SAMPLE_RATE)
     files = model_files.resolve(args)
     model, tokenizer, cfg = model_files.load_model(files)
-    mimi = MimiStream(files.mimi_weight, num_codebooks=max(cfg.dep_q, cfg.n_q - cfg.dep_q))
     seed = secrets.randbits(32) if args.seed is None else args.seed
     log.info("seed: %d", seed)
     mx.random.seed(seed)
-    gen = models.LmGen(model=model, text_sampler=args.text_sampler,
-                       audio_sampler=args.audio_sampler)
-    out, transcript, timing = stream(pcm, gen, mimi, tokenizer, cfg)
+    conversation = Conversation(model, tokenizer, files.mimi_weight, args.text_sampler,
+                                args.audio_sampler)
+    out, transcript, timing = stream(pcm, conversation)
     write_wav(args.output, out, SAMPLE_RATE)
     log.info("wrote %s: %.2f s; %d steps at %.2f steps/s, real-time factor %.2f",
              args.output, len(out) / SAMPLE_RATE, timing.steps, timing.steps_per_second,
@@ -165,7 +160,7 @@ def run(args: argparse.Namespace) -> None:
             "text": transcript.text,
             "words": [asdict(w) for w in transcript.words],
             "timing": asdict(timing),
-            "mimi_restarts": mimi.restarts,
+            "mimi_restarts": conversation.mimi.restarts,
             "moshi_weight": str(files.moshi_weight),
         }
         with atomic_write(args.json, "w") as f:

@@ -1,0 +1,55 @@
+"""One conversation with Moshi, one 80 ms frame at a time: the user's audio in, Moshi's text
+and voice out (Mimi encode -> `LmGen` step -> Mimi decode). Shared by every app."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import sentencepiece
+
+from . import models, utils
+from .mimi_stream import FRAME_SIZE, MimiStream
+from .text import token_text
+
+
+@dataclass
+class FrameOutput:
+    token: int  # Moshi's text token of this step
+    text: str | None  # its text ('▁' as a space), None for padding tokens
+    pcm: np.ndarray | None  # Moshi's voice, float32 [FRAME_SIZE] at 24 kHz; None while delays fill
+
+
+class Conversation:
+    """A fresh conversation: its own generation state, KV cache and Mimi stream.
+
+    `step(pcm)` takes the user's next frame (float32 [FRAME_SIZE] at 24 kHz) and returns Moshi's
+    text token and, once the codebook delays have filled, its voice for one frame.
+    """
+
+    def __init__(self, model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
+                 mimi_weight: str | Path, text_sampler: utils.Sampler,
+                 audio_sampler: utils.Sampler):
+        cfg = model.cfg
+        self.cfg = cfg
+        self.text_tokenizer = text_tokenizer
+        self.num_user_codebooks = cfg.n_q - cfg.dep_q
+        self.mimi = MimiStream(mimi_weight, num_codebooks=max(cfg.dep_q, self.num_user_codebooks))
+        self.gen = models.LmGen(model=model, text_sampler=text_sampler,
+                                audio_sampler=audio_sampler)
+
+    @property
+    def max_delay(self) -> int:
+        """Steps between the user's frame and Moshi's voice for the same frame."""
+        return self.gen.max_delay
+
+    def step(self, pcm: np.ndarray) -> FrameOutput:
+        pcm = np.asarray(pcm, dtype=np.float32)
+        if pcm.shape != (FRAME_SIZE,):
+            raise ValueError(f"a frame is {FRAME_SIZE} samples at 24 kHz, got shape {pcm.shape}")
+        codes = self.mimi.encode(pcm)[: self.num_user_codebooks]
+        token = self.gen.step(mx.array(codes[None]))[0, 0].item()
+        audio = self.gen.last_audio_tokens()
+        voice = None if audio is None else self.mimi.decode(np.array(audio[0]))
+        text = token_text(self.text_tokenizer, token, self.cfg.existing_text_padding_id)
+        return FrameOutput(token=token, text=text, pcm=voice)

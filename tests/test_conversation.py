@@ -1,0 +1,52 @@
+"""The per-frame conversation engine shared by the apps, on the demo model."""
+
+import argparse
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from moshi_mlx import model_files, utils
+from moshi_mlx.conversation import Conversation
+from moshi_mlx.mimi_stream import FRAME_SIZE
+
+
+@pytest.fixture(scope="module")
+def demo(demo_cache):
+    parser = argparse.ArgumentParser()
+    model_files.add_model_args(parser)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(demo_cache))
+        files = model_files.resolve(parser.parse_args(["--demo", "-q", "8"]))
+    assert str(files.moshi_weight).startswith(str(demo_cache))
+    model, tokenizer, _ = model_files.load_model(files)
+    return model, tokenizer, files
+
+
+def talk(demo, frames, seed=3):
+    model, tokenizer, files = demo
+    mx.random.seed(seed)
+    conv = Conversation(model, tokenizer, files.mimi_weight, utils.Sampler(temp=0.8, top_k=25),
+                        utils.Sampler(temp=0.8, top_k=250))
+    return conv, [conv.step(f) for f in frames]
+
+
+def test_frames_in_voice_out(demo):
+    rng = np.random.default_rng(0)
+    frames = (0.1 * rng.standard_normal((6, FRAME_SIZE))).astype(np.float32)
+    conv, out = talk(demo, frames)
+    assert conv.max_delay == 1
+    assert out[0].pcm is None
+    for o in out[1:]:
+        assert o.pcm.shape == (FRAME_SIZE,) and o.pcm.dtype == np.float32
+        assert np.isfinite(o.pcm).all()
+    assert all(isinstance(o.token, int) for o in out)
+    _, again = talk(demo, frames)
+    assert [o.token for o in out] == [o.token for o in again]
+    np.testing.assert_array_equal(out[-1].pcm, again[-1].pcm)
+
+
+def test_frame_size_is_checked(demo):
+    conv, _ = talk(demo, [])
+    with pytest.raises(ValueError, match="1920 samples"):
+        conv.step(np.zeros(100, np.float32))
