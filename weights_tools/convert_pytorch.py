@@ -135,12 +135,12 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
               for n in wanted if n in found and found[n].dtype not in FLOAT_DTYPES]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensor(s) missing:" + checkpoint._listing(missing))
+        problems.append(f"{len(missing)} tensor(s) missing:" + checkpoint.format_listing(missing))
     if extra:
-        problems.append(f"{len(extra)} unknown tensor(s):" + checkpoint._listing(extra))
+        problems.append(f"{len(extra)} unknown tensor(s):" + checkpoint.format_listing(extra))
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type:"
-                        + checkpoint._listing(wrong))
+                        + checkpoint.format_listing(wrong))
     if problems:
         hint = "Pass the language model's file (not Mimi's) and the --config that matches it."
         if "audio_embs.0.weight" in found:
