@@ -14,7 +14,6 @@ with `strict=True`. Tensors are converted one at a time: memory stays near the l
 
 import argparse
 import json
-import math
 import os
 import secrets
 import sys
@@ -27,10 +26,11 @@ import mlx.nn as nn
 from tqdm import tqdm
 
 from moshi_mlx.models import CheckpointError, ConfigError, Lm, LmConfig, checkpoint, config_v0_1
-from moshi_mlx.models.checkpoint import FLOAT_DTYPES, ST_DTYPES, TensorInfo
+from moshi_mlx.models.checkpoint import FLOAT_DTYPES, TensorInfo
+
+from .safetensors_writer import SafetensorsWriter
 
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
-_MLX_TO_ST_DTYPE = {mlx_name: st_name for st_name, mlx_name in ST_DTYPES.items()}
 
 
 class ConversionError(ValueError):
@@ -178,19 +178,6 @@ def _model_tensors(cfg: LmConfig, bits: int | None, group_size: int | None):
     return plain, checkpoint.model_tensors(model)
 
 
-def _header_bytes(layout: list[tuple[str, TensorInfo]]) -> bytes:
-    """A safetensors header for tensors stored one after the other in `layout` order."""
-    entries, offset = {"__metadata__": {"format": "mlx"}}, 0
-    for name, info in layout:
-        size = math.prod(info.shape) * getattr(mx, info.dtype).size
-        entries[name] = {"dtype": _MLX_TO_ST_DTYPE[info.dtype], "shape": list(info.shape),
-                         "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(entries, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
-
 def _converted(rules: list[Rule], arrays: dict[str, mx.array], expected: dict[str, TensorInfo],
                bits: int | None, group_size: int | None, progress: bool):
     """Yields (name, array) of the output in the order of `rules`, loading one source at a time."""
@@ -261,15 +248,10 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     try:
         produced = _converted(rules, arrays, expected, bits, group_size, progress)
         with tmp.open("xb") as f, closing(produced):
-            f.write(_header_bytes(layout))
-            for (name, info), (out_name, value) in zip(layout, produced, strict=True):
-                got = TensorInfo(str(value.dtype).removeprefix("mlx.core."), tuple(value.shape))
-                if out_name != name or got != info:
-                    raise RuntimeError(f"internal error: produced {out_name} {got}, "
-                                       f"the header promised {name} {info}")
-                value = mx.contiguous(value)
-                mx.eval(value)
-                f.write(memoryview(value))
+            writer = SafetensorsWriter(f, layout, {"format": "mlx"}, sort_header=False)
+            for name, value in produced:
+                writer.write(name, value)
+            writer.finish()
         checkpoint.check_tensors(tmp, checkpoint.read_header(tmp).tensors, expected)
         os.replace(tmp, dst)
     except BaseException:
