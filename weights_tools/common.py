@@ -24,22 +24,25 @@ DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 
 
 class ToolError(Exception):
-    """An input the user can fix; reported as one line on stderr with exit code 1."""
+    """An input the user can fix; reported on stderr, without a traceback, with exit code 1."""
 
 
-def run_tool(prog: str, action: Callable[[], None]) -> int:
-    """Runs a tool's action; returns its exit code. Known failures print one line, no traceback."""
+def run_tool(prog: str | None, action: Callable[[], None], one_line: bool = True) -> int:
+    """Runs a tool's action; returns its exit code. Known failures print a message, no traceback:
+    after "`prog`: " (unless `prog` is None), on one line unless `one_line` is False."""
+    lead = f"{prog}: " if prog is not None else ""
     try:
         action()
     except (ToolError, CheckpointError, ConfigError) as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        message = " ".join(str(e).split()) if one_line else str(e)
+        print(f"{lead}error: {message}", file=sys.stderr)
         return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"{lead}error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no output was left behind", file=sys.stderr)
+        print(f"{lead}interrupted; no output was left behind", file=sys.stderr)
         return 130
     return 0
 

@@ -28,13 +28,10 @@ from tqdm import tqdm
 from moshi_mlx.models import CheckpointError, ConfigError, Lm, LmConfig, checkpoint, config_v0_1
 from moshi_mlx.models.checkpoint import FLOAT_DTYPES, TensorInfo
 
+from .common import ToolError, run_tool
 from .safetensors_writer import SafetensorsWriter
 
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
-
-
-class ConversionError(ValueError):
-    """Options that cannot produce a model file (bits, group size, paths)."""
 
 
 @dataclass(frozen=True)
@@ -154,10 +151,10 @@ def _group_size(bits: int | None, group_size: int | None) -> int | None:
     """The quantization group size to use (None without quantization); checks the options."""
     if bits is None:
         if group_size is not None:
-            raise ConversionError("--group-size only applies with --bits")
+            raise ToolError("--group-size only applies with --bits")
         return None
     if bits not in DEFAULT_GROUP_SIZE:
-        raise ConversionError(f"bits must be 4 or 8, got {bits}")
+        raise ToolError(f"bits must be 4 or 8, got {bits}")
     return group_size or DEFAULT_GROUP_SIZE[bits]
 
 
@@ -172,7 +169,7 @@ def _model_tensors(cfg: LmConfig, bits: int | None, group_size: int | None):
     try:
         nn.quantize(model, bits=bits, group_size=group_size)
     except ValueError as e:
-        raise ConversionError(
+        raise ToolError(
             f"cannot quantize this model with {bits} bits and group size {group_size} ({e}). "
             f"Use the default group size ({DEFAULT_GROUP_SIZE[bits]}).") from None
     return plain, checkpoint.model_tensors(model)
@@ -223,7 +220,7 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     `Lm(config)` (default: Moshi 7B v0.1), in bf16 or quantized with `bits` (4 or 8) and
     `group_size` (default 32 for 4 bits, 64 for 8).
 
-    Raises `CheckpointError` (source not a matching checkpoint) or `ConversionError` (options);
+    Raises `CheckpointError` (source not a matching checkpoint) or `ToolError` (options, paths);
     nothing is left at `dst` unless the whole file was written. Returns `dst`.
     """
     src, dst = Path(src), Path(dst)
@@ -232,9 +229,9 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
                    else "Moshi 7B v0.1 (the default without --config)")
     group_size = _group_size(bits, group_size)
     if not dst.parent.is_dir():
-        raise ConversionError(f"{dst}: the output directory {dst.parent} does not exist; create it")
+        raise ToolError(f"{dst}: the output directory {dst.parent} does not exist; create it")
     if dst.exists() and src.exists() and dst.samefile(src):
-        raise ConversionError(f"{dst}: the output would overwrite the source; choose another path")
+        raise ToolError(f"{dst}: the output would overwrite the source; choose another path")
 
     header = checkpoint.read_header(src)
     stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
@@ -294,22 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model's config.json in Kyutai's format "
                              "(default: Moshi 7B v0.1, as moshiko/moshika)")
     args = parser.parse_args(argv)
-    try:
+
+    def action():
         cfg = _load_config(args.config) if args.config else None
         dst = convert(args.src, args.out, cfg, args.bits, args.group_size, progress=True)
-    except (CheckpointError, ConfigError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted: nothing written to {args.out}", file=sys.stderr)
-        return 130
-    info = checkpoint.read_header(dst)
-    print(f"wrote {dst}: {len(info.tensors)} tensors, {checkpoint.describe(info.tensors)}, "
-          f"{info.data_bytes / 1e9:.2f} GB")
-    return 0
+        info = checkpoint.read_header(dst)
+        print(f"wrote {dst}: {len(info.tensors)} tensors, {checkpoint.describe(info.tensors)}, "
+              f"{info.data_bytes / 1e9:.2f} GB")
+
+    # Messages keep their lines (they list tensors) and start with "error: ", as they always did.
+    return run_tool(None, action, one_line=False)
 
 
 if __name__ == "__main__":
