@@ -14,8 +14,6 @@ with `strict=True`. Tensors are converted one at a time: memory stays near the l
 
 import argparse
 import json
-import os
-import secrets
 import sys
 from contextlib import closing
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from tqdm import tqdm
 from moshi_mlx.models import CheckpointError, ConfigError, Lm, LmConfig, checkpoint, config_v0_1
 from moshi_mlx.models.checkpoint import FLOAT_DTYPES, TensorInfo
 
-from .common import ToolError, run_tool
+from .common import ToolError, atomic_output, run_tool
 from .safetensors_writer import SafetensorsWriter
 
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
@@ -228,32 +226,22 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     config_name = (f"the given config (dim {cfg.dim}, {cfg.num_layers} layers)" if config
                    else "Moshi 7B v0.1 (the default without --config)")
     group_size = _group_size(bits, group_size)
-    if not dst.parent.is_dir():
-        raise ToolError(f"{dst}: the output directory {dst.parent} does not exist; create it")
-    if dst.exists() and src.exists() and dst.samefile(src):
-        raise ToolError(f"{dst}: the output would overwrite the source; choose another path")
-
-    header = checkpoint.read_header(src)
-    stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
-    rules = conversion_rules(cfg, stacked)
-    plain, expected = _model_tensors(cfg, bits, group_size)
-    check_source(header, rules, plain, config_name)
-    layout = _output_layout(rules, expected)
-    arrays = checkpoint.load(src)
-
-    tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.partial"
-    try:
-        produced = _converted(rules, arrays, expected, bits, group_size, progress)
-        with tmp.open("xb") as f, closing(produced):
+    with atomic_output(dst) as tmp:
+        if dst.exists() and src.exists() and dst.samefile(src):
+            raise ToolError(f"{dst}: the output would overwrite the source; choose another path")
+        header = checkpoint.read_header(src)
+        stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
+        rules = conversion_rules(cfg, stacked)
+        plain, expected = _model_tensors(cfg, bits, group_size)
+        check_source(header, rules, plain, config_name)
+        layout = _output_layout(rules, expected)
+        produced = _converted(rules, checkpoint.load(src), expected, bits, group_size, progress)
+        with tmp.open("wb") as f, closing(produced):
             writer = SafetensorsWriter(f, layout, {"format": "mlx"}, sort_header=False)
             for name, value in produced:
                 writer.write(name, value)
             writer.finish()
         checkpoint.check_tensors(tmp, checkpoint.read_header(tmp).tensors, expected)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dst
 
 
