@@ -94,6 +94,13 @@ def load_config(path: str | Path) -> LmConfig:
         raise ToolError(f"{path}: {e}") from None
 
 
+def quantization(bits: int, group_size: int | None = None) -> Quantization:
+    """`bits` (4 or 8) with `group_size`, by default that of Kyutai's files."""
+    if bits not in DEFAULT_GROUP_SIZE:
+        raise ToolError(f"--bits must be one of {sorted(DEFAULT_GROUP_SIZE)}, got {bits}.")
+    return Quantization(bits, group_size or DEFAULT_GROUP_SIZE[bits])
+
+
 def lazy_model(cfg: LmConfig, quant: Quantization | None = None) -> Lm:
     """`Lm(cfg)` cast to bf16 and, with `quant`, quantized as the app does it; never evaluated."""
     model = Lm(cfg)
@@ -102,7 +109,10 @@ def lazy_model(cfg: LmConfig, quant: Quantization | None = None) -> Lm:
         try:
             nn.quantize(model, bits=quant.bits, group_size=quant.group_size)
         except ValueError as e:
-            raise ToolError(f"cannot quantize this model to {quant}: {e}") from None
+            hint = ""
+            if quant.group_size != DEFAULT_GROUP_SIZE.get(quant.bits, quant.group_size):
+                hint = f"; use the default group size ({DEFAULT_GROUP_SIZE[quant.bits]})."
+            raise ToolError(f"cannot quantize this model to {quant}: {e}{hint}") from None
     return model
 
 

@@ -20,16 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from tqdm import tqdm
 
-from moshi_mlx.models import CheckpointError, ConfigError, Lm, LmConfig, checkpoint, config_v0_1
-from moshi_mlx.models.checkpoint import FLOAT_DTYPES, TensorInfo
+from moshi_mlx.models import CheckpointError, ConfigError, LmConfig, checkpoint, config_v0_1
+from moshi_mlx.models.checkpoint import FLOAT_DTYPES, Quantization, TensorInfo
 
-from .common import ToolError, atomic_output, run_tool
+from .common import (
+    DEFAULT_GROUP_SIZE,
+    ToolError,
+    atomic_output,
+    expected_tensors,
+    quantization,
+    run_tool,
+)
 from .safetensors_writer import SafetensorsWriter
-
-DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 
 
 @dataclass(frozen=True)
@@ -145,43 +149,24 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
             + "\n".join(problems) + "\n" + hint)
 
 
-def _group_size(bits: int | None, group_size: int | None) -> int | None:
-    """The quantization group size to use (None without quantization); checks the options."""
+def _quantization(bits: int | None, group_size: int | None) -> Quantization | None:
+    """The quantization the options ask for (None: bf16); checks them."""
     if bits is None:
         if group_size is not None:
             raise ToolError("--group-size only applies with --bits")
         return None
-    if bits not in DEFAULT_GROUP_SIZE:
-        raise ToolError(f"bits must be 4 or 8, got {bits}")
-    return group_size or DEFAULT_GROUP_SIZE[bits]
-
-
-def _model_tensors(cfg: LmConfig, bits: int | None, group_size: int | None):
-    """Parameter names, shapes and dtypes of `Lm(cfg)` in bf16, before and after quantization.
-    The model is built lazily: no weight is ever materialised."""
-    model = Lm(cfg)
-    model.set_dtype(mx.bfloat16)
-    plain = checkpoint.model_tensors(model)
-    if bits is None:
-        return plain, plain
-    try:
-        nn.quantize(model, bits=bits, group_size=group_size)
-    except ValueError as e:
-        raise ToolError(
-            f"cannot quantize this model with {bits} bits and group size {group_size} ({e}). "
-            f"Use the default group size ({DEFAULT_GROUP_SIZE[bits]}).") from None
-    return plain, checkpoint.model_tensors(model)
+    return quantization(bits, group_size)
 
 
 def _converted(rules: list[Rule], arrays: dict[str, mx.array], expected: dict[str, TensorInfo],
-               bits: int | None, group_size: int | None, progress: bool):
+               quant: Quantization | None, progress: bool):
     """Yields (name, array) of the output in the order of `rules`, loading one source at a time."""
     for rule in tqdm(rules, desc="converting", unit="tensor", disable=not progress):
         for name, value in rule.apply(arrays.pop(rule.source)):
             value = value.astype(mx.bfloat16)
             base = name.removesuffix(".weight")
             if f"{base}.scales" in expected:
-                parts = mx.quantize(value, group_size=group_size, bits=bits)
+                parts = mx.quantize(value, group_size=quant.group_size, bits=quant.bits)
                 yield from zip((name, f"{base}.scales", f"{base}.biases"), parts, strict=True)
             else:
                 yield name, value
@@ -207,7 +192,7 @@ def output_tensors(cfg: LmConfig, bits: int | None = None,
                    group_size: int | None = None) -> dict[str, TensorInfo]:
     """The tensors `convert` writes for `cfg`, in file order: the parameters of `Lm(cfg)` in
     bf16, after `nn.quantize(model, bits, group_size)` when `bits` is given."""
-    _, expected = _model_tensors(cfg, bits, _group_size(bits, group_size))
+    expected = expected_tensors(cfg, _quantization(bits, group_size))
     return dict(_output_layout(conversion_rules(cfg), expected))
 
 
@@ -225,17 +210,17 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     cfg = config or config_v0_1()
     config_name = (f"the given config (dim {cfg.dim}, {cfg.num_layers} layers)" if config
                    else "Moshi 7B v0.1 (the default without --config)")
-    group_size = _group_size(bits, group_size)
+    quant = _quantization(bits, group_size)
     with atomic_output(dst) as tmp:
         if dst.exists() and src.exists() and dst.samefile(src):
             raise ToolError(f"{dst}: the output would overwrite the source; choose another path")
         header = checkpoint.read_header(src)
         stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
         rules = conversion_rules(cfg, stacked)
-        plain, expected = _model_tensors(cfg, bits, group_size)
-        check_source(header, rules, plain, config_name)
+        expected = expected_tensors(cfg, quant)
+        check_source(header, rules, expected_tensors(cfg), config_name)
         layout = _output_layout(rules, expected)
-        produced = _converted(rules, checkpoint.load(src), expected, bits, group_size, progress)
+        produced = _converted(rules, checkpoint.load(src), expected, quant, progress)
         with tmp.open("wb") as f, closing(produced):
             writer = SafetensorsWriter(f, layout, {"format": "mlx"}, sort_header=False)
             for name, value in produced:
