@@ -13,7 +13,6 @@ with `strict=True`. Tensors are converted one at a time: memory stays near the l
 """
 
 import argparse
-import json
 import sys
 from contextlib import closing
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from moshi_mlx.models import CheckpointError, ConfigError, LmConfig, checkpoint, config_v0_1
+from moshi_mlx.models import CheckpointError, LmConfig, checkpoint, config_v0_1
 from moshi_mlx.models.checkpoint import FLOAT_DTYPES, Quantization, TensorInfo
 
 from .common import (
@@ -30,6 +29,7 @@ from .common import (
     ToolError,
     atomic_output,
     expected_tensors,
+    load_config,
     quantization,
     run_tool,
 )
@@ -230,19 +230,6 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     return dst
 
 
-def _load_config(path: str) -> LmConfig:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a JSON config ({e})") from None
-    try:
-        return LmConfig.from_config_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m weights_tools.convert_pytorch",
@@ -266,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action():
-        cfg = _load_config(args.config) if args.config else None
+        cfg = load_config(args.config) if args.config else None
         dst = convert(args.src, args.out, cfg, args.bits, args.group_size, progress=True)
         info = checkpoint.read_header(dst)
         print(f"wrote {dst}: {len(info.tensors)} tensors, {checkpoint.describe(info.tensors)}, "
