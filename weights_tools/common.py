@@ -24,22 +24,25 @@ DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 
 
 class ToolError(Exception):
-    """An input the user can fix; reported as one line on stderr with exit code 1."""
+    """An input the user can fix; reported on stderr, without a traceback, with exit code 1."""
 
 
-def run_tool(prog: str, action: Callable[[], None]) -> int:
-    """Runs a tool's action; returns its exit code. Known failures print one line, no traceback."""
+def run_tool(prog: str | None, action: Callable[[], None], one_line: bool = True) -> int:
+    """Runs a tool's action; returns its exit code. Known failures print a message, no traceback:
+    after "`prog`: " (unless `prog` is None), on one line unless `one_line` is False."""
+    lead = f"{prog}: " if prog is not None else ""
     try:
         action()
     except (ToolError, CheckpointError, ConfigError) as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        message = " ".join(str(e).split()) if one_line else str(e)
+        print(f"{lead}error: {message}", file=sys.stderr)
         return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"{lead}error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no output was left behind", file=sys.stderr)
+        print(f"{lead}interrupted; no output was left behind", file=sys.stderr)
         return 130
     return 0
 
@@ -91,6 +94,13 @@ def load_config(path: str | Path) -> LmConfig:
         raise ToolError(f"{path}: {e}") from None
 
 
+def quantization(bits: int, group_size: int | None = None) -> Quantization:
+    """`bits` (4 or 8) with `group_size`, by default that of Kyutai's files."""
+    if bits not in DEFAULT_GROUP_SIZE:
+        raise ToolError(f"--bits must be one of {sorted(DEFAULT_GROUP_SIZE)}, got {bits}.")
+    return Quantization(bits, group_size or DEFAULT_GROUP_SIZE[bits])
+
+
 def lazy_model(cfg: LmConfig, quant: Quantization | None = None) -> Lm:
     """`Lm(cfg)` cast to bf16 and, with `quant`, quantized as the app does it; never evaluated."""
     model = Lm(cfg)
@@ -99,7 +109,10 @@ def lazy_model(cfg: LmConfig, quant: Quantization | None = None) -> Lm:
         try:
             nn.quantize(model, bits=quant.bits, group_size=quant.group_size)
         except ValueError as e:
-            raise ToolError(f"cannot quantize this model to {quant}: {e}") from None
+            hint = ""
+            if quant.group_size != DEFAULT_GROUP_SIZE.get(quant.bits, quant.group_size):
+                hint = f"; use the default group size ({DEFAULT_GROUP_SIZE[quant.bits]})."
+            raise ToolError(f"cannot quantize this model to {quant}: {e}{hint}") from None
     return model
 
 

@@ -13,28 +13,27 @@ with `strict=True`. Tensors are converted one at a time: memory stays near the l
 """
 
 import argparse
-import json
-import math
-import os
-import secrets
 import sys
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from tqdm import tqdm
 
-from moshi_mlx.models import CheckpointError, ConfigError, Lm, LmConfig, checkpoint, config_v0_1
-from moshi_mlx.models.checkpoint import FLOAT_DTYPES, ST_DTYPES, TensorInfo
+from moshi_mlx.models import CheckpointError, LmConfig, checkpoint, config_v0_1
+from moshi_mlx.models.checkpoint import FLOAT_DTYPES, Quantization, TensorInfo
 
-DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
-_MLX_TO_ST_DTYPE = {mlx_name: st_name for st_name, mlx_name in ST_DTYPES.items()}
-
-
-class ConversionError(ValueError):
-    """Options that cannot produce a model file (bits, group size, paths)."""
+from .common import (
+    DEFAULT_GROUP_SIZE,
+    ToolError,
+    atomic_output,
+    expected_tensors,
+    load_config,
+    quantization,
+    run_tool,
+)
+from .safetensors_writer import SafetensorsWriter
 
 
 @dataclass(frozen=True)
@@ -135,12 +134,12 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
               for n in wanted if n in found and found[n].dtype not in FLOAT_DTYPES]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensor(s) missing:" + checkpoint._listing(missing))
+        problems.append(f"{len(missing)} tensor(s) missing:" + checkpoint.format_listing(missing))
     if extra:
-        problems.append(f"{len(extra)} unknown tensor(s):" + checkpoint._listing(extra))
+        problems.append(f"{len(extra)} unknown tensor(s):" + checkpoint.format_listing(extra))
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type:"
-                        + checkpoint._listing(wrong))
+                        + checkpoint.format_listing(wrong))
     if problems:
         hint = "Pass the language model's file (not Mimi's) and the --config that matches it."
         if "audio_embs.0.weight" in found:
@@ -150,56 +149,24 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
             + "\n".join(problems) + "\n" + hint)
 
 
-def _group_size(bits: int | None, group_size: int | None) -> int | None:
-    """The quantization group size to use (None without quantization); checks the options."""
+def _quantization(bits: int | None, group_size: int | None) -> Quantization | None:
+    """The quantization the options ask for (None: bf16); checks them."""
     if bits is None:
         if group_size is not None:
-            raise ConversionError("--group-size only applies with --bits")
+            raise ToolError("--group-size only applies with --bits")
         return None
-    if bits not in DEFAULT_GROUP_SIZE:
-        raise ConversionError(f"bits must be 4 or 8, got {bits}")
-    return group_size or DEFAULT_GROUP_SIZE[bits]
-
-
-def _model_tensors(cfg: LmConfig, bits: int | None, group_size: int | None):
-    """Parameter names, shapes and dtypes of `Lm(cfg)` in bf16, before and after quantization.
-    The model is built lazily: no weight is ever materialised."""
-    model = Lm(cfg)
-    model.set_dtype(mx.bfloat16)
-    plain = checkpoint.model_tensors(model)
-    if bits is None:
-        return plain, plain
-    try:
-        nn.quantize(model, bits=bits, group_size=group_size)
-    except ValueError as e:
-        raise ConversionError(
-            f"cannot quantize this model with {bits} bits and group size {group_size} ({e}). "
-            f"Use the default group size ({DEFAULT_GROUP_SIZE[bits]}).") from None
-    return plain, checkpoint.model_tensors(model)
-
-
-def _header_bytes(layout: list[tuple[str, TensorInfo]]) -> bytes:
-    """A safetensors header for tensors stored one after the other in `layout` order."""
-    entries, offset = {"__metadata__": {"format": "mlx"}}, 0
-    for name, info in layout:
-        size = math.prod(info.shape) * getattr(mx, info.dtype).size
-        entries[name] = {"dtype": _MLX_TO_ST_DTYPE[info.dtype], "shape": list(info.shape),
-                         "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(entries, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
+    return quantization(bits, group_size)
 
 
 def _converted(rules: list[Rule], arrays: dict[str, mx.array], expected: dict[str, TensorInfo],
-               bits: int | None, group_size: int | None, progress: bool):
+               quant: Quantization | None, progress: bool):
     """Yields (name, array) of the output in the order of `rules`, loading one source at a time."""
     for rule in tqdm(rules, desc="converting", unit="tensor", disable=not progress):
         for name, value in rule.apply(arrays.pop(rule.source)):
             value = value.astype(mx.bfloat16)
             base = name.removesuffix(".weight")
             if f"{base}.scales" in expected:
-                parts = mx.quantize(value, group_size=group_size, bits=bits)
+                parts = mx.quantize(value, group_size=quant.group_size, bits=quant.bits)
                 yield from zip((name, f"{base}.scales", f"{base}.biases"), parts, strict=True)
             else:
                 yield name, value
@@ -225,7 +192,7 @@ def output_tensors(cfg: LmConfig, bits: int | None = None,
                    group_size: int | None = None) -> dict[str, TensorInfo]:
     """The tensors `convert` writes for `cfg`, in file order: the parameters of `Lm(cfg)` in
     bf16, after `nn.quantize(model, bits, group_size)` when `bits` is given."""
-    _, expected = _model_tensors(cfg, bits, _group_size(bits, group_size))
+    expected = expected_tensors(cfg, _quantization(bits, group_size))
     return dict(_output_layout(conversion_rules(cfg), expected))
 
 
@@ -236,59 +203,31 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     `Lm(config)` (default: Moshi 7B v0.1), in bf16 or quantized with `bits` (4 or 8) and
     `group_size` (default 32 for 4 bits, 64 for 8).
 
-    Raises `CheckpointError` (source not a matching checkpoint) or `ConversionError` (options);
+    Raises `CheckpointError` (source not a matching checkpoint) or `ToolError` (options, paths);
     nothing is left at `dst` unless the whole file was written. Returns `dst`.
     """
     src, dst = Path(src), Path(dst)
     cfg = config or config_v0_1()
     config_name = (f"the given config (dim {cfg.dim}, {cfg.num_layers} layers)" if config
                    else "Moshi 7B v0.1 (the default without --config)")
-    group_size = _group_size(bits, group_size)
-    if not dst.parent.is_dir():
-        raise ConversionError(f"{dst}: the output directory {dst.parent} does not exist; create it")
-    if dst.exists() and src.exists() and dst.samefile(src):
-        raise ConversionError(f"{dst}: the output would overwrite the source; choose another path")
-
-    header = checkpoint.read_header(src)
-    stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
-    rules = conversion_rules(cfg, stacked)
-    plain, expected = _model_tensors(cfg, bits, group_size)
-    check_source(header, rules, plain, config_name)
-    layout = _output_layout(rules, expected)
-    arrays = checkpoint.load(src)
-
-    tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.partial"
-    try:
-        produced = _converted(rules, arrays, expected, bits, group_size, progress)
-        with tmp.open("xb") as f, closing(produced):
-            f.write(_header_bytes(layout))
-            for (name, info), (out_name, value) in zip(layout, produced, strict=True):
-                got = TensorInfo(str(value.dtype).removeprefix("mlx.core."), tuple(value.shape))
-                if out_name != name or got != info:
-                    raise RuntimeError(f"internal error: produced {out_name} {got}, "
-                                       f"the header promised {name} {info}")
-                value = mx.contiguous(value)
-                mx.eval(value)
-                f.write(memoryview(value))
+    quant = _quantization(bits, group_size)
+    with atomic_output(dst) as tmp:
+        if dst.exists() and src.exists() and dst.samefile(src):
+            raise ToolError(f"{dst}: the output would overwrite the source; choose another path")
+        header = checkpoint.read_header(src)
+        stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
+        rules = conversion_rules(cfg, stacked)
+        expected = expected_tensors(cfg, quant)
+        check_source(header, rules, expected_tensors(cfg), config_name)
+        layout = _output_layout(rules, expected)
+        produced = _converted(rules, checkpoint.load(src), expected, quant, progress)
+        with tmp.open("wb") as f, closing(produced):
+            writer = SafetensorsWriter(f, layout, {"format": "mlx"}, sort_header=False)
+            for name, value in produced:
+                writer.write(name, value)
+            writer.finish()
         checkpoint.check_tensors(tmp, checkpoint.read_header(tmp).tensors, expected)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dst
-
-
-def _load_config(path: str) -> LmConfig:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a JSON config ({e})") from None
-    try:
-        return LmConfig.from_config_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,22 +251,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model's config.json in Kyutai's format "
                              "(default: Moshi 7B v0.1, as moshiko/moshika)")
     args = parser.parse_args(argv)
-    try:
-        cfg = _load_config(args.config) if args.config else None
+
+    def action():
+        cfg = load_config(args.config) if args.config else None
         dst = convert(args.src, args.out, cfg, args.bits, args.group_size, progress=True)
-    except (CheckpointError, ConfigError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted: nothing written to {args.out}", file=sys.stderr)
-        return 130
-    info = checkpoint.read_header(dst)
-    print(f"wrote {dst}: {len(info.tensors)} tensors, {checkpoint.describe(info.tensors)}, "
-          f"{info.data_bytes / 1e9:.2f} GB")
-    return 0
+        info = checkpoint.read_header(dst)
+        print(f"wrote {dst}: {len(info.tensors)} tensors, {checkpoint.describe(info.tensors)}, "
+              f"{info.data_bytes / 1e9:.2f} GB")
+
+    # Messages keep their lines (they list tensors) and start with "error: ", as they always did.
+    return run_tool(None, action, one_line=False)
 
 
 if __name__ == "__main__":

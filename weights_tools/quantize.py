@@ -18,7 +18,6 @@ from moshi_mlx.models import LmConfig
 from moshi_mlx.models.checkpoint import (
     FLOAT_DTYPES,
     Header,
-    Quantization,
     TensorInfo,
     load,
     quantization_of,
@@ -36,6 +35,7 @@ from .common import (
     load_config,
     matching_configs,
     quantizable_weights,
+    quantization,
     run_tool,
 )
 from .safetensors_writer import SafetensorsWriter, nbytes
@@ -107,9 +107,7 @@ def quantize_file(src: str | Path, dst: str | Path | None = None, bits: int = 4,
     unquantized (norms) are stored in bf16, as in Kyutai's files. `progress`: None shows a bar
     on a terminal only. Raises `ToolError` / `CheckpointError` for a file it cannot convert."""
     src = Path(src)
-    if bits not in DEFAULT_GROUP_SIZE:
-        raise ToolError(f"--bits must be one of {sorted(DEFAULT_GROUP_SIZE)}, got {bits}.")
-    quant = Quantization(bits, group_size or DEFAULT_GROUP_SIZE[bits])
+    quant = quantization(bits, group_size)
     dst = Path(dst) if dst is not None else default_output(src, bits)
     header = read_header(src)
     refuse_quantized(header)

@@ -1,8 +1,8 @@
 """Writes a safetensors file one tensor at a time, so a conversion holds one tensor in memory.
 
 The header (names, dtypes, shapes, byte ranges) is written first from the planned layout; the
-tensors then follow in that order. Header keys are sorted and the data order is the caller's,
-so the same inputs always give the same bytes.
+tensors then follow in that order. Header keys are sorted (or, with `sort_header=False`, in data
+order) and the data order is the caller's, so the same inputs always give the same bytes.
 """
 
 import json
@@ -23,11 +23,12 @@ def nbytes(info: TensorInfo) -> int:
 
 
 class SafetensorsWriter:
-    """`layout`: (name, TensorInfo) in data order; `metadata`: str -> str. Call `write` once per
-    tensor in that order, then `finish`."""
+    """`layout`: (name, TensorInfo) in data order; `metadata`: str -> str; `sort_header`: header
+    entries sorted by name, else in data order. Call `write` once per tensor in that order, then
+    `finish`."""
 
     def __init__(self, file: BinaryIO, layout: list[tuple[str, TensorInfo]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, sort_header: bool = True):
         self.file = file
         self.layout = layout
         self.position = 0
@@ -37,7 +38,7 @@ class SafetensorsWriter:
             entries[name] = {"dtype": MLX_TO_ST[info.dtype], "shape": list(info.shape),
                              "data_offsets": [offset, offset + size]}
             offset += size
-        header = {name: entries[name] for name in sorted(entries)}
+        header = {name: entries[name] for name in sorted(entries)} if sort_header else entries
         if metadata:
             header = {"__metadata__": dict(metadata), **header}
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -45,7 +46,8 @@ class SafetensorsWriter:
         file.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, array: mx.array) -> None:
-        """Evaluates `array` and appends its bytes; it must be the next tensor of the layout."""
+        """Evaluates `array` and appends its bytes (row-major); it must be the next tensor of the
+        layout."""
         if self.position >= len(self.layout):
             raise ValueError(f"'{name}' is not in the planned layout")
         expected_name, info = self.layout[self.position]
@@ -53,6 +55,7 @@ class SafetensorsWriter:
         if name != expected_name or found != info:
             raise ValueError(
                 f"writing '{name}' {found}, but the layout has '{expected_name}' {info}")
+        array = mx.contiguous(array)
         mx.eval(array)
         self.file.write(memoryview(array))
         self.position += 1

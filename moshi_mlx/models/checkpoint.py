@@ -131,7 +131,8 @@ def _quantize_hint(q: Quantization | None) -> str:
     return f"nn.quantize(model, bits={q.bits}, group_size={q.group_size}), i.e. -q {q.bits}"
 
 
-def _listing(items: list[str], limit: int = 8) -> str:
+def format_listing(items: list[str], limit: int = 8) -> str:
+    """`items` as indented lines for an error message, at most `limit` of them."""
     more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
     return "\n  " + "\n  ".join(items[:limit]) + more
 
@@ -154,14 +155,14 @@ def check_tensors(
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensor(s) missing from the file:" + _listing([
+        problems.append(f"{len(missing)} tensor(s) missing from the file:" + format_listing([
             f"'{k}' (expected shape {list(expected[k].shape)}, {expected[k].dtype})"
             for k in missing]))
     if extra:
-        problems.append(f"{len(extra)} unexpected tensor(s) in the file:" + _listing(
+        problems.append(f"{len(extra)} unexpected tensor(s) in the file:" + format_listing(
             [f"'{k}' (shape {list(found[k].shape)}, {found[k].dtype})" for k in extra]))
     if wrong:
-        problems.append(f"{len(wrong)} tensor(s) with the wrong shape:" + _listing(wrong))
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape:" + format_listing(wrong))
     if problems:
         raise CheckpointError(
             f"{path} does not match the model config ({describe(found)}):\n"
