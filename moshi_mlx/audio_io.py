@@ -1,8 +1,10 @@
-"""Reading any wav file as mono float32 at a given rate, and writing 16-bit mono wav files."""
+"""Reading any wav file as mono float32 at a given rate, and writing 16-bit wav files: at once
+(atomically) or as the audio comes (a recording)."""
 
 import wave
 from math import ceil, gcd
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import sphn
@@ -69,11 +71,58 @@ def resample(pcm: np.ndarray, src_rate: int, dst_rate: int, zero_crossings: int 
     return out
 
 
+def check_writable(path: Path) -> None:
+    """Raises `AudioFileError` when an output file cannot be created at `path`."""
+    if not path.parent.is_dir():
+        raise AudioFileError(f"{path}: cannot write there, {path.parent} is not a directory.")
+    if path.is_dir():
+        raise AudioFileError(f"{path}: is a directory.")
+
+
+class WavWriter:
+    """A 16-bit wav written as the audio comes. The header is brought up to date after every
+    `write` (a file opened here by path is unbuffered), so the file is complete and valid at any
+    moment: a recording cut short, even by a crash, keeps everything written so far."""
+
+    def __init__(self, file: str | Path | BinaryIO, sample_rate: int, channels: int = 1):
+        self.channels = channels
+        self._own_file = open(file, "wb", buffering=0) if isinstance(file, (str, Path)) else None
+        self._wav = wave.open(self._own_file or file, "wb")
+        self._wav.setnchannels(channels)
+        self._wav.setsampwidth(2)
+        self._wav.setframerate(sample_rate)
+        self._wav.writeframes(b"")  # the header: a valid (empty) file from the start
+
+    def write(self, pcm: np.ndarray) -> None:
+        """pcm: float32 in [-1, 1], [samples] for mono or [samples, channels]."""
+        pcm = np.asarray(pcm, dtype=np.float32)
+        if pcm.ndim == 1:
+            pcm = pcm[:, None]
+        if pcm.ndim != 2 or pcm.shape[1] != self.channels:
+            raise ValueError(f"expected [samples, {self.channels}] samples, got {pcm.shape}")
+        self._wav.writeframes(np.round(np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+
+    @property
+    def samples(self) -> int:
+        """Samples written per channel."""
+        return self._wav.getnframes()
+
+    def close(self) -> None:
+        self._wav.close()
+        if self._own_file is not None:
+            self._own_file.close()
+
+    def __enter__(self) -> "WavWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int) -> None:
-    """Writes float32 [samples] in [-1, 1] as a 16-bit mono wav, atomically."""
-    samples = np.round(np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2")
-    with atomic_write(path) as f, wave.open(f, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(samples.tobytes())
+    """Writes float32 in [-1, 1], [samples] (mono) or [samples, channels], as a 16-bit wav,
+    atomically."""
+    pcm = np.asarray(pcm)
+    channels = 1 if pcm.ndim == 1 else pcm.shape[1]
+    with atomic_write(path) as f, WavWriter(f, sample_rate, channels) as w:
+        w.write(pcm)

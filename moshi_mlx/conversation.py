@@ -1,6 +1,7 @@
 """One conversation with Moshi, one 80 ms frame at a time: the user's audio in, Moshi's text
 and voice out (Mimi encode -> `LmGen` step -> Mimi decode). Shared by every app."""
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ class FrameOutput:
     token: int  # Moshi's text token of this step
     text: str | None  # its text ('▁' as a space), None for padding tokens
     pcm: np.ndarray | None  # Moshi's voice, float32 [FRAME_SIZE] at 24 kHz; None while delays fill
+    lm_seconds: float = 0.0  # time spent in Moshi's own step (the rest of the step is Mimi's)
 
 
 class Conversation:
@@ -48,8 +50,11 @@ class Conversation:
         if pcm.shape != (FRAME_SIZE,):
             raise ValueError(f"a frame is {FRAME_SIZE} samples at 24 kHz, got shape {pcm.shape}")
         codes = self.mimi.encode(pcm)[: self.num_user_codebooks]
+        start = time.perf_counter()
         token = self.gen.step(mx.array(codes[None]))[0, 0].item()
         audio = self.gen.last_audio_tokens()
-        voice = None if audio is None else self.mimi.decode(np.array(audio[0]))
+        audio = None if audio is None else np.array(audio[0])
+        lm_seconds = time.perf_counter() - start
+        voice = None if audio is None else self.mimi.decode(audio)
         text = token_text(self.text_tokenizer, token, self.cfg.existing_text_padding_id)
-        return FrameOutput(token=token, text=text, pcm=voice)
+        return FrameOutput(token=token, text=text, pcm=voice, lm_seconds=lm_seconds)

@@ -9,31 +9,26 @@ wav of the input's duration.
 
 import argparse
 import json
-import logging
-import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
 from math import ceil
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import model_files, models, utils
-from .audio_io import AudioFileError, read_wav, write_wav
+from . import cli, model_files
+from .audio_io import check_writable, read_wav, write_wav
 from .conversation import Conversation
 from .mimi_stream import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from .text import Transcript
 from .utils.files import atomic_write
 
-log = logging.getLogger("moshi_mlx")
+log = cli.log
 
 PROGRESS_MIN_SECONDS = 5.0  # inputs longer than this get a progress bar (on a terminal)
 LINE_WIDTH = 72
-USER_ERRORS = (model_files.ModelFilesError, models.CheckpointError, models.ConfigError,
-               AudioFileError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,19 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("output", type=Path, help="output wav: Moshi's voice, 24 kHz mono")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="write the transcript (words with frame times) and timing figures")
-    parser.add_argument("--seed", type=int, help="random seed (default: a random one, logged)")
-    for stream, temp, top_k in (("text", 0.7, 25), ("audio", 0.8, 250)):
-        parser.add_argument(f"--{stream}-temp", type=float, default=temp,
-                            help=f"{stream} sampling temperature, 0 for greedy (default: {temp})")
-        parser.add_argument(f"--{stream}-top-k", type=int, default=top_k,
-                            help=f"{stream} sampling top-k, 0 for all (default: {top_k})")
+    cli.add_sampling_args(parser)
     model_files.add_model_args(parser)
     args = parser.parse_args(argv)
-    try:
-        args.text_sampler = utils.Sampler(temp=args.text_temp, top_k=args.text_top_k)
-        args.audio_sampler = utils.Sampler(temp=args.audio_temp, top_k=args.audio_top_k)
-    except ValueError as e:
-        parser.error(str(e))
+    cli.make_samplers(parser, args)
     return args
 
 
@@ -127,13 +113,6 @@ def stream(pcm: np.ndarray, conversation: Conversation) -> tuple[np.ndarray, Tra
     return np.concatenate(out)[: len(pcm)], transcript, timing
 
 
-def check_writable(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise AudioFileError(f"{path}: cannot write there, {path.parent} is not a directory.")
-    if path.is_dir():
-        raise AudioFileError(f"{path}: is a directory.")
-
-
 def run(args: argparse.Namespace) -> None:
     check_writable(args.output)
     if args.json:
@@ -142,9 +121,7 @@ def run(args: argparse.Namespace) -> None:
     log.info("input: %s, %.2f s", args.input, len(pcm) / SAMPLE_RATE)
     files = model_files.resolve(args)
     model, tokenizer, cfg = model_files.load_model(files)
-    seed = secrets.randbits(32) if args.seed is None else args.seed
-    log.info("seed: %d", seed)
-    mx.random.seed(seed)
+    seed = cli.seed_random(args.seed)
     conversation = Conversation(model, tokenizer, files.mimi_weight, args.text_sampler,
                                 args.audio_sampler)
     out, transcript, timing = stream(pcm, conversation)
@@ -169,20 +146,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    try:
-        run(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted (no file is left half-written)", file=sys.stderr)
-        return 130
-    return 0
+    return cli.run_main(lambda: run(args), "interrupted (no file is left half-written)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import sphn
 
-from moshi_mlx.audio_io import AudioFileError, read_wav, resample, write_wav
+from moshi_mlx.audio_io import AudioFileError, WavWriter, read_wav, resample, write_wav
 from moshi_mlx.utils.files import atomic_write
 
 
@@ -92,3 +92,29 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     with atomic_write(target) as f:
         f.write(b"done")
     assert target.read_bytes() == b"done" and list(tmp_path.iterdir()) == [target]
+
+
+def test_wav_writer_keeps_a_valid_file_after_every_write(tmp_path):
+    path = tmp_path / "rec.wav"
+    left, right = sine(440, 24000, 0.1), sine(880, 24000, 0.1) * 0.5
+    with WavWriter(path, 24000, channels=2) as w:
+        with wave.open(str(path)) as r:  # nothing written yet: a valid, empty file
+            assert (r.getnchannels(), r.getnframes()) == (2, 0)
+        for start in range(0, 2400, 800):
+            w.write(np.stack([left, right], axis=1)[start:start + 800])
+            with wave.open(str(path)) as r:  # readable while it is being written
+                assert (r.getnchannels(), r.getframerate()) == (2, 24000)
+                assert r.getnframes() == start + 800 == w.samples
+        with pytest.raises(ValueError, match=r"expected \[samples, 2\]"):
+            w.write(left)
+    with wave.open(str(path)) as r:
+        data = np.frombuffer(r.readframes(r.getnframes()), "<i2").reshape(-1, 2) / 32767
+    np.testing.assert_allclose(data[:, 0], left, atol=1e-4)
+    np.testing.assert_allclose(data[:, 1], right, atol=1e-4)
+
+
+def test_write_wav_stereo(tmp_path):
+    pcm = np.stack([sine(440, 24000, 0.05), -sine(440, 24000, 0.05)], axis=1)
+    write_wav(tmp_path / "s.wav", pcm, 24000)
+    with wave.open(str(tmp_path / "s.wav")) as r:
+        assert (r.getnchannels(), r.getnframes()) == (2, len(pcm))

@@ -1,0 +1,289 @@
+"""Talk with Moshi in the terminal, through the microphone and the speakers.
+
+    python -m moshi_mlx.local -q 4 [--input-device D] [--output-device D] [--record FILE.wav]
+
+Moshi's words are printed as it speaks, above a status line (step time, frames behind, frames
+skipped, queue sizes). Ctrl-C ends the conversation. The audio path and the lag control are in
+`moshi_mlx.live`, the devices in `moshi_mlx.audio_devices`.
+"""
+
+import argparse
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from . import cli, model_files
+from .audio_devices import (
+    AudioDeviceError,
+    SoundDeviceAudio,
+    device_name,
+    device_table,
+    find_device,
+)
+from .audio_io import WavWriter, check_writable
+from .conversation import Conversation
+from .live import FRAME_SECONDS, WAIT_SECONDS, Counters, LiveConversation, Step, StepTimes
+from .mimi_stream import FRAME_SIZE, SAMPLE_RATE
+
+log = cli.log
+
+TTY_STATUS_SECONDS = 0.25  # status line redraws on a terminal, at most every
+PLAIN_STATUS_SECONDS = 5.0  # status log lines when stdout is not a terminal, every
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m moshi_mlx.local",
+        description="Talk with Moshi through your microphone and speakers; Ctrl-C to stop.")
+    audio = parser.add_argument_group("audio")
+    audio.add_argument("--list-devices", action="store_true",
+                       help="list the audio devices and exit")
+    for kind, what in (("input", "microphone"), ("output", "speakers")):
+        audio.add_argument(f"--{kind}-device", metavar="DEVICE",
+                           help=f"the {what}: a number or part of a name from --list-devices "
+                                "(default: the system's default)")
+    audio.add_argument("--record", type=Path, metavar="FILE.wav",
+                       help="record the conversation: 24 kHz stereo wav, you on the left, "
+                            "Moshi on the right")
+    cli.add_sampling_args(parser)
+    model_files.add_model_args(parser)
+    args = parser.parse_args(argv)
+    cli.make_samplers(parser, args)
+    return args
+
+
+class Display:
+    """Moshi's words as they come, and a status line.
+
+    On a terminal the status line stays under the text, redrawn in place (at most every
+    TTY_STATUS_SECONDS). Otherwise the text goes to `out` as it comes and the status is logged
+    (stderr) every PLAIN_STATUS_SECONDS.
+    """
+
+    def __init__(self, out: TextIO | None = None, tty: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty() if tty is None else tty
+        self.clock = clock
+        self.line = ""  # on a terminal: the text line being written
+        self.status_line = ""
+        self.printed = False
+        self._status_shown_at = -float("inf")
+
+    def text(self, piece: str) -> None:
+        self.printed = True
+        if not self.tty:
+            self.out.write(piece)
+            self.out.flush()
+            return
+        width = self._width()
+        if piece.startswith(" ") and self.line and len(self.line) + len(piece) > width:
+            self.out.write(f"\r\x1b[K{self.line}\n")
+            piece = piece.lstrip(" ")
+            self.line = ""
+        self.line += piece
+        while len(self.line) > width:  # a word longer than the terminal is wide
+            self.out.write(f"\r\x1b[K{self.line[:width]}\n")
+            self.line = self.line[width:]
+        self._draw()
+
+    def status(self, line: str) -> None:
+        self.status_line = line
+        now = self.clock()
+        if now - self._status_shown_at < (TTY_STATUS_SECONDS if self.tty else PLAIN_STATUS_SECONDS):
+            return
+        self._status_shown_at = now
+        if self.tty:
+            self._draw()
+        else:
+            log.info("%s", line)
+
+    def notice(self, message: str) -> None:
+        """A message for the user (stderr), kept apart from the text and the status line."""
+        if self.tty:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+        log.warning("%s", message)
+        if self.tty:
+            self._draw()
+
+    def finish(self) -> None:
+        """Ends the text's line; on a terminal the status line is removed."""
+        if self.tty:
+            self.out.write(f"\r\x1b[K{self.line}\n\x1b[K" if self.line else "\r\x1b[K")
+        elif self.printed:
+            self.out.write("\n")
+        self.out.flush()
+
+    def _width(self) -> int:
+        return max(20, shutil.get_terminal_size().columns - 1)
+
+    def _draw(self) -> None:
+        """Text line, then the status line under it; the cursor is left after the text."""
+        status = self.status_line[: self._width()]
+        self.out.write(f"\r\x1b[K\n\r\x1b[K{status}\x1b[A\r{self.line}")
+        self.out.flush()
+
+
+def status_line(times: StepTimes, behind: int, counters: Counters,
+                queues: tuple[int, int]) -> str:
+    step = "-" if times.median is None else f"{times.median * 1000:.0f} ms"
+    return (f"step {step} | behind {behind} | dropped {counters.skipped} | voice dropped "
+            f"{counters.voice_skipped} | silence {counters.silence} | queues mic {queues[0]} "
+            f"speaker {queues[1]}")
+
+
+def too_slow_message(times: StepTimes, quantized: int | None) -> str:
+    """Says that the steps are slower than real time, with the measured times and what to do."""
+    total, lm = times.median * 1000, times.median_lm * 1000
+    mimi = total - lm
+    message = (f"Moshi cannot keep up in real time on this machine: a step takes {total:.0f} ms "
+               f"(Moshi {lm:.0f} ms, Mimi {mimi:.0f} ms) for each {FRAME_SECONDS * 1000:.0f} ms "
+               "of audio, so some of your speech is skipped to keep the delay bounded. ")
+    if lm >= mimi and quantized != 4:
+        return message + "Run with -q 4: 4-bit weights make Moshi's step the fastest."
+    slowest = "Moshi" if lm >= mimi else "Mimi, the audio codec,"
+    return message + (f"{slowest} takes most of the time: close other programs using the "
+                      "processor; if it stays slow, this machine is too slow for a live "
+                      "conversation (python -m moshi_mlx.run_inference works on wav files at "
+                      "any speed).")
+
+
+class Presenter:
+    """Reads the frames a `LiveConversation` handled (on its own thread): shows the text and the
+    status, records the conversation (stereo: the user's frame, Moshi's voice of that step),
+    and says once when the steps are too slow for real time."""
+
+    def __init__(self, live: LiveConversation, display: Display, recorder: WavWriter | None,
+                 quantized: int | None):
+        self.live = live
+        self.display = display
+        self.recorder = recorder
+        self.quantized = quantized
+        self.times = StepTimes()
+        self.behind = 0
+        self._skipping_said = False
+
+    def run(self) -> None:
+        """Until the generation loop has ended and every frame is handled."""
+        try:
+            while not self.live.done:
+                step = self.live.next_step(timeout=WAIT_SECONDS)
+                if step is not None:
+                    self.handle(step)
+                self.display.status(status_line(self.times, self.behind, self.live.counters,
+                                                self.live.queue_sizes()))
+        finally:
+            self.display.finish()
+
+    def handle(self, step: Step) -> None:
+        if self.recorder is not None:
+            voice = np.zeros(FRAME_SIZE, np.float32) if step.voice is None else step.voice
+            self.recorder.write(np.stack([step.user, voice], axis=1))
+        if step.skipped:
+            if not self._skipping_said:
+                self._skipping_said = True
+                self.display.notice(
+                    f"Moshi fell {step.behind} frames ({step.behind * FRAME_SECONDS * 1000:.0f} "
+                    "ms) behind: they were skipped to keep the delay bounded (the status line "
+                    "counts the frames dropped).")
+            return
+        self.behind = step.behind
+        self.times.add(step.seconds, step.lm_seconds)
+        if step.text is not None:
+            self.display.text(step.text)
+        if self.times.first_too_slow():
+            self.display.notice(too_slow_message(self.times, self.quantized))
+
+
+def converse(live: LiveConversation, stop: threading.Event, presenter: Presenter) -> None:
+    """Runs the conversation until `stop` is set: the generation loop on this thread (the main
+    thread, MLX's), the presenter on another."""
+    started = partial(log.info, "listening: speak to Moshi (Ctrl-C to stop)")
+    errors = []
+
+    def present():
+        try:
+            presenter.run()
+        except Exception as e:  # e.g. the disk is full: end the conversation, report it here
+            errors.append(e)
+            stop.set()
+
+    thread = threading.Thread(target=present, name="moshi-presenter")
+    thread.start()
+    try:
+        live.run(stop, started)
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+@contextmanager
+def stop_on_sigint(stop: threading.Event):
+    """While active, Ctrl-C sets `stop` instead of raising KeyboardInterrupt; a second Ctrl-C
+    raises it (to force the end of a shutdown that hangs)."""
+
+    def handler(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def summary(seconds: float, times: StepTimes, counters: Counters) -> str:
+    step = "" if times.mean is None else f", mean step {times.mean * 1000:.0f} ms"
+    return (f"conversation: {seconds:.1f} s, Moshi heard {counters.steps} frames{step}; "
+            f"dropped {counters.skipped} input frames and {counters.voice_skipped} of Moshi's; "
+            f"{counters.silence} blocks of silence played for want of Moshi's voice")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.list_devices:
+        print(device_table())
+        return
+    if args.record:
+        check_writable(args.record)
+    input_device = find_device(args.input_device, "input")
+    output_device = find_device(args.output_device, "output")
+    files = model_files.resolve(args)
+    model, tokenizer, _ = model_files.load_model(files)
+    cli.seed_random(args.seed)
+    conversation = Conversation(model, tokenizer, files.mimi_weight, args.text_sampler,
+                                args.audio_sampler)
+    conversation.step(np.zeros(FRAME_SIZE, np.float32))  # the first step compiles: ~0.5 s
+    live = LiveConversation(conversation.step, SoundDeviceAudio(input_device, output_device))
+    stop = threading.Event()
+    recording = WavWriter(args.record, SAMPLE_RATE, 2) if args.record else nullcontext()
+    log.info("microphone: %s; speakers: %s", device_name(input_device),
+             device_name(output_device))
+    start = time.monotonic()
+    with recording as recorder, stop_on_sigint(stop):
+        presenter = Presenter(live, Display(), recorder, args.quantized)
+        converse(live, stop, presenter)
+    log.info("%s", summary(time.monotonic() - start, presenter.times, live.counters))
+    if args.record:
+        log.info("recorded %s: %.1f s, stereo (you left, Moshi right)", args.record,
+                 recorder.samples / SAMPLE_RATE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return cli.run_main(lambda: run(args), user_errors=(AudioDeviceError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The terminal app's pieces without a sound device or a model: the conversation loop with a fake
+backend (display, recording, lag, Ctrl-C), the terminal display, messages and the command
+line."""
+
+import io
+import logging
+import os
+import re
+import signal
+import threading
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_audio import EchoStep, FakeAudio, FakeSoundDevice, frame
+
+from moshi_mlx import local
+from moshi_mlx.audio_io import WavWriter
+from moshi_mlx.live import LiveConversation, StepTimes
+from moshi_mlx.local import Display, Presenter, converse, stop_on_sigint, too_slow_message
+
+FRAME = 1920
+
+
+def read_stereo(path: Path) -> np.ndarray:
+    """-> float [samples, 2]."""
+    with wave.open(str(path)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (2, 2, 24000)
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2) / 32767
+
+
+def talk(audio: FakeAudio, step: EchoStep, then) -> threading.Thread:
+    """The user, on a thread: frames 1 and 2; then a backlog (frame 3 held while 4 to 8 come:
+    4 to 7 are skipped); then `then()` once frame 8 is being handled."""
+
+    def user():
+        assert audio.started.wait(10)
+        for k in (1, 2):
+            audio.speak(frame(k))
+            step.wait_for(k)
+        step.hold()
+        audio.speak(frame(3))
+        step.wait_for(3)
+        for k in range(4, 9):
+            audio.speak(frame(k))
+        step.release()
+        step.wait_for(8)
+        then()
+
+    thread = threading.Thread(target=user)
+    thread.start()
+    return thread
+
+
+def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog):
+    audio, step = FakeAudio(), EchoStep()
+    live = LiveConversation(step, audio, max_behind=3)
+    out = io.StringIO()
+    stop = threading.Event()
+    user = talk(audio, step, stop.set)
+    with caplog.at_level(logging.INFO, "moshi_mlx"), \
+            WavWriter(tmp_path / "rec.wav", 24000, 2) as recorder:
+        presenter = Presenter(live, Display(out, tty=False), recorder, quantized=None)
+        converse(live, stop, presenter)
+    user.join()
+    assert audio.closed.is_set()
+    assert out.getvalue() == " w1 w2 w3 w8\n"
+    assert step.heard == [1, 2, 3, 8]
+    assert (live.counters.steps, live.counters.skipped) == (4, 4)
+    assert "listening" in caplog.text and "Moshi fell 4 frames (320 ms) behind" in caplog.text
+    assert re.search(r"step (-|\d+ ms) \| behind \d+ \| dropped \d+", caplog.text)
+
+    rec = read_stereo(tmp_path / "rec.wav")
+    assert rec.shape == (8 * FRAME, 2)  # every microphone frame, skipped ones included
+    for k in range(1, 9):
+        user_side, moshi_side = rec[(k - 1) * FRAME:k * FRAME].T
+        np.testing.assert_allclose(user_side, k / 1000, atol=1e-4)
+        np.testing.assert_allclose(moshi_side, 0 if 4 <= k <= 7 else k / 2000, atol=1e-4)
+
+
+def test_ctrl_c_stops_the_conversation_cleanly(tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
+    audio, step = FakeAudio(), EchoStep()
+    live = LiveConversation(step, audio)
+    stop = threading.Event()
+    user = talk(audio, step, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with WavWriter(tmp_path / "rec.wav", 24000, 2) as recorder, stop_on_sigint(stop):
+        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), recorder, 4))
+    user.join()
+    assert stop.is_set() and audio.closed.is_set()
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert read_stereo(tmp_path / "rec.wav").shape == (8 * FRAME, 2)
+
+
+def test_a_second_ctrl_c_interrupts():
+    handler = signal.getsignal(signal.SIGINT)
+    stop = threading.Event()
+    with pytest.raises(KeyboardInterrupt), stop_on_sigint(stop):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.wait(5)
+        os.kill(os.getpid(), signal.SIGINT)
+        threading.Event().wait(5)  # the KeyboardInterrupt comes first
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+class FullDisk:
+    def write(self, pcm):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failing_recording_ends_the_conversation():
+    audio, step = FakeAudio(), EchoStep()
+    live = LiveConversation(step, audio)
+    stop = threading.Event()
+    user = threading.Thread(target=lambda: audio.started.wait(10) and audio.speak(frame(1)))
+    user.start()
+    with pytest.raises(OSError, match="No space left"):
+        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), FullDisk(), 4))
+    user.join()
+    assert stop.is_set() and audio.closed.is_set()
+
+
+class Terminal(io.StringIO):
+    """Just enough of a terminal for the display: \\r, \\n, ESC[K (erase to the end of the
+    line), ESC[A (up one line); `lines` is what it shows."""
+
+    @property
+    def lines(self) -> list[str]:
+        rows, row, col = [""], 0, 0
+        for token in re.findall(r"\x1b\[[KA]|.", self.getvalue(), re.S):
+            if token == "\r":
+                col = 0
+            elif token == "\n":
+                row, col = row + 1, 0
+                rows += [""] * (row + 1 - len(rows))
+            elif token == "\x1b[K":
+                rows[row] = rows[row][:col]
+            elif token == "\x1b[A":
+                row -= 1
+            else:
+                rows[row] = rows[row].ljust(col)[:col] + token + rows[row][col + 1:]
+                col += 1
+        return [r.rstrip() for r in rows]
+
+
+def test_terminal_display_keeps_the_status_line_under_the_text(monkeypatch, caplog):
+    monkeypatch.setenv("COLUMNS", "31")  # lines of at most 30 characters
+    term, now = Terminal(), [0.0]
+    display = Display(term, tty=True, clock=lambda: now[0])
+    text = "Hello there, how are you doing on this fine day? Quite well, thank you"
+    display.status("step 70 ms | behind 0")
+    for i, word in enumerate(text.split()):
+        display.text(" " + word)
+        if i == 6:
+            now[0] += 1
+            display.status("step 75 ms | behind 1")
+        if i == 9:
+            display.notice("a notice goes to the log")
+    assert term.lines[-1] == "step 75 ms | behind 1"
+    assert all(len(line) <= 30 for line in term.lines)
+    assert len(term.lines) >= 4
+    assert " ".join(term.lines[:-1]).split() == text.split()
+    assert "a notice goes to the log" in caplog.text
+    display.finish()
+    assert not any("step" in line for line in term.lines)  # the status line is gone
+    assert " ".join(term.lines).split() == text.split()
+
+
+def test_plain_display_prints_text_as_it_comes_and_logs_the_status(caplog):
+    out, now = io.StringIO(), [0.0]
+    display = Display(out, tty=False, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, "moshi_mlx"):
+        display.status("status one")
+        display.text(" Hel")
+        display.text("lo")
+        now[0] += 1
+        display.status("status two")  # too soon after the last one
+        now[0] += 5
+        display.status("status three")
+        display.finish()
+    assert out.getvalue() == " Hello\n"
+    assert [r.message for r in caplog.records] == ["status one", "status three"]
+
+
+def times(total: float, lm: float) -> StepTimes:
+    t = StepTimes(window=3)
+    for _ in range(3):
+        t.add(total, lm)
+    return t
+
+
+def test_too_slow_message_gives_the_times_and_what_to_do():
+    moshi_bound = too_slow_message(times(0.2, 0.15), quantized=8)
+    assert "a step takes 200 ms (Moshi 150 ms, Mimi 50 ms)" in moshi_bound
+    assert "Run with -q 4" in moshi_bound
+    already_q4 = too_slow_message(times(0.2, 0.15), quantized=4)
+    assert "-q 4" not in already_q4 and "Moshi takes most of the time" in already_q4
+    assert "too slow" in already_q4
+    mimi_bound = too_slow_message(times(0.1, 0.02), quantized=None)
+    assert "Mimi, the audio codec, takes most of the time" in mimi_bound
+    assert "-q 4" not in mimi_bound
+
+
+# --- command line -------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def restore_log_handlers():
+    """main() gives the app's logger a stderr handler: remove it after each test (pytest
+    replaces stderr per test)."""
+    handlers = list(local.log.handlers)
+    yield
+    local.log.handlers[:] = handlers
+
+def test_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        local.parse_args(["--text-temp", "-1"])
+    assert e.value.code == 2 and "temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_record_where_it_cannot_be_written(tmp_path, capsys):
+    assert local.main(["--demo", "--record", str(tmp_path / "no" / "rec.wav")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a directory" in err
+    assert "Traceback" not in err
+
+
+def test_list_devices(monkeypatch, capsys):
+    FakeSoundDevice.install(monkeypatch)
+    assert local.main(["--list-devices"]) == 0
+    assert "3 pulse" in capsys.readouterr().out
+
+
+def test_device_errors_are_one_error_line(monkeypatch, capsys):
+    FakeSoundDevice.install(monkeypatch)
+    assert local.main(["--demo", "--output-device", "nothing"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output-device 'nothing'") and "2 USB Speaker" in err
+    assert "Traceback" not in err

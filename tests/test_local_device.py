@@ -1,0 +1,176 @@
+"""`python -m moshi_mlx.local` on real PortAudio devices, on a machine without a sound card: a
+private PulseAudio daemon provides a virtual microphone and speaker (null sinks at 24 kHz mono;
+see shared/notes/headless-audio.md), reached through ALSA's pulse plugin. Needs the Debian
+packages libportaudio2 alsa-utils libasound2-plugins pulseaudio pulseaudio-utils espeak-ng sox:
+missing tools fail the tests, they are not skipped."""
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+VIRTUAL_DEVICES = """\
+load-module module-native-protocol-unix
+load-module module-null-sink sink_name=mic rate=24000 channels=1 \
+sink_properties=device.description=VirtualMic
+load-module module-null-sink sink_name=spk rate=24000 channels=1 \
+sink_properties=device.description=VirtualSpeaker
+set-default-sink spk
+set-default-source mic.monitor
+"""
+ROUTE_APP = {"PULSE_SOURCE": "mic.monitor", "PULSE_SINK": "spk"}  # the app hears mic, plays to spk
+SPEECH = ("Hello Moshi, how are you today? I would like to talk about the weather. It rained "
+          "all morning here, but now the sun is out. What is the weather like where you are?")
+
+
+def tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is needed by this test: apt-get install {package}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pulse(tmp_path_factory) -> dict:
+    """A private PulseAudio daemon with the sinks 'mic' and 'spk'; -> the environment variables
+    of its clients."""
+    for name in ("pulseaudio", "pactl"):
+        tool(name, "pulseaudio pulseaudio-utils")
+    d = tmp_path_factory.mktemp("pulse")
+    env = {"HOME": str(d / "home"), "XDG_RUNTIME_DIR": str(d / "run"),
+           "PULSE_SERVER": f"unix:{d}/run/pulse/native"}
+    (d / "home").mkdir()
+    (d / "run").mkdir(mode=0o700)
+    (d / "virtual.pa").write_text(VIRTUAL_DEVICES)
+    full_env = dict(os.environ, **env)
+    subprocess.run(["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", "-n", "-F",
+                    d / "virtual.pa", f"--log-target=file:{d}/pulse.log"],
+                   env=full_env, check=True, timeout=30, capture_output=True)
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pactl", "info"], env=full_env, capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, (d / "pulse.log").read_text()
+        time.sleep(0.05)
+    yield env
+    subprocess.run(["pulseaudio", "-k"], env=full_env, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Path:
+    """About 12 s of English speech, 24 kHz mono."""
+    tmp = tmp_path_factory.mktemp("speech")
+    subprocess.run([tool("espeak-ng", "espeak-ng"), "-v", "en-us", "-s", "150", "-w",
+                    tmp / "raw.wav", SPEECH], check=True)
+    subprocess.run([tool("sox", "sox"), tmp / "raw.wav", "-r", "24000", "-c", "1", "-b", "16",
+                    tmp / "speech.wav"], check=True)
+    return tmp / "speech.wav"
+
+
+def local(*args, env: dict, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "moshi_mlx.local", *map(str, args)],
+                            env=env, text=True, **kwargs)
+
+
+def lines_of(stream) -> queue.Queue:
+    """Reads a text stream on a thread; its lines come through the queue, then None."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read():
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x)))) if len(x) else 0.0
+
+
+def test_a_live_conversation_on_virtual_devices(pulse, demo_env, speech, tmp_path):
+    tool("paplay", "pulseaudio-utils")
+    pulse_env = dict(os.environ, **pulse)
+    app_env = dict(demo_env, **pulse, **ROUTE_APP)
+    heard = subprocess.Popen(  # what the app plays on the virtual speaker
+        [tool("parecord", "pulseaudio-utils"), "--raw", "--device=spk.monitor", "--rate=24000",
+         "--channels=1", "--format=s16le", tmp_path / "heard.raw"], env=pulse_env)
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        app = local("--demo", "--seed", 1, "--record", tmp_path / "rec.wav", env=app_env,
+                    stdout=stdout, stderr=subprocess.PIPE)
+    stderr = lines_of(app.stderr)
+    log = []
+    try:
+        while not any("listening" in line for line in log):  # model loaded, streams open
+            line = stderr.get(timeout=120)
+            assert line is not None, "".join(log)
+            log.append(line)
+        subprocess.run(["paplay", "--device=mic", speech], env=pulse_env, check=True,
+                       timeout=60)  # in real time: about 12 s
+        time.sleep(3)  # Moshi may answer
+        app.send_signal(signal.SIGINT)
+        returncode = app.wait(timeout=60)
+    finally:
+        app.kill()
+        heard.send_signal(signal.SIGINT)
+        heard.wait(timeout=30)
+    while (line := stderr.get(timeout=30)) is not None:
+        log.append(line)
+    log = "".join(log)
+
+    assert returncode == 0, log
+    assert "Traceback" not in log
+    assert re.search(r"step (-|\d+ ms) \| behind \d+ \| dropped \d+ .* queues mic \d+", log)
+    assert re.search(r"conversation: .* Moshi heard \d+ frames", log)
+    text = (tmp_path / "stdout.txt").read_text()
+    assert text.strip(), "Moshi's text was not printed"
+
+    played = np.fromfile(tmp_path / "heard.raw", "<i2") / 32768
+    assert rms(played) > 1e-3, "nothing was heard on the virtual speaker"
+
+    with wave.open(str(tmp_path / "rec.wav")) as w:  # valid, complete, stereo
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (2, 2, 24000)
+        rec = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2) / 32768
+    assert len(rec) > 0 and len(rec) % 1920 == 0
+    assert f"recorded {tmp_path / 'rec.wav'}: {len(rec) / 24000:.1f} s" in log
+    assert rms(rec[:, 0]) > 1e-3, "the user's side of the recording is silent"
+    assert rms(rec[:, 1]) > 1e-3, "Moshi's side of the recording is silent"
+
+
+def test_list_devices(pulse):
+    result = local("--list-devices", env=dict(os.environ, **pulse), stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)
+    out, err = result.communicate(timeout=60)
+    assert result.returncode == 0, err
+    assert "pulse" in out and "default" in out
+
+
+def test_an_unknown_device_lists_the_devices(pulse):
+    result = local("--demo", "--input-device", "no such mic", env=dict(os.environ, **pulse),
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = result.communicate(timeout=60)
+    assert result.returncode == 1
+    assert "error: --input-device 'no such mic': no input device has that name" in err
+    assert "pulse" in err and "Traceback" not in err
+
+
+def test_no_audio_device(tmp_path):
+    """No sound server to reach and no sound card: PortAudio finds no device."""
+    cards = Path("/proc/asound/cards")
+    if cards.exists() and "no soundcards" not in cards.read_text():
+        pytest.skip("this machine has a sound card")
+    env = dict(os.environ, HOME=str(tmp_path), XDG_RUNTIME_DIR=str(tmp_path),
+               PULSE_SERVER=f"unix:{tmp_path}/nothing-here")
+    result = local("--demo", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = result.communicate(timeout=60)
+    assert result.returncode == 1
+    assert "error: no audio input device found" in err and "Traceback" not in err
