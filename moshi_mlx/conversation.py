@@ -24,7 +24,8 @@ class Conversation:
     """A fresh conversation: its own generation state, KV cache and Mimi stream.
 
     `step(pcm)` takes the user's next frame (float32 [FRAME_SIZE] at 24 kHz) and returns Moshi's
-    text token and, once the codebook delays have filled, its voice for one frame.
+    text token and, once the codebook delays have filled, its voice for one frame. Apps that send
+    the text before the voice is decoded call its two halves, `listen(pcm)` then `speak()`.
     """
 
     def __init__(self, model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
@@ -43,13 +44,23 @@ class Conversation:
         """Steps between the user's frame and Moshi's voice for the same frame."""
         return self.gen.max_delay
 
-    def step(self, pcm: np.ndarray) -> FrameOutput:
+    def listen(self, pcm: np.ndarray) -> tuple[int, str | None]:
+        """The first half of `step`: encodes the user's frame (float32 [FRAME_SIZE] at 24 kHz)
+        and runs Moshi's step; returns its text token and text (None for padding), available
+        before its voice is decoded."""
         pcm = np.asarray(pcm, dtype=np.float32)
         if pcm.shape != (FRAME_SIZE,):
             raise ValueError(f"a frame is {FRAME_SIZE} samples at 24 kHz, got shape {pcm.shape}")
         codes = self.mimi.encode(pcm)[: self.num_user_codebooks]
         token = self.gen.step(mx.array(codes[None]))[0, 0].item()
+        return token, token_text(self.text_tokenizer, token, self.cfg.existing_text_padding_id)
+
+    def speak(self) -> np.ndarray | None:
+        """The second half of `step`: Moshi's voice for the frame completed by the last `listen`,
+        float32 [FRAME_SIZE] at 24 kHz, or None while the codebook delays fill."""
         audio = self.gen.last_audio_tokens()
-        voice = None if audio is None else self.mimi.decode(np.array(audio[0]))
-        text = token_text(self.text_tokenizer, token, self.cfg.existing_text_padding_id)
-        return FrameOutput(token=token, text=text, pcm=voice)
+        return None if audio is None else self.mimi.decode(np.array(audio[0]))
+
+    def step(self, pcm: np.ndarray) -> FrameOutput:
+        token, text = self.listen(pcm)
+        return FrameOutput(token=token, text=text, pcm=self.speak())
