@@ -23,7 +23,7 @@ from . import utils
 from .conversation import Conversation
 from .mimi_stream import FRAME_RATE
 from .model_worker import ModelWorker
-from .protocol import AUDIO_CODECS, HANDSHAKE, BadAudio, Kind, Reframer, message
+from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
 
 log = logging.getLogger("moshi_mlx")
 
@@ -120,7 +120,7 @@ class Session:
     """
 
     def __init__(self, ws: web.WebSocketResponse, worker: ModelWorker, conversation: Conversation,
-                 codec, max_queued: int, send_status: bool):
+                 codec: AudioCodec, max_queued: int, send_status: bool):
         self.ws = ws
         self.worker = worker
         self.conversation = conversation
@@ -238,7 +238,7 @@ class ChatServer:
             self.sockets.discard(ws)
         return ws
 
-    def _options(self, query) -> tuple[Sampling, object, bool]:
+    def _options(self, query) -> tuple[Sampling, AudioCodec, bool]:
         """(sampling, audio codec, whether to send status messages) asked for by a connection's
         URL query; ValueError for a bad value. Other parameters are ignored."""
         sampling = self.sampling.with_query(query)
@@ -272,16 +272,16 @@ class ChatServer:
         except ConnectionResetError:
             pass
         except Exception:
-            log.exception("could not start a conversation")
+            log.exception("conversation failed")
             await refuse(ws, INTERNAL_ERROR_MESSAGE, WSCloseCode.INTERNAL_ERROR)
         finally:
-            if generation is not None:
-                generation.cancel()
-            if session is not None:
-                self._log_end(session)
             try:
-                await asyncio.gather(*[generation] if generation else [], return_exceptions=True)
-            finally:
+                if generation is not None:
+                    generation.cancel()
+                    await asyncio.gather(generation, return_exceptions=True)
+            finally:  # even when the server stops during the await
+                if session is not None:
+                    self._log_end(session)
                 self.busy = False
 
     async def _receive(self, ws: web.WebSocketResponse, session: Session) -> None:

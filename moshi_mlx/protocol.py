@@ -67,6 +67,7 @@ class PcmAudio:
         return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
 
+AudioCodec = OpusAudio | PcmAudio
 AUDIO_CODECS = {codec.name: codec for codec in (OpusAudio, PcmAudio)}
 
 
