@@ -26,7 +26,8 @@ class Conversation:
     """A fresh conversation: its own generation state, KV cache and Mimi stream.
 
     `step(pcm)` takes the user's next frame (float32 [FRAME_SIZE] at 24 kHz) and returns Moshi's
-    text token and, once the codebook delays have filled, its voice for one frame.
+    text token and, once the codebook delays have filled, its voice for one frame. Apps that send
+    the text before the voice is decoded call its two halves, `listen(pcm)` then `speak()`.
     """
 
     def __init__(self, model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
@@ -39,22 +40,36 @@ class Conversation:
         self.mimi = MimiStream(mimi_weight, num_codebooks=max(cfg.dep_q, self.num_user_codebooks))
         self.gen = models.LmGen(model=model, text_sampler=text_sampler,
                                 audio_sampler=audio_sampler)
+        self.lm_seconds = 0.0  # time Moshi's last step took (its text, then its audio codes)
 
     @property
     def max_delay(self) -> int:
         """Steps between the user's frame and Moshi's voice for the same frame."""
         return self.gen.max_delay
 
-    def step(self, pcm: np.ndarray) -> FrameOutput:
+    def listen(self, pcm: np.ndarray) -> tuple[int, str | None]:
+        """The first half of `step`: encodes the user's frame (float32 [FRAME_SIZE] at 24 kHz)
+        and runs Moshi's step; returns its text token and text (None for padding), available
+        before its voice is decoded."""
         pcm = np.asarray(pcm, dtype=np.float32)
         if pcm.shape != (FRAME_SIZE,):
             raise ValueError(f"a frame is {FRAME_SIZE} samples at 24 kHz, got shape {pcm.shape}")
         codes = self.mimi.encode(pcm)[: self.num_user_codebooks]
         start = time.perf_counter()
         token = self.gen.step(mx.array(codes[None]))[0, 0].item()
+        self.lm_seconds = time.perf_counter() - start
+        return token, token_text(self.text_tokenizer, token, self.cfg.existing_text_padding_id)
+
+    def speak(self) -> np.ndarray | None:
+        """The second half of `step`: Moshi's voice for the frame completed by the last `listen`,
+        float32 [FRAME_SIZE] at 24 kHz, or None while the codebook delays fill."""
+        start = time.perf_counter()
         audio = self.gen.last_audio_tokens()
-        audio = None if audio is None else np.array(audio[0])
-        lm_seconds = time.perf_counter() - start
-        voice = None if audio is None else self.mimi.decode(audio)
-        text = token_text(self.text_tokenizer, token, self.cfg.existing_text_padding_id)
-        return FrameOutput(token=token, text=text, pcm=voice, lm_seconds=lm_seconds)
+        codes = None if audio is None else np.array(audio[0])
+        self.lm_seconds += time.perf_counter() - start
+        return None if codes is None else self.mimi.decode(codes)
+
+    def step(self, pcm: np.ndarray) -> FrameOutput:
+        token, text = self.listen(pcm)
+        pcm_out = self.speak()
+        return FrameOutput(token=token, text=text, pcm=pcm_out, lm_seconds=self.lm_seconds)

@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import mlx.core as mx
@@ -77,3 +79,18 @@ def demo_env(demo_cache, monkeypatch) -> dict:
     """Environment for running the apps on the session's demo repository."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
     return dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def speech_24k(tmp_path_factory) -> Path:
+    """About 3 s of English speech made with espeak-ng, as a 24 kHz mono 16-bit wav."""
+    tools = {name: shutil.which(name) for name in ("espeak-ng", "sox")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        pytest.fail(f"this test needs {' and '.join(missing)}: apt-get install {' '.join(missing)}")
+    tmp = tmp_path_factory.mktemp("speech-24k")
+    subprocess.run([tools["espeak-ng"], "-v", "en-us", "-s", "150", "-w", tmp / "raw.wav",
+                    "Hello Moshi. How are you today?"], check=True)
+    subprocess.run([tools["sox"], tmp / "raw.wav", "-r", "24000", "-c", "1", "-b", "16",
+                    tmp / "speech24k.wav"], check=True)
+    return tmp / "speech24k.wav"

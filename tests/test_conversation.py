@@ -50,3 +50,19 @@ def test_frame_size_is_checked(demo):
     conv, _ = talk(demo, [])
     with pytest.raises(ValueError, match="1920 samples"):
         conv.step(np.zeros(100, np.float32))
+
+
+def test_listen_then_speak_is_step(demo):
+    """The two halves give the text first, then the same voice as `step`."""
+    rng = np.random.default_rng(1)
+    frames = (0.1 * rng.standard_normal((4, FRAME_SIZE))).astype(np.float32)
+    _, whole = talk(demo, frames)
+    conv, _ = talk(demo, [])
+    for frame, expected in zip(frames, whole):
+        token, text = conv.listen(frame)
+        assert (token, text) == (expected.token, expected.text)
+        voice = conv.speak()
+        if expected.pcm is None:
+            assert voice is None
+        else:
+            np.testing.assert_array_equal(voice, expected.pcm)

@@ -1,0 +1,158 @@
+"""Talk with Moshi in the browser.
+
+    python -m moshi_mlx.local_web [--host localhost] [--port 8998] [--no-browser] [-q 4|8] ...
+
+Serves the page shipped in this package (or another one, `--static DIR`) and Kyutai's websocket
+protocol at `/api/chat`, so Kyutai's own clients (`python -m moshi.client`, `moshi-cli`, its web
+client) work too. One conversation at a time; each connection starts a fresh one.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import ssl
+import sys
+import webbrowser
+from pathlib import Path
+
+from aiohttp import web
+
+from . import cli, model_files, models
+from .chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling, is_loopback
+from .model_worker import ModelWorker
+
+log = logging.getLogger("moshi_mlx")
+
+USER_ERRORS = (model_files.ModelFilesError, models.CheckpointError, models.ConfigError)
+
+
+class SetupError(Exception):
+    """A server setting that cannot be used (TLS files, static directory, address)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m moshi_mlx.local_web",
+        description="Talk with Moshi in the browser (Kyutai's websocket protocol at /api/chat).")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="localhost",
+                        help="address to listen on (default: localhost; another one lets other "
+                             "machines use the model)")
+    server.add_argument("--port", type=int, default=8998, help="port (default: 8998; 0: any)")
+    server.add_argument("--no-browser", action="store_true", help="do not open the browser")
+    server.add_argument("--ssl", type=Path, metavar="DIR",
+                        help="serve https: DIR holds cert.pem and key.pem")
+    server.add_argument("--static", metavar="DIR|none",
+                        help="serve another web UI from DIR (with an index.html), or none")
+    server.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="also let pages from ORIGIN (e.g. http://localhost:5173) use the "
+                             "websocket; repeatable (default: only this server's own pages)")
+    server.add_argument("--max-lag", type=float, default=0.5, metavar="SECONDS",
+                        help="input audio that may wait for the model; older frames are dropped "
+                             "when generation falls behind (default: 0.5)")
+    cli.add_sampling_args(parser)
+    model_files.add_model_args(parser)
+    args = parser.parse_args(argv)
+    cli.make_samplers(parser, args)
+    if args.max_lag <= 0:
+        parser.error(f"--max-lag must be > 0, got {args.max_lag}")
+    return args
+
+
+def static_dir(value: str | None) -> Path | None:
+    if value is None:
+        return STATIC_DIR
+    if value == "none":
+        return None
+    path = Path(value)
+    if not (path / "index.html").is_file():
+        raise SetupError(f"{path}: --static needs a directory with an index.html.")
+    return path
+
+
+def ssl_context(directory: Path | None) -> ssl.SSLContext | None:
+    if directory is None:
+        return None
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    for path in (cert, key):
+        if not path.is_file():
+            raise SetupError(f"{path}: no such file (--ssl needs cert.pem and key.pem).")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile=cert, keyfile=key)
+    except ssl.SSLError as e:
+        raise SetupError(f"{directory}: cannot use cert.pem and key.pem ({e.reason}).") from None
+    return context
+
+
+def page_url(host: str, port: int, tls: bool) -> str:
+    """The address to open: a wildcard address is shown as localhost."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}/"
+
+
+def open_browser(url: str) -> None:
+    """Opens the page, unless no graphical browser can be expected (Linux with no display: a
+    text browser would take over the terminal)."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                 or os.environ.get("WAYLAND_DISPLAY")):
+        log.info("no display: open %s in a browser", url)
+        return
+    webbrowser.open(url)
+
+
+async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static: Path | None,
+                context: ssl.SSLContext | None) -> None:
+    """Listens, loads the model (clients wait for it), then serves until cancelled."""
+    if not is_loopback(args.host):
+        log.warning("warning: listening on %s: other machines can reach this server and use the "
+                    "model; browsers there need https (--ssl) to use the microphone", args.host)
+    worker = ModelWorker(files)
+    sampling = Sampling(args.text_temp, args.text_top_k, args.audio_temp, args.audio_top_k)
+    server = ChatServer(worker, sampling, OriginPolicy(args.host, args.allow_origin),
+                        max_lag=args.max_lag, seed=args.seed)
+    runner = web.AppRunner(server.app(static), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, args.host, args.port, ssl_context=context)
+        try:
+            await site.start()
+        except OSError as e:
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise SetupError(f"cannot listen on {args.host}:{args.port} ({reason}).") from None
+        url = page_url(args.host, runner.addresses[0][1], context is not None)
+        log.info("listening on %s; loading the model", url)
+        await asyncio.wrap_future(worker.load())
+        log.info("Moshi is ready: %s (Ctrl-C stops)", url)
+        if not args.no_browser:
+            open_browser(url)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        worker.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        static, context = static_dir(args.static), ssl_context(args.ssl)
+        asyncio.run(serve(args, model_files.resolve(args), static, context))
+    except (*USER_ERRORS, SetupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+// The page: one conversation with Moshi over the server's websocket (Kyutai's protocol), with
+// raw 16-bit PCM audio at 24 kHz both ways (`?audio=pcm`) and status messages (`?status=1`).
+
+const RATE = 24000;
+const FRAME = 1920; // samples per 80 ms frame
+const FRAME_MS = 80;
+const KIND = { handshake: 0, audio: 1, text: 2, metadata: 4, error: 5 };
+
+const ui = {
+  button: document.getElementById("connect"),
+  state: document.getElementById("state"),
+  meter: document.getElementById("meter-level"),
+  transcript: document.getElementById("transcript"),
+  latency: document.getElementById("latency"),
+  dropped: document.getElementById("dropped"),
+};
+
+// What the page has done so far, for a glance in the console (and for tests).
+const stats = {
+  state: "idle", sentFrames: 0, receivedFrames: 0, playedSamples: 0, underruns: 0,
+  textPieces: 0, server: null, error: null,
+};
+window.stats = stats;
+
+let call = null; // the conversation in progress
+
+function setState(state, text) {
+  stats.state = state;
+  ui.state.textContent = text;
+  document.body.dataset.state = state;
+  const busy = state === "starting" || state === "waiting" || state === "live";
+  ui.button.textContent = busy ? "Disconnect" : "Connect";
+  ui.button.setAttribute("aria-pressed", String(busy));
+}
+
+function chatUrl() {
+  const url = new URL("api/chat", window.location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  url.search = "?audio=pcm&status=1";
+  return url;
+}
+
+function encodeAudio(frame) {
+  const message = new DataView(new ArrayBuffer(1 + 2 * frame.length));
+  message.setUint8(0, KIND.audio);
+  for (let i = 0; i < frame.length; i++) {
+    const s = Math.max(-1, Math.min(1, frame[i]));
+    message.setInt16(1 + 2 * i, Math.round(s * 32767), true);
+  }
+  return message.buffer;
+}
+
+function decodeAudio(view) {
+  const pcm = new Float32Array((view.byteLength - 1) >> 1);
+  for (let i = 0; i < pcm.length; i++) pcm[i] = view.getInt16(1 + 2 * i, true) / 32768;
+  return pcm;
+}
+
+function showLevel(rms) {
+  const db = 20 * Math.log10(rms + 1e-9); // -60 dBFS .. 0 dBFS across the bar
+  const fraction = Math.max(0, Math.min(1, (db + 60) / 60));
+  ui.meter.style.transform = `scaleX(${fraction})`;
+}
+
+function showLag() {
+  const server = stats.server;
+  if (!call || !server) {
+    ui.latency.textContent = "–";
+    ui.dropped.textContent = "–";
+    return;
+  }
+  const playbackMs = (call.buffered / RATE) * 1000;
+  const lagMs = server.queued * FRAME_MS + server.step_ms + playbackMs;
+  ui.latency.textContent = `${Math.round(lagMs)} ms`;
+  ui.dropped.textContent = String(server.dropped);
+  document.body.dataset.lagging = String(lagMs > 600 || server.dropped > 0);
+}
+
+function addText(piece) {
+  stats.textPieces += 1;
+  const atBottom =
+    ui.transcript.scrollHeight - ui.transcript.scrollTop - ui.transcript.clientHeight < 24;
+  ui.transcript.append(ui.transcript.textContent ? piece : piece.trimStart());
+  if (atBottom) ui.transcript.scrollTop = ui.transcript.scrollHeight;
+}
+
+class Call {
+  constructor() {
+    this.live = false;
+    this.buffered = 0;
+    this.closed = false;
+  }
+
+  async start() {
+    if (!navigator.mediaDevices?.getUserMedia) {
+      throw new Error("this page needs https (start the server with --ssl) or localhost " +
+        "to use the microphone");
+    }
+    this.context = new AudioContext({ sampleRate: RATE, latencyHint: "interactive" });
+    await this.context.audioWorklet.addModule("worklets.js");
+    this.stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true,
+               channelCount: 1 },
+    });
+    if (this.closed) return;
+    this.player = new AudioWorkletNode(this.context, "voice-player");
+    this.player.connect(this.context.destination);
+    this.player.port.onmessage = ({ data }) => {
+      this.buffered = data.buffered;
+      stats.playedSamples = data.played;
+      stats.underruns = data.underruns;
+    };
+    this.mic = new AudioWorkletNode(this.context, "mic-capture", { numberOfOutputs: 0 });
+    this.mic.port.onmessage = ({ data }) => this.onMicFrame(data);
+    this.source = this.context.createMediaStreamSource(this.stream);
+    this.source.connect(this.mic);
+    await this.context.resume();
+
+    setState("waiting", "Waiting for Moshi…");
+    this.socket = new WebSocket(chatUrl());
+    this.socket.binaryType = "arraybuffer";
+    this.socket.onmessage = (event) => this.onMessage(new DataView(event.data));
+    this.socket.onclose = (event) => this.onClose(event);
+  }
+
+  onMicFrame({ frame, level }) {
+    showLevel(level);
+    if (this.live && this.socket.readyState === WebSocket.OPEN) {
+      this.socket.send(encodeAudio(frame));
+      stats.sentFrames += 1;
+    }
+  }
+
+  onMessage(view) {
+    if (view.byteLength === 0) return;
+    const payload = () => new Uint8Array(view.buffer, 1);
+    switch (view.getUint8(0)) {
+      case KIND.handshake:
+        this.live = true;
+        setState("live", "Live: talk to Moshi");
+        break;
+      case KIND.audio: {
+        const pcm = decodeAudio(view);
+        stats.receivedFrames += pcm.length / FRAME;
+        this.player.port.postMessage(pcm, [pcm.buffer]);
+        break;
+      }
+      case KIND.text:
+        addText(new TextDecoder().decode(payload()));
+        break;
+      case KIND.metadata: {
+        const data = JSON.parse(new TextDecoder().decode(payload()));
+        if (data.type === "status") {
+          stats.server = data;
+          showLag();
+        }
+        break;
+      }
+      case KIND.error:
+        stats.error = new TextDecoder().decode(payload());
+        break;
+      default:
+        break; // unknown kinds are ignored, as the protocol says
+    }
+  }
+
+  onClose(event) {
+    const wasLive = this.live;
+    this.stop();
+    if (stats.error?.startsWith("busy")) {
+      setState("busy", "Moshi is in another conversation. Try again when it ends.");
+    } else if (stats.error) {
+      setState("error", `The server ended the conversation: ${stats.error}`);
+    } else if (!wasLive && !event.wasClean) {
+      setState("error", "Could not reach the server.");
+    } else {
+      setState("idle", "Disconnected.");
+    }
+  }
+
+  stop() {
+    if (this.closed) return;
+    this.closed = true;
+    this.live = false;
+    if (this.socket && this.socket.readyState <= WebSocket.OPEN) this.socket.close(1000);
+    this.stream?.getTracks().forEach((track) => track.stop());
+    this.context?.close();
+    showLevel(0);
+    if (call === this) call = null;
+    showLag();
+  }
+}
+
+async function connect() {
+  ui.transcript.textContent = "";
+  Object.assign(stats, { sentFrames: 0, receivedFrames: 0, playedSamples: 0, underruns: 0,
+                         textPieces: 0, server: null, error: null });
+  call = new Call();
+  setState("starting", "Asking for the microphone…");
+  try {
+    await call.start();
+  } catch (error) {
+    call?.stop();
+    setState("error", `Could not start: ${error.message}`);
+  }
+}
+
+ui.button.addEventListener("click", () => {
+  if (call) {
+    call.stop();
+    setState("idle", "Disconnected.");
+  } else {
+    connect();
+  }
+});
+
+setState("idle", "Press Connect and talk: Moshi listens and answers at the same time.");

@@ -1,0 +1,321 @@
+"""`python -m moshi_mlx.local_web --demo` as Kyutai's clients see it: a server process on
+127.0.0.1, and clients that speak what `python -m moshi.client` speaks (binary messages whose
+first byte is their kind, Ogg-Opus audio from sphn sent at real-time pace, text printed)."""
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import numpy as np
+import pytest
+import sphn
+
+from moshi_mlx import local_web
+from moshi_mlx.audio_io import read_wav
+
+RATE = 24000
+FRAME = 1920
+FRAME_SECONDS = FRAME / RATE
+IDLE_SECONDS = 2.0  # a conversation is over when the server has sent nothing for this long
+
+
+class ServerProcess:
+    """The server as a subprocess; its log lines are collected as they come."""
+
+    def __init__(self, *args: str, env: dict):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--host", "127.0.0.1",
+             "--port", "0", "--no-browser", "--static", "none", *args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._collect, daemon=True).start()
+        self.url = self.wait_for(r"Moshi is ready: https?://(\S+)/").group(1)
+
+    def _collect(self) -> None:
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if match := re.search(pattern, line):
+                        return match
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"no {pattern!r} in the server's log:\n"
+                                         + "\n".join(self.lines))
+                self._changed.wait(min(left, 0.5))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(demo_cache):
+    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache)}
+    # A long --max-lag: no input is dropped even on a loaded machine, so answers are repeatable.
+    server = ServerProcess("--seed", "1234", "--max-lag", "30", env=env)
+    yield server
+    server.stop()
+    assert server.proc.returncode in (0, -signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def speech(speech_24k) -> np.ndarray:
+    return read_wav(speech_24k, RATE)
+
+
+@dataclass
+class Reply:
+    first: bytes  # the server's first message
+    text: list[str] = field(default_factory=list)
+    audio: list[bytes] = field(default_factory=list)  # Moshi's Ogg-Opus stream, as received
+    errors: list[str] = field(default_factory=list)
+    close_code: int | None = None
+
+    @property
+    def voice(self) -> np.ndarray:
+        return sphn.OpusStreamReader(RATE).append_bytes(b"".join(self.audio))
+
+
+async def send_speech(ws: aiohttp.ClientWebSocketResponse, pcm: np.ndarray) -> None:
+    """Sends pcm (float32 [samples] at 24 kHz) as Kyutai's client does: 80 ms frames through
+    sphn's Opus writer, each non-empty chunk as soon as it is ready, at real-time pace."""
+    writer = sphn.OpusStreamWriter(RATE)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(len(pcm) // FRAME):
+        data = writer.append_pcm(pcm[i * FRAME:(i + 1) * FRAME])
+        if data:
+            await ws.send_bytes(b"\x01" + data)
+        await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SECONDS - loop.time()))
+
+
+async def receive_all(ws: aiohttp.ClientWebSocketResponse, reply: Reply,
+                      sending: asyncio.Task | None = None) -> Reply:
+    """Collects the server's messages until it closes, or has sent nothing for IDLE_SECONDS
+    after the sending is done."""
+    while True:
+        try:
+            msg = await ws.receive(timeout=IDLE_SECONDS)
+        except asyncio.TimeoutError:
+            if sending is None or sending.done():
+                return reply
+            continue
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                        aiohttp.WSMsgType.CLOSING):
+            reply.close_code = ws.close_code
+            return reply
+        assert msg.type == aiohttp.WSMsgType.BINARY, msg
+        kind, payload = msg.data[0], msg.data[1:]
+        if kind == 1:
+            reply.audio.append(payload)
+        elif kind == 2:
+            reply.text.append(payload.decode())
+        elif kind == 5:
+            reply.errors.append(payload.decode())
+
+
+async def converse(url: str, pcm: np.ndarray, query: str = "", scheme: str = "ws") -> Reply:
+    """One conversation: handshake, speech at real-time pace, everything Moshi says."""
+    async with aiohttp.ClientSession() as http:
+        # Like Kyutai's moshi-cli, accept the self-signed certificate of a local server.
+        async with http.ws_connect(f"{scheme}://{url}/api/chat{query}", ssl=False) as ws:
+            first = await ws.receive(timeout=60)
+            reply = Reply(first.data)
+            if first.data[:1] != b"\x00":
+                return await receive_all(ws, reply)
+            sending = asyncio.create_task(send_speech(ws, pcm))
+            await receive_all(ws, reply, sending)
+            await sending
+            return reply
+
+
+def test_each_connection_is_a_fresh_conversation(server, speech):
+    first = asyncio.run(converse(server.url, speech))
+    assert first.first == b"\x00\x00\x00"  # handshake: protocol version 0, model 0
+    assert first.errors == []
+    assert first.text, "no text from Moshi"
+    voice = first.voice
+    assert len(voice) > RATE, "less than a second of Moshi's voice"
+    assert np.isfinite(voice).all() and np.abs(voice).max() > 0
+    second = asyncio.run(converse(server.url, speech))
+    assert second.text == first.text
+    np.testing.assert_array_equal(second.voice, voice)
+    server.wait_for(r"conversation ended: \d+ frames received, \d+ processed, 0 dropped")
+
+
+CHILD_CLIENT = """
+import asyncio, sys
+import aiohttp, numpy as np, sphn
+
+async def talk(ws):
+    writer = sphn.OpusStreamWriter(24000)
+    tone = (0.1 * np.sin(2 * np.pi * 220 * np.arange(1920) / 24000)).astype(np.float32)
+    while True:
+        data = writer.append_pcm(tone)
+        if data:
+            await ws.send_bytes(b"\\x01" + data)
+        await asyncio.sleep(0.08)
+
+async def main(url):
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        assert (await ws.receive()).data[:1] == b"\\x00"
+        talking = asyncio.create_task(talk(ws))
+        async for msg in ws:
+            if msg.data[:1] == b"\\x02":
+                print("heard", flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def handshake_or_error(url: str) -> bytes:
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"ws://{url}/api/chat") as ws:
+            return (await ws.receive(timeout=60)).data
+
+
+def test_a_killed_client_does_not_block_the_next(server):
+    child = subprocess.Popen([sys.executable, "-c", CHILD_CLIENT, f"ws://{server.url}/api/chat"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "heard\n"  # mid-conversation: Moshi answers it
+        assert asyncio.run(handshake_or_error(server.url)).startswith(b"\x05busy")
+    finally:
+        child.kill()
+        child.wait()
+    killed = time.monotonic()
+    while True:
+        first = asyncio.run(handshake_or_error(server.url))
+        if not first.startswith(b"\x05busy"):
+            break
+        assert time.monotonic() - killed < 30, "the killed client still holds the model"
+        time.sleep(0.05)
+    print(f"model free {time.monotonic() - killed:.2f} s after the client was killed")
+    assert first == b"\x00\x00\x00"
+
+
+async def busy_while_talking(url: str, pcm: np.ndarray) -> tuple[Reply, Reply]:
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"ws://{url}/api/chat") as talking:
+            assert (await talking.receive(timeout=60)).data == b"\x00\x00\x00"
+            async with http.ws_connect(f"ws://{url}/api/chat") as other:
+                refused = await receive_all(other, Reply((await other.receive(timeout=60)).data))
+            sending = asyncio.create_task(send_speech(talking, pcm))
+            answer = await receive_all(talking, Reply(b""), sending)
+            return refused, answer
+
+
+def test_a_second_client_is_told_busy(server, speech):
+    refused, answer = asyncio.run(busy_while_talking(server.url, speech[: RATE]))
+    assert refused.first.startswith(b"\x05busy: ")
+    assert refused.close_code == aiohttp.WSCloseCode.TRY_AGAIN_LATER
+    assert answer.text and answer.audio and answer.errors == []
+
+
+async def send_then_receive(url: str, messages: list, pcm: np.ndarray | None = None) -> Reply:
+    """Sends `messages` (bytes: binary, str: text) after the handshake, then speech."""
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"ws://{url}/api/chat", max_msg_size=0) as ws:
+            reply = Reply((await ws.receive(timeout=60)).data)
+            for m in messages:
+                await (ws.send_str(m) if isinstance(m, str) else ws.send_bytes(m))
+            sending = None if pcm is None else asyncio.create_task(send_speech(ws, pcm))
+            await receive_all(ws, reply, sending)
+            return reply
+
+
+def test_malformed_messages_are_survived(server, speech):
+    junk = ["hello", b"", b"\x09what", b"\x03\x00", b"\x06", b"\x02text from a client"]
+    reply = asyncio.run(send_then_receive(server.url, junk, speech[: RATE]))
+    assert reply.first == b"\x00\x00\x00"
+    assert reply.text and reply.audio and reply.errors == []  # ignored, the conversation goes on
+    for what in ("a text message", "an empty message", "unknown kind 9", "a control message",
+                 "a ping message", "unknown kind 2"):
+        server.wait_for(f"ignored: .*{what}")
+
+    garbage = asyncio.run(send_then_receive(server.url, [b"\x01" + b"garbage" * 100]))
+    assert garbage.errors and garbage.errors[0].startswith("bad audio: not an Ogg-Opus stream")
+    assert garbage.close_code == aiohttp.WSCloseCode.UNSUPPORTED_DATA
+
+    oversized = asyncio.run(send_then_receive(server.url, [b"\x01" + bytes(300_000)]))
+    assert oversized.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+    bad_query = asyncio.run(converse(server.url, speech, "?text_temperature=hot"))
+    assert bad_query.first.startswith(b"\x05bad request: text_temperature='hot'")
+
+    after = asyncio.run(converse(server.url, speech[: RATE]))
+    assert after.first == b"\x00\x00\x00" and after.text and after.audio
+    assert server.proc.poll() is None
+
+
+def self_signed_certificate(directory) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("this test needs openssl: apt-get install openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", directory / "key.pem",
+                    "-out", directory / "cert.pem"], check=True, capture_output=True)
+
+
+def test_https_with_ssl(demo_cache, speech, tmp_path):
+    self_signed_certificate(tmp_path)
+    server = ServerProcess("--ssl", str(tmp_path),
+                           env={**os.environ, "XDG_CACHE_HOME": str(demo_cache)})
+    try:
+        reply = asyncio.run(converse(server.url, speech[:RATE], scheme="wss"))
+        assert reply.first == b"\x00\x00\x00" and reply.text and reply.audio
+        with pytest.raises(aiohttp.ClientError):
+            asyncio.run(converse(server.url, speech[:RATE]))  # plain ws: refused
+    finally:
+        server.stop()
+
+
+def test_bad_server_settings_are_one_error_line(tmp_path, demo_env, capsys):
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, message in [
+            (["--static", str(tmp_path)], f"{tmp_path}: --static needs a directory with an "
+                                          "index.html."),
+            (["--ssl", str(tmp_path / "nowhere")], "cert.pem: no such file (--ssl needs"),
+            (["--ssl", str(tmp_path)], "cannot use cert.pem and key.pem"),
+            (["--port", str(port)], f"cannot listen on 127.0.0.1:{port} (Address already in use)"),
+        ]:
+            code = local_web.main(["--demo", "--host", "127.0.0.1", "--no-browser", *flags])
+            err = capsys.readouterr().err
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert code == 1 and len(errors) == 1 and message in errors[0], err
+
+
+def test_server_setting_helpers():
+    assert local_web.static_dir(None) == local_web.STATIC_DIR
+    assert (local_web.STATIC_DIR / "index.html").is_file()
+    assert local_web.static_dir("none") is None
+    assert local_web.ssl_context(None) is None
+    assert local_web.page_url("0.0.0.0", 8998, False) == "http://localhost:8998/"
+    assert local_web.page_url("::1", 8998, True) == "https://[::1]:8998/"
+    assert local_web.page_url("localhost", 1234, False) == "http://localhost:1234/"
+    with pytest.raises(SystemExit):
+        local_web.parse_args(["--max-lag", "0"])
+    with pytest.raises(SystemExit):
+        local_web.parse_args(["--text-top-k", "-3"])
