@@ -1,26 +1,37 @@
-# Every target sets up what it needs: on a fresh machine `make test` alone installs and tests.
+# Every target sets up what it needs: on a fresh machine `make demo` or `make test` alone
+# creates the project's virtual environment (.venv) and installs into it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PARITY_STAMP := $(VENV)/.installed-parity
 
-.PHONY: install test bench lint clean
+.PHONY: install demo test bench lint clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,parity]"
-	# Kyutai's PyTorch moshi (parity test): its pins are older than what we use, hence --no-deps.
-	$(PY) -m pip install --quiet --no-deps moshi==0.2.13
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# The tests also compare the model with Kyutai's PyTorch moshi (torch on the CPU). moshi pins
+# older versions of what we use, hence --no-deps.
+$(PARITY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,parity]"
+	$(PY) -m pip install --quiet --no-deps moshi==0.2.13
+	touch $(PARITY_STAMP)
+
+demo: $(STAMP)
+	$(PY) -m moshi_mlx.local_web --demo
+
+test: $(PARITY_STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_lm
+	$(PY) -m benchmarks.bench_quantize --layers 4 --bits 4 8
 
 lint: $(STAMP)
 	$(PY) -m ruff check moshi_mlx weights_tools tests benchmarks
