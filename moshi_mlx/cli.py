@@ -48,10 +48,10 @@ def seed_random(seed: int | None) -> int:
 
 
 def run_main(run: Callable[[], int | None], interrupted: str = "interrupted",
-             user_errors: tuple[type[Exception], ...] = ()) -> int:
+             user_errors: tuple[type[Exception], ...] = (), interrupted_code: int = 130) -> int:
     """Runs an app's `run()` with log messages on stderr and returns the exit code: run's own
     (0 when it returns None); 1 with one `error:` line for a user error (`USER_ERRORS` and
-    `user_errors`); 130 with the `interrupted` line on Ctrl-C."""
+    `user_errors`); `interrupted_code` with the `interrupted` line on Ctrl-C."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -64,4 +64,4 @@ def run_main(run: Callable[[], int | None], interrupted: str = "interrupted",
         return 1
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr)
-        return 130
+        return interrupted_code

@@ -18,13 +18,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import cli, model_files, models
+from . import cli, model_files
 from .chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling, is_loopback
 from .model_worker import ModelWorker
 
 log = logging.getLogger("moshi_mlx")
 
-USER_ERRORS = (model_files.ModelFilesError, models.CheckpointError, models.ConfigError)
 
 
 class SetupError(Exception):
@@ -136,22 +135,16 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
         worker.close()
 
 
+def run(args: argparse.Namespace) -> None:
+    static, context = static_dir(args.static), ssl_context(args.ssl)
+    asyncio.run(serve(args, model_files.resolve(args), static, context))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    try:
-        static, context = static_dir(args.static), ssl_context(args.ssl)
-        asyncio.run(serve(args, model_files.resolve(args), static, context))
-    except (*USER_ERRORS, SetupError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nstopped", file=sys.stderr)
-    return 0
+    # Ctrl-C is how a server is stopped: exit code 0.
+    return cli.run_main(lambda: run(args), "stopped", user_errors=(SetupError,),
+                        interrupted_code=0)
 
 
 if __name__ == "__main__":

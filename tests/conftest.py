@@ -81,16 +81,26 @@ def demo_env(demo_cache, monkeypatch) -> dict:
     return dict(os.environ)
 
 
+def require_tool(name: str, package: str | None = None) -> str:
+    """The path of a system program the test needs; the test fails (not skips) without it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is needed by this test: apt-get install {package or name}")
+    return path
+
+
+def make_speech(path: Path, text: str, rate: int = 24000, channels: int = 1) -> Path:
+    """English speech from espeak-ng, converted by sox to a 16-bit wav at `rate` Hz."""
+    raw = path.with_name(f"{path.stem}.espeak.wav")
+    subprocess.run([require_tool("espeak-ng"), "-v", "en-us", "-s", "150", "-w", raw, text],
+                   check=True)
+    subprocess.run([require_tool("sox"), raw, "-r", str(rate), "-c", str(channels), "-b", "16",
+                    path], check=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def speech_24k(tmp_path_factory) -> Path:
-    """About 3 s of English speech made with espeak-ng, as a 24 kHz mono 16-bit wav."""
-    tools = {name: shutil.which(name) for name in ("espeak-ng", "sox")}
-    missing = [name for name, path in tools.items() if path is None]
-    if missing:
-        pytest.fail(f"this test needs {' and '.join(missing)}: apt-get install {' '.join(missing)}")
-    tmp = tmp_path_factory.mktemp("speech-24k")
-    subprocess.run([tools["espeak-ng"], "-v", "en-us", "-s", "150", "-w", tmp / "raw.wav",
-                    "Hello Moshi. How are you today?"], check=True)
-    subprocess.run([tools["sox"], tmp / "raw.wav", "-r", "24000", "-c", "1", "-b", "16",
-                    tmp / "speech24k.wav"], check=True)
-    return tmp / "speech24k.wav"
+    """About 3 s of English speech, as a 24 kHz mono 16-bit wav."""
+    return make_speech(tmp_path_factory.mktemp("speech-24k") / "speech24k.wav",
+                       "Hello Moshi. How are you today?")

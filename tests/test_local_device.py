@@ -7,7 +7,6 @@ missing tools fail the tests, they are not skipped."""
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_speech, require_tool
 
 VIRTUAL_DEVICES = """\
 load-module module-native-protocol-unix
@@ -33,19 +33,12 @@ SPEECH = ("Hello Moshi, how are you today? I would like to talk about the weathe
           "all morning here, but now the sun is out. What is the weather like where you are?")
 
 
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is needed by this test: apt-get install {package}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def pulse(tmp_path_factory) -> dict:
     """A private PulseAudio daemon with the sinks 'mic' and 'spk'; -> the environment variables
     of its clients."""
     for name in ("pulseaudio", "pactl"):
-        tool(name, "pulseaudio pulseaudio-utils")
+        require_tool(name, "pulseaudio pulseaudio-utils")
     d = tmp_path_factory.mktemp("pulse")
     env = {"HOME": str(d / "home"), "XDG_RUNTIME_DIR": str(d / "run"),
            "PULSE_SERVER": f"unix:{d}/run/pulse/native"}
@@ -67,12 +60,7 @@ def pulse(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> Path:
     """About 12 s of English speech, 24 kHz mono."""
-    tmp = tmp_path_factory.mktemp("speech")
-    subprocess.run([tool("espeak-ng", "espeak-ng"), "-v", "en-us", "-s", "150", "-w",
-                    tmp / "raw.wav", SPEECH], check=True)
-    subprocess.run([tool("sox", "sox"), tmp / "raw.wav", "-r", "24000", "-c", "1", "-b", "16",
-                    tmp / "speech.wav"], check=True)
-    return tmp / "speech.wav"
+    return make_speech(tmp_path_factory.mktemp("speech") / "speech.wav", SPEECH)
 
 
 def local(*args, env: dict, **kwargs) -> subprocess.Popen:
@@ -98,12 +86,12 @@ def rms(x: np.ndarray) -> float:
 
 
 def test_a_live_conversation_on_virtual_devices(pulse, demo_env, speech, tmp_path):
-    tool("paplay", "pulseaudio-utils")
+    require_tool("paplay", "pulseaudio-utils")
     pulse_env = dict(os.environ, **pulse)
     app_env = dict(demo_env, **pulse, **ROUTE_APP)
     heard = subprocess.Popen(  # what the app plays on the virtual speaker
-        [tool("parecord", "pulseaudio-utils"), "--raw", "--device=spk.monitor", "--rate=24000",
-         "--channels=1", "--format=s16le", tmp_path / "heard.raw"], env=pulse_env)
+        [require_tool("parecord", "pulseaudio-utils"), "--raw", "--device=spk.monitor",
+         "--rate=24000", "--channels=1", "--format=s16le", tmp_path / "heard.raw"], env=pulse_env)
     with open(tmp_path / "stdout.txt", "w") as stdout:
         app = local("--demo", "--seed", 1, "--record", tmp_path / "rec.wav", env=app_env,
                     stdout=stdout, stderr=subprocess.PIPE)

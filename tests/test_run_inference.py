@@ -2,7 +2,6 @@
 model (no download)."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_speech
 
 FRAME = 1920  # samples per 80 ms frame at 24 kHz
 
@@ -29,22 +29,11 @@ def read_pcm16(path: Path) -> tuple[np.ndarray, int, int]:
         return data, w.getframerate(), w.getnchannels()
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is needed by this test: apt-get install {name}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> Path:
     """About 4 s of English speech as a 44.1 kHz stereo wav."""
-    tmp = tmp_path_factory.mktemp("speech")
-    subprocess.run([tool("espeak-ng"), "-w", tmp / "mono.wav",
-                    "Hello Moshi. How are you today? Tell me about the weather."], check=True)
-    subprocess.run([tool("sox"), tmp / "mono.wav", "-r", "44100", "-c", "2", tmp / "speech.wav"],
-                   check=True)
-    return tmp / "speech.wav"
+    return make_speech(tmp_path_factory.mktemp("speech") / "speech.wav",
+                       "Hello Moshi. How are you today? Tell me about the weather.", 44100, 2)
 
 
 def test_end_to_end_on_the_demo_model(speech, demo_env, tmp_path):
