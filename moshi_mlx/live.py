@@ -8,10 +8,9 @@ empty). The generation loop takes the frames one by one, runs the conversation's
 frame on an event queue, read by another thread (display, recording). Threads block on queue
 gets with timeouts; nothing polls with sleeps.
 
-The generation loop runs on the thread that calls `run()`: the apps call it on the main thread,
-where the model was loaded, because MLX streams are thread-local (since MLX 0.31.2, arrays made
-on one thread cannot be evaluated on another) and MLX used from another thread can abort the
-process at exit (ml-explore/mlx#3126).
+The generation loop runs on the thread that calls `run()`: the terminal app runs it on the
+model's own thread (`moshi_mlx.model_worker`), where the model was loaded and every MLX call is
+made, since MLX streams are thread-local.
 
 When the steps are slower than real time the microphone queue grows: once more than `max_behind`
 frames wait, the oldest are skipped (Moshi never hears them) so that the delay stays bounded;

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -30,9 +31,9 @@ from .audio_devices import (
     find_device,
 )
 from .audio_io import WavWriter, check_writable
-from .conversation import Conversation
 from .live import FRAME_SECONDS, WAIT_SECONDS, Counters, LiveConversation, Step, StepTimes
 from .mimi_stream import FRAME_SIZE, SAMPLE_RATE
+from .model_worker import ModelWorker
 
 log = cli.log
 
@@ -205,27 +206,19 @@ class Presenter:
             self.display.notice(too_slow_message(self.times, self.quantized))
 
 
-def converse(live: LiveConversation, stop: threading.Event, presenter: Presenter) -> None:
-    """Runs the conversation until `stop` is set: the generation loop on this thread (the main
-    thread, MLX's), the presenter on another."""
+def converse(live: LiveConversation, stop: threading.Event, presenter: Presenter,
+             generation: ModelWorker | Executor) -> None:
+    """Runs the conversation until `stop` is set: the generation loop on the `generation`
+    thread (the model's), the presenter on this one."""
     started = partial(log.info, "listening: speak to Moshi (Ctrl-C to stop)")
-    errors = []
-
-    def present():
-        try:
-            presenter.run()
-        except Exception as e:  # e.g. the disk is full: end the conversation, report it here
-            errors.append(e)
-            stop.set()
-
-    thread = threading.Thread(target=present, name="moshi-presenter")
-    thread.start()
+    loop = generation.submit(live.run, stop, started)
     try:
-        live.run(stop, started)
+        presenter.run()
+    except Exception:  # e.g. the disk is full: end the conversation, then report it
+        stop.set()
+        raise
     finally:
-        thread.join()
-    if errors:
-        raise errors[0]
+        loop.result()
 
 
 @contextmanager
@@ -259,12 +252,13 @@ def run(args: argparse.Namespace) -> None:
         check_writable(args.record)
     input_device = find_device(args.input_device, "input")
     output_device = find_device(args.output_device, "output")
-    files = model_files.resolve(args)
-    model, tokenizer, _ = model_files.load_model(files)
-    cli.seed_random(args.seed)
-    conversation = Conversation(model, tokenizer, files.mimi_weight, args.text_sampler,
-                                args.audio_sampler)
-    conversation.step(np.zeros(FRAME_SIZE, np.float32))  # the first step compiles: ~0.5 s
+    worker = ModelWorker(model_files.resolve(args))  # the MLX generation thread
+    worker.load().result()
+    seed = cli.seed_random(args.seed)
+    conversation = worker.submit(worker.new_conversation, args.text_sampler, args.audio_sampler,
+                                 seed).result()
+    # The first step compiles (~0.5 s): do it before the microphone starts.
+    worker.submit(conversation.step, np.zeros(FRAME_SIZE, np.float32)).result()
     live = LiveConversation(conversation.step, SoundDeviceAudio(input_device, output_device))
     stop = threading.Event()
     recording = WavWriter(args.record, SAMPLE_RATE, 2) if args.record else nullcontext()
@@ -273,7 +267,7 @@ def run(args: argparse.Namespace) -> None:
     start = time.monotonic()
     with recording as recorder, stop_on_sigint(stop):
         presenter = Presenter(live, Display(), recorder, args.quantized)
-        converse(live, stop, presenter)
+        converse(live, stop, presenter, worker)
     log.info("%s", summary(time.monotonic() - start, presenter.times, live.counters))
     if args.record:
         log.info("recorded %s: %.1f s, stereo (you left, Moshi right)", args.record,

@@ -1,5 +1,10 @@
 """Moshi's model in one worker thread: loading, new conversations and every step run there, one
-call at a time, so the asyncio loop that serves the clients never waits on MLX or Mimi."""
+call at a time, so the thread that serves the user (the asyncio loop of the browser app, the
+display of the terminal app) never waits on MLX or Mimi.
+
+All MLX work stays on that one thread: MLX streams are thread-local (arrays made on one thread
+cannot be evaluated on another), and the executor's thread lives until the process exits (a
+thread that used MLX and ends earlier can abort the process at exit: ml-explore/mlx#3126)."""
 
 import asyncio
 from collections.abc import Callable
@@ -33,6 +38,10 @@ class ModelWorker:
         model, tokenizer, _ = self.loaded.result()
         mx.random.seed(seed)
         return Conversation(model, tokenizer, self.files.mimi_weight, text_sampler, audio_sampler)
+
+    def submit(self, fn: Callable[..., T], *args) -> "Future[T]":
+        """Schedules fn(*args) in the worker thread, after the calls submitted before it."""
+        return self._executor.submit(fn, *args)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         """Runs fn(*args) in the worker thread, after the calls submitted before it."""

@@ -9,6 +9,7 @@ import re
 import signal
 import threading
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,13 @@ def read_stereo(path: Path) -> np.ndarray:
     with wave.open(str(path)) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (2, 2, 24000)
         return np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2) / 32767
+
+
+@pytest.fixture
+def generation():
+    """The thread the generation loop runs on (the model's thread in the app)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation") as executor:
+        yield executor
 
 
 def talk(audio: FakeAudio, step: EchoStep, then) -> threading.Thread:
@@ -53,7 +61,7 @@ def talk(audio: FakeAudio, step: EchoStep, then) -> threading.Thread:
     return thread
 
 
-def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog):
+def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog, generation):
     audio, step = FakeAudio(), EchoStep()
     live = LiveConversation(step, audio, max_behind=3)
     out = io.StringIO()
@@ -62,7 +70,7 @@ def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog):
     with caplog.at_level(logging.INFO, "moshi_mlx"), \
             WavWriter(tmp_path / "rec.wav", 24000, 2) as recorder:
         presenter = Presenter(live, Display(out, tty=False), recorder, quantized=None)
-        converse(live, stop, presenter)
+        converse(live, stop, presenter, generation)
     user.join()
     assert audio.closed.is_set()
     assert out.getvalue() == " w1 w2 w3 w8\n"
@@ -79,14 +87,15 @@ def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog):
         np.testing.assert_allclose(moshi_side, 0 if 4 <= k <= 7 else k / 2000, atol=1e-4)
 
 
-def test_ctrl_c_stops_the_conversation_cleanly(tmp_path):
+def test_ctrl_c_stops_the_conversation_cleanly(tmp_path, generation):
     handler = signal.getsignal(signal.SIGINT)
     audio, step = FakeAudio(), EchoStep()
     live = LiveConversation(step, audio)
     stop = threading.Event()
     user = talk(audio, step, lambda: os.kill(os.getpid(), signal.SIGINT))
     with WavWriter(tmp_path / "rec.wav", 24000, 2) as recorder, stop_on_sigint(stop):
-        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), recorder, 4))
+        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), recorder, 4),
+                 generation)
     user.join()
     assert stop.is_set() and audio.closed.is_set()
     assert signal.getsignal(signal.SIGINT) is handler
@@ -109,14 +118,15 @@ class FullDisk:
         raise OSError(28, "No space left on device")
 
 
-def test_a_failing_recording_ends_the_conversation():
+def test_a_failing_recording_ends_the_conversation(generation):
     audio, step = FakeAudio(), EchoStep()
     live = LiveConversation(step, audio)
     stop = threading.Event()
     user = threading.Thread(target=lambda: audio.started.wait(10) and audio.speak(frame(1)))
     user.start()
     with pytest.raises(OSError, match="No space left"):
-        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), FullDisk(), 4))
+        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), FullDisk(), 4),
+                 generation)
     user.join()
     assert stop.is_set() and audio.closed.is_set()
 
