@@ -2,13 +2,14 @@
 call at a time, so the thread that serves the user (the asyncio loop of the browser app, the
 display of the terminal app) never waits on MLX or Mimi.
 
-All MLX work stays on that one thread: MLX streams are thread-local (arrays made on one thread
-cannot be evaluated on another), and the executor's thread lives until the process exits (a
-thread that used MLX and ends earlier can abort the process at exit: ml-explore/mlx#3126)."""
+All MLX work stays on that one thread, because MLX streams are thread-local (arrays made on one
+thread cannot be evaluated on another)."""
 
 import asyncio
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import TypeVar
 
 import mlx.core as mx
@@ -19,12 +20,50 @@ from .conversation import Conversation
 T = TypeVar("T")
 
 
+class ModelThread(Executor):
+    """Runs the submitted calls one after the other on a single daemon thread that never ends.
+
+    The standard library's `ThreadPoolExecutor` joins its threads when the interpreter exits, and
+    a thread that has used MLX and ends can abort the whole process ("terminate called without
+    an active exception", ml-explore/mlx#3126: seen here about once in ten runs of the terminal
+    app). A daemon thread left waiting on its queue is never ended, so the process exits cleanly.
+    """
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], /, *args, **kwargs) -> "Future[T]":
+        future: Future = Future()
+        self._calls.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Cancels the calls not started yet when `cancel_futures`; the thread itself stays."""
+        while cancel_futures:
+            try:
+                future, *_ = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            future.cancel()
+
+    def _serve(self) -> None:
+        while True:
+            future, fn, args, kwargs = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to whoever waits on the future
+                future.set_exception(e)
+
+
 class ModelWorker:
     """Owns the model's thread; `load()` starts loading the model there."""
 
     def __init__(self, files: model_files.ModelFiles):
         self.files = files
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-model")
+        self._executor = ModelThread("moshi-model")
         self.loaded: Future | None = None
 
     def load(self) -> Future:
