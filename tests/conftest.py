@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -79,6 +80,25 @@ def demo_env(demo_cache, monkeypatch) -> dict:
     """Environment for running the apps on the session's demo repository."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
     return dict(os.environ)
+
+
+def write_sparse_checkpoint(manifest: Path, out: Path) -> Path:
+    """A safetensors file with the tensor layout of a `tests/data` manifest: a real header
+    followed by a hole as large as the data (all zeros, no disk used)."""
+    st_sizes = {"BF16": 2, "F32": 4, "U32": 4}
+    header, offset = {}, 0
+    for name, t in sorted(json.loads(manifest.read_text())["tensors"].items()):
+        size = st_sizes[t["st_dtype"]]
+        for s in t["shape"]:
+            size *= s
+        header[name] = {"dtype": t["st_dtype"], "shape": t["shape"],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with out.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return out
 
 
 def require_tool(name: str, package: str | None = None) -> str:

@@ -1,41 +1,23 @@
-import json
 import logging
-import struct
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import DATA, write_sparse_checkpoint
 
 from moshi_mlx import memory, models
 from moshi_mlx.model_files import ModelFiles
-from moshi_mlx.models.checkpoint import Quantization
+from moshi_mlx.models.checkpoint import Quantization, read_header
 
-DATA = Path(__file__).parent / "data"
 GB = 10**9
 
 
-def sparse_safetensors(listing: Path, path: Path) -> int:
-    """Writes a safetensors file with the tensor layout of a `tests/data` listing: a real header
-    followed by a hole as large as the data (no disk used). Returns the data size in bytes."""
-    sizes = {"BF16": 2, "F32": 4, "U32": 4}
-    header, offset = {}, 0
-    for name, info in json.loads(listing.read_text())["tensors"].items():
-        n = sizes[info["st_dtype"]]
-        for s in info["shape"]:
-            n *= s
-        header[name] = {"dtype": info["st_dtype"], "shape": info["shape"],
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return offset
 
 
 def test_estimate_of_moshi_7b_q4(tmp_path):
-    weights = sparse_safetensors(DATA / "moshi-7b-v0.1.q4.json", tmp_path / "model.q4.safetensors")
-    sparse_safetensors(DATA / "mimi-tokenizer-e351c8d8-checkpoint125.json", tmp_path / "mimi.st")
+    weights = read_header(write_sparse_checkpoint(DATA / "moshi-7b-v0.1.q4.json",
+                                                  tmp_path / "model.q4.safetensors")).data_bytes
+    write_sparse_checkpoint(DATA / "mimi-tokenizer-e351c8d8-checkpoint125.json",
+                            tmp_path / "mimi.st")
     files = ModelFiles(models.config_v0_1(), tmp_path / "model.q4.safetensors",
                        tmp_path / "mimi.st", tmp_path / "spm.model", Quantization(4, 32))
     est = memory.estimate(files)

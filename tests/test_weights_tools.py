@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import rustymimi
 import sentencepiece as spm
+from conftest import DATA, write_sparse_checkpoint
 from mlx.utils import tree_flatten
 
 from moshi_mlx.models import Lm, LmConfig, config_v0_1
@@ -32,9 +32,6 @@ from weights_tools.mimi_layout import FRAME_SAMPLES, SAMPLE_RATE, mimi_num_param
 from weights_tools.peak_memory import run_module_measured
 from weights_tools.quantize import quantize_file
 from weights_tools.random_weights import write_random_lm
-
-DATA = Path(__file__).parent / "data"
-ST_SIZES = {"BF16": 2, "U32": 4, "F32": 4}
 
 
 def run_cli(tool: str, *args) -> subprocess.CompletedProcess:
@@ -57,23 +54,6 @@ def quantized_model(cfg: LmConfig, q: Quantization | None) -> Lm:
     if q is not None:
         nn.quantize(model, bits=q.bits, group_size=q.group_size)
     return model
-
-
-def write_sparse_checkpoint(manifest: Path, out: Path) -> Path:
-    """A file with the header of an official checkpoint and all-zero (sparse) data."""
-    tensors = json.loads(manifest.read_text())["tensors"]
-    header, offset = {}, 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        size = math.prod(t["shape"]) * ST_SIZES[t["st_dtype"]]
-        header[name] = {"dtype": t["st_dtype"], "shape": t["shape"],
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with out.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return out
 
 
 @pytest.fixture(scope="module")
