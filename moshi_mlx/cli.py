@@ -47,6 +47,17 @@ def seed_random(seed: int | None) -> int:
     return seed
 
 
+def parse_app_args(parser: argparse.ArgumentParser,
+                   argv: list[str] | None) -> argparse.Namespace:
+    """Adds the flags every app shares (sampling, seed, model files) to the app's own `parser`,
+    parses `argv` and sets the samplers (`make_samplers`)."""
+    add_sampling_args(parser)
+    model_files.add_model_args(parser)
+    args = parser.parse_args(argv)
+    make_samplers(parser, args)
+    return args
+
+
 def run_main(run: Callable[[], int | None], interrupted: str = "interrupted",
              user_errors: tuple[type[Exception], ...] = (), interrupted_code: int = 130) -> int:
     """Runs an app's `run()` with log messages on stderr and returns the exit code: run's own

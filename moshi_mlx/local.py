@@ -55,11 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     audio.add_argument("--record", type=Path, metavar="FILE.wav",
                        help="record the conversation: 24 kHz stereo wav, you on the left, "
                             "Moshi on the right")
-    cli.add_sampling_args(parser)
-    model_files.add_model_args(parser)
-    args = parser.parse_args(argv)
-    cli.make_samplers(parser, args)
-    return args
+    return cli.parse_app_args(parser, argv)
 
 
 class Display:

@@ -50,10 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--max-lag", type=float, default=0.5, metavar="SECONDS",
                         help="input audio that may wait for the model; older frames are dropped "
                              "when generation falls behind (default: 0.5)")
-    cli.add_sampling_args(parser)
-    model_files.add_model_args(parser)
-    args = parser.parse_args(argv)
-    cli.make_samplers(parser, args)
+    args = cli.parse_app_args(parser, argv)
     if args.max_lag <= 0:
         parser.error(f"--max-lag must be > 0, got {args.max_lag}")
     return args

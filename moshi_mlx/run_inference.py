@@ -39,11 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("output", type=Path, help="output wav: Moshi's voice, 24 kHz mono")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="write the transcript (words with frame times) and timing figures")
-    cli.add_sampling_args(parser)
-    model_files.add_model_args(parser)
-    args = parser.parse_args(argv)
-    cli.make_samplers(parser, args)
-    return args
+    return cli.parse_app_args(parser, argv)
 
 
 class TextPrinter:
