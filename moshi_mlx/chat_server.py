@@ -20,8 +20,8 @@ from pathlib import Path
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import utils
+from .audio.constants import FRAME_RATE
 from .conversation import Conversation
-from .mimi_stream import FRAME_RATE
 from .model_worker import ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
 

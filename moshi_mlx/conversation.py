@@ -10,7 +10,8 @@ import numpy as np
 import sentencepiece
 
 from . import models, utils
-from .mimi_stream import FRAME_SIZE, MimiStream
+from .audio.constants import FRAME_SIZE
+from .mimi_stream import MimiStream
 from .text import token_text
 
 

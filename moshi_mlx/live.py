@@ -32,11 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .audio.constants import FRAME_SECONDS
 from .audio_devices import AudioBackend, AudioDeviceError
 from .conversation import FrameOutput
-from .mimi_stream import FRAME_RATE
 
-FRAME_SECONDS = 1 / FRAME_RATE  # 0.08 s: a step slower than this cannot keep up
 WAIT_SECONDS = 0.1  # longest a thread blocks on a queue before checking for a stop
 
 

@@ -23,6 +23,7 @@ from typing import TextIO
 import numpy as np
 
 from . import cli, model_files
+from .audio.constants import FRAME_SIZE, SAMPLE_RATE
 from .audio_devices import (
     AudioDeviceError,
     SoundDeviceAudio,
@@ -32,7 +33,6 @@ from .audio_devices import (
 )
 from .audio_io import WavWriter, check_writable
 from .live import FRAME_SECONDS, WAIT_SECONDS, Counters, LiveConversation, Step, StepTimes
-from .mimi_stream import FRAME_SIZE, SAMPLE_RATE
 from .model_worker import ModelWorker
 
 log = cli.log

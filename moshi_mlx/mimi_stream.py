@@ -6,12 +6,10 @@ from pathlib import Path
 import numpy as np
 import rustymimi
 
+from .audio.constants import FRAME_SIZE
 from .model_files import ModelFilesError
 from .models.checkpoint import read_header
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920  # samples per frame (80 ms at 24 kHz)
-FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 frames per second
 POSITIONS_PER_FRAME = 2  # Mimi's transformers run at 25 Hz
 QUIET_RMS = 3e-3  # about -50 dBFS
 

@@ -19,9 +19,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cli, model_files
+from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from .audio_io import check_writable, read_wav, write_wav
 from .conversation import Conversation
-from .mimi_stream import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from .text import Transcript
 from .utils.files import atomic_write
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from moshi_mlx import audio_devices
+from moshi_mlx.audio.constants import FRAME_SIZE
 from moshi_mlx.conversation import FrameOutput
-from moshi_mlx.mimi_stream import FRAME_SIZE
 
 
 def frame(k: int) -> np.ndarray:

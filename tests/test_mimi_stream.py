@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from moshi_mlx.mimi_stream import FRAME_SIZE, MimiStream
+from moshi_mlx.audio.constants import FRAME_SIZE
+from moshi_mlx.mimi_stream import MimiStream
 from moshi_mlx.model_files import ModelFilesError
 
 
