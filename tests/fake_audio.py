@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from moshi_mlx import audio_devices
+from moshi_mlx.audio import devices as audio_devices
 from moshi_mlx.audio.constants import FRAME_SIZE
-from moshi_mlx.conversation import FrameOutput
+from moshi_mlx.engine.conversation import FrameOutput
 
 
 def frame(k: int) -> np.ndarray:
@@ -103,7 +103,7 @@ class FakeSoundDevice:
 
     @classmethod
     def install(cls, monkeypatch, devices=DEVICES, **kwargs) -> "FakeSoundDevice":
-        """Makes `moshi_mlx.audio_devices` use a new fake for the rest of the test."""
+        """Makes `moshi_mlx.audio.devices` use a new fake for the rest of the test."""
         sd = cls(devices, **kwargs)
         monkeypatch.setattr(audio_devices, "_sounddevice", lambda: sd)
         return sd

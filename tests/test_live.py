@@ -11,9 +11,9 @@ from fake_audio import EchoStep, FakeAudio, frame, number
 
 from moshi_mlx import model_files, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
-from moshi_mlx.audio_devices import AudioDeviceError
-from moshi_mlx.conversation import Conversation
-from moshi_mlx.live import LiveConversation, StepTimes
+from moshi_mlx.audio.devices import AudioDeviceError
+from moshi_mlx.engine.conversation import Conversation
+from moshi_mlx.engine.live import LiveConversation, StepTimes
 from moshi_mlx.mimi_stream import MimiStream
 
 

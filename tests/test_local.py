@@ -17,8 +17,8 @@ import pytest
 from fake_audio import EchoStep, FakeAudio, FakeSoundDevice, frame
 
 from moshi_mlx import local
-from moshi_mlx.audio_io import WavWriter
-from moshi_mlx.live import LiveConversation, StepTimes
+from moshi_mlx.audio.wav import WavWriter
+from moshi_mlx.engine.live import LiveConversation, StepTimes
 from moshi_mlx.local import Display, Presenter, converse, stop_on_sigint, too_slow_message
 
 FRAME = 1920

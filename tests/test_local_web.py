@@ -20,7 +20,7 @@ import pytest
 import sphn
 
 from moshi_mlx import local_web
-from moshi_mlx.audio_io import read_wav
+from moshi_mlx.audio.wav import read_wav
 
 RATE = 24000
 FRAME = 1920

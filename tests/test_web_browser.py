@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestServer
 from playwright.async_api import async_playwright
 
 from moshi_mlx import model_files
-from moshi_mlx.audio_io import read_wav
+from moshi_mlx.audio.wav import read_wav
 from moshi_mlx.chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling
-from moshi_mlx.model_worker import ModelWorker
+from moshi_mlx.engine.worker import ModelWorker
 
 FRAME = 1920
 SCREENSHOTS = Path(__file__).parents[1] / "out" / "screenshots"
