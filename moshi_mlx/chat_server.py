@@ -218,7 +218,8 @@ class ChatServer:
         self.origins = origins
         self.max_queued = max(1, round(max_lag * FRAME_RATE))
         self.seed = seed
-        self.busy = False  # a conversation is running
+        self.busy = False  # a client is in a conversation
+        self._turn = asyncio.Lock()  # held by a conversation until its clean-up is done
         self.sockets: set[web.WebSocketResponse] = set()
 
     def app(self, static_dir: Path | None) -> web.Application:
@@ -272,6 +273,14 @@ class ChatServer:
             return
         seed = secrets.randbits(32) if self.seed is None else self.seed
         self.busy = True  # before the first await: the next client is refused
+        try:
+            async with self._turn:  # the previous conversation's clean-up first
+                await self._talk(ws, request, sampling, codec, send_status, seed)
+        finally:
+            self.busy = False
+
+    async def _talk(self, ws: web.WebSocketResponse, request: web.Request, sampling: Sampling,
+                    codec: AudioCodec, send_status: bool, seed: int) -> None:
         session = sending = None
         try:
             conversation = await self.worker.run(self.worker.new_conversation,
@@ -295,16 +304,17 @@ class ChatServer:
             log.exception("conversation failed")
             await refuse(ws, INTERNAL_ERROR_MESSAGE, WSCloseCode.INTERNAL_ERROR)
         finally:
+            self.busy = False  # the client is gone: the next one waits for the clean-up
             try:
                 if sending is not None:
                     sending.cancel()
                     await asyncio.gather(sending, return_exceptions=True)
                 if session is not None:  # the stages finish their frames, off the event loop
                     await asyncio.to_thread(session.engine.stop)
+                    session.engine.conversation.prepare_next()
             finally:  # even when the server stops during the awaits
                 if session is not None:
                     self._log_end(session)
-                self.busy = False
 
     async def _receive(self, ws: web.WebSocketResponse, session: Session) -> None:
         """Takes the client's messages until it closes or sends audio that cannot be decoded."""

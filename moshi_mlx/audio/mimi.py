@@ -31,11 +31,14 @@ class MimiCoder:
 
     rustymimi 0.4.1 keeps every position of Mimi's transformers (2 per frame) and fails once
     `max_seq_len` positions have been used (8192 by default: about 5.5 minutes); its `reset()`
-    clears the state but does not rewind the positions. So Mimi is replaced by a freshly loaded
-    one (which starts again from silence): at the first quiet frame in the last quarter of that
-    span, at its end if the audio never pauses, or at a conversation's `reset()` past half of it.
-    The replacement is loaded on a background thread from half of the span on, so that the
-    restart itself only swaps two objects.
+    clears the state but does not rewind the positions, so a reset Mimi neither lasts as long
+    as a fresh one nor gives exactly the same output (about 1e-7 apart, which can flip a code).
+    So a used Mimi is replaced by a freshly loaded one (which starts from silence):
+    - within a stream, at the first quiet frame in the last quarter of that span, or at its end
+      if the audio never pauses; the replacement is loaded on a background thread from half of
+      the span on, so that the restart only swaps two objects;
+    - between streams: `prepare_next()` (when a stream ends) drops the used one and loads the
+      next in the background, and `reset()` takes it: every stream starts as on a fresh start.
     """
 
     def __init__(self, path: str | Path, num_codebooks: int = 8, max_seq_len: int = 8192):
@@ -80,12 +83,18 @@ class MimiCoder:
         self.frames = 0
         self.restarts += 1
 
+    def prepare_next(self) -> None:
+        """The stream has ended: frees this Mimi if it was used and loads the next stream's in
+        the background."""
+        if self.frames > 0:
+            self._mimi = None
+            if self._spare is None:
+                self._prepare_spare()
+
     def reset(self) -> None:
-        """Starts a new stream: the state is cleared (Mimi restarted past half its span)."""
-        if self.frames >= self.prepare_after:
+        """Starts a new stream on a Mimi never used (waits for the one being loaded)."""
+        if self.frames > 0 or self._mimi is None:
             self._restart()
-        else:
-            self._mimi.reset()
 
     def _before_frame(self, quiet: bool) -> None:
         if self.frames >= self.max_frames or (self.frames >= self.quiet_restart_after and quiet):

@@ -56,11 +56,17 @@ class Conversation:
 
     def reset(self, text_sampler: utils.Sampler, audio_sampler: utils.Sampler) -> None:
         """A new stream (call on the model's thread, with no part running): empty KV cache,
-        fresh Mimi states. Seed MLX's generator (`mx.random.seed`) for reproducible sampling."""
+        Mimi never used. Seed MLX's generator (`mx.random.seed`) for reproducible sampling."""
         self.gen.reset(text_sampler, audio_sampler)
         self.encoder.reset()
         self.decoder.reset()
         self._moshi_codes = None
+
+    def prepare_next(self) -> None:
+        """The stream has ended: Mimi's next streams are loaded in the background (so that the
+        next `reset` starts exactly as on a fresh start)."""
+        self.encoder.prepare_next()
+        self.decoder.prepare_next()
 
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         """The user's frame, float32 [FRAME_SIZE] at 24 kHz -> its Mimi codes int32 [8]."""

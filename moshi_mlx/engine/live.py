@@ -23,6 +23,7 @@ from .conversation import Conversation
 from .pipeline import Frame, LiveEngine
 from .stages import WAIT_SECONDS
 
+DRAIN_SECONDS = 2.0  # at the end, the frames already heard may finish for this long
 
 @dataclass
 class Event:
@@ -130,7 +131,7 @@ class LiveConversation:
 
     def run(self, stop: threading.Event, started: Callable[[], None] = lambda: None) -> None:
         """Starts the engine and the audio (then calls `started`) and runs until `stop` is set;
-        then stops the audio and the engine (the frames in hand are finished). Raises
+        then stops the audio and the engine (the frames already captured are finished). Raises
         `AudioDeviceError` if the streams stop by themselves, and the error of a stage that
         failed."""
         self.engine.start()
@@ -143,7 +144,7 @@ class LiveConversation:
                         "the audio streams stopped (was a device unplugged?).")
         finally:
             self.audio.close()
-            self.engine.stop()
+            self.engine.stop(drain_seconds=DRAIN_SECONDS)
             self._events.put(None)
         if self.engine.pipeline.error is not None:
             raise self.engine.pipeline.error[1]

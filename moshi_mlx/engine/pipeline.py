@@ -112,8 +112,11 @@ class LiveEngine:
         """Waits until every frame put has gone through; False on timeout."""
         return self.pipeline.wait_idle(timeout)
 
-    def stop(self) -> None:
-        """Stops the stages (each finishes its frame in hand) and waits for them."""
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Stops the stages and waits for them: after letting the frames already put go
+        through for up to `drain_seconds`, then each finishes its frame in hand."""
+        if drain_seconds > 0:
+            self.pipeline.wait_idle(drain_seconds)
         self.pipeline.stop()
 
     # --- stages ---

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 WAIT_SECONDS = 0.1  # longest a stage blocks on a queue before checking for a stop
-QUEUE_SIZE = 2  # items a bounded queue between two stages holds
+QUEUE_SIZE = 1  # items a queue between two stages holds: enough to absorb jitter, no more lag
+_WAKE = object()  # put in the inboxes at a stop, so that no stage waits for its timeout
 
 
 @dataclass
@@ -114,6 +115,11 @@ class Pipeline:
         self._stop.set()
         with self._idle:
             self._idle.notify_all()
+        for inbox in self._inboxes:
+            try:
+                inbox.put_nowait(_WAKE)
+            except queue.Full:  # its stage has an item to take, then sees the stop
+                pass
         if threading.get_ident() not in self._loop_threads:
             for loop in self._loops:
                 loop.exception(timeout)
@@ -172,6 +178,8 @@ class Pipeline:
             try:
                 item = inbox.get(timeout=WAIT_SECONDS)
             except queue.Empty:
+                continue
+            if item is _WAKE:
                 continue
             start = time.perf_counter()
             try:

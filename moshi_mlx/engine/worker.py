@@ -16,7 +16,6 @@ import mlx.core as mx
 import numpy as np
 
 from .. import model_files, utils
-from ..audio.constants import FRAME_SIZE
 from .conversation import Conversation
 
 T = TypeVar("T")
@@ -60,7 +59,7 @@ class ModelThread(Executor):
                 future.set_exception(e)
 
 
-WARMUP_STEPS = 4  # steps run on silence at load: MLX compiles, Mimi's first frames are slow
+WARMUP_STEPS = 4  # Moshi's steps run at load: MLX compiles what the steps need
 
 
 class ModelWorker:
@@ -69,9 +68,12 @@ class ModelWorker:
     only resets that state (`new_conversation`)."""
 
     def __init__(self, files: model_files.ModelFiles,
-                 samplers: tuple[utils.Sampler, utils.Sampler] | None = None):
-        """`samplers`: (text, audio) that conversations will mostly use: warmed up at load."""
+                 samplers: tuple[utils.Sampler, utils.Sampler] | None = None,
+                 mimi_max_seq_len: int = 8192):
+        """`samplers`: (text, audio) that conversations will mostly use: warmed up at load.
+        `mimi_max_seq_len`: Mimi's span (see `audio.mimi.MimiCoder`)."""
         self.files = files
+        self.mimi_max_seq_len = mimi_max_seq_len
         self.samplers = samplers or (utils.Sampler(), utils.Sampler())
         self.executor = ModelThread("moshi-model")
         self.loaded: Future | None = None
@@ -84,9 +86,11 @@ class ModelWorker:
 
     def _load(self) -> None:
         model, tokenizer, _ = model_files.load_model(self.files)
-        conversation = Conversation(model, tokenizer, self.files.mimi_weight, *self.samplers)
-        for _ in range(WARMUP_STEPS):
-            conversation.step(np.zeros(FRAME_SIZE, np.float32))
+        conversation = Conversation(model, tokenizer, self.files.mimi_weight, *self.samplers,
+                                    mimi_max_seq_len=self.mimi_max_seq_len)
+        silence = np.zeros(conversation.num_user_codebooks, np.int32)
+        for _ in range(WARMUP_STEPS):  # Mimi is left untouched, as a conversation expects it
+            conversation.moshi_step(silence)
         self.conversation = conversation
 
     def new_conversation(self, text_sampler: utils.Sampler, audio_sampler: utils.Sampler,
