@@ -138,4 +138,5 @@ def test_the_page_talks_with_moshi(worker, speech_24k):
     assert "".join(conversation.said).lstrip().startswith(result["transcript"])
     assert stats["textPieces"] >= 12 and stats["receivedFrames"] >= 12
     assert stats["playedSamples"] >= 24000
-    assert {"received", "processed", "dropped", "queued", "latency_voice_ms"} <= set(stats["server"])
+    assert {"received", "processed", "dropped", "queued", "latency_voice_ms"} <= set(
+        stats["server"])
