@@ -34,6 +34,7 @@ log = logging.getLogger("moshi_mlx")
 STATIC_DIR = Path(__file__).parent / "static"  # the page shipped with the package
 MAX_MESSAGE_BYTES = 256 * 1024  # about a minute of Opus, or 5 s of 16-bit PCM
 HEARTBEAT_SECONDS = 10.0  # a client that stops answering pings is dropped after this
+INPUT_TIMEOUT_SECONDS = 1.5  # a conversation whose client sends no audio for this long ends
 STATUS_EVERY = 12  # frames between two status messages (about 1 s)
 MAX_WAITING_CHUNKS = 64  # audio messages waiting to be decoded: a client far ahead of real time
 LOOPBACK_NAMES = {"localhost"}
@@ -317,8 +318,21 @@ class ChatServer:
                     self._log_end(session)
 
     async def _receive(self, ws: web.WebSocketResponse, session: Session) -> None:
-        """Takes the client's messages until it closes or sends audio that cannot be decoded."""
-        async for msg in ws:
+        """Takes the client's messages until it closes, sends audio that cannot be decoded, or
+        sends no audio for INPUT_TIMEOUT_SECONDS (a silent client must not keep the model)."""
+        loop = asyncio.get_running_loop()
+        last_audio = loop.time()
+        while True:
+            try:
+                msg = await ws.receive(timeout=max(0.0, last_audio + INPUT_TIMEOUT_SECONDS
+                                                   - loop.time()))
+            except asyncio.TimeoutError:
+                log.warning("ended a conversation: no audio for %g s", INPUT_TIMEOUT_SECONDS)
+                await refuse(ws, f"no audio: nothing came for {INPUT_TIMEOUT_SECONDS:g} s (a "
+                             "client sends its audio continuously)", WSCloseCode.POLICY_VIOLATION)
+                return
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
             if msg.type == WSMsgType.TEXT:
                 session.ignore("a text message (the protocol's messages are binary)")
             elif msg.type == WSMsgType.ERROR:
@@ -328,6 +342,7 @@ class ChatServer:
             elif not msg.data:
                 session.ignore("an empty message")
             elif msg.data[0] == Kind.AUDIO:
+                last_audio = loop.time()
                 try:
                     session.take_audio(msg.data[1:])
                 except BadAudio as e:

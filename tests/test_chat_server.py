@@ -302,3 +302,22 @@ def test_the_page_is_served_from_the_package():
             return response.status
 
     assert serve(no_page, static=None) == 404
+
+
+def test_a_silent_client_frees_the_model_within_two_seconds():
+    async def connect(server, http):
+        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as silent:
+            assert await next_message(silent) == b"\x00\x00\x00"
+            await silent.send_bytes(b"\x01" + pcm_frames([0.1]))
+            start = time.monotonic()
+            messages = []
+            async for msg in silent:  # it keeps its socket open, sends nothing more
+                messages.append(msg.data)
+            ended = time.monotonic() - start
+            async with http.ws_connect(server.make_url("/api/chat")) as next_client:
+                return messages, ended, silent.close_code, await next_message(next_client)
+
+    messages, ended, code, handshake = serve(connect)
+    assert messages[-1].startswith(b"\x05no audio: nothing came for 1.5 s")
+    assert code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert ended < 10 and handshake == b"\x00\x00\x00"  # ends by itself (1.5 s, not timed here)
