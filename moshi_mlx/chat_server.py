@@ -326,10 +326,10 @@ class ChatServer:
             try:
                 msg = await ws.receive(timeout=max(0.0, last_audio + INPUT_TIMEOUT_SECONDS
                                                    - loop.time()))
-            except asyncio.TimeoutError:
-                log.warning("ended a conversation: no audio for %g s", INPUT_TIMEOUT_SECONDS)
-                await refuse(ws, f"no audio: nothing came for {INPUT_TIMEOUT_SECONDS:g} s (a "
-                             "client sends its audio continuously)", WSCloseCode.POLICY_VIOLATION)
+            except asyncio.TimeoutError:  # not an error: the client paused or went away
+                log.info("ended a conversation: no audio for %g s", INPUT_TIMEOUT_SECONDS)
+                await ws.close(code=WSCloseCode.OK,
+                               message=f"no audio for {INPUT_TIMEOUT_SECONDS:g} s".encode())
                 return
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
             "text": transcript.text,
             "words": [asdict(w) for w in transcript.words],
             "timing": asdict(timing),
-            "mimi_restarts": conversation.mimi.restarts,
+            "mimi_restarts": conversation.mimi_restarts,
             "moshi_weight": str(files.moshi_weight),
         }
         with atomic_write(args.json, "w") as f:
