@@ -26,6 +26,7 @@ from . import utils
 from .audio.constants import FRAME_RATE
 from .engine.conversation import Conversation
 from .engine.pipeline import LiveEngine
+from .engine.stages import WAIT_SECONDS
 from .engine.worker import ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
 
@@ -184,6 +185,7 @@ class Session:
         error message."""
         while (data := await self._outbox.get()) is not None:
             await self.ws.send_bytes(data)
+            self._outbox.task_done()
         stage, error = self.failure
         if isinstance(error, BadAudio):
             log.warning("ended a conversation: bad audio: %s", error)
@@ -191,6 +193,13 @@ class Session:
         else:
             log.error("conversation failed in its %s stage", stage, exc_info=error)
             await refuse(self.ws, INTERNAL_ERROR_MESSAGE, WSCloseCode.INTERNAL_ERROR)
+
+    async def flush(self) -> None:
+        """Waits until the messages handed to the event loop are written (1 s at most)."""
+        try:
+            await asyncio.wait_for(self._outbox.join(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
 
     def status(self) -> dict:
         counters = self.engine.counters
@@ -319,14 +328,20 @@ class ChatServer:
 
     async def _receive(self, ws: web.WebSocketResponse, session: Session) -> None:
         """Takes the client's messages until it closes, sends audio that cannot be decoded, or
-        sends no audio for INPUT_TIMEOUT_SECONDS (a silent client must not keep the model)."""
+        sends no audio for INPUT_TIMEOUT_SECONDS once Moshi has answered all it heard (a silent
+        client must not keep the model)."""
         loop = asyncio.get_running_loop()
         last_audio = loop.time()
         while True:
+            timeout = last_audio + INPUT_TIMEOUT_SECONDS - loop.time()
+            if timeout <= 0 and not session.engine.pipeline.idle:
+                timeout = WAIT_SECONDS  # the frames already received are answered first
             try:
-                msg = await ws.receive(timeout=max(0.0, last_audio + INPUT_TIMEOUT_SECONDS
-                                                   - loop.time()))
-            except asyncio.TimeoutError:  # not an error: the client paused or went away
+                msg = await ws.receive(timeout=max(timeout, 0.0))
+            except asyncio.TimeoutError:
+                if not session.engine.pipeline.idle:
+                    continue
+                await session.flush()
                 log.info("ended a conversation: no audio for %g s", INPUT_TIMEOUT_SECONDS)
                 await ws.close(code=WSCloseCode.OK,
                                message=f"no audio for {INPUT_TIMEOUT_SECONDS:g} s".encode())
