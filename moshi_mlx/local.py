@@ -248,11 +248,12 @@ def run(args: argparse.Namespace) -> None:
         check_writable(args.record)
     input_device = find_device(args.input_device, "input")
     output_device = find_device(args.output_device, "output")
-    worker = ModelWorker(model_files.resolve(args))  # the MLX generation thread
+    files = model_files.resolve(args)
+    samplers = cli.make_samplers(args, files.lm_config)
+    worker = ModelWorker(files)  # the MLX generation thread
     worker.load().result()
     seed = cli.seed_random(args.seed)
-    conversation = worker.submit(worker.new_conversation, args.text_sampler, args.audio_sampler,
-                                 seed).result()
+    conversation = worker.submit(worker.new_conversation, *samplers, seed).result()
     # The first step compiles (~0.5 s): do it before the microphone starts.
     worker.submit(conversation.step, np.zeros(FRAME_SIZE, np.float32)).result()
     live = LiveConversation(conversation.step, SoundDeviceAudio(input_device, output_device))

@@ -134,7 +134,9 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
 
 def run(args: argparse.Namespace) -> None:
     static, context = static_dir(args.static), ssl_context(args.ssl)
-    asyncio.run(serve(args, model_files.resolve(args), static, context))
+    files = model_files.resolve(args)
+    cli.make_samplers(args, files.lm_config)  # the flags are the conversations' defaults
+    asyncio.run(serve(args, files, static, context))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,10 +116,10 @@ def run(args: argparse.Namespace) -> None:
     pcm = read_wav(args.input, SAMPLE_RATE)
     log.info("input: %s, %.2f s", args.input, len(pcm) / SAMPLE_RATE)
     files = model_files.resolve(args)
+    text_sampler, audio_sampler = cli.make_samplers(args, files.lm_config)
     model, tokenizer, cfg = model_files.load_model(files)
     seed = cli.seed_random(args.seed)
-    conversation = Conversation(model, tokenizer, files.mimi_weight, args.text_sampler,
-                                args.audio_sampler)
+    conversation = Conversation(model, tokenizer, files.mimi_weight, text_sampler, audio_sampler)
     out, transcript, timing = stream(pcm, conversation)
     write_wav(args.output, out, SAMPLE_RATE)
     log.info("wrote %s: %.2f s; %d steps at %.2f steps/s, real-time factor %.2f",

@@ -29,6 +29,15 @@ def read_pcm16(path: Path) -> tuple[np.ndarray, int, int]:
         return data, w.getframerate(), w.getnchannels()
 
 
+def write_pcm16(path: Path, samples: np.ndarray, rate: int) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((samples * 32767).astype("<i2").tobytes())
+    return path
+
+
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> Path:
     """About 4 s of English speech as a 44.1 kHz stereo wav."""
@@ -110,10 +119,43 @@ def test_interrupt_writes_nothing(tmp_path, demo_env):
     assert list(out_dir.iterdir()) == []
 
 
-def test_invalid_sampling_flags_are_usage_errors(capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--text-temp", "nan"], "--text-temp must be 0 (greedy) or a finite number above 0, got nan"),
+    (["--audio-temp", "inf"], "--audio-temp must be 0 (greedy) or a finite number above 0"),
+    (["--audio-temp", "1e309"], "--audio-temp must be 0 (greedy) or a finite number above 0"),
+    (["--audio-temp", "-0.5"], "--audio-temp must be 0 (greedy) or a finite number above 0"),
+    (["--text-top-k", "-1"], "--text-top-k must be an integer >= 0 (0 keeps every token)"),
+    (["--audio-top-k", "1e3"], "argument --audio-top-k: invalid int value: '1e3'"),
+])
+def test_sampling_values_no_model_takes_are_usage_errors(capsys, flags, message):
     from moshi_mlx.run_inference import parse_args
 
     with pytest.raises(SystemExit) as e:
-        parse_args(["in.wav", "out.wav", "--audio-temp", "-0.5"])
+        parse_args(["in.wav", "out.wav", *flags])
     assert e.value.code == 2
-    assert "temperature must be >= 0" in capsys.readouterr().err
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--audio-top-k", "2049"], "--audio-top-k must be an integer from 0 to 2048"),
+    (["--text-top-k", "1001"], "--text-top-k must be an integer from 0 to 1000"),
+    (["--text-top-k", "99999999999999999999999"], "--text-top-k must be an integer from 0 to"),
+])
+def test_top_k_above_the_models_vocabulary_is_one_clear_line(tmp_path, demo_env, flags, message):
+    """The demo model's text vocabulary is 1000 tokens, its codebooks 2048 codes."""
+    write_pcm16(tmp_path / "in.wav", np.zeros(2400), 24000)
+    result = run_cli(tmp_path / "in.wav", tmp_path / "out.wav", "--demo", *flags, env=demo_env)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == [f"error: {message}" + errors[0].removeprefix(f"error: {message}")]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_top_k_of_the_whole_vocabulary_is_accepted(tmp_path, demo_env):
+    write_pcm16(tmp_path / "in.wav", np.zeros(4800), 24000)
+    result = run_cli(tmp_path / "in.wav", tmp_path / "out.wav", "--demo", "--audio-top-k", 2048,
+                     "--text-top-k", 1000, env=demo_env)
+    assert result.returncode == 0, result.stderr
+    assert read_pcm16(tmp_path / "out.wav")[0].shape == (4800,)

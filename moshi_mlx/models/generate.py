@@ -4,6 +4,7 @@ from collections import deque
 
 import mlx.core as mx
 
+from ..utils.compile import compile_with_state
 from ..utils.sampling import Sampler
 from .lm import Lm
 
@@ -55,7 +56,8 @@ class LmGen:
 
         if compile:
             state = [model.depformer.state, mx.random.state]
-            sample_audio = mx.compile(sample_audio, inputs=state, outputs=[mx.random.state])
+            sample_audio = compile_with_state(sample_audio, inputs=state,
+                                              outputs=[mx.random.state])
         self.sample_audio = sample_audio
         """The depformer's sampling of one step, (hidden [B, 1, dim], text [B]) -> [B, dep_q]."""
 

@@ -1,3 +1,3 @@
-from .sampling import Sampler
+from .sampling import Sampler, SamplingError, check_temperature, check_top_k, stream_sampler
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "SamplingError", "check_temperature", "check_top_k", "stream_sampler"]
