@@ -224,16 +224,21 @@ def quantized_name(name: str, bits: int | None) -> str:
 
 
 def check_quantization(path: Path, bits: int | None) -> Quantization | None:
-    """Reads the weights' quantization from the file header and checks it against `-q`."""
+    """The weights' quantization, read off the file's header (None: bf16). Without `-q`
+    (`bits` None) the header decides; a `-q` that contradicts it is an error."""
     header = read_header(path)
     found = quantization_of(header.tensors)
-    if (found.bits if found else None) == bits:
+    if bits is None:
+        if found is not None:
+            log.info("%s holds %s weights", path.name, found)
+        return found
+    if found is not None and found.bits == bits:
         return found
     holds = f"{path} holds {describe(header.tensors)}"
     if found is None:
         raise ModelFilesError(f"{holds} but -q {bits} was given: run without -q.")
-    given = "no -q was given" if bits is None else f"-q {bits} was given"
-    raise ModelFilesError(f"{holds} but {given}: run with -q {found.bits}.")
+    raise ModelFilesError(f"{holds} but -q {bits} was given: run with -q {found.bits} "
+                          "(or without -q).")
 
 
 def resolve(args: argparse.Namespace) -> ModelFiles:
@@ -243,7 +248,8 @@ def resolve(args: argparse.Namespace) -> ModelFiles:
     `tokenizer_name`: a name in the repository, or an hf:// address) or by Kyutai's default name,
     with `-q N` turning 'model.safetensors' into 'model.qN.safetensors'. The config is
     `--lm-config`, else the repository's config.json when a file must come from the repository,
-    else Moshi 7B v0.1. `-q` is checked against the weights' header before anything is loaded.
+    else Moshi 7B v0.1. The weights' quantization is read off their header: `-q` is checked
+    against it before anything is loaded, and without `-q` the header decides.
     """
     bits = args.quantized
     if args.demo:
