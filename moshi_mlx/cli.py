@@ -12,12 +12,13 @@ import mlx.core as mx
 
 from . import model_files, models, utils
 from .audio_io import AudioFileError
+from .utils.files import OutputFileError
 
 log = logging.getLogger("moshi_mlx")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     model_files.ModelFilesError, models.CheckpointError, models.ConfigError, AudioFileError,
-    utils.SamplingError)
+    OutputFileError, utils.SamplingError)
 SAMPLING_DEFAULTS = {"text": (0.7, 25), "audio": (0.8, 250)}  # stream: (temperature, top-k)
 VOCABULARY = {"text": "text vocabulary (32000 for Moshi 7B)",
               "audio": "codebook size (2048 for Moshi 7B)"}

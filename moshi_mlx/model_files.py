@@ -144,15 +144,22 @@ def demo_repo() -> Path:
         return target
     from weights_tools.make_demo import build_demo_repo
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    def cannot_build(e: OSError) -> ModelFilesError:
+        return ModelFilesError(f"cannot build the demo model in {target.parent} "
+                               f"({e.strerror or e}): set XDG_CACHE_HOME to a writable directory.")
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as e:
+        raise cannot_build(e) from None
     log.info("building the demo model in %s (once)", target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build_demo_repo(tmp)
         os.rename(tmp, target)
-    except OSError:
-        if not target.is_dir():
-            raise
+    except OSError as e:
+        if not target.is_dir():  # else another process built it first
+            raise cannot_build(e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

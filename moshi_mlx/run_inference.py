@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from math import ceil
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cli, model_files
-from .audio_io import check_writable, read_wav, write_wav
+from .audio_io import WavWriter, check_writable, read_wav
 from .conversation import Conversation
 from .mimi_stream import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from .text import Transcript
@@ -109,6 +110,15 @@ def stream(pcm: np.ndarray, conversation: Conversation) -> tuple[np.ndarray, Tra
     return np.concatenate(out)[: len(pcm)], transcript, timing
 
 
+def write_outputs(args: argparse.Namespace, pcm: np.ndarray, report: dict) -> None:
+    """Writes Moshi's voice (and the report, with --json) together: an error leaves neither."""
+    with ExitStack() as files:
+        with WavWriter(files.enter_context(atomic_write(args.output)), SAMPLE_RATE) as wav:
+            wav.write(pcm)
+        if args.json:
+            json.dump(report, files.enter_context(atomic_write(args.json, "w")), indent=2)
+
+
 def run(args: argparse.Namespace) -> None:
     check_writable(args.output)
     if args.json:
@@ -121,23 +131,20 @@ def run(args: argparse.Namespace) -> None:
     seed = cli.seed_random(args.seed)
     conversation = Conversation(model, tokenizer, files.mimi_weight, text_sampler, audio_sampler)
     out, transcript, timing = stream(pcm, conversation)
-    write_wav(args.output, out, SAMPLE_RATE)
+    report = {
+        "input": str(args.input),
+        "output": str(args.output),
+        "seed": seed,
+        "text": transcript.text,
+        "words": [asdict(w) for w in transcript.words],
+        "timing": asdict(timing),
+        "mimi_restarts": conversation.mimi.restarts,
+        "moshi_weight": str(files.moshi_weight),
+    }
+    write_outputs(args, out, report)
     log.info("wrote %s: %.2f s; %d steps at %.2f steps/s, real-time factor %.2f",
              args.output, len(out) / SAMPLE_RATE, timing.steps, timing.steps_per_second,
              timing.real_time_factor)
-    if args.json:
-        report = {
-            "input": str(args.input),
-            "output": str(args.output),
-            "seed": seed,
-            "text": transcript.text,
-            "words": [asdict(w) for w in transcript.words],
-            "timing": asdict(timing),
-            "mimi_restarts": conversation.mimi.restarts,
-            "moshi_weight": str(files.moshi_weight),
-        }
-        with atomic_write(args.json, "w") as f:
-            json.dump(report, f, indent=2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -321,6 +321,14 @@ def test_interrupted_demo_build_leaves_nothing(fake_make_demo, tmp_path):
     assert list((tmp_path / "cache" / "moshi_mlx").iterdir()) == []
 
 
+def test_demo_repository_where_the_cache_cannot_be_written(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
+    with pytest.raises(ModelFilesError, match="cannot build the demo model in .*a-file/moshi_mlx "
+                                              r"\(Not a directory\): set XDG_CACHE_HOME"):
+        model_files.demo_repo()
+
+
 def test_cache_dir_defaults_to_home(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
