@@ -8,7 +8,6 @@ real time, the oldest waiting input frames are dropped, so the lag stays under `
 """
 
 import asyncio
-import ipaddress
 import json
 import logging
 import secrets
@@ -24,6 +23,8 @@ from .conversation import Conversation
 from .mimi_stream import FRAME_RATE
 from .model_worker import ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
+from .web.origin import OriginPolicy
+from .web.origin import is_loopback as is_loopback
 
 log = logging.getLogger("moshi_mlx")
 
@@ -31,7 +32,6 @@ STATIC_DIR = Path(__file__).parent / "static"  # the page shipped with the packa
 MAX_MESSAGE_BYTES = 256 * 1024  # about a minute of Opus, or 5 s of 16-bit PCM
 HEARTBEAT_SECONDS = 10.0  # a client that stops answering pings is dropped after this
 STATUS_EVERY = 12  # frames between two status messages (about 1 s)
-LOOPBACK_NAMES = {"localhost"}
 BUSY_MESSAGE = "busy: Moshi is in another conversation; try again when it ends"
 INTERNAL_ERROR_MESSAGE = "internal error: the conversation failed (see the server's log)"
 QUERY_SAMPLING = {  # the names Kyutai's web client uses in its URL query
@@ -40,15 +40,6 @@ QUERY_SAMPLING = {  # the names Kyutai's web client uses in its URL query
     "audio_temperature": ("audio_temp", float),
     "audio_topk": ("audio_top_k", int),
 }
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 async def refuse(ws: web.WebSocketResponse, text: str, code: int) -> None:
@@ -86,29 +77,6 @@ class Sampling:
         """(text sampler, audio sampler); ValueError for an out-of-range value."""
         return (utils.Sampler(temp=self.text_temp, top_k=self.text_top_k),
                 utils.Sampler(temp=self.audio_temp, top_k=self.audio_top_k))
-
-
-class OriginPolicy:
-    """Which web pages may open the websocket. Clients that send no Origin (Kyutai's command-line
-    clients) are let in. A browser page is let in when it comes from this server itself (same
-    scheme, host and port) or from an origin allowed explicitly. When the server listens on a
-    loopback address only, the host a page names must be a loopback one too, so that a site
-    whose name is made to resolve to 127.0.0.1 (DNS rebinding) cannot reach the model."""
-
-    def __init__(self, bound_host: str, allowed_origins: list[str] = ()):
-        self.loopback_only = is_loopback(bound_host)
-        self.allowed = {o.rstrip("/").lower() for o in allowed_origins}
-
-    def allows(self, request: web.Request) -> bool:
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return True
-        origin = origin.rstrip("/").lower()
-        if origin in self.allowed:
-            return True
-        if origin != f"{request.scheme}://{request.host}".lower():
-            return False
-        return not self.loopback_only or is_loopback(request.url.host or "")
 
 
 class Session:
