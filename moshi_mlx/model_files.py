@@ -318,6 +318,7 @@ def load_model(files: ModelFiles, warmup: bool = True):
     q = files.quantization
     if q is not None:
         nn.quantize(model, bits=q.bits, group_size=q.group_size)
+    memory.wire_model_memory()
     log.info("loading %s", files.moshi_weight)
     model.load_weights(str(files.moshi_weight), strict=True)
     if warmup:
