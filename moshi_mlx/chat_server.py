@@ -12,7 +12,6 @@ behind real time, the oldest waiting input frames are dropped, so the lag stays 
 """
 
 import asyncio
-import ipaddress
 import json
 import logging
 import secrets
@@ -29,6 +28,8 @@ from .engine.pipeline import LiveEngine
 from .engine.stages import WAIT_SECONDS
 from .engine.worker import ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
+from .web.origin import OriginPolicy
+from .web.origin import is_loopback as is_loopback
 
 log = logging.getLogger("moshi_mlx")
 
@@ -38,24 +39,15 @@ HEARTBEAT_SECONDS = 10.0  # a client that stops answering pings is dropped after
 INPUT_TIMEOUT_SECONDS = 1.5  # a conversation whose client sends no audio for this long ends
 STATUS_EVERY = 12  # frames between two status messages (about 1 s)
 MAX_WAITING_CHUNKS = 64  # audio messages waiting to be decoded: a client far ahead of real time
-LOOPBACK_NAMES = {"localhost"}
 BUSY_MESSAGE = "busy: Moshi is in another conversation; try again when it ends"
 INTERNAL_ERROR_MESSAGE = "internal error: the conversation failed (see the server's log)"
+QUERY_NAMES = (("text_temperature", "text_topk"), ("audio_temperature", "audio_topk"))
 QUERY_SAMPLING = {  # the names Kyutai's web client uses in its URL query
     "text_temperature": ("text_temp", float),
     "text_topk": ("text_top_k", int),
     "audio_temperature": ("audio_temp", float),
     "audio_topk": ("audio_top_k", int),
 }
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 async def refuse(ws: web.WebSocketResponse, text: str, code: int) -> None:
@@ -75,9 +67,10 @@ class Sampling:
     audio_temp: float
     audio_top_k: int
 
-    def with_query(self, query) -> "Sampling":
-        """These settings, overridden by those in a URL query (Kyutai's names); ValueError for a
-        value that is not a number or out of range."""
+    def with_query(self, query, vocab: tuple[int | None, int | None]) -> "Sampling":
+        """These settings, overridden by those in a URL query (Kyutai's names); ValueError
+        naming the parameter (and its valid range) for a value that is not a number or out of
+        range for the model's vocabularies `vocab` (text, audio)."""
         changes = {}
         for name, (field, kind) in QUERY_SAMPLING.items():
             if name in query:
@@ -86,36 +79,17 @@ class Sampling:
                 except ValueError:
                     raise ValueError(f"{name}={query[name]!r} is not a number") from None
         updated = replace(self, **changes)
-        updated.samplers()
+        updated.samplers(vocab, QUERY_NAMES)
         return updated
 
-    def samplers(self) -> tuple[utils.Sampler, utils.Sampler]:
-        """(text sampler, audio sampler); ValueError for an out-of-range value."""
-        return (utils.Sampler(temp=self.text_temp, top_k=self.text_top_k),
-                utils.Sampler(temp=self.audio_temp, top_k=self.audio_top_k))
-
-
-class OriginPolicy:
-    """Which web pages may open the websocket. Clients that send no Origin (Kyutai's command-line
-    clients) are let in. A browser page is let in when it comes from this server itself (same
-    scheme, host and port) or from an origin allowed explicitly. When the server listens on a
-    loopback address only, the host a page names must be a loopback one too, so that a site
-    whose name is made to resolve to 127.0.0.1 (DNS rebinding) cannot reach the model."""
-
-    def __init__(self, bound_host: str, allowed_origins: list[str] = ()):
-        self.loopback_only = is_loopback(bound_host)
-        self.allowed = {o.rstrip("/").lower() for o in allowed_origins}
-
-    def allows(self, request: web.Request) -> bool:
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return True
-        origin = origin.rstrip("/").lower()
-        if origin in self.allowed:
-            return True
-        if origin != f"{request.scheme}://{request.host}".lower():
-            return False
-        return not self.loopback_only or is_loopback(request.url.host or "")
+    def samplers(self, vocab: tuple[int | None, int | None] = (None, None),
+                 names: tuple[tuple[str, str], tuple[str, str]] = (
+                     ("temperature", "top_k"), ("temperature", "top_k")),
+                 ) -> tuple[utils.Sampler, utils.Sampler]:
+        """(text sampler, audio sampler), top-k checked against `vocab` (text, audio; None: no
+        upper bound); `utils.SamplingError` (a ValueError) names the value by `names`."""
+        return (utils.stream_sampler(self.text_temp, self.text_top_k, vocab[0], names[0]),
+                utils.stream_sampler(self.audio_temp, self.audio_top_k, vocab[1], names[1]))
 
 
 class Session:
@@ -222,9 +196,11 @@ class ChatServer:
     """
 
     def __init__(self, worker: ModelWorker, sampling: Sampling, origins: OriginPolicy,
-                 max_lag: float = 0.5, seed: int | None = None):
+                 max_lag: float = 0.5, seed: int | None = None,
+                 vocab: tuple[int | None, int | None] = (None, None)):
         self.worker = worker
         self.sampling = sampling
+        self.vocab = vocab  # (text, audio) vocabulary sizes: top-k's upper bounds
         self.origins = origins
         self.max_queued = max(1, round(max_lag * FRAME_RATE))
         self.seed = seed
@@ -269,7 +245,7 @@ class ChatServer:
     def _options(self, query) -> tuple[Sampling, AudioCodec, bool]:
         """(sampling, audio codec, whether to send status messages) asked for by a connection's
         URL query; ValueError for a bad value. Other parameters are ignored."""
-        sampling = self.sampling.with_query(query)
+        sampling = self.sampling.with_query(query, self.vocab)
         audio = query.get("audio", "opus")
         if audio not in AUDIO_CODECS:
             raise ValueError(f"audio={audio!r} is not one of {', '.join(AUDIO_CODECS)}")

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from math import ceil
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from . import cli, model_files
 from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from .audio.wav import check_writable, read_wav, write_wav
+from .audio.wav import WavWriter, check_writable, read_wav
 from .engine.conversation import Conversation
 from .engine.text import Transcript
 from .utils.files import atomic_write
@@ -109,6 +110,15 @@ def stream(pcm: np.ndarray, conversation: Conversation) -> tuple[np.ndarray, Tra
     return np.concatenate(out)[: len(pcm)], transcript, timing
 
 
+def write_outputs(args: argparse.Namespace, pcm: np.ndarray, report: dict) -> None:
+    """Writes Moshi's voice (and the report, with --json) together: an error leaves neither."""
+    with ExitStack() as files:
+        with WavWriter(files.enter_context(atomic_write(args.output)), SAMPLE_RATE) as wav:
+            wav.write(pcm)
+        if args.json:
+            json.dump(report, files.enter_context(atomic_write(args.json, "w")), indent=2)
+
+
 def run(args: argparse.Namespace) -> None:
     check_writable(args.output)
     if args.json:
@@ -116,28 +126,25 @@ def run(args: argparse.Namespace) -> None:
     pcm = read_wav(args.input, SAMPLE_RATE)
     log.info("input: %s, %.2f s", args.input, len(pcm) / SAMPLE_RATE)
     files = model_files.resolve(args)
+    text_sampler, audio_sampler = cli.make_samplers(args, files.lm_config)
     model, tokenizer, cfg = model_files.load_model(files)
     seed = cli.seed_random(args.seed)
-    conversation = Conversation(model, tokenizer, files.mimi_weight, args.text_sampler,
-                                args.audio_sampler)
+    conversation = Conversation(model, tokenizer, files.mimi_weight, text_sampler, audio_sampler)
     out, transcript, timing = stream(pcm, conversation)
-    write_wav(args.output, out, SAMPLE_RATE)
+    report = {
+        "input": str(args.input),
+        "output": str(args.output),
+        "seed": seed,
+        "text": transcript.text,
+        "words": [asdict(w) for w in transcript.words],
+        "timing": asdict(timing),
+        "mimi_restarts": conversation.mimi_restarts,
+        "moshi_weight": str(files.moshi_weight),
+    }
+    write_outputs(args, out, report)
     log.info("wrote %s: %.2f s; %d steps at %.2f steps/s, real-time factor %.2f",
              args.output, len(out) / SAMPLE_RATE, timing.steps, timing.steps_per_second,
              timing.real_time_factor)
-    if args.json:
-        report = {
-            "input": str(args.input),
-            "output": str(args.output),
-            "seed": seed,
-            "text": transcript.text,
-            "words": [asdict(w) for w in transcript.words],
-            "timing": asdict(timing),
-            "mimi_restarts": conversation.mimi_restarts,
-            "moshi_weight": str(files.moshi_weight),
-        }
-        with atomic_write(args.json, "w") as f:
-            json.dump(report, f, indent=2)
 
 
 def main(argv: list[str] | None = None) -> int:

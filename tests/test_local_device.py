@@ -2,7 +2,7 @@
 private PulseAudio daemon provides a virtual microphone and speaker (null sinks at 24 kHz mono;
 see shared/notes/headless-audio.md), reached through ALSA's pulse plugin. Needs the Debian
 packages libportaudio2 alsa-utils libasound2-plugins pulseaudio pulseaudio-utils espeak-ng sox:
-missing tools fail the tests, they are not skipped."""
+where a tool is missing the tests are skipped with the reason, and fail when CI=true."""
 
 import os
 import queue
