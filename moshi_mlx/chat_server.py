@@ -29,7 +29,6 @@ from .engine.stages import WAIT_SECONDS
 from .engine.worker import ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
 from .web.origin import OriginPolicy
-from .web.origin import is_loopback as is_loopback
 
 log = logging.getLogger("moshi_mlx")
 

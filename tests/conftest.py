@@ -1,3 +1,4 @@
+import argparse
 import importlib
 import json
 import os
@@ -76,6 +77,15 @@ def demo_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dir(demo_cache) -> Path:
     return demo_cache / "moshi_mlx" / f"demo-{model_files.DEMO_VERSION}"
+
+
+def demo_files(demo_cache: Path, *flags: str) -> model_files.ModelFiles:
+    """The demo repository's files, as the apps resolve them from `--demo` and `flags`."""
+    parser = argparse.ArgumentParser()
+    model_files.add_model_args(parser)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(demo_cache))
+        return model_files.resolve(parser.parse_args(["--demo", *flags]))
 
 
 @pytest.fixture

@@ -41,9 +41,12 @@ def compile_with_state(fun: Callable, inputs: list, outputs: list) -> Callable:
     without a primitive") until the process restarts.
     """
     compiled = mx.compile(fun, inputs=inputs, outputs=outputs)
+    places: list = []  # (container, key) of each captured array, found once: walking is slow
 
     def call(*args):
-        saved = _slots(inputs, [])
+        if not places:
+            places.extend((container, key) for container, key, _ in _slots(inputs, []))
+        saved = [(container, key, container[key]) for container, key in places]
         try:
             return compiled(*args)
         except BaseException:
