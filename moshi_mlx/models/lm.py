@@ -7,7 +7,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import ConcatenateKVCache
 
 from ..utils.sampling import Sampler
@@ -143,16 +142,12 @@ class Lm(nn.Module):
         """Temporal transformer over T steps.
 
         text_tokens: [B, T]; audio_tokens: [B, n_q, T] (input tokens, delays already applied).
-        With `cache` (from `make_cache`) the steps continue a stream; without it they are a whole
-        sequence under a causal mask limited to `context` steps.
+        With `cache` (from `make_cache`) the steps continue a stream, else they start one; either
+        way each step attends causally to the last `context` steps.
         Returns (hidden [B, T, dim] for the depformer, text logits [B, T, text_card]).
         """
         x = self.embed(text_tokens, audio_tokens)
-        mask = None
-        if cache is None:
-            t = x.shape[1]
-            mask = create_causal_mask(t, window_size=self.cfg.context) if t > 1 else None
-        hidden = self.out_norm(self.transformer(x, cache=cache, mask=mask))
+        hidden = self.out_norm(self.transformer(x, cache=cache))
         return hidden, self.text_linear(hidden)
 
     def make_cache(self):
