@@ -106,9 +106,12 @@ class Transformer(nn.Module):
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         """x: [batch, steps, dim]. Several steps attend causally, each to the last `context` steps
-        (its own included), whether they start a sequence or continue the one in `cache`."""
+        (its own included), whether they start a sequence or continue the one in `cache`. A
+        single step needs no mask: the caches never hold more than `context` steps."""
         cache = cache or [None] * len(self.layers)
-        mask = create_attention_mask(x, cache[0], window_size=self.args.context)
+        mask = None
+        if x.shape[1] > 1:
+            mask = create_attention_mask(x, cache[0], window_size=self.args.context)
         for layer, c in zip(self.layers, cache):
             x = layer(x, cache=c, mask=mask)
         return x
