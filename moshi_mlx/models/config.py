@@ -219,6 +219,16 @@ class LmConfig:
         return self.n_q - self.dep_q
 
     @property
+    def generated_codebooks(self) -> int:
+        """`dep_q`, under the name Kyutai's MLX `LmConfig` gives it."""
+        return self.dep_q
+
+    @property
+    def other_codebooks(self) -> int:
+        """`num_user_codebooks`, under the name Kyutai's MLX `LmConfig` gives it."""
+        return self.num_user_codebooks
+
+    @property
     def mimi_codebooks(self) -> int:
         """Codebooks Mimi must encode and decode for this model."""
         return max(self.dep_q, self.num_user_codebooks)

@@ -228,12 +228,13 @@ class Lm(nn.Module):
         """Sliding-window KV caches of the temporal transformer: memory stays flat at `context`."""
         return self.transformer.make_cache()
 
-    def warmup(self) -> None:
+    def warmup(self, ct: ConditionTensor | None = None) -> None:
         """Runs one step (greedy) so kernels are built before a conversation starts."""
         b = 1
         text = mx.full((b, 1), self.cfg.text_initial_token, mx.int32)
         audio = mx.full((b, self.cfg.n_q, 1), self.cfg.audio_padding_token, mx.int32)
-        hidden, logits = self(text, audio, cache=self.make_cache())
+        ct = None if ct is None else ConditionTensor(ct.tensor[:1])
+        hidden, logits = self(text, audio, cache=self.make_cache(), condition=ct)
         greedy = Sampler(temp=0.0)
         text_token = greedy(logits[:, -1])[0]
         if self.cfg.dep_q > 0:
