@@ -15,6 +15,7 @@ from test_model_files import FakeHub
 from moshi_mlx import families, model_files, models, run_inference, utils
 from moshi_mlx.mimi_stream import FRAME_SIZE, MimiStream
 from weights_tools.make_demo import build_demo_repo
+from weights_tools.mimi_layout import MIMI_FILE
 
 RATE = 24000
 
@@ -158,3 +159,37 @@ def test_make_demo_kinds_are_reproducible(repos, tmp_path):
     model = models.Lm(cfg)
     models.quantize(model, bits=8, group_size=64)
     model.load_weights(str(again / "model.q8.safetensors"), strict=True)
+
+
+def test_hibiki_stops_when_its_text_ends(repos, monkeypatch):
+    """After the input, the tail runs until the model samples the tokenizer's end of text: here
+    the end of text is set to the token greedy decoding gives 3 steps into the tail."""
+    files = model_files.ModelFiles(
+        models.LmConfig.from_config_dict(json.loads((repos["hibiki"] / "config.json").read_text())),
+        repos["hibiki"] / "model.safetensors", repos["hibiki"] / MIMI_FILE,
+        repos["hibiki"] / "tokenizer_spm_demo.model", None)
+    model, tokenizer, _ = model_files.load_model(files, warmup=False)
+    greedy = utils.Sampler(temp=0)
+    pcm = np.random.default_rng(1).normal(0, 0.1, 6 * FRAME_SIZE).astype(np.float32)
+
+    def run_once():
+        tokens = []
+        stream = families.FamilyStream(model, tokenizer, files.mimi_weight, greedy, greedy, 3.0)
+        step = stream._step
+
+        def record(codes):
+            out = step(codes)
+            tokens.append(out.token)
+            return out
+
+        monkeypatch.setattr(stream, "_step", record)
+        return families.run(stream, pcm), tokens
+
+    monkeypatch.setattr(families, "TRANSLATION_TAIL_SECONDS", 1.0)
+    full, tokens = run_once()
+    assert full.steps == len(tokens) == 6 + 1 + 12
+    eos = tokens[6 + 1 + 2]  # the token of the third silent step after the end-of-input frame
+    first = tokens.index(eos, 6)  # where it first comes after the input
+    monkeypatch.setattr(tokenizer, "eos_id", lambda: eos)
+    stopped, _ = run_once()
+    assert stopped.steps == first + 1
