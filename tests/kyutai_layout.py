@@ -88,13 +88,14 @@ def tensors(c: dict, bits: int | None = None, group_size: int | None = None) -> 
     out = {}
     for name, (kind, shape) in plain_tensors(c).items():
         if bits is None or kind not in ("linear", "embedding"):
-            out[name] = {"shape": shape, "dtype": "bfloat16"}
+            out[name] = {"shape": shape, "dtype": "bfloat16", "st_dtype": "BF16"}
             continue
         base = name.removesuffix(".weight")
         rows, cols = shape
-        out[name] = {"shape": [rows, cols * bits // 32], "dtype": "uint32"}
-        out[f"{base}.scales"] = {"shape": [rows, cols // group_size], "dtype": "bfloat16"}
-        out[f"{base}.biases"] = {"shape": [rows, cols // group_size], "dtype": "bfloat16"}
+        groups = {"shape": [rows, cols // group_size], "dtype": "bfloat16", "st_dtype": "BF16"}
+        out[name] = {"shape": [rows, cols * bits // 32], "dtype": "uint32", "st_dtype": "U32"}
+        out[f"{base}.scales"] = groups
+        out[f"{base}.biases"] = dict(groups)
     return out
 
 

@@ -16,7 +16,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from moshi_mlx.models import CheckpointError, ConfigError, Lm, LmConfig, config_v0_1, quantize
+from moshi_mlx.models import (
+    CheckpointError,
+    ConfigError,
+    Lm,
+    LmConfig,
+    config1b_202412,
+    config1b_202412_16rvq,
+    config_v0_1,
+    quantize,
+)
 from moshi_mlx.models.checkpoint import Quantization, TensorInfo, model_tensors
 from moshi_mlx.models.lm import quantizes
 
@@ -76,7 +85,8 @@ def demo_config() -> LmConfig:
 
 def known_configs() -> dict[str, LmConfig]:
     """Configs a checkpoint is matched against when none is given."""
-    return {"moshi-7b-v0.1": config_v0_1(), "demo": demo_config()}
+    return {"moshi-7b-v0.1": config_v0_1(), "1b-202412": config1b_202412(),
+            "1b-202412-16rvq": config1b_202412_16rvq(), "demo": demo_config()}
 
 
 def load_config(path: str | Path) -> LmConfig:
