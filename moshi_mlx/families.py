@@ -15,9 +15,10 @@ import numpy as np
 import sentencepiece
 
 from . import models, utils
-from .mimi_stream import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, MimiStream
+from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from .audio.mimi import MimiDecoder, MimiEncoder
+from .engine.text import Transcript, token_text
 from .models.conditioner import ConditionTensor
-from .text import Transcript, token_text
 
 KINDS = ("moshi", "hibiki", "stt")
 HIBIKI_CONDITION = ("description", "very_good", "very_bad")
@@ -86,7 +87,8 @@ class FamilyStream:
             raise FamilyError("--cfg-coef needs a conditioned model (Hibiki); this one has none")
         self.text_tokenizer = text_tokenizer
         self.ct = hibiki_condition(model, cfg_coef) if self.kind == "hibiki" else None
-        self.mimi = MimiStream(mimi_weight, num_codebooks=cfg.mimi_codebooks)
+        self.encoder = MimiEncoder(mimi_weight, cfg.mimi_codebooks)
+        self.decoder = MimiDecoder(mimi_weight, cfg.mimi_codebooks) if cfg.dep_q else None
         self.gen = models.LmGen(model, text_sampler=text_sampler, audio_sampler=audio_sampler,
                                 cfg_coef=cfg_coef)
         self.done = False  # Hibiki ended its text after the end of the input
@@ -97,7 +99,7 @@ class FamilyStream:
         if token == self.text_tokenizer.eos_id():
             self.done = True
         audio = self.gen.last_audio_tokens()
-        pcm = None if audio is None else self.mimi.decode(np.array(audio[0]))
+        pcm = None if audio is None else self.decoder.decode(np.array(audio[0]))
         return StepOutput(token, token_text(self.text_tokenizer, token,
                                             self.cfg.existing_text_padding_id), pcm)
 
@@ -105,7 +107,11 @@ class FamilyStream:
         """pcm: the next input frame, float32 [FRAME_SIZE] at 24 kHz; None for silence."""
         if pcm is None:
             pcm = np.zeros(FRAME_SIZE, np.float32)
-        return self._step(self.mimi.encode(pcm))
+        return self._step(self.encoder.encode(pcm))
+
+    @property
+    def mimi_restarts(self) -> int:
+        return self.encoder.restarts + (self.decoder.restarts if self.decoder else 0)
 
     def end_of_input(self) -> StepOutput:
         """Hibiki's end-of-input frame: every input codebook set to `card`."""

@@ -25,10 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cli, families, model_files
-from .audio_io import check_writable, read_wav, write_wav
-from .conversation import Conversation
-from .mimi_stream import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from .text import Transcript
+from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from .audio.wav import check_writable, read_wav, write_wav
+from .engine.conversation import Conversation
+from .engine.text import Transcript
 from .utils.files import atomic_write
 
 log = cli.log
@@ -143,12 +143,12 @@ def run(args: argparse.Namespace) -> None:
         conversation = Conversation(model, tokenizer, files.mimi_weight, args.text_sampler,
                                     args.audio_sampler)
         out, transcript, timing = stream(pcm, conversation)
-        mimi_restarts = conversation.mimi.restarts
+        mimi_restarts = conversation.mimi_restarts
     else:
         family = families.FamilyStream(model, tokenizer, files.mimi_weight, args.text_sampler,
                                        args.audio_sampler, args.cfg_coef)
         out, transcript, timing = stream_family(pcm, family)
-        mimi_restarts = family.mimi.restarts
+        mimi_restarts = family.mimi_restarts
     figures = (f"{timing.steps} steps at {timing.steps_per_second:.2f} steps/s, "
                f"real-time factor {timing.real_time_factor:.2f}")
     if args.output and out is not None:

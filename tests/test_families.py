@@ -13,7 +13,8 @@ import pytest
 from test_model_files import FakeHub
 
 from moshi_mlx import families, model_files, models, run_inference, utils
-from moshi_mlx.mimi_stream import FRAME_SIZE, MimiStream
+from moshi_mlx.audio.constants import FRAME_SIZE
+from moshi_mlx.audio.mimi import MimiEncoder
 from weights_tools.make_demo import build_demo_repo
 from weights_tools.mimi_layout import MIMI_FILE
 
@@ -90,7 +91,7 @@ def test_stt_transcribes_with_word_times(hub, speech, tmp_path, capsys):
     pcm = np.concatenate([read_wav(speech).astype(np.float32),
                           np.zeros(int(1.5 * RATE), np.float32)])
     pcm = np.concatenate([pcm, np.zeros(frames * FRAME_SIZE - len(pcm), np.float32)])
-    mimi = MimiStream(files.mimi_weight, num_codebooks=cfg.n_q)
+    mimi = MimiEncoder(files.mimi_weight, cfg.n_q)
     gen = models.LmGen(model, text_sampler=utils.Sampler(temp=0))
     tokens = [gen.step(mx.array(mimi.encode(pcm[f * FRAME_SIZE:(f + 1) * FRAME_SIZE])[None]))
               .item() for f in range(frames)]

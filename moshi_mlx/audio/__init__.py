@@ -1,0 +1,1 @@
+"""Audio in and out: constants, Mimi, wav files, sound devices, echo cancellation."""
