@@ -2,9 +2,9 @@
 
     python -m moshi_mlx.local -q 4 [--input-device D] [--output-device D] [--record FILE.wav]
 
-Moshi's words are printed as it speaks, above a status line (step time, frames behind, frames
-skipped, queue sizes). Ctrl-C ends the conversation. The audio path and the lag control are in
-`moshi_mlx.live`, the devices in `moshi_mlx.audio.devices`.
+Moshi's words are printed as it speaks, above a status line (latency, the slowest stage, frames
+skipped, queue sizes). Ctrl-C ends the conversation. The audio path is the live engine
+(`moshi_mlx.engine.live`), the devices are in `moshi_mlx.audio.devices`.
 """
 
 import argparse
@@ -295,12 +295,13 @@ def run(args: argparse.Namespace) -> None:
         check_writable(args.record)
     input_device = find_device(args.input_device, "input")
     output_device = find_device(args.output_device, "output")
+    files = model_files.resolve(args)
+    samplers = cli.make_samplers(args, files.lm_config)
     # The model's thread: loads Moshi and Mimi and warms them up, then runs Moshi's steps.
-    worker = ModelWorker(model_files.resolve(args), (args.text_sampler, args.audio_sampler))
+    worker = ModelWorker(files, samplers)
     worker.load().result()
     seed = cli.seed_random(args.seed)
-    conversation = worker.submit(worker.new_conversation, args.text_sampler, args.audio_sampler,
-                                 seed).result()
+    conversation = worker.submit(worker.new_conversation, *samplers, seed).result()
     live = LiveConversation(conversation, worker.executor,
                             SoundDeviceAudio(input_device, output_device))
     stop = threading.Event()

@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from math import ceil
 from pathlib import Path
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from . import cli, families, model_files
 from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from .audio.wav import check_writable, read_wav, write_wav
+from .audio.wav import WavWriter, check_writable, read_wav
 from .engine.conversation import Conversation
 from .engine.text import Transcript
 from .utils.files import atomic_write
@@ -123,6 +124,17 @@ def stream(pcm: np.ndarray, conversation: Conversation) -> tuple[np.ndarray, Tra
     return np.concatenate(out)[: len(pcm)], transcript, timing
 
 
+def write_outputs(args: argparse.Namespace, pcm: np.ndarray | None, report: dict) -> None:
+    """Writes the model's voice (when it has an OUTPUT) and the report (with --json) together:
+    an error leaves neither."""
+    with ExitStack() as files:
+        if args.output:
+            with WavWriter(files.enter_context(atomic_write(args.output)), SAMPLE_RATE) as wav:
+                wav.write(pcm)
+        if args.json:
+            json.dump(report, files.enter_context(atomic_write(args.json, "w")), indent=2)
+
+
 def run(args: argparse.Namespace) -> None:
     if args.output:
         check_writable(args.output)
@@ -137,41 +149,38 @@ def run(args: argparse.Namespace) -> None:
     if kind == "moshi" and args.cfg_coef != 1:
         raise families.FamilyError("--cfg-coef needs a conditioned model (Hibiki); "
                                    "this one has none")
+    text_sampler, audio_sampler = cli.make_samplers(args, files.lm_config)
     model, tokenizer, cfg = model_files.load_model(files)
     seed = cli.seed_random(args.seed)
     if kind == "moshi":
-        conversation = Conversation(model, tokenizer, files.mimi_weight, args.text_sampler,
-                                    args.audio_sampler)
+        conversation = Conversation(model, tokenizer, files.mimi_weight, text_sampler,
+                                    audio_sampler)
         out, transcript, timing = stream(pcm, conversation)
         mimi_restarts = conversation.mimi_restarts
     else:
-        family = families.FamilyStream(model, tokenizer, files.mimi_weight, args.text_sampler,
-                                       args.audio_sampler, args.cfg_coef)
+        family = families.FamilyStream(model, tokenizer, files.mimi_weight, text_sampler,
+                                       audio_sampler, args.cfg_coef)
         out, transcript, timing = stream_family(pcm, family)
         mimi_restarts = family.mimi_restarts
+    report = {
+        "input": str(args.input),
+        "output": str(args.output) if args.output else None,
+        "seed": seed,
+        "text": transcript.text,
+        "words": [asdict(w) for w in transcript.words],
+        "timing": asdict(timing),
+        "mimi_restarts": mimi_restarts,
+        "moshi_weight": str(files.moshi_weight),
+    }
+    if kind != "moshi":
+        report |= {"model_type": kind, "cfg_coef": args.cfg_coef}
+    write_outputs(args, out, report)
     figures = (f"{timing.steps} steps at {timing.steps_per_second:.2f} steps/s, "
                f"real-time factor {timing.real_time_factor:.2f}")
-    if args.output and out is not None:
-        write_wav(args.output, out, SAMPLE_RATE)
+    if args.output:
         log.info("wrote %s: %.2f s; %s", args.output, len(out) / SAMPLE_RATE, figures)
     else:
         log.info("%s", figures)
-    if args.json:
-        report = {
-            "input": str(args.input),
-            "output": str(args.output) if args.output else None,
-            "model_type": kind,
-            "seed": seed,
-            "text": transcript.text,
-            "words": [asdict(w) for w in transcript.words],
-            "timing": asdict(timing),
-            "mimi_restarts": mimi_restarts,
-            "moshi_weight": str(files.moshi_weight),
-        }
-        if kind != "moshi":
-            report["cfg_coef"] = args.cfg_coef
-        with atomic_write(args.json, "w") as f:
-            json.dump(report, f, indent=2)
 
 
 def stream_family(pcm: np.ndarray, family: families.FamilyStream

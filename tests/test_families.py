@@ -2,6 +2,7 @@
 kind (`make_demo --kind`), the Hub mocked at `huggingface_hub.hf_hub_download`."""
 
 import json
+import logging
 import wave
 from math import ceil
 from pathlib import Path
@@ -19,6 +20,16 @@ from weights_tools.make_demo import build_demo_repo
 from weights_tools.mimi_layout import MIMI_FILE
 
 RATE = 24000
+
+
+@pytest.fixture(autouse=True)
+def own_log_handlers():
+    """`run_inference.main` runs in this process: the log handler it adds on the captured
+    stderr of a test is removed after it, so later tests do not log to a closed stream."""
+    log = logging.getLogger("moshi_mlx")
+    before = list(log.handlers)
+    yield
+    log.handlers[:] = before
 
 
 @pytest.fixture(scope="module")

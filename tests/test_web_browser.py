@@ -4,18 +4,20 @@ page at a laptop's and a phone's width are saved in out/screenshots/."""
 
 import argparse
 import asyncio
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
-from playwright.async_api import async_playwright
+from conftest import require_module, require_tool
 
 from moshi_mlx import model_files
 from moshi_mlx.audio.wav import read_wav
 from moshi_mlx.chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling
 from moshi_mlx.engine.worker import ModelWorker
+
+async_playwright = require_module("playwright.async_api",
+                                  "pip install -e '.[dev]'").async_playwright
 
 FRAME = 1920
 SCREENSHOTS = Path(__file__).parents[1] / "out" / "screenshots"
@@ -28,10 +30,7 @@ CHROMIUM_FLAGS = [
 
 
 def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.fail("this test needs Chromium: apt-get install chromium")
-    return path
+    return require_tool("chromium")
 
 
 class RecordingConversation:

@@ -1,22 +1,20 @@
 """Mimi, Kyutai's audio codec, one 80 ms frame at a time through `rustymimi`, for streams of any
 length: `MimiEncoder` (the user's audio -> codes) and `MimiDecoder` (Moshi's codes -> audio).
 
-Each direction has its own `rustymimi.Tokenizer`, so that encoding and decoding can run at the same
-time on two threads (rustymimi releases the GIL while it computes, but one Tokenizer cannot be used
-by two threads at once: "Already borrowed"). Mimi's encoder and decoder keep separate states, so
+Each direction has its own `rustymimi.Tokenizer`, in a process of its own (`audio.mimi_process`),
+so that encoding and decoding run at the same time as each other and as Moshi, and so that loading
+a replacement never stalls the conversation. Mimi's encoder and decoder keep separate states, so
 two instances give exactly what one instance doing both gives.
 """
 
 import threading
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
-import rustymimi
 
 from ..model_files import ModelFilesError
 from ..models.checkpoint import read_header
-from .constants import FRAME_SIZE
+from .mimi_process import MimiProcess, MimiProcessError
 
 POSITIONS_PER_FRAME = 2  # Mimi's transformers run at 25 Hz
 QUIET_RMS = 3e-3  # about -50 dBFS
@@ -35,8 +33,8 @@ class MimiCoder:
     as a fresh one nor gives exactly the same output (about 1e-7 apart, which can flip a code).
     So a used Mimi is replaced by a freshly loaded one (which starts from silence):
     - within a stream, at the first quiet frame in the last quarter of that span, or at its end
-      if the audio never pauses; the replacement is loaded on a background thread from half of
-      the span on, so that the restart only swaps two objects;
+      if the audio never pauses; the replacement is loaded (in its own process) from half of the
+      span on, so that the restart only swaps two processes;
     - between streams: `prepare_next()` (when a stream ends) drops the used one and loads the
       next in the background, and `reset()` takes it: every stream starts as on a fresh start.
     """
@@ -50,36 +48,29 @@ class MimiCoder:
         self.prepare_after = self.max_frames // 2
         self.quiet_restart_after = self.max_frames * 3 // 4
         self._mimi = self._load()
-        self._spare: Future | None = None
+        self._spare: MimiProcess | None = None
         self.frames = 0  # frames coded since this Mimi was loaded
         self.restarts = 0
 
-    def _load(self) -> rustymimi.Tokenizer:
+    def _load(self) -> MimiProcess:
+        """A Mimi starting to load (in its own process)."""
+        return MimiProcess(str(self.path), self.num_codebooks, self.max_seq_len)
+
+    def wait_ready(self) -> None:
+        """Waits until Mimi is loaded; ModelFilesError if the file is not a Mimi checkpoint."""
         try:
-            return rustymimi.Tokenizer(str(self.path), num_codebooks=self.num_codebooks,
-                                       max_seq_len=self.max_seq_len)
-        except ValueError as e:
-            first_line = str(e).splitlines()[0]
-            raise ModelFilesError(f"{self.path}: not a Mimi checkpoint ({first_line}).") from None
-
-    def _prepare_spare(self) -> None:
-        future: Future = Future()
-
-        def load():
-            try:
-                future.set_result(self._load())
-            except BaseException as e:  # handed to whoever restarts
-                future.set_exception(e)
-
-        threading.Thread(target=load, name="mimi-spare", daemon=True).start()
-        self._spare = future
+            self._mimi.wait_ready()
+        except MimiProcessError as e:
+            if e.not_mimi:
+                raise ModelFilesError(f"{self.path}: not a Mimi checkpoint ({e}).") from None
+            raise
 
     def _restart(self) -> None:
-        if self._spare is None:
-            self._prepare_spare()
-        spare, self._spare = self._spare, None
-        self._mimi = None  # free the old one first
-        self._mimi = spare.result()
+        used, self._mimi = self._mimi, self._spare or self._load()
+        self._spare = None
+        if used is not None:  # its process ends on its own once its pipe closes
+            threading.Thread(target=used.close, daemon=True).start()
+        self.wait_ready()
         self.frames = 0
         self.restarts += 1
 
@@ -87,9 +78,10 @@ class MimiCoder:
         """The stream has ended: frees this Mimi if it was used and loads the next stream's in
         the background."""
         if self.frames > 0:
+            self._mimi.close()
             self._mimi = None
             if self._spare is None:
-                self._prepare_spare()
+                self._spare = self._load()
 
     def reset(self) -> None:
         """Starts a new stream on a Mimi never used (waits for the one being loaded)."""
@@ -100,7 +92,7 @@ class MimiCoder:
         if self.frames >= self.max_frames or (self.frames >= self.quiet_restart_after and quiet):
             self._restart()
         elif self.frames >= self.prepare_after and self._spare is None:
-            self._prepare_spare()
+            self._spare = self._load()
         self.frames += 1
 
 
@@ -109,8 +101,7 @@ class MimiEncoder(MimiCoder):
         """pcm: float32 [FRAME_SIZE] at 24 kHz -> codes int32 [num_codebooks]."""
         pcm = np.asarray(pcm, dtype=np.float32)
         self._before_frame(quiet=is_quiet(pcm))
-        codes = self._mimi.encode_step(pcm.reshape(1, 1, FRAME_SIZE))
-        return codes[0, :, 0].astype(np.int32)
+        return self._mimi.encode_step(pcm).astype(np.int32)
 
 
 class MimiDecoder(MimiCoder):
@@ -126,6 +117,6 @@ class MimiDecoder(MimiCoder):
         """codes: [num_codebooks] -> pcm float32 [FRAME_SIZE] at 24 kHz. Restarts happen after a
         quiet output frame."""
         self._before_frame(quiet=self._last_quiet)
-        pcm = self._mimi.decode_step(np.asarray(codes, dtype=np.uint32).reshape(1, -1, 1))[0, 0]
+        pcm = self._mimi.decode_step(codes)
         self._last_quiet = is_quiet(pcm)
         return pcm

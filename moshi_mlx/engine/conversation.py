@@ -41,6 +41,8 @@ class Conversation:
         num_codebooks = max(cfg.dep_q, self.num_user_codebooks)
         self.encoder = MimiEncoder(mimi_weight, num_codebooks, mimi_max_seq_len)
         self.decoder = MimiDecoder(mimi_weight, num_codebooks, mimi_max_seq_len)
+        self.encoder.wait_ready()  # the two load at the same time
+        self.decoder.wait_ready()
         self.gen = models.LmGen(model=model, text_sampler=text_sampler,
                                 audio_sampler=audio_sampler)
         self._moshi_codes: np.ndarray | None = None  # of the last step, for `speak`

@@ -4,6 +4,7 @@ from collections import deque
 
 import mlx.core as mx
 
+from ..utils.compile import compile_with_state
 from ..utils.sampling import Sampler
 from .conditioner import ConditionTensor
 from .lm import Lm, guided
@@ -87,7 +88,7 @@ class LmGen:
 
             if self.compile:
                 state = [depformer.state, mx.random.state]
-                sample = mx.compile(sample, inputs=state, outputs=[mx.random.state])
+                sample = compile_with_state(sample, inputs=state, outputs=[mx.random.state])
             if len(self._compiled) >= MAX_COMPILED_SAMPLERS:
                 del self._compiled[next(iter(self._compiled))]  # the oldest
             self._compiled[sampler] = sample
