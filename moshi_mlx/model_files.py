@@ -18,7 +18,6 @@ from pathlib import Path
 
 import huggingface_hub
 import mlx.core as mx
-import mlx.nn as nn
 import sentencepiece
 from huggingface_hub import errors as hub_errors
 
@@ -317,7 +316,7 @@ def load_model(files: ModelFiles, warmup: bool = True):
     model.set_dtype(mx.bfloat16)
     q = files.quantization
     if q is not None:
-        nn.quantize(model, bits=q.bits, group_size=q.group_size)
+        models.quantize(model, bits=q.bits, group_size=q.group_size)
     memory.wire_model_memory()
     log.info("loading %s", files.moshi_weight)
     model.load_weights(str(files.moshi_weight), strict=True)
