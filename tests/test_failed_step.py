@@ -24,35 +24,43 @@ class FailingSampler(utils.Sampler):
         raise RuntimeError("sampler failed")
 
 
-def conversation(model, audio_sampler, steps=4, seed=SEED):
-    """Moshi's text tokens and audio codes over `steps` steps of a seeded conversation."""
+TEXT_SAMPLER = utils.Sampler(temp=0.7, top_k=25)
+AUDIO_SAMPLER = utils.Sampler(temp=0.8, top_k=25)
+
+
+def conversation(gen, audio_sampler, steps=4, seed=SEED):
+    """Moshi's text tokens and audio codes over `steps` steps of a seeded conversation, on
+    `gen` reset for it."""
     mx.random.seed(seed)
-    gen = models.LmGen(model, text_sampler=utils.Sampler(temp=0.7, top_k=25),
-                       audio_sampler=audio_sampler)
-    users = np.random.default_rng(0).integers(0, model.cfg.card, (steps, 1, 8)).astype(np.int32)
+    gen.reset(TEXT_SAMPLER, audio_sampler)
+    users = np.random.default_rng(0).integers(0, gen.model.cfg.card, (steps, 1, 8))
     out = []
-    for u in users:
+    for u in users.astype(np.int32):
         out.append(np.array(gen.step(mx.array(u))))
         out.append(np.array(gen._sampled[-1]))
     return np.concatenate([o.ravel() for o in out])
 
 
+@pytest.mark.parametrize("reuse", [False, True], ids=["new_generator", "same_generator"])
 @pytest.mark.parametrize("bad_sampler", [
     lambda cfg: utils.Sampler(temp=0.8, top_k=cfg.card + 1),
     lambda cfg: FailingSampler(temp=0.8, top_k=25),
 ], ids=["top_k_above_vocabulary", "sampler_raises"])
-def test_a_failed_step_poisons_nothing(tiny_cfg, bad_sampler):
+def test_a_failed_step_poisons_nothing(tiny_cfg, bad_sampler, reuse):
+    """After the failure, the next conversation (on a new generator, or on the same one reset,
+    as the server does) equals one before it."""
     model = random_model(tiny_cfg)
     weights = {name: np.array(p) for name, p in tree_flatten(model.parameters())}
-    expected = conversation(model, utils.Sampler(temp=0.8, top_k=25))
+    expected = conversation(models.LmGen(model), AUDIO_SAMPLER)
 
+    gen = models.LmGen(model)
     with pytest.raises((ValueError, RuntimeError)):
-        conversation(model, bad_sampler(tiny_cfg), seed=SEED + 1)
+        conversation(gen, bad_sampler(tiny_cfg), seed=SEED + 1)
     mx.eval(mx.random.normal((2,)))
     for name, p in tree_flatten(model.parameters()):
         np.testing.assert_array_equal(np.array(p), weights[name], err_msg=name)
-    np.testing.assert_array_equal(conversation(model, utils.Sampler(temp=0.8, top_k=25)),
-                                  expected)
+    gen = gen if reuse else models.LmGen(model)
+    np.testing.assert_array_equal(conversation(gen, AUDIO_SAMPLER), expected)
 
 
 def test_compile_with_state_puts_the_state_back_when_a_call_raises():
