@@ -1,5 +1,5 @@
 """Fakes for testing the live apps without a sound device or a model: an audio backend, a
-conversation step, and PortAudio's device list."""
+conversation step, an echo canceller, and PortAudio's device list."""
 
 import queue
 import threading
@@ -36,6 +36,9 @@ class FakeAudio:
 
     def alive(self) -> bool:
         return self.running
+
+    def latency(self) -> tuple[float, float]:
+        return 0.03, 0.05
 
     def close(self):
         self.closed.set()
@@ -77,6 +80,26 @@ class EchoStep:
         self.started.put(k)
         assert self._go.wait(10), "the test never released the step"
         return FrameOutput(token=k, text=f" w{k}", pcm=pcm * 0.5, lm_seconds=0.001)
+
+
+class FakeCanceller:
+    """Logs what it is given, as ("played", block's number) and ("process", frame's number);
+    'cleans' a frame by adding CLEANED to it (`number` still reads the frame's number)."""
+
+    CLEANED = 0.0004
+
+    def __init__(self):
+        self.delay_ms = None
+        self.log: list[tuple[str, int]] = []
+
+    def played(self, block):
+        self.log.append(("played", number(block)))
+
+    def process(self, mic):
+        self.log.append(("process", number(mic)))
+        return mic + self.CLEANED
+
+    status = "echo cancel on"
 
 
 DEVICES = [("HDA Intel: ALC (hw:0,0)", 2, 2), ("USB Headset", 1, 0), ("USB Speaker", 0, 2),

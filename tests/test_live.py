@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from fake_audio import EchoStep, FakeAudio, frame, number
+from fake_audio import EchoStep, FakeAudio, FakeCanceller, frame, number
 
 from moshi_mlx import model_files, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
@@ -20,10 +20,10 @@ from moshi_mlx.mimi_stream import MimiStream
 class Running:
     """A LiveConversation whose generation loop runs on a helper thread."""
 
-    def __init__(self, max_behind: int = 3):
+    def __init__(self, max_behind: int = 3, echo=None):
         self.audio = FakeAudio()
         self.step = EchoStep()
-        self.live = LiveConversation(self.step, self.audio, max_behind=max_behind)
+        self.live = LiveConversation(self.step, self.audio, max_behind=max_behind, echo=echo)
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run)
@@ -174,6 +174,46 @@ def test_a_failing_step_ends_the_loop_and_closes_the_audio():
     thread.join()
     assert audio.closed.is_set()
     assert live.next_step(timeout=1) is None and live.done
+
+
+def test_the_canceller_gets_what_was_played_before_each_frame():
+    """Each block played goes to the canceller before the first microphone frame captured
+    after it, never before an earlier one, even when the loop takes the frames late; skipped
+    frames are cleaned too; Moshi hears the cleaned frame, the step keeps the raw one."""
+    echo = FakeCanceller()
+    running = Running(max_behind=1, echo=echo)
+    try:
+        assert echo.delay_ms == pytest.approx(80)  # FakeAudio's latencies: 30 + 50 ms
+        step = running.say(1)
+        np.testing.assert_array_equal(step.raw, frame(1))
+        np.testing.assert_array_equal(step.user, frame(1) + FakeCanceller.CLEANED)
+        running.step.wait_for(1)
+        running.audio.play()  # Moshi's voice of frame 1
+        running.audio.play()  # silence
+        running.step.hold()
+        running.audio.speak(frame(2))
+        running.step.wait_for(2)
+        for k in (3, 4, 5):  # while frame 2's step runs: frame k, then a block (silence)
+            running.audio.speak(frame(k))
+            running.audio.play()
+        running.step.release()
+        steps = [running.next() for _ in range(4)]
+        assert [s.skipped for s in steps] == [False, True, True, False]
+        assert echo.log == [("process", 1), ("played", 1), ("played", 0), ("process", 2),
+                            ("process", 3), ("played", 0), ("process", 4), ("played", 0),
+                            ("process", 5)]  # the block played after frame 5 waits
+        assert running.step.heard == [1, 2, 5]
+        np.testing.assert_array_equal(steps[1].raw, frame(3))
+        np.testing.assert_array_equal(steps[1].user, frame(3) + FakeCanceller.CLEANED)
+    finally:
+        running.step.release()
+        running.finish()
+
+
+def test_without_a_canceller_moshi_hears_the_microphone(running):
+    step = running.say(1)
+    assert step.raw is step.user
+    np.testing.assert_array_equal(step.user, frame(1))
 
 
 def test_step_times_say_too_slow_once_on_a_full_window():

@@ -5,6 +5,7 @@ WebRTC's audio processing module (the AEC3 echo canceller, a high-pass filter, o
 suppression) through the `livekit` package, on 10 ms chunks of 16-bit audio.
 """
 
+import queue
 from collections import deque
 from math import ceil
 
@@ -90,3 +91,42 @@ class EchoCanceller:
         delay = f" (delay hint {self.delay_ms:.0f} ms)" if self.echo_cancellation else ""
         return (f"{self.status}{delay} on {self.frames} microphone frames; echo reduction "
                 "not reported by the canceller")
+
+
+class Playback:
+    """The blocks the speakers played, kept in step with the microphone's frames, for the
+    canceller's `played`: each block is tagged with the number of microphone frames captured
+    before it was played, so that the thread cleaning microphone frame n can take exactly the
+    blocks played before that frame came, however late it runs.
+
+    The audio callbacks call `captured()` after each microphone frame and `add(block)` with each
+    block played (a counter and a queue put); one thread calls `take(n)` for n = 0, 1, 2...
+    """
+
+    def __init__(self):
+        self._captured = 0  # microphone frames so far; written by the input callback only
+        self._blocks: queue.SimpleQueue[tuple[int, np.ndarray]] = queue.SimpleQueue()
+        self._early: tuple[int, np.ndarray] | None = None  # taken from the queue, not yet due
+
+    def captured(self) -> None:
+        self._captured += 1
+
+    def add(self, block: np.ndarray) -> None:
+        """block: float32 [samples] as handed to the speakers (copied)."""
+        self._blocks.put((self._captured, block.copy()))
+
+    def take(self, frame: int) -> list[np.ndarray]:
+        """The blocks played before microphone frame `frame` (counted from 0) came and not
+        taken yet, in order."""
+        blocks = []
+        while True:
+            if self._early is None:
+                try:
+                    self._early = self._blocks.get_nowait()
+                except queue.Empty:
+                    return blocks
+            tag, block = self._early
+            if tag > frame:
+                return blocks
+            blocks.append(block)
+            self._early = None
