@@ -3,8 +3,10 @@
     python -m moshi_mlx.local -q 4 [--input-device D] [--output-device D] [--record FILE.wav]
 
 Moshi's words are printed as it speaks, above a status line (step time, frames behind, frames
-skipped, queue sizes). Ctrl-C ends the conversation. The audio path and the lag control are in
-`moshi_mlx.live`, the devices in `moshi_mlx.audio_devices`.
+skipped, queue sizes, echo canceller). Ctrl-C ends the conversation. The microphone's frames are
+cleaned of the speakers' echo (`moshi_mlx.audio.echo`), so that no headphones are needed. The
+audio path and the lag control are in `moshi_mlx.live`, the devices in
+`moshi_mlx.audio_devices`.
 """
 
 import argparse
@@ -15,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TextIO
@@ -24,6 +26,7 @@ import numpy as np
 
 from . import cli, model_files
 from .audio.constants import FRAME_SIZE, SAMPLE_RATE
+from .audio.echo import EchoCanceller
 from .audio_devices import (
     AudioDeviceError,
     SoundDeviceAudio,
@@ -53,8 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help=f"the {what}: a number or part of a name from --list-devices "
                                 "(default: the system's default)")
     audio.add_argument("--record", type=Path, metavar="FILE.wav",
-                       help="record the conversation: 24 kHz stereo wav, you on the left, "
-                            "Moshi on the right")
+                       help="record the conversation: 24 kHz stereo wav, you on the left (as "
+                            "Moshi heard you: after echo cancellation), Moshi on the right")
+    audio.add_argument("--record-raw", type=Path, metavar="FILE.wav",
+                       help="record the microphone as it came (before echo cancellation): "
+                            "24 kHz mono wav, in step with --record")
+    audio.add_argument("--no-echo-cancel", action="store_true",
+                       help="do not remove Moshi's voice from the microphone's sound (with "
+                            "headphones it is not needed)")
+    audio.add_argument("--noise-suppression", action="store_true",
+                       help="also suppress steady background noise in the microphone's sound")
     return cli.parse_app_args(parser, argv)
 
 
@@ -131,12 +142,16 @@ class Display:
         self.out.flush()
 
 
-def status_line(times: StepTimes, behind: int, counters: Counters,
-                queues: tuple[int, int]) -> str:
+def status_line(times: StepTimes, behind: int, counters: Counters, queues: tuple[int, int],
+                echo: str) -> str:
     step = "-" if times.median is None else f"{times.median * 1000:.0f} ms"
     return (f"step {step} | behind {behind} | dropped {counters.skipped} | voice dropped "
             f"{counters.voice_skipped} | silence {counters.silence} | queues mic {queues[0]} "
-            f"speaker {queues[1]}")
+            f"speaker {queues[1]} | {echo}")
+
+
+def echo_status(echo: EchoCanceller | None) -> str:
+    return "echo cancel off" if echo is None else echo.status
 
 
 def too_slow_message(times: StepTimes, quantized: int | None) -> str:
@@ -157,14 +172,16 @@ def too_slow_message(times: StepTimes, quantized: int | None) -> str:
 
 class Presenter:
     """Reads the frames a `LiveConversation` handled (on its own thread): shows the text and the
-    status, records the conversation (stereo: the user's frame, Moshi's voice of that step),
-    and says once when the steps are too slow for real time."""
+    status, records the conversation (stereo: the user's frame as Moshi heard it, Moshi's voice
+    of that step; and optionally the raw microphone, mono), and says once when the steps are
+    too slow for real time."""
 
     def __init__(self, live: LiveConversation, display: Display, recorder: WavWriter | None,
-                 quantized: int | None):
+                 quantized: int | None, raw_recorder: WavWriter | None = None):
         self.live = live
         self.display = display
         self.recorder = recorder
+        self.raw_recorder = raw_recorder
         self.quantized = quantized
         self.times = StepTimes()
         self.behind = 0
@@ -178,7 +195,8 @@ class Presenter:
                 if step is not None:
                     self.handle(step)
                 self.display.status(status_line(self.times, self.behind, self.live.counters,
-                                                self.live.queue_sizes()))
+                                                self.live.queue_sizes(),
+                                                echo_status(self.live.echo)))
         finally:
             self.display.finish()
 
@@ -186,6 +204,8 @@ class Presenter:
         if self.recorder is not None:
             voice = np.zeros(FRAME_SIZE, np.float32) if step.voice is None else step.voice
             self.recorder.write(np.stack([step.user, voice], axis=1))
+        if self.raw_recorder is not None:
+            self.raw_recorder.write(step.raw)
         if step.skipped:
             if not self._skipping_said:
                 self._skipping_said = True
@@ -240,12 +260,19 @@ def summary(seconds: float, times: StepTimes, counters: Counters) -> str:
             f"{counters.silence} blocks of silence played for want of Moshi's voice")
 
 
+def echo_summary(echo: EchoCanceller | None) -> str:
+    if echo is None:
+        return "echo cancellation off: without headphones, Moshi hears its own voice"
+    return f"echo canceller: {echo.summary}"
+
+
 def run(args: argparse.Namespace) -> None:
     if args.list_devices:
         print(device_table())
         return
-    if args.record:
-        check_writable(args.record)
+    for path in (args.record, args.record_raw):
+        if path:
+            check_writable(path)
     input_device = find_device(args.input_device, "input")
     output_device = find_device(args.output_device, "output")
     worker = ModelWorker(model_files.resolve(args))  # the MLX generation thread
@@ -255,19 +282,29 @@ def run(args: argparse.Namespace) -> None:
                                  seed).result()
     # The first step compiles (~0.5 s): do it before the microphone starts.
     worker.submit(conversation.step, np.zeros(FRAME_SIZE, np.float32)).result()
-    live = LiveConversation(conversation.step, SoundDeviceAudio(input_device, output_device))
+    echo = None
+    if not args.no_echo_cancel or args.noise_suppression:  # the delay hint is set at start
+        echo = EchoCanceller(0, args.noise_suppression, not args.no_echo_cancel)
+    audio = SoundDeviceAudio(input_device, output_device)
+    live = LiveConversation(conversation.step, audio, echo=echo)
     stop = threading.Event()
-    recording = WavWriter(args.record, SAMPLE_RATE, 2) if args.record else nullcontext()
     log.info("microphone: %s; speakers: %s", device_name(input_device),
              device_name(output_device))
     start = time.monotonic()
-    with recording as recorder, stop_on_sigint(stop):
-        presenter = Presenter(live, Display(), recorder, args.quantized)
+    with ExitStack() as files, stop_on_sigint(stop):
+        recorder = args.record and files.enter_context(WavWriter(args.record, SAMPLE_RATE, 2))
+        raw_recorder = args.record_raw and files.enter_context(
+            WavWriter(args.record_raw, SAMPLE_RATE))
+        presenter = Presenter(live, Display(), recorder, args.quantized, raw_recorder)
         converse(live, stop, presenter, worker)
     log.info("%s", summary(time.monotonic() - start, presenter.times, live.counters))
+    log.info("%s", echo_summary(echo))
     if args.record:
         log.info("recorded %s: %.1f s, stereo (you left, Moshi right)", args.record,
                  recorder.samples / SAMPLE_RATE)
+    if args.record_raw:
+        log.info("recorded %s: %.1f s, the microphone before echo cancellation",
+                 args.record_raw, raw_recorder.samples / SAMPLE_RATE)
 
 
 def main(argv: list[str] | None = None) -> int:
