@@ -263,7 +263,7 @@ def summary(seconds: float, times: StepTimes, counters: Counters) -> str:
 def echo_summary(echo: EchoCanceller | None) -> str:
     if echo is None:
         return "echo cancellation off: without headphones, Moshi hears its own voice"
-    return f"echo canceller: {echo.summary}"
+    return f"microphone: {echo.summary}"
 
 
 def run(args: argparse.Namespace) -> None:

@@ -86,12 +86,13 @@ class EchoCanceller:
 
     @property
     def summary(self) -> str:
-        """Its state and settings in a sentence. The echo reduction achieved is not given: the
-        livekit module does not report WebRTC's statistics."""
+        """Its settings and work in a sentence. The echo reduction achieved is not given: livekit's
+        module does not report WebRTC's statistics."""
+        echo = "on" if self.echo_cancellation else "off"
         delay = f" (delay hint {self.delay_ms:.0f} ms)" if self.echo_cancellation else ""
-        return (f"{self.status}{delay} on {self.frames} microphone frames; echo reduction "
-                "not reported by the canceller")
-
+        noise = "on" if self.noise_suppression else "off"
+        return (f"echo cancellation {echo}{delay}, noise suppression {noise}; {self.frames} "
+                "microphone frames cleaned; the echo reduction is not reported by the library")
 
 class Playback:
     """The blocks the speakers played, kept in step with the microphone's frames, for the
