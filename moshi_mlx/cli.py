@@ -10,7 +10,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from . import model_files, models, utils
-from .audio_io import AudioFileError
+from .audio.wav import AudioFileError
 
 log = logging.getLogger("moshi_mlx")
 

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from . import cli, model_files
 from .chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling, is_loopback
-from .model_worker import ModelWorker
+from .engine.worker import ModelWorker
 
 log = logging.getLogger("moshi_mlx")
 
@@ -107,8 +107,8 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
     if not is_loopback(args.host):
         log.warning("warning: listening on %s: other machines can reach this server and use the "
                     "model; browsers there need https (--ssl) to use the microphone", args.host)
-    worker = ModelWorker(files)
     sampling = Sampling(args.text_temp, args.text_top_k, args.audio_temp, args.audio_top_k)
+    worker = ModelWorker(files, sampling.samplers())
     server = ChatServer(worker, sampling, OriginPolicy(args.host, args.allow_origin),
                         max_lag=args.max_lag, seed=args.seed)
     runner = web.AppRunner(server.app(static), access_log=None, handle_signals=False)

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from . import cli, model_files
 from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from .audio_io import check_writable, read_wav, write_wav
-from .conversation import Conversation
-from .text import Transcript
+from .audio.wav import check_writable, read_wav, write_wav
+from .engine.conversation import Conversation
+from .engine.text import Transcript
 from .utils.files import atomic_write
 
 log = cli.log
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
             "text": transcript.text,
             "words": [asdict(w) for w in transcript.words],
             "timing": asdict(timing),
-            "mimi_restarts": conversation.mimi.restarts,
+            "mimi_restarts": conversation.mimi_restarts,
             "moshi_weight": str(files.moshi_weight),
         }
         with atomic_write(args.json, "w") as f:

@@ -8,7 +8,7 @@ import pytest
 
 from moshi_mlx import model_files, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
-from moshi_mlx.conversation import Conversation
+from moshi_mlx.engine.conversation import Conversation
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moshi_mlx.audio.constants import FRAME_SIZE, SAMPLE_RATE
-from moshi_mlx.audio.echo import EchoCanceller
+from moshi_mlx.audio.echo import EchoCanceller, Playback
 
 SECONDS = 20
 CONVERGED = 5  # s: figures are taken after this
@@ -161,3 +161,20 @@ def test_the_status_says_what_is_on():
     assert on.summary.startswith("echo cancellation on (delay hint 90 ms), noise suppression on")
     assert "not reported" in on.summary
     assert EchoCanceller(0, echo_cancellation=False).status == "echo cancel off"
+
+
+def test_playback_hands_out_the_blocks_played_before_each_frame():
+    playback = Playback()
+    block = [np.full(FRAME_SIZE, k, np.float32) for k in range(5)]
+    playback.add(block[0])  # before any microphone frame: tag 0
+    playback.captured()  # frame 0 came
+    playback.add(block[1])  # tag 1
+    playback.captured()  # frame 1
+    playback.captured()  # frame 2
+    playback.add(block[2])  # tag 3
+    block[2][:] = -1  # the speakers' buffer is reused: the block was copied
+    assert [b[0] for b in playback.take(0)] == [0]
+    assert [b[0] for b in playback.take(1)] == [1]
+    assert playback.take(2) == []
+    assert [b[0] for b in playback.take(3)] == [2]
+    assert playback.take(4) == []

@@ -20,7 +20,7 @@ import pytest
 import sphn
 
 from moshi_mlx import local_web
-from moshi_mlx.audio_io import read_wav
+from moshi_mlx.audio.wav import read_wav
 
 RATE = 24000
 FRAME = 1920
@@ -157,7 +157,8 @@ def test_each_connection_is_a_fresh_conversation(server, speech):
     second = asyncio.run(converse(server.url, speech))
     assert second.text == first.text
     np.testing.assert_array_equal(second.voice, voice)
-    server.wait_for(r"conversation ended: \d+ frames received, \d+ processed, 0 dropped")
+    server.wait_for(r"conversation ended: \d+ frames received, Moshi heard \d+ frames, dropped 0 "
+                    r"input frames; latency to text p50 [\d.]+ ms")
 
 
 CHILD_CLIENT = """

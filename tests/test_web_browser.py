@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestServer
 from playwright.async_api import async_playwright
 
 from moshi_mlx import model_files
-from moshi_mlx.audio_io import read_wav
+from moshi_mlx.audio.wav import read_wav
 from moshi_mlx.chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling
-from moshi_mlx.model_worker import ModelWorker
+from moshi_mlx.engine.worker import ModelWorker
 
 FRAME = 1920
 SCREENSHOTS = Path(__file__).parents[1] / "out" / "screenshots"
@@ -42,15 +42,21 @@ class RecordingConversation:
         self.heard: list[np.ndarray] = []
         self.said: list[str] = []
 
-    def listen(self, pcm):
+    def encode(self, pcm):
         self.heard.append(pcm)
-        token, text = self.conversation.listen(pcm)
+        return self.conversation.encode(pcm)
+
+    def moshi_step(self, codes):
+        token, text, moshi_codes = self.conversation.moshi_step(codes)
         if text is not None:
             self.said.append(text)
-        return token, text
+        return token, text, moshi_codes
 
-    def speak(self):
-        return self.conversation.speak()
+    def decode(self, codes):
+        return self.conversation.decode(codes)
+
+    def prepare_next(self):
+        self.conversation.prepare_next()
 
 
 class RecordingWorker(ModelWorker):
@@ -132,4 +138,5 @@ def test_the_page_talks_with_moshi(worker, speech_24k):
     assert "".join(conversation.said).lstrip().startswith(result["transcript"])
     assert stats["textPieces"] >= 12 and stats["receivedFrames"] >= 12
     assert stats["playedSamples"] >= 24000
-    assert {"received", "processed", "dropped", "queued", "step_ms"} <= set(stats["server"])
+    assert {"received", "processed", "dropped", "queued", "latency_voice_ms"} <= set(
+        stats["server"])

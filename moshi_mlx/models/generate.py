@@ -7,6 +7,8 @@ import mlx.core as mx
 from ..utils.sampling import Sampler
 from .lm import Lm
 
+MAX_COMPILED_SAMPLERS = 8  # compiled depformer samplings kept (each sampler compiles once)
+
 
 class LmGen:
     """Runs Moshi one step at a time.
@@ -36,28 +38,44 @@ class LmGen:
         cfg = model.cfg
         self.model = model
         self.max_steps = max_steps
-        self.text_sampler = text_sampler or Sampler()
-        self.audio_sampler = audio_sampler or Sampler()
         self.batch_size = batch_size
+        self.compile = compile
         self.dep_q = cfg.dep_q
         self.num_user_codebooks = cfg.n_q - cfg.dep_q
         self.audio_delays = cfg.audio_delays
         self.max_delay = max(self.audio_delays)
+        self._padding = mx.full((batch_size,), cfg.audio_padding_token, mx.int32)
+        self._compiled: dict[Sampler, object] = {}  # the depformer's sampling, per sampler
+        self.reset(text_sampler or Sampler(), audio_sampler or Sampler())
+
+    def reset(self, text_sampler: Sampler | None = None,
+              audio_sampler: Sampler | None = None) -> None:
+        """Starts a new stream (empty cache, step 0), optionally with other samplers. What was
+        compiled for a sampler is kept: a new stream does not compile again."""
+        self.text_sampler = text_sampler or self.text_sampler
+        self.audio_sampler = audio_sampler or self.audio_sampler
         self.step_idx = 0
-        self.cache = model.make_cache()
+        self.cache = self.model.make_cache()
         self._text: mx.array | None = None  # [B] text token of the previous step
         self._sampled: deque[mx.array] = deque(maxlen=self.max_delay + 1)  # [B, dep_q] per step
         self._user: deque[mx.array] = deque(maxlen=self.max_delay + 1)  # [B, n_user] per step
-        self._padding = mx.full((batch_size,), cfg.audio_padding_token, mx.int32)
 
-        def sample_audio(hidden, text_token):
-            return model.depformer.sample(hidden, text_token, self.audio_sampler)
-
-        if compile:
-            state = [model.depformer.state, mx.random.state]
-            sample_audio = mx.compile(sample_audio, inputs=state, outputs=[mx.random.state])
-        self.sample_audio = sample_audio
+    def sample_audio(self, hidden: mx.array, text_token: mx.array) -> mx.array:
         """The depformer's sampling of one step, (hidden [B, 1, dim], text [B]) -> [B, dep_q]."""
+        sampler = self.audio_sampler
+        if sampler not in self._compiled:
+            depformer = self.model.depformer
+
+            def sample(hidden, text_token):
+                return depformer.sample(hidden, text_token, sampler)
+
+            if self.compile:
+                state = [depformer.state, mx.random.state]
+                sample = mx.compile(sample, inputs=state, outputs=[mx.random.state])
+            if len(self._compiled) >= MAX_COMPILED_SAMPLERS:
+                del self._compiled[next(iter(self._compiled))]  # the oldest
+            self._compiled[sampler] = sample
+        return self._compiled[sampler](hidden, text_token)
 
     def _past(self, history: deque, steps_ago: int) -> mx.array | None:
         """The entry stored `steps_ago` steps before the current one (1 = previous step)."""

@@ -9,7 +9,7 @@ from typing import BinaryIO
 import numpy as np
 import sphn
 
-from .utils.files import atomic_write
+from ..utils.files import atomic_write
 
 WAV_MAGIC = (b"RIFF", b"RF64", b"RIFX")
 
