@@ -20,7 +20,7 @@ from virtual_audio import talk_to_app
 ROOM = {"PULSE_SINK": "room", "PULSE_SOURCE": "room.monitor"}
 SPEECH = "Hello Moshi, how are you today? I would like to talk about the weather."
 TALKS = 3  # the user says SPEECH this many times,
-PAUSE = 4.0  # s, with this pause after each,
+PAUSE = 5.0  # s, with this pause after each,
 START = 3.0  # s, after this silence at the start (Moshi talks, the canceller converges)
 MARGIN = 0.2  # s around the user's speech counted as speech (the canceller's delay, settling)
 RATE = 24000
