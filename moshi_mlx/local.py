@@ -2,9 +2,11 @@
 
     python -m moshi_mlx.local -q 4 [--input-device D] [--output-device D] [--record FILE.wav]
 
-Moshi's words are printed as it speaks, above a status line (latency, the slowest stage, frames
-skipped, queue sizes). Ctrl-C ends the conversation. The audio path is the live engine
-(`moshi_mlx.engine.live`), the devices are in `moshi_mlx.audio.devices`.
+Moshi's words are printed as it speaks, above a status line (latency, slowest stage, frames
+skipped, queue sizes, echo canceller). Ctrl-C ends the conversation. The microphone's frames are
+cleaned of the speakers' echo (`moshi_mlx.audio.echo`), so that no headphones are needed. The
+audio path and the lag control are in `moshi_mlx.engine.live`, the devices in
+`moshi_mlx.audio.devices`.
 """
 
 import argparse
@@ -14,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import TextIO
@@ -30,6 +32,7 @@ from .audio.devices import (
     device_table,
     find_device,
 )
+from .audio.echo import EchoCanceller
 from .audio.wav import WavWriter, check_writable
 from .engine.live import Event, LiveConversation
 from .engine.pipeline import Counters
@@ -54,8 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help=f"the {what}: a number or part of a name from --list-devices "
                                 "(default: the system's default)")
     audio.add_argument("--record", type=Path, metavar="FILE.wav",
-                       help="record the conversation: 24 kHz stereo wav, you on the left, "
-                            "Moshi on the right")
+                       help="record the conversation: 24 kHz stereo wav, you on the left (as "
+                            "Moshi heard you: after echo cancellation), Moshi on the right")
+    audio.add_argument("--record-raw", type=Path, metavar="FILE.wav",
+                       help="record the microphone as it came (before echo cancellation): "
+                            "24 kHz mono wav, in step with --record")
+    audio.add_argument("--no-echo-cancel", action="store_true",
+                       help="do not remove Moshi's voice from the microphone's sound (with "
+                            "headphones it is not needed)")
+    audio.add_argument("--noise-suppression", action="store_true",
+                       help="also suppress steady background noise in the microphone's sound")
     return cli.parse_app_args(parser, argv)
 
 
@@ -156,7 +167,11 @@ def status_line(live: LiveConversation) -> str:
     mic, speakers = live.queue_sizes()
     return (f"{latency_text(counters)} | slowest {stage} | dropped {counters.skipped} | voice "
             f"dropped {speaker.voice_skipped} | silence {speaker.silence} | queues mic {mic} "
-            f"speaker {speakers}")
+            f"speaker {speakers} | {echo_status(live.echo)}")
+
+
+def echo_status(echo: EchoCanceller | None) -> str:
+    return "echo cancel off" if echo is None else echo.status
 
 
 STAGE_NAMES = {"encode": "Mimi's encoder", "moshi": "Moshi", "decode": "Mimi's decoder",
@@ -181,16 +196,18 @@ def too_slow_message(times: dict[str, Timings], quantized: int | None) -> str:
 
 class Presenter:
     """Reads the events of a `LiveConversation` (on its own thread): shows the text and the
-    status, records the conversation in frame order (stereo: the user's frame, Moshi's voice
-    of that step), and says once when a stage is too slow for real time."""
+    status, records the conversation in frame order (stereo: the user's frame as Moshi heard
+    it, Moshi's voice of that step; and optionally the microphone's frame as it came, mono),
+    and says once when a stage is too slow for real time."""
 
     SLOW_AFTER = 25  # frames handled before the stages' times are judged
 
     def __init__(self, live: LiveConversation, display: Display, recorder: WavWriter | None,
-                 quantized: int | None):
+                 quantized: int | None, raw_recorder: WavWriter | None = None):
         self.live = live
         self.display = display
         self.recorder = recorder
+        self.raw_recorder = raw_recorder
         self.quantized = quantized
         self._skipping_said = False
         self._too_slow_said = False
@@ -228,13 +245,17 @@ class Presenter:
 
     def _record(self, index: int, user: np.ndarray, voice: np.ndarray | None) -> None:
         """Writes the frames in order (a skipped frame can be reported before earlier ones)."""
-        if self.recorder is None:
+        if self.recorder is None and self.raw_recorder is None:
             return
         self._held[index] = (user, voice)
         while self._next in self._held:
             user, voice = self._held.pop(self._next)
-            voice = np.zeros(FRAME_SIZE, np.float32) if voice is None else voice
-            self.recorder.write(np.stack([user, voice], axis=1))
+            if self.recorder is not None:
+                voice = np.zeros(FRAME_SIZE, np.float32) if voice is None else voice
+                self.recorder.write(np.stack([user, voice], axis=1))
+            if self.raw_recorder is not None:
+                raw = self.live.take_raw(self._next)
+                self.raw_recorder.write(user if raw is None else raw)
             self._next += 1
 
 
@@ -287,12 +308,19 @@ def summary(seconds: float, live: LiveConversation) -> str:
             "for want of Moshi's voice")
 
 
+def echo_summary(echo: EchoCanceller | None) -> str:
+    if echo is None:
+        return "echo cancellation off: without headphones, Moshi hears its own voice"
+    return f"microphone: {echo.summary}"
+
+
 def run(args: argparse.Namespace) -> None:
     if args.list_devices:
         print(device_table())
         return
-    if args.record:
-        check_writable(args.record)
+    for path in (args.record, args.record_raw):
+        if path:
+            check_writable(path)
     input_device = find_device(args.input_device, "input")
     output_device = find_device(args.output_device, "output")
     files = model_files.resolve(args)
@@ -302,20 +330,30 @@ def run(args: argparse.Namespace) -> None:
     worker.load().result()
     seed = cli.seed_random(args.seed)
     conversation = worker.submit(worker.new_conversation, *samplers, seed).result()
+    echo = None
+    if not args.no_echo_cancel or args.noise_suppression:  # the delay hint is set at start
+        echo = EchoCanceller(0, args.noise_suppression, not args.no_echo_cancel)
     live = LiveConversation(conversation, worker.executor,
-                            SoundDeviceAudio(input_device, output_device))
+                            SoundDeviceAudio(input_device, output_device), echo=echo,
+                            keep_raw=args.record_raw is not None)
     stop = threading.Event()
-    recording = WavWriter(args.record, SAMPLE_RATE, 2) if args.record else nullcontext()
     log.info("microphone: %s; speakers: %s", device_name(input_device),
              device_name(output_device))
     start = time.monotonic()
-    with recording as recorder, stop_on_sigint(stop):
-        presenter = Presenter(live, Display(), recorder, args.quantized)
+    with ExitStack() as files, stop_on_sigint(stop):
+        recorder = args.record and files.enter_context(WavWriter(args.record, SAMPLE_RATE, 2))
+        raw_recorder = args.record_raw and files.enter_context(
+            WavWriter(args.record_raw, SAMPLE_RATE))
+        presenter = Presenter(live, Display(), recorder, args.quantized, raw_recorder)
         converse(live, stop, presenter)
     log.info("%s", summary(time.monotonic() - start, live))
+    log.info("%s", echo_summary(echo))
     if args.record:
         log.info("recorded %s: %.1f s, stereo (you left, Moshi right)", args.record,
                  recorder.samples / SAMPLE_RATE)
+    if args.record_raw:
+        log.info("recorded %s: %.1f s, the microphone before echo cancellation",
+                 args.record_raw, raw_recorder.samples / SAMPLE_RATE)
 
 
 def main(argv: list[str] | None = None) -> int:

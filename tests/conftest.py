@@ -151,6 +151,17 @@ def make_speech(path: Path, text: str, rate: int = 24000, channels: int = 1) -> 
 
 
 @pytest.fixture(scope="session")
+def pulse(tmp_path_factory) -> dict:
+    """A private PulseAudio daemon with virtual devices (`virtual_audio.VIRTUAL_DEVICES`);
+    -> the environment variables of its clients."""
+    from virtual_audio import start_pulse, stop_pulse
+
+    env = start_pulse(tmp_path_factory.mktemp("pulse"))
+    yield env
+    stop_pulse(env)
+
+
+@pytest.fixture(scope="session")
 def speech_24k(tmp_path_factory) -> Path:
     """About 3 s of English speech, as a 24 kHz mono 16-bit wav."""
     return make_speech(tmp_path_factory.mktemp("speech-24k") / "speech24k.wav",

@@ -1,5 +1,5 @@
 """Fakes for testing the live apps without a sound device or a model: an audio backend, a
-conversation step, and PortAudio's device list."""
+conversation step, an echo canceller, and PortAudio's device list."""
 
 import queue
 import threading
@@ -35,6 +35,9 @@ class FakeAudio:
 
     def alive(self) -> bool:
         return self.running
+
+    def latency(self) -> tuple[float, float]:
+        return 0.03, 0.05
 
     def close(self):
         self.closed.set()
@@ -96,6 +99,30 @@ class EchoConversation:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return frame(int(codes[0])) * 0.5
+
+
+class FakeCanceller:
+    """Logs what it is given, as ("played", block's number) and ("process", frame's number);
+    'cleans' a frame by adding CLEANED to it (`number` still reads the frame's number).
+    Clearing `go` makes `process` wait until it is set again."""
+
+    CLEANED = 0.0004
+
+    def __init__(self):
+        self.delay_ms = None
+        self.log: list[tuple[str, int]] = []
+        self.go = threading.Event()
+        self.go.set()
+
+    def played(self, block):
+        self.log.append(("played", number(block)))
+
+    def process(self, mic):
+        self.log.append(("process", number(mic)))
+        assert self.go.wait(10), "the test never let the canceller go on"
+        return mic + self.CLEANED
+
+    status = "echo cancel on"
 
 
 DEVICES = [("HDA Intel: ALC (hw:0,0)", 2, 2), ("USB Headset", 1, 0), ("USB Speaker", 0, 2),

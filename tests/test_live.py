@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from fake_audio import EchoConversation, FakeAudio, frame, number
+from fake_audio import EchoConversation, FakeAudio, FakeCanceller, frame, number
 
 from moshi_mlx.audio.devices import AudioDeviceError
 from moshi_mlx.engine.live import LiveConversation
@@ -18,10 +18,12 @@ MODEL_THREAD = ModelThread("test-model")
 class Running:
     """A LiveConversation running on a helper thread."""
 
-    def __init__(self, max_behind: int = 3, conversation: EchoConversation | None = None):
+    def __init__(self, max_behind: int = 3, conversation: EchoConversation | None = None,
+                 **options):
         self.audio = FakeAudio()
         self.conv = conversation or EchoConversation()
-        self.live = LiveConversation(self.conv, MODEL_THREAD, self.audio, max_behind=max_behind)
+        self.live = LiveConversation(self.conv, MODEL_THREAD, self.audio, max_behind=max_behind,
+                                     **options)
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run)
@@ -191,3 +193,35 @@ def test_a_failing_step_ends_the_conversation_and_closes_the_audio():
     assert r.audio.closed.is_set()
     assert r.finish() == [] and r.live.done
     assert MODEL_THREAD.submit(lambda: 42).result(timeout=5) == 42
+
+
+def test_the_canceller_gets_what_was_played_before_each_frame():
+    """Every microphone frame goes through the canceller before Mimi; before each, the canceller
+    gets the blocks played before that frame was captured, not those played after, even when
+    the input stage runs late. Moshi hears the cleaned frame; the raw one is kept."""
+    echo = FakeCanceller()
+    r = Running(echo=echo, keep_raw=True)
+    try:
+        assert echo.delay_ms == pytest.approx(80)  # FakeAudio's latencies: 30 + 50 ms
+        done = r.say(2)
+        np.testing.assert_array_equal(done.user, frame(2) + FakeCanceller.CLEANED)
+        np.testing.assert_array_equal(r.live.take_raw(0), frame(2))
+        echo.go.clear()
+        r.audio.speak(frame(4))  # the canceller waits in process(4)
+        r.audio.play()  # Moshi's voice of frame 2 (its number: 1), played after frame 4 came
+        r.audio.speak(frame(6))
+        r.audio.play()  # silence, played after frame 6 came
+        echo.go.set()
+        assert [number(r.next().user) for _ in range(2)] == [4, 6]
+        assert echo.log == [("process", 2), ("process", 4), ("played", 1), ("process", 6)]
+        np.testing.assert_array_equal(r.live.take_raw(2), frame(6))
+        assert r.conv.heard == [2, 4, 6]
+    finally:
+        echo.go.set()
+        r.finish()
+
+
+def test_without_a_canceller_the_microphone_goes_to_mimi(running):
+    done = running.say(1)
+    np.testing.assert_array_equal(done.user, frame(1))
+    assert running.live.take_raw(0) is None and running.live.echo is None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_audio import EchoConversation, FakeAudio, FakeSoundDevice, frame
+from fake_audio import EchoConversation, FakeAudio, FakeCanceller, FakeSoundDevice, frame
 
 from moshi_mlx import local
 from moshi_mlx.audio.wav import WavWriter
@@ -35,8 +35,8 @@ def read_stereo(path: Path) -> np.ndarray:
 MODEL_THREAD = ModelThread("test-model")
 
 
-def live_conversation(audio: FakeAudio, conv: EchoConversation) -> LiveConversation:
-    return LiveConversation(conv, MODEL_THREAD, audio, max_behind=3)
+def live_conversation(audio: FakeAudio, conv: EchoConversation, **options) -> LiveConversation:
+    return LiveConversation(conv, MODEL_THREAD, audio, max_behind=3, **options)
 
 
 def talk(audio: FakeAudio, conv: EchoConversation, then) -> threading.Thread:
@@ -89,6 +89,34 @@ def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog):
         user_side, moshi_side = rec[(k - 1) * FRAME:k * FRAME].T
         np.testing.assert_allclose(user_side, k / 1000, atol=1e-4)
         np.testing.assert_allclose(moshi_side, 0 if k in (4, 5) else k / 2000, atol=1e-4)
+
+
+def test_with_echo_cancellation_both_sides_of_the_canceller_are_recorded(tmp_path, caplog):
+    """--record keeps what Moshi heard (the canceller's output), --record-raw the microphone's
+    frames before it, skipped frames included; the status line says the canceller's state."""
+    audio, conv = FakeAudio(), EchoConversation()
+    live = live_conversation(audio, conv, echo=FakeCanceller(), keep_raw=True)
+    stop = threading.Event()
+    user = talk(audio, conv, stop.set)
+    with caplog.at_level(logging.INFO, "moshi_mlx"), \
+            WavWriter(tmp_path / "rec.wav", 24000, 2) as recorder, \
+            WavWriter(tmp_path / "raw.wav", 24000) as raw_recorder:
+        presenter = Presenter(live, Display(io.StringIO(), tty=False), recorder, None,
+                              raw_recorder)
+        converse(live, stop, presenter)
+    user.join()
+    assert conv.heard == [1, 2, 3, 6, 7, 8]
+    assert re.search(r"queues mic \d+ speaker \d+ \| echo cancel on", caplog.text)
+    rec = read_stereo(tmp_path / "rec.wav")
+    with wave.open(str(tmp_path / "raw.wav")) as w:
+        assert (w.getnchannels(), w.getframerate()) == (1, 24000)
+        raw = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32767
+    assert rec.shape == (8 * FRAME, 2) and raw.shape == (8 * FRAME,)
+    for k in range(1, 9):
+        frame_k = slice((k - 1) * FRAME, k * FRAME)
+        heard = k / 1000 + FakeCanceller.CLEANED
+        np.testing.assert_allclose(rec[frame_k, 0], heard, atol=1e-4)
+        np.testing.assert_allclose(raw[frame_k], k / 1000, atol=1e-4)
 
 
 def test_ctrl_c_stops_the_conversation_cleanly(tmp_path):
@@ -232,11 +260,19 @@ def test_usage_errors(capsys):
     assert "--text-temp must be 0 (greedy) or a finite number" in capsys.readouterr().err
 
 
-def test_record_where_it_cannot_be_written(tmp_path, capsys):
-    assert local.main(["--demo", "--record", str(tmp_path / "no" / "rec.wav")]) == 1
+@pytest.mark.parametrize("flag", ["--record", "--record-raw"])
+def test_record_where_it_cannot_be_written(tmp_path, capsys, flag):
+    assert local.main(["--demo", flag, str(tmp_path / "no" / "rec.wav")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is not a directory" in err
     assert "Traceback" not in err
+
+
+def test_echo_flags():
+    default = local.parse_args([])
+    assert not default.no_echo_cancel and not default.noise_suppression
+    args = local.parse_args(["--no-echo-cancel", "--noise-suppression", "--record-raw", "r.wav"])
+    assert args.no_echo_cancel and args.noise_suppression and args.record_raw == Path("r.wav")
 
 
 def test_list_devices(monkeypatch, capsys):

@@ -1,16 +1,12 @@
-"""`python -m moshi_mlx.local` on real PortAudio devices, on a machine without a sound card: a
-private PulseAudio daemon provides a virtual microphone and speaker (null sinks at 24 kHz mono;
-see shared/notes/headless-audio.md), reached through ALSA's pulse plugin. Needs the Debian
+"""`python -m moshi_mlx.local` on real PortAudio devices, on a machine without a sound card: the
+virtual microphone and speaker of a private PulseAudio daemon (`virtual_audio`). Needs the Debian
 packages libportaudio2 alsa-utils libasound2-plugins pulseaudio pulseaudio-utils espeak-ng sox:
 where a tool is missing the tests are skipped with the reason, and fail when CI=true."""
 
 import os
-import queue
 import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 import wave
 from pathlib import Path
@@ -18,67 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_speech, require_tool
+from virtual_audio import local, talk_to_app
 
-VIRTUAL_DEVICES = """\
-load-module module-native-protocol-unix
-load-module module-null-sink sink_name=mic rate=24000 channels=1 \
-sink_properties=device.description=VirtualMic
-load-module module-null-sink sink_name=spk rate=24000 channels=1 \
-sink_properties=device.description=VirtualSpeaker
-set-default-sink spk
-set-default-source mic.monitor
-"""
 ROUTE_APP = {"PULSE_SOURCE": "mic.monitor", "PULSE_SINK": "spk"}  # the app hears mic, plays to spk
 SPEECH = ("Hello Moshi, how are you today? I would like to talk about the weather. It rained "
           "all morning here, but now the sun is out. What is the weather like where you are?")
 
 
 @pytest.fixture(scope="module")
-def pulse(tmp_path_factory) -> dict:
-    """A private PulseAudio daemon with the sinks 'mic' and 'spk'; -> the environment variables
-    of its clients."""
-    for name in ("pulseaudio", "pactl"):
-        require_tool(name, "pulseaudio pulseaudio-utils")
-    d = tmp_path_factory.mktemp("pulse")
-    env = {"HOME": str(d / "home"), "XDG_RUNTIME_DIR": str(d / "run"),
-           "PULSE_SERVER": f"unix:{d}/run/pulse/native"}
-    (d / "home").mkdir()
-    (d / "run").mkdir(mode=0o700)
-    (d / "virtual.pa").write_text(VIRTUAL_DEVICES)
-    full_env = dict(os.environ, **env)
-    subprocess.run(["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", "-n", "-F",
-                    d / "virtual.pa", f"--log-target=file:{d}/pulse.log"],
-                   env=full_env, check=True, timeout=30, capture_output=True)
-    deadline = time.monotonic() + 10
-    while subprocess.run(["pactl", "info"], env=full_env, capture_output=True).returncode != 0:
-        assert time.monotonic() < deadline, (d / "pulse.log").read_text()
-        time.sleep(0.05)
-    yield env
-    subprocess.run(["pulseaudio", "-k"], env=full_env, timeout=30)
-
-
-@pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> Path:
     """About 12 s of English speech, 24 kHz mono."""
     return make_speech(tmp_path_factory.mktemp("speech") / "speech.wav", SPEECH)
-
-
-def local(*args, env: dict, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moshi_mlx.local", *map(str, args)],
-                            env=env, text=True, **kwargs)
-
-
-def lines_of(stream) -> queue.Queue:
-    """Reads a text stream on a thread; its lines come through the queue, then None."""
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read():
-        for line in stream:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    return lines
 
 
 def rms(x: np.ndarray) -> float:
@@ -92,29 +38,19 @@ def test_a_live_conversation_on_virtual_devices(pulse, demo_env, speech, tmp_pat
     heard = subprocess.Popen(  # what the app plays on the virtual speaker
         [require_tool("parecord", "pulseaudio-utils"), "--raw", "--device=spk.monitor",
          "--rate=24000", "--channels=1", "--format=s16le", tmp_path / "heard.raw"], env=pulse_env)
-    with open(tmp_path / "stdout.txt", "w") as stdout:
-        app = local("--demo", "--seed", 1, "--record", tmp_path / "rec.wav", env=app_env,
-                    stdout=stdout, stderr=subprocess.PIPE)
-    stderr = lines_of(app.stderr)
-    log = []
-    try:
-        while not any("listening" in line for line in log):  # model loaded, streams open
-            line = stderr.get(timeout=120)
-            assert line is not None, "".join(log)
-            log.append(line)
+
+    def user():
         subprocess.run(["paplay", "--device=mic", speech], env=pulse_env, check=True,
                        timeout=60)  # in real time: about 12 s
         time.sleep(3)  # Moshi may answer
-        app.send_signal(signal.SIGINT)
-        returncode = app.wait(timeout=60)
+
+    try:
+        with open(tmp_path / "stdout.txt", "w") as stdout:
+            returncode, log = talk_to_app(
+                ["--demo", "--seed", 1, "--record", tmp_path / "rec.wav"], app_env, user, stdout)
     finally:
-        app.kill()
         heard.send_signal(signal.SIGINT)
         heard.wait(timeout=30)
-    while (line := stderr.get(timeout=30)) is not None:
-        log.append(line)
-    log = "".join(log)
-
     assert returncode == 0, log
     assert "Traceback" not in log
     assert re.search(r"latency text \d+/\d+ ms, voice \d+/\d+ ms \(p50/p95\) \| slowest \w+ "

@@ -32,6 +32,10 @@ class AudioBackend(Protocol):
     def alive(self) -> bool:
         """False once the streams have stopped by themselves (e.g. a device was unplugged)."""
 
+    def latency(self) -> tuple[float, float]:
+        """(input, output) latencies in seconds as the devices report them, once started: from
+        the microphone to `on_input`, from `on_output` to the speakers."""
+
     def close(self) -> None:
         """Stops the streams; no callback runs after this returns."""
 
@@ -141,6 +145,11 @@ class SoundDeviceAudio:
 
     def alive(self) -> bool:
         return all(stream.active for stream in self._streams)
+
+    def latency(self) -> tuple[float, float]:
+        """PortAudio's latencies of the open input and output streams, in seconds."""
+        input_stream, output_stream = self._streams
+        return input_stream.latency, output_stream.latency
 
     def close(self) -> None:
         for stream in self._streams:

@@ -3,10 +3,13 @@ voice to the speakers.
 
 The audio backend's callbacks only move data: each captured 80 ms frame is put into the engine
 (which drops the oldest waiting frames when it falls behind: lag control); each block to play
-is taken from the speaker queue (silence when it is empty). The engine's callbacks put Moshi's
-voice in the speaker queue (skipping the oldest when the speakers fall more than `max_behind`
-frames behind) and report every frame on an event queue, read by the app's own thread (display,
-recording). Threads block on queue gets with timeouts; nothing polls with sleeps.
+is taken from the speaker queue (silence when it is empty) and, with an echo canceller, a copy
+goes to its `Playback` queue. The canceller runs on the engine's input stage, on every frame
+before Mimi encodes it (skipped frames too), given first the blocks played before that frame was
+captured. The engine's callbacks put Moshi's voice in the speaker queue (skipping the oldest
+when the speakers fall more than `max_behind` frames behind) and report every frame on an event
+queue, read by the app's own thread (display, recording). Threads block on queue gets with
+timeouts; nothing polls with sleeps.
 """
 
 import queue
@@ -19,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from ..audio.devices import AudioBackend, AudioDeviceError
+from ..audio.echo import EchoCanceller, Playback
 from .conversation import Conversation
 from .pipeline import Frame, LiveEngine
 from .stages import WAIT_SECONDS
@@ -43,21 +47,27 @@ class SpeakerCounters:
 class LiveConversation:
     """Connects an audio backend to the live engine. `run(stop)` (on any thread but the
     model's) runs the conversation until `stop` is set; the app reads `next_event()` until
-    `done`. `prepare_input(pcm)` (optional: e.g. echo cancellation) runs on the engine's input
-    thread before Mimi encodes each frame."""
+    `done`. An `echo` canceller cleans each microphone frame on the engine's input thread (its
+    delay hint is set from the devices' latencies once they are open); with `keep_raw`, the
+    frames as they came are kept for `take_raw`."""
 
     def __init__(self, conversation: Conversation, model_thread: Executor, audio: AudioBackend,
-                 max_behind: int = 3,
-                 prepare_input: Callable[[np.ndarray], np.ndarray] | None = None):
+                 max_behind: int = 3, echo: EchoCanceller | None = None,
+                 keep_raw: bool = False):
         self.audio = audio
         self.max_behind = max_behind
+        self.echo = echo
+        self.keep_raw = keep_raw
         self.speaker_counters = SpeakerCounters()
+        self._playback = Playback()
+        self._cleaned = 0  # microphone frames through the canceller
+        self._raw: dict[int, np.ndarray] = {}  # with keep_raw: frame index -> frame as it came
         self._speaker: queue.Queue[np.ndarray] = queue.Queue()
         self._events: queue.Queue[Event | None] = queue.Queue()  # None: the conversation ended
         self._voice_started = False
         self._done = False
         self._failed = threading.Event()
-        decode_input = None if prepare_input is None else (lambda pcm: [prepare_input(pcm)])
+        decode_input = None if echo is None else self._clean
         self.engine = LiveEngine(
             conversation, model_thread, on_text=self._on_text, on_output=self._on_output,
             on_skip=lambda f: self._events.put(Event("skipped", f)),
@@ -98,6 +108,7 @@ class LiveConversation:
     # --- audio callbacks (backend threads): queue operations only ---
 
     def _on_input(self, pcm: np.ndarray) -> None:
+        self._playback.captured()
         self.engine.put(pcm)
 
     def _on_speaker(self, out: np.ndarray) -> None:
@@ -108,6 +119,25 @@ class LiveConversation:
             out.fill(0)
             if self._voice_started:
                 self.speaker_counters.silence += 1
+        if self.echo is not None:
+            self._playback.add(out)
+
+    # --- the engine's input stage (its input thread) ---
+
+    def _clean(self, raw: np.ndarray) -> list[np.ndarray]:
+        """The next microphone frame rid of the speakers' echo. Every frame comes through here
+        in order, so the count is the frame's index in the engine."""
+        index, self._cleaned = self._cleaned, self._cleaned + 1
+        for block in self._playback.take(index):
+            self.echo.played(block)
+        if self.keep_raw:
+            self._raw[index] = raw
+        return [self.echo.process(raw)]
+
+    def take_raw(self, index: int) -> np.ndarray | None:
+        """With `keep_raw`: microphone frame `index` as it came, before echo cancellation, handed
+        out once (None without a canceller: the frame's `user` is the microphone's)."""
+        return self._raw.pop(index) if self.echo is not None else None
 
     # --- engine callbacks (its threads) ---
 
@@ -137,6 +167,8 @@ class LiveConversation:
         self.engine.start()
         try:
             self.audio.start(self._on_input, self._on_speaker)
+            if self.echo is not None:
+                self.echo.delay_ms = 1000 * sum(self.audio.latency())
             started()
             while not stop.wait(WAIT_SECONDS) and not self._failed.is_set():
                 if not self.audio.alive():

@@ -1,0 +1,137 @@
+"""Echo cancellation on real devices: the terminal app in a "room", one PulseAudio null sink
+(`virtual_audio`) that it plays into and listens to, so that its microphone hears its own voice;
+the test speaks into the room too, with pauses. The demo model talks the whole time, in two runs:
+with echo cancellation and without (`--no-echo-cancel`). Needs the Debian packages of
+`virtual_audio` and espeak-ng sox: missing tools fail the test, it is not skipped.
+
+The figures are printed (pytest -s) and recorded in BENCHMARKS.md."""
+
+import os
+import subprocess
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_speech, require_tool
+from virtual_audio import talk_to_app
+
+ROOM = {"PULSE_SINK": "room", "PULSE_SOURCE": "room.monitor"}
+SPEECH = "Hello Moshi, how are you today? I would like to talk about the weather."
+TALKS = 3  # the user says SPEECH this many times,
+PAUSE = 5.0  # s, with this pause after each,
+START = 3.0  # s, after this silence at the start (Moshi talks, the canceller converges)
+MARGIN = 0.2  # s around the user's speech counted as speech (the canceller's delay, settling)
+RATE = 24000
+
+
+def read_wav(path: Path) -> np.ndarray:
+    """-> float64 [samples, channels]."""
+    with wave.open(str(path)) as w:
+        assert (w.getsampwidth(), w.getframerate()) == (2, RATE)
+        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768
+        return pcm.reshape(-1, w.getnchannels())
+
+
+def energy_db(x: np.ndarray) -> float:
+    """Mean power, dB relative to full scale."""
+    return float(10 * np.log10(np.mean(np.square(x)) + 1e-20))
+
+
+def find_speech(mic: np.ndarray, speech: np.ndarray, count: int) -> list[int]:
+    """Where `speech` starts in the microphone's signal, `count` times (samples, in order): the
+    peaks of their cross-correlation, at least the speech's length apart."""
+    n = 1 << (len(mic) + len(speech)).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(mic, n) * np.conj(np.fft.rfft(speech, n)), n)[:len(mic)]
+    starts = []
+    for _ in range(count):
+        start = int(np.argmax(corr))
+        starts.append(start)
+        corr[max(0, start - len(speech)):start + len(speech)] = -np.inf
+    return sorted(starts)
+
+
+class Run:
+    """One conversation in the room: what Moshi heard (`--record`'s left channel), the raw
+    microphone (`--record-raw`), where the user spoke (`talking`, a mask over the samples) and
+    the user's speech as it was played (`user`, zeros elsewhere)."""
+
+    def __init__(self, heard: np.ndarray, raw: np.ndarray, speech: np.ndarray, log: str):
+        self.heard, self.raw, self.log = heard, raw, log
+        self.starts = find_speech(raw, speech, TALKS)
+        self.user = np.zeros_like(raw)
+        self.talking = np.zeros(len(raw), bool)
+        margin = round(MARGIN * RATE)
+        for start in self.starts:
+            end = min(start + len(speech), len(raw))
+            self.user[start:end] = speech[:end - start]
+            self.talking[max(0, start - margin):end + margin] = True
+        self.pauses = ~self.talking  # Moshi's voice only, after the canceller had time
+        self.pauses[:round(START * RATE)] = False
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Path:
+    return make_speech(tmp_path_factory.mktemp("speech") / "speech.wav", SPEECH)
+
+
+def converse_in_room(pulse: dict, demo_env: dict, speech: Path, out: Path, *flags) -> Run:
+    require_tool("paplay", "pulseaudio-utils")
+    pulse_env = dict(os.environ, **pulse)
+
+    def user():
+        time.sleep(START)
+        for _ in range(TALKS):
+            subprocess.run(["paplay", "--device=room", speech], env=pulse_env, check=True,
+                           timeout=60)
+            time.sleep(PAUSE)
+
+    out.mkdir()
+    args = ["--demo", "--seed", 5, "--record", out / "rec.wav", "--record-raw", out / "raw.wav",
+            *flags]
+    returncode, log = talk_to_app(args, dict(demo_env, **pulse, **ROOM), user,
+                                  stdout=subprocess.DEVNULL)
+    assert returncode == 0 and "Traceback" not in log, log
+    heard, raw = read_wav(out / "rec.wav")[:, 0], read_wav(out / "raw.wav")[:, 0]
+    assert len(heard) == len(raw) > (START + TALKS * PAUSE) * RATE
+    return Run(heard, raw, read_wav(speech)[:, 0], log)
+
+
+def test_echo_cancellation_in_a_room(pulse, demo_env, speech, tmp_path):
+    """ERLE: how much weaker Moshi's voice is in what Moshi heard, in the user's pauses, with the
+    canceller than without it (>= 20 dB); the user's speech keeps its energy (within 6 dB)."""
+    off = converse_in_room(pulse, demo_env, speech, tmp_path / "off", "--no-echo-cancel")
+    on = converse_in_room(pulse, demo_env, speech, tmp_path / "on")
+    assert "echo cancel off" in off.log and "echo cancel on" in on.log
+    assert "microphone: echo cancellation on (delay hint" in on.log
+    np.testing.assert_array_equal(off.heard, off.raw)  # off: Moshi hears the microphone as is
+
+    for run in (off, on):  # the user's speech was found where it was played
+        for start in run.starts:
+            segment = slice(start, start + len(run.user))
+            assert np.corrcoef(run.raw[segment], run.user[segment])[0, 1] > 0.5
+        gaps = np.diff(run.starts) / RATE
+        assert np.all(np.abs(gaps - gaps.mean()) < 0.5), gaps
+
+    echo_off = energy_db(off.heard[off.pauses])
+    echo_on = energy_db(on.heard[on.pauses])
+    erle = echo_off - echo_on
+    erle_in_run = energy_db(on.raw[on.pauses]) - echo_on  # the same run's raw microphone
+    # The user's speech without the canceller: its part of the recording, Moshi's voice left out
+    # (the room adds them; the gain comes out 1).
+    talking = off.talking
+    gain = np.dot(off.heard[talking], off.user[talking]) / np.dot(off.user[talking],
+                                                                  off.user[talking])
+    user_off = energy_db(gain * off.user[talking])
+    user_on = energy_db(on.heard[on.talking])
+    print(f"\nMoshi's voice in what it heard, in the user's pauses: {echo_off:.1f} dBFS without "
+          f"echo cancellation, {echo_on:.1f} dBFS with it: ERLE {erle:.1f} dB (against the raw "
+          f"microphone of the same run: {erle_in_run:.1f} dB)")
+    print(f"the user's speech in what Moshi heard: {user_off:.1f} dBFS without echo "
+          f"cancellation (gain {gain:.2f}; with Moshi's voice {energy_db(off.heard[talking]):.1f} "
+          f"dBFS), {user_on:.1f} dBFS with it")
+    assert echo_off > -40, "Moshi's voice did not reach the microphone: nothing to cancel"
+    assert abs(gain - 1) < 0.1
+    assert erle >= 20
+    assert abs(user_on - user_off) <= 6
