@@ -16,6 +16,8 @@ import asyncio
 import os
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -70,6 +72,7 @@ class Plan:
     fatal: bool = False  # the server must end the conversation (a close with a reason)
     error_message: bool = False  # ... after a 0x05 message saying why
     then_speak: bool = False  # then good audio, which the server must still answer
+    linger: bool = True  # then wait for the server's answers (False: close at once)
 
 
 def ignorable(rng: random.Random, count: int) -> list[bytes | str]:
@@ -132,7 +135,8 @@ def fuzz_plans(seed: int = 11) -> list[Plan]:
                    messages=[kind + bytes(MAX_MESSAGE_BYTES + 1000)], fatal=True)
               for kind, query in ((b"\x01", "?audio=pcm"), (b"\x01", ""), (b"\x09", ""))]
     plans += [Plan("a flood of audio, then gone",
-                   messages=[pcm_message(seed=i) for i in range(150)]) for _ in range(2)]
+                   messages=[pcm_message(seed=i) for i in range(150)], linger=False)
+              for _ in range(2)]
     plans += [Plan("control messages", messages=[b"\x03" + bytes([rng.randrange(256)])
                                                  for _ in range(5)] + [b"\x03", b"\x03\x00\x01"])]
     return plans
@@ -182,7 +186,7 @@ async def run_plan(url: str, plan: Plan) -> Outcome:
                 pass
             if plan.then_speak:
                 outcome.answered = await answered(ws, reply)
-            elif not plan.what.endswith("then gone"):
+            elif plan.linger:
                 await receive_all(ws, reply, idle=1.0)
         return outcome
 
@@ -325,7 +329,7 @@ class Silence:
     """A client that went silent with its socket open, and the next client."""
 
     silent: Reply  # what the silent client received
-    silent_for: float  # seconds from its last message until the server closed it (or the end)
+    closed_after: float | None  # seconds from its last message to the server's close (None: open)
     next_first: bytes  # the next client's first message, `after` seconds into the silence
     next_waited: float  # seconds the next client waited for it
 
@@ -340,17 +344,20 @@ async def silent_client(url: str, frames: int, after: float = 2.5) -> Silence:
                 await silent.send_bytes(pcm_message(seed=i))
                 await asyncio.sleep(FRAME / RATE)
             quiet = time.monotonic()
-            listening = asyncio.create_task(receive_all(silent, reply, idle=after + 60))
+
+            async def until_closed() -> float:
+                await receive_all(silent, reply, idle=after + 60)
+                return time.monotonic() - quiet
+
+            listening = asyncio.create_task(until_closed())
             await asyncio.sleep(after)
             start = time.monotonic()
             async with http.ws_connect(f"ws://{url}/api/chat?audio=pcm") as other:
                 first = await first_message(other)
                 waited = time.monotonic() - start
-            if not listening.done():
-                await asyncio.sleep(0.5)
-            closed_after = time.monotonic() - quiet
+            await asyncio.wait([listening], timeout=0.5)
+            closed_after = listening.result() if listening.done() else None
             listening.cancel()
-            await asyncio.gather(listening, return_exceptions=True)
             return Silence(reply, closed_after, first.first, waited)
 
 
@@ -366,15 +373,13 @@ async def short_conversation(http: aiohttp.ClientSession, url: str, frames: int 
     return waited
 
 
-def settled_figures(pid: int, target: ProcessFigures | None,
-                    timeout: float = 5.0) -> ProcessFigures | None:
-    """The process's figures once its threads and fds are back to `target`'s (sockets and
-    threads of ended connections take a moment to go), or after `timeout` seconds."""
+def settled_figures(pid: int, fds: int, timeout: float = 5.0) -> ProcessFigures | None:
+    """The process's figures once it holds no more than `fds` open files (the sockets of ended
+    connections take a moment to close), or after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         now = process_figures(pid)
-        if (now is None or target is None or time.monotonic() > deadline
-                or (now.threads <= target.threads and now.fds <= target.fds)):
+        if now is None or now.fds <= fds or time.monotonic() > deadline:
             return now
         time.sleep(0.1)
 
@@ -398,9 +403,9 @@ def memory_probe(server: ServerProcess, conversations: int) -> MemoryRun:
 
     start = process_figures(server.proc.pid)
     waits = asyncio.run(talk(1))
-    first = settled_figures(server.proc.pid, start)
+    first = settled_figures(server.proc.pid, start.fds if start else 0)
     waits += asyncio.run(talk(conversations - 1))
-    last = settled_figures(server.proc.pid, first)
+    last = settled_figures(server.proc.pid, first.fds if first else 0)
     return MemoryRun(start, first, last, conversations, waits)
 
 
@@ -468,77 +473,87 @@ def same_conversation(a: Reply, b: Reply) -> bool:
     return a.text == b.text and b"".join(a.audio) == b"".join(b.audio)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.probe_server",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", type=int, default=100)
-    parser.add_argument("--disconnects", type=int, default=100)
-    args = parser.parse_args(argv)
-    report = []
-
-    server = ServerProcess(*SERVER_ARGS)
+@contextmanager
+def fresh_server(env: dict | None = None) -> Iterator[ServerProcess]:
+    """A newly started server (SERVER_ARGS), stopped at the end."""
+    server = ServerProcess(*SERVER_ARGS, env=env)
     try:
-        reference = asyncio.run(reference_conversation(server.url))
+        yield server
     finally:
         server.stop()
-    report.append(f"reference conversation: {len(REFERENCE) // FRAME} frames in, "
-                  f"{len(reference.text)} text pieces and {len(reference.audio)} audio messages "
-                  "out")
 
-    server = ServerProcess(*SERVER_ARGS)
-    try:
+
+def fuzz_report(reference: Reply) -> list[str]:
+    with fresh_server() as server:
         start = process_figures(server.proc.pid)
         outcomes = [asyncio.run(run_plan(server.url, p)) for p in fuzz_plans()]
         outcomes += [asyncio.run(run_broken_frame(server.host, server.port, w, d))
                      for w, d in BROKEN_FRAMES]
-        outcomes += [asyncio.run(query_probe(server.url, q))
-                     for q, *_ in BAD_QUERIES] + [asyncio.run(query_probe(server.url, q))
-                                                  for q in EDGE_QUERIES]
+        queries = [q for q, *_ in BAD_QUERIES] + EDGE_QUERIES
+        outcomes += [asyncio.run(query_probe(server.url, q)) for q in queries]
         after = asyncio.run(reference_conversation(server.url))
-        end = settled_figures(server.proc.pid, start)
+        end = settled_figures(server.proc.pid, start.fds if start else 0)
         internal = sum(any(e.startswith("internal error") for e in o.reply.errors)
                        for o in outcomes)
-        report.append(f"fuzz: {sum(o.sent for o in outcomes)} malformed messages over "
-                      f"{len(outcomes)} connections; {internal} ended in 'internal error'; "
-                      f"tracebacks in the log: {sum('Traceback' in x for x in server.lines)}; "
-                      f"the next conversation equals the fresh server's: "
-                      f"{same_conversation(after, reference)}")
-        report.append(waits_line("fuzz connections", [o.waited for o in outcomes]))
-        report.append(figures_table([("before the fuzz", start), ("after it", end)]))
-    finally:
-        server.stop()
+        tracebacks = sum("Traceback" in line for line in server.lines)
+    return [f"fuzz: {sum(o.sent for o in outcomes)} malformed messages and {len(queries)} bad "
+            f"queries over {len(outcomes)} connections; {internal} ended in 'internal error'; "
+            f"{tracebacks} tracebacks in the log; the next conversation equals a fresh "
+            f"server's: {same_conversation(after, reference)}",
+            waits_line("fuzz connections", [o.waited for o in outcomes]),
+            figures_table([("before the fuzz", start), ("after it", end)])]
 
-    server = ServerProcess(*SERVER_ARGS)
-    try:
+
+def disconnects_report(reference: Reply, count: int) -> list[str]:
+    with fresh_server() as server:
         start = process_figures(server.proc.pid)
         waits = [asyncio.run(abrupt_disconnect(server.host, server.port,
                                                DISCONNECTS[i % len(DISCONNECTS)]))
-                 for i in range(args.disconnects)]
+                 for i in range(count)]
         after = asyncio.run(reference_conversation(server.url))
-        end = settled_figures(server.proc.pid, start)
-        report.append(waits_line(f"{args.disconnects} abrupt disconnects",
-                                 [w for w in waits if w is not None]))
-        report.append(f"the next conversation equals the fresh server's: "
-                      f"{same_conversation(after, reference)}")
-        report.append(figures_table([("before the disconnects", start), ("after them", end)]))
-    finally:
-        server.stop()
+        end = settled_figures(server.proc.pid, start.fds if start else 0)
+    return [waits_line(f"after {count} abrupt disconnects", [w for w in waits if w is not None])
+            + f"; the next conversation equals a fresh server's: "
+            f"{same_conversation(after, reference)}",
+            figures_table([("before the disconnects", start), ("after them", end)])]
 
-    server = ServerProcess(*SERVER_ARGS)
-    try:
+
+def silence_report() -> list[str]:
+    with fresh_server() as server:
         silence = asyncio.run(silent_client(server.url, frames=4))
-        report.append(f"silent client: the next client, 2.5 s into the silence, got "
-                      f"{silence.next_first[:40]!r} after {silence.next_waited:.2f} s; the "
-                      f"silent one was closed: {silence.silent.close_code} "
-                      f"{silence.silent.close_reason!r}")
-        run = memory_probe(server, args.conversations)
-        report.append(waits_line(f"{run.conversations} short conversations", run.waits))
-        report.append(figures_table([("ready, no conversation yet", run.start),
-                                     ("after the first conversation", run.first),
-                                     (f"after {run.conversations}", run.last)]))
-    finally:
-        server.stop()
-    print("\n\n".join(report))
+    closed = ("still open" if silence.closed_after is None else
+              f"closed {silence.closed_after:.1f} s into the silence ({silence.silent.close_code} "
+              f"{silence.silent.close_reason!r})")
+    return [f"a silent client: the next client, 2.5 s into the silence, got "
+            f"{silence.next_first[:24]!r} after {silence.next_waited:.2f} s; the silent one: "
+            f"{closed}"]
+
+
+def memory_report(conversations: int) -> list[str]:
+    with fresh_server() as server:
+        run = memory_probe(server, conversations)
+    return [waits_line(f"{conversations} short conversations", run.waits),
+            figures_table([("ready, no conversation yet", run.start),
+                           ("after the first conversation", run.first),
+                           (f"after {conversations}", run.last)])]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probe_server",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conversations", type=int, default=100,
+                        help="short conversations of the memory probe (default: 100)")
+    parser.add_argument("--disconnects", type=int, default=100,
+                        help="abrupt disconnects (default: 100)")
+    args = parser.parse_args(argv)
+    with fresh_server() as server:
+        reference = asyncio.run(reference_conversation(server.url))
+    print(f"reference conversation: {len(REFERENCE) // FRAME} frames in, {len(reference.text)} "
+          f"text pieces and {len(reference.audio)} audio messages out", flush=True)
+    for report in (lambda: fuzz_report(reference),
+                   lambda: disconnects_report(reference, args.disconnects),
+                   silence_report, lambda: memory_report(args.conversations)):
+        print("\n" + "\n\n".join(report()), flush=True)
 
 
 if __name__ == "__main__":

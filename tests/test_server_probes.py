@@ -26,10 +26,10 @@ from benchmarks.probe_server import (
     DISCONNECTS,
     EDGE_QUERIES,
     MALFORMED_HTTP,
-    SERVER_ARGS,
     Outcome,
     abrupt_disconnect,
     figures_table,
+    fresh_server,
     fuzz_plans,
     http_probe,
     memory_probe,
@@ -47,41 +47,46 @@ from benchmarks.probe_server import (
 HANDSHAKE = b"\x00\x00\x00"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
+def test_process_figures_of_this_process():
+    before = process_figures(os.getpid())
+    ballast = bytearray(200 * 2**20)  # touched: resident
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+    with open(__file__):
+        during = process_figures(os.getpid())
+        assert during.fds == before.fds + 1
+    assert during.rss_mb - before.rss_mb > 150
+    started = threading.Event()
+    thread = threading.Thread(target=started.wait)
+    thread.start()
+    assert process_figures(os.getpid()).threads == before.threads + 1
+    started.set()
+    thread.join()
+    del ballast
+
+
 @pytest.fixture(scope="module")
 def env(demo_cache) -> dict:
     return {**os.environ, "XDG_CACHE_HOME": str(demo_cache)}
-
-
-def start_server(env: dict) -> ServerProcess:
-    return ServerProcess(*SERVER_ARGS, env=env)
-
-
-def stop_server(server: ServerProcess) -> None:
-    alive = server.proc.poll() is None
-    server.stop()
-    assert alive, "the server died:\n" + "\n".join(server.lines[-30:])
-    assert server.proc.returncode in (0, -signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
 def reference(env):
     """The well-formed conversation on a freshly started server: the one every server must
     still hold after the probes."""
-    server = start_server(env)
-    try:
+    with fresh_server(env) as server:
         reply = asyncio.run(reference_conversation(server.url))
-    finally:
-        stop_server(server)
-    assert reply.first == HANDSHAKE and reply.errors == [] and reply.close_code is None
+    assert reply.first == HANDSHAKE and reply.errors == []
     assert reply.text and len(reply.audio) >= 8, reply
     return reply
 
 
 @pytest.fixture
 def server(env):
-    server = start_server(env)
-    yield server
-    stop_server(server)
+    with fresh_server(env) as server:
+        yield server
+        assert server.proc.poll() is None, "the server died:\n" + "\n".join(server.lines[-30:])
+    assert server.proc.returncode in (0, -signal.SIGTERM)
 
 
 def conversation_problems(server: ServerProcess, reference) -> list[str]:
@@ -95,8 +100,8 @@ def conversation_problems(server: ServerProcess, reference) -> list[str]:
             f"{len(reference.audio)}), same text: {after.text == reference.text}"]
 
 
-def traceback_problems(server: ServerProcess, start: int = 0) -> list[str]:
-    lines = server.log_since(start)
+def traceback_problems(server: ServerProcess) -> list[str]:
+    lines = server.log_since(0)
     count = sum("Traceback" in line for line in lines)
     if not count:
         return []
@@ -235,10 +240,9 @@ def test_a_silent_client_frees_the_model_within_2_s(server):
         if silence.next_first != HANDSHAKE:
             problems.append(f"{what}: a client 2.5 s into the silence got "
                             f"{silence.next_first[:60]!r}, not a handshake")
-        if silence.silent.close_code is None or not silence.silent.close_reason:
-            problems.append(f"{what}: not closed with a reason ({silence.silent.close_code} "
-                            f"{silence.silent.close_reason!r}) {silence.silent_for:.1f} s into "
-                            "the silence")
+        if silence.closed_after is None or not silence.silent.close_reason:
+            problems.append(f"{what}: not closed with a reason 3 s into the silence (close "
+                            f"{silence.silent.close_code} {silence.silent.close_reason!r})")
         # Let any conversation still held end before the next round.
         asyncio.run(handshake_when_free(server.url))
     print("\n" + "\n".join(figures))
@@ -265,7 +269,7 @@ def test_memory_threads_and_fds_flat_over_100_conversations(server):
         problems.append(f"RSS grew by {run.last.rss_mb - run.first.rss_mb:.0f} MB from the first "
                         f"conversation to the 100th ({run.first.rss_mb:.0f} -> "
                         f"{run.last.rss_mb:.0f} MB)")
-    if (run.last.threads, run.last.fds) != (run.first.threads, run.first.fds):
+    if run.last.threads > run.first.threads or run.last.fds > run.first.fds:
         problems.append(f"threads {run.first.threads} -> {run.last.threads}, open fds "
                         f"{run.first.fds} -> {run.last.fds}")
     assert not problems, "\n".join(problems)
@@ -298,21 +302,3 @@ def test_malformed_http_is_one_log_line(server):
             problems.append(f"{what}: {len(lines)} log lines: {lines[:3]}")
     assert asyncio.run(handshake_or_error(server.url)) == HANDSHAKE
     assert not problems, "\n".join(problems)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
-def test_process_figures_of_this_process():
-    before = process_figures(os.getpid())
-    ballast = bytearray(200 * 2**20)  # touched: resident
-    ballast[::4096] = b"\x01" * len(ballast[::4096])
-    with open(__file__):
-        during = process_figures(os.getpid())
-        assert during.fds == before.fds + 1
-    assert during.rss_mb - before.rss_mb > 150
-    started = threading.Event()
-    thread = threading.Thread(target=started.wait)
-    thread.start()
-    assert process_figures(os.getpid()).threads == before.threads + 1
-    started.set()
-    thread.join()
-    del ballast
