@@ -13,12 +13,14 @@ the server process's memory, threads and open files (Linux /proc) as Markdown.
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 
 import aiohttp
 import numpy as np
@@ -46,7 +48,9 @@ SERVER_ARGS = ("--seed", "1234", "--max-lag", "30")  # long lag: no input droppe
 BUSY_TIMEOUT = 10.0  # seconds a probe waits for a busy server to take a new conversation
 REFERENCE = probe_signal(0.96)  # the well-formed conversation: 12 frames
 MAX_MESSAGE_BYTES = 256 * 1024  # the server's documented limit on one message
-TEXT_VOCABULARY, AUDIO_VOCABULARY = 1000, 2048  # the demo model's (weights_tools demo_config)
+DEMO_CONFIG = json.loads(resources.files("weights_tools").joinpath("data", "demo_config.json")
+                         .read_text(encoding="utf-8"))  # the served model's (make_demo builds it)
+TEXT_VOCABULARY, AUDIO_VOCABULARY = DEMO_CONFIG["text_card"], DEMO_CONFIG["card"]
 
 
 async def reference_conversation(url: str) -> Reply:
