@@ -516,9 +516,10 @@ def disconnects_report(reference: Reply, count: int) -> list[str]:
                  for i in range(count)]
         after = asyncio.run(reference_conversation(server.url))
         end = settled_figures(server.proc.pid, start.fds if start else 0)
+        tracebacks = sum("Traceback" in line for line in server.lines)
     return [waits_line(f"after {count} abrupt disconnects", [w for w in waits if w is not None])
-            + f"; the next conversation equals a fresh server's: "
-            f"{same_conversation(after, reference)}",
+            + f"; {tracebacks} tracebacks in the log; the next conversation equals a fresh "
+            f"server's: {same_conversation(after, reference)}",
             figures_table([("before the disconnects", start), ("after them", end)])]
 
 
