@@ -9,6 +9,7 @@ are in `benchmarks/probe_server.py` (`python -m benchmarks.probe_server` prints 
 """
 
 import asyncio
+import mmap
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import threading
 import time
 
 import aiohttp
+import numpy as np
 import pytest
 
 from benchmarks.chat_client import ServerProcess, handshake_or_error, process_figures
@@ -50,19 +52,18 @@ HANDSHAKE = b"\x00\x00\x00"
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
 def test_process_figures_of_this_process():
     before = process_figures(os.getpid())
-    ballast = bytearray(200 * 2**20)  # touched: resident
-    ballast[::4096] = b"\x01" * len(ballast[::4096])
-    with open(__file__):
-        during = process_figures(os.getpid())
-        assert during.fds == before.fds + 1
+    with mmap.mmap(-1, 200 * 2**20) as ballast:  # fresh pages, resident once written
+        np.frombuffer(ballast, np.uint8)[::4096] = 1
+        with open(__file__):
+            during = process_figures(os.getpid())
     assert during.rss_mb - before.rss_mb > 150
+    assert during.fds == before.fds + 1
     started = threading.Event()
     thread = threading.Thread(target=started.wait)
     thread.start()
     assert process_figures(os.getpid()).threads == before.threads + 1
     started.set()
     thread.join()
-    del ballast
 
 
 @pytest.fixture(scope="module")
