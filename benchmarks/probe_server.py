@@ -35,7 +35,6 @@ from .chat_client import (
     Reply,
     ServerProcess,
     connect_when_free,
-    converse,
     first_message,
     pcm_bytes,
     probe_signal,
@@ -46,17 +45,40 @@ from .chat_client import (
 
 SERVER_ARGS = ("--seed", "1234", "--max-lag", "30")  # long lag: no input dropped, repeatable
 BUSY_TIMEOUT = 10.0  # seconds a probe waits for a busy server to take a new conversation
-REFERENCE = probe_signal(0.96)  # the well-formed conversation: 12 frames
 MAX_MESSAGE_BYTES = 256 * 1024  # the server's documented limit on one message
 DEMO_CONFIG = json.loads(resources.files("weights_tools").joinpath("data", "demo_config.json")
                          .read_text(encoding="utf-8"))  # the served model's (make_demo builds it)
 TEXT_VOCABULARY, AUDIO_VOCABULARY = DEMO_CONFIG["text_card"], DEMO_CONFIG["card"]
+REFERENCE_FRAMES = 12
+REFERENCE = probe_signal(REFERENCE_FRAMES * FRAME / RATE)  # the well-formed conversation's input
+# Moshi's voice lags the input by the largest codebook delay: one 16-bit PCM frame out for each
+# frame in after that.
+REFERENCE_VOICE_BYTES = (REFERENCE_FRAMES - max(DEMO_CONFIG["delays"])) * FRAME * 2
 
 
 async def reference_conversation(url: str) -> Reply:
     """The well-formed conversation, in 16-bit PCM both ways (no codec: the same bytes each
-    time): REFERENCE at real-time pace, waiting while the server is busy."""
-    return await converse(url, REFERENCE, audio="pcm", busy_timeout=BUSY_TIMEOUT)
+    time), waiting while the server is busy; see `speak_reference`."""
+    async with aiohttp.ClientSession() as http:
+        ws, reply, _ = await connect_when_free(http, url, "?audio=pcm", BUSY_TIMEOUT)
+        async with ws:
+            return await speak_reference(ws, reply)
+
+
+async def speak_reference(ws: aiohttp.ClientWebSocketResponse, reply: Reply) -> Reply:
+    """After the handshake: sends REFERENCE at real-time pace and collects the answer. It is
+    over when Moshi's voice for the last frame has come (and nothing more within 0.5 s), when
+    the server closes, or when nothing comes for 30 s."""
+    if reply.first[:1] != b"\x00":
+        return await receive_all(ws, reply)
+    sending = asyncio.create_task(send_speech(ws, REFERENCE, "pcm"))
+    while sum(map(len, reply.audio)) < REFERENCE_VOICE_BYTES:
+        if not await answered(ws, reply, timeout=30.0):
+            break
+    if reply.close_code is None and not ws.closed:
+        await receive_all(ws, reply, idle=0.5)
+    await sending
+    return reply
 
 
 def pcm_message(seconds: float = 0.08, seed: int = 0) -> bytes:
@@ -320,9 +342,7 @@ async def simultaneous(url: str, clients: int) -> list[Reply]:
             reply = await first_message(ws)
             if reply.first[:1] != b"\x00":
                 return await receive_all(ws, reply, idle=5.0)
-            sending = asyncio.create_task(send_speech(ws, REFERENCE, "pcm"))
-            await receive_all(ws, reply, sending)
-            return reply
+            return await speak_reference(ws, reply)
 
     async with aiohttp.ClientSession() as http:
         return await asyncio.gather(*(client(http) for _ in range(clients)))
@@ -553,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with fresh_server() as server:
         reference = asyncio.run(reference_conversation(server.url))
-    print(f"reference conversation: {len(REFERENCE) // FRAME} frames in, {len(reference.text)} "
+    print(f"reference conversation: {REFERENCE_FRAMES} frames in, {len(reference.text)} "
           f"text pieces and {len(reference.audio)} audio messages out", flush=True)
     for report in (lambda: fuzz_report(reference),
                    lambda: disconnects_report(reference, args.disconnects),

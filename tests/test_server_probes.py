@@ -28,6 +28,7 @@ from benchmarks.probe_server import (
     DISCONNECTS,
     EDGE_QUERIES,
     MALFORMED_HTTP,
+    REFERENCE_VOICE_BYTES,
     Outcome,
     abrupt_disconnect,
     figures_table,
@@ -78,7 +79,7 @@ def reference(env):
     with fresh_server(env) as server:
         reply = asyncio.run(reference_conversation(server.url))
     assert reply.first == HANDSHAKE and reply.errors == []
-    assert reply.text and len(reply.audio) >= 8, reply
+    assert reply.text and sum(map(len, reply.audio)) == REFERENCE_VOICE_BYTES, reply
     return reply
 
 
