@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PARITY_STAMP := $(VENV)/.installed-parity
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-live lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: $(PARITY_STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_lm
 	$(PY) -m benchmarks.bench_quantize --layers 4 --bits 4 8
+
+# The live path at real-time pace, both apps, demo model (needs espeak-ng).
+bench-live: $(STAMP)
+	$(PY) -m benchmarks.bench_live
 
 lint: $(STAMP)
 	$(PY) -m ruff check moshi_mlx weights_tools tests benchmarks

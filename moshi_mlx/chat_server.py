@@ -1,18 +1,20 @@
 """The chat server: Kyutai's websocket protocol at `/api/chat`, one conversation at a time, and the
 page that talks to it.
 
-Each connection is a fresh conversation (its own generation state, KV cache and Mimi stream).
-While one runs, another client gets an error message ("busy") and a close. Moshi's text goes out
-as soon as a step has produced it, before its voice is decoded. When generation falls behind
-real time, the oldest waiting input frames are dropped, so the lag stays under `max_lag`.
+Each connection is a fresh conversation: the model's state (KV cache, Mimi streams, sampler seed)
+is reset, nothing is loaded. While one runs, another client gets an error message ("busy") and a
+close. The conversation runs in the live engine (`engine.pipeline`): the client's audio is
+decoded, Mimi-encoded, stepped by Moshi, Mimi-decoded and coded for the client on threads of
+their own; this module only moves messages between the websocket and the engine. Moshi's text
+goes out as soon as a step has produced it, before its voice is decoded. When the engine falls
+behind real time, the oldest waiting input frames are dropped, so the lag stays under
+`max_lag`.
 """
 
 import asyncio
-import ipaddress
 import json
 import logging
 import secrets
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,34 +23,30 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import utils
 from .audio.constants import FRAME_RATE
-from .conversation import Conversation
-from .model_worker import ModelWorker
+from .engine.conversation import Conversation
+from .engine.pipeline import LiveEngine
+from .engine.stages import WAIT_SECONDS
+from .engine.worker import ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
+from .web.origin import OriginPolicy
 
 log = logging.getLogger("moshi_mlx")
 
 STATIC_DIR = Path(__file__).parent / "static"  # the page shipped with the package
 MAX_MESSAGE_BYTES = 256 * 1024  # about a minute of Opus, or 5 s of 16-bit PCM
 HEARTBEAT_SECONDS = 10.0  # a client that stops answering pings is dropped after this
+INPUT_TIMEOUT_SECONDS = 1.5  # a conversation whose client sends no audio for this long ends
 STATUS_EVERY = 12  # frames between two status messages (about 1 s)
-LOOPBACK_NAMES = {"localhost"}
+MAX_WAITING_CHUNKS = 64  # audio messages waiting to be decoded: a client far ahead of real time
 BUSY_MESSAGE = "busy: Moshi is in another conversation; try again when it ends"
 INTERNAL_ERROR_MESSAGE = "internal error: the conversation failed (see the server's log)"
+QUERY_NAMES = (("text_temperature", "text_topk"), ("audio_temperature", "audio_topk"))
 QUERY_SAMPLING = {  # the names Kyutai's web client uses in its URL query
     "text_temperature": ("text_temp", float),
     "text_topk": ("text_top_k", int),
     "audio_temperature": ("audio_temp", float),
     "audio_topk": ("audio_top_k", int),
 }
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 async def refuse(ws: web.WebSocketResponse, text: str, code: int) -> None:
@@ -68,9 +66,10 @@ class Sampling:
     audio_temp: float
     audio_top_k: int
 
-    def with_query(self, query) -> "Sampling":
-        """These settings, overridden by those in a URL query (Kyutai's names); ValueError for a
-        value that is not a number or out of range."""
+    def with_query(self, query, vocab: tuple[int | None, int | None]) -> "Sampling":
+        """These settings, overridden by those in a URL query (Kyutai's names); ValueError
+        naming the parameter (and its valid range) for a value that is not a number or out of
+        range for the model's vocabularies `vocab` (text, audio)."""
         changes = {}
         for name, (field, kind) in QUERY_SAMPLING.items():
             if name in query:
@@ -79,70 +78,53 @@ class Sampling:
                 except ValueError:
                     raise ValueError(f"{name}={query[name]!r} is not a number") from None
         updated = replace(self, **changes)
-        updated.samplers()
+        updated.samplers(vocab, QUERY_NAMES)
         return updated
 
-    def samplers(self) -> tuple[utils.Sampler, utils.Sampler]:
-        """(text sampler, audio sampler); ValueError for an out-of-range value."""
-        return (utils.Sampler(temp=self.text_temp, top_k=self.text_top_k),
-                utils.Sampler(temp=self.audio_temp, top_k=self.audio_top_k))
-
-
-class OriginPolicy:
-    """Which web pages may open the websocket. Clients that send no Origin (Kyutai's command-line
-    clients) are let in. A browser page is let in when it comes from this server itself (same
-    scheme, host and port) or from an origin allowed explicitly. When the server listens on a
-    loopback address only, the host a page names must be a loopback one too, so that a site
-    whose name is made to resolve to 127.0.0.1 (DNS rebinding) cannot reach the model."""
-
-    def __init__(self, bound_host: str, allowed_origins: list[str] = ()):
-        self.loopback_only = is_loopback(bound_host)
-        self.allowed = {o.rstrip("/").lower() for o in allowed_origins}
-
-    def allows(self, request: web.Request) -> bool:
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return True
-        origin = origin.rstrip("/").lower()
-        if origin in self.allowed:
-            return True
-        if origin != f"{request.scheme}://{request.host}".lower():
-            return False
-        return not self.loopback_only or is_loopback(request.url.host or "")
+    def samplers(self, vocab: tuple[int | None, int | None] = (None, None),
+                 names: tuple[tuple[str, str], tuple[str, str]] = (
+                     ("temperature", "top_k"), ("temperature", "top_k")),
+                 ) -> tuple[utils.Sampler, utils.Sampler]:
+        """(text sampler, audio sampler), top-k checked against `vocab` (text, audio; None: no
+        upper bound); `utils.SamplingError` (a ValueError) names the value by `names`."""
+        return (utils.stream_sampler(self.text_temp, self.text_top_k, vocab[0], names[0]),
+                utils.stream_sampler(self.audio_temp, self.audio_top_k, vocab[1], names[1]))
 
 
 class Session:
-    """One conversation over one websocket: the client's audio in, Moshi's text and voice out.
+    """One conversation over one websocket: the client's audio into the live engine, Moshi's
+    text and voice out.
 
-    `take_audio` (on the event loop) decodes and frames the client's audio into a bounded queue;
-    `generate` (a task) steps the conversation on each frame in the model's thread and sends
-    the text, then the voice.
+    The engine's callbacks (on its threads) only hand messages to the event loop's outbox;
+    `send` (a task) writes them to the websocket in order: a step's text before its voice.
     """
 
     def __init__(self, ws: web.WebSocketResponse, worker: ModelWorker, conversation: Conversation,
-                 codec: AudioCodec, max_queued: int, send_status: bool):
+                 codec: AudioCodec, max_waiting: int, send_status: bool):
         self.ws = ws
-        self.worker = worker
-        self.conversation = conversation
         self.codec = codec
         self.reframer = Reframer()
-        self.frames: asyncio.Queue = asyncio.Queue(max_queued)
         self.send_status = send_status
-        self.received = 0  # input frames
-        self.processed = 0
-        self.dropped = 0
-        self.step_seconds = 0.0  # recent average time of one step (listen, send, speak)
         self.ignored: Counter[str] = Counter()
+        self.failure: tuple[str, BaseException] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the engine failed
+        self.engine = LiveEngine(
+            conversation, worker.executor, on_text=self._on_text, on_output=self._on_output,
+            on_error=self._on_error, decode_input=self._decode, encode_output=codec.encode,
+            max_waiting=max_waiting)
+
+    def _decode(self, payload: bytes) -> list:
+        """On the engine's input thread: a chunk of the client's audio -> its complete frames.
+        Raises BadAudio."""
+        return self.reframer.push(self.codec.decode(payload))
 
     def take_audio(self, payload: bytes) -> None:
-        """Decodes a chunk of the client's audio and queues its complete frames, dropping the
-        oldest waiting ones when the queue is full. Raises BadAudio."""
-        for frame in self.reframer.push(self.codec.decode(payload)):
-            self.received += 1
-            if self.frames.full():
-                self.frames.get_nowait()
-                self.dropped += 1
-            self.frames.put_nowait(frame)
+        """Hands a chunk of the client's audio to the engine. Raises BadAudio when the client
+        sends much faster than real time."""
+        if self.engine.pipeline.waiting(0) >= MAX_WAITING_CHUNKS:
+            raise BadAudio("audio comes much faster than real time")
+        self.engine.put(payload)
 
     def ignore(self, reason: str) -> None:
         """Logs an ignored message (each reason once per connection)."""
@@ -150,37 +132,55 @@ class Session:
             log.warning("ignored: %s", reason)
         self.ignored[reason] += 1
 
-    async def generate(self) -> None:
-        try:
-            while True:
-                frame = await self.frames.get()
-                start = time.perf_counter()
-                _, text = await self.worker.run(self.conversation.listen, frame)
-                self.processed += 1  # the model has stepped on it
-                if text is not None:
-                    await self.ws.send_bytes(message(Kind.TEXT, text.encode()))
-                voice = await self.worker.run(self._speak)
-                if voice:
-                    await self.ws.send_bytes(message(Kind.AUDIO, voice))
-                seconds = time.perf_counter() - start
-                self.step_seconds += (seconds - self.step_seconds) / min(self.processed, 10)
-                if self.send_status and self.processed % STATUS_EVERY == 0:
-                    await self.send_json(self.status())
-        except ConnectionResetError:
-            pass  # the client is gone; the receiving side ends the session
-        except Exception:
-            log.exception("conversation failed")
+    # --- engine callbacks (its threads) ---
+
+    def _send_soon(self, data: bytes | None) -> None:
+        self._loop.call_soon_threadsafe(self._outbox.put_nowait, data)
+
+    def _on_text(self, frame) -> None:
+        if frame.text is not None:
+            self._send_soon(message(Kind.TEXT, frame.text.encode()))
+
+    def _on_output(self, frame) -> None:
+        if frame.payload:
+            self._send_soon(message(Kind.AUDIO, frame.payload))
+        if self.send_status and (frame.index + 1) % STATUS_EVERY == 0:
+            self._send_soon(message(Kind.METADATA, json.dumps(self.status()).encode()))
+
+    def _on_error(self, stage: str, error: BaseException) -> None:
+        self.failure = (stage, error)
+        self._send_soon(None)
+
+    # --- the event loop ---
+
+    async def send(self) -> None:
+        """Writes the engine's messages until it fails; then ends the conversation with an
+        error message."""
+        while (data := await self._outbox.get()) is not None:
+            await self.ws.send_bytes(data)
+            self._outbox.task_done()
+        stage, error = self.failure
+        if isinstance(error, BadAudio):
+            log.warning("ended a conversation: bad audio: %s", error)
+            await refuse(self.ws, f"bad audio: {error}", WSCloseCode.UNSUPPORTED_DATA)
+        else:
+            log.error("conversation failed in its %s stage", stage, exc_info=error)
             await refuse(self.ws, INTERNAL_ERROR_MESSAGE, WSCloseCode.INTERNAL_ERROR)
 
-    def _speak(self) -> bytes:
-        """In the model's thread: Moshi's voice for the last step, coded for the client."""
-        pcm = self.conversation.speak()
-        return b"" if pcm is None else self.codec.encode(pcm)
+    async def flush(self) -> None:
+        """Waits until the messages handed to the event loop are written (1 s at most)."""
+        try:
+            await asyncio.wait_for(self._outbox.join(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
 
     def status(self) -> dict:
-        return {"type": "status", "received": self.received, "processed": self.processed,
-                "dropped": self.dropped, "queued": self.frames.qsize(),
-                "step_ms": round(1000 * self.step_seconds, 1)}
+        counters = self.engine.counters
+        return {"type": "status", "received": counters.received, "processed": counters.heard,
+                "dropped": counters.skipped, "queued": self.engine.waiting(),
+                "latency_text_ms": counters.latency_text.summary_ms(),
+                "latency_voice_ms": counters.latency_voice.summary_ms(),
+                "stages_ms": {name: t.summary_ms() for name, t in self.engine.times.items()}}
 
     async def send_json(self, data: dict) -> None:
         await self.ws.send_bytes(message(Kind.METADATA, json.dumps(data).encode()))
@@ -195,13 +195,16 @@ class ChatServer:
     """
 
     def __init__(self, worker: ModelWorker, sampling: Sampling, origins: OriginPolicy,
-                 max_lag: float = 0.5, seed: int | None = None):
+                 max_lag: float = 0.5, seed: int | None = None,
+                 vocab: tuple[int | None, int | None] = (None, None)):
         self.worker = worker
         self.sampling = sampling
+        self.vocab = vocab  # (text, audio) vocabulary sizes: top-k's upper bounds
         self.origins = origins
         self.max_queued = max(1, round(max_lag * FRAME_RATE))
         self.seed = seed
-        self.busy = False  # a conversation is running
+        self.busy = False  # a client is in a conversation
+        self._turn = asyncio.Lock()  # held by a conversation until its clean-up is done
         self.sockets: set[web.WebSocketResponse] = set()
 
     def app(self, static_dir: Path | None) -> web.Application:
@@ -241,7 +244,7 @@ class ChatServer:
     def _options(self, query) -> tuple[Sampling, AudioCodec, bool]:
         """(sampling, audio codec, whether to send status messages) asked for by a connection's
         URL query; ValueError for a bad value. Other parameters are ignored."""
-        sampling = self.sampling.with_query(query)
+        sampling = self.sampling.with_query(query, self.vocab)
         audio = query.get("audio", "opus")
         if audio not in AUDIO_CODECS:
             raise ValueError(f"audio={audio!r} is not one of {', '.join(AUDIO_CODECS)}")
@@ -255,7 +258,15 @@ class ChatServer:
             return
         seed = secrets.randbits(32) if self.seed is None else self.seed
         self.busy = True  # before the first await: the next client is refused
-        session = generation = None
+        try:
+            async with self._turn:  # the previous conversation's clean-up first
+                await self._talk(ws, request, sampling, codec, send_status, seed)
+        finally:
+            self.busy = False
+
+    async def _talk(self, ws: web.WebSocketResponse, request: web.Request, sampling: Sampling,
+                    codec: AudioCodec, send_status: bool, seed: int) -> None:
+        session = sending = None
         try:
             conversation = await self.worker.run(self.worker.new_conversation,
                                                  *sampling.samplers(), seed)
@@ -267,26 +278,51 @@ class ChatServer:
                                          "audio": codec.name,
                                          "max_lag_ms": round(1000 * self.max_queued / FRAME_RATE),
                                          **asdict(sampling)})
-            generation = asyncio.create_task(session.generate())
-            await self._receive(ws, session)
+            session.engine.start()
+            sending = asyncio.create_task(session.send())
+            receiving = asyncio.create_task(self._receive(ws, session))
+            await asyncio.wait([sending, receiving], return_when=asyncio.FIRST_COMPLETED)
+            receiving.cancel()
         except ConnectionResetError:
             pass
         except Exception:
             log.exception("conversation failed")
             await refuse(ws, INTERNAL_ERROR_MESSAGE, WSCloseCode.INTERNAL_ERROR)
         finally:
+            self.busy = False  # the client is gone: the next one waits for the clean-up
             try:
-                if generation is not None:
-                    generation.cancel()
-                    await asyncio.gather(generation, return_exceptions=True)
-            finally:  # even when the server stops during the await
+                if sending is not None:
+                    sending.cancel()
+                    await asyncio.gather(sending, return_exceptions=True)
+                if session is not None:  # the stages finish their frames, off the event loop
+                    await asyncio.to_thread(session.engine.stop)
+                    session.engine.conversation.prepare_next()
+            finally:  # even when the server stops during the awaits
                 if session is not None:
                     self._log_end(session)
-                self.busy = False
 
     async def _receive(self, ws: web.WebSocketResponse, session: Session) -> None:
-        """Takes the client's messages until it closes or sends audio that cannot be decoded."""
-        async for msg in ws:
+        """Takes the client's messages until it closes, sends audio that cannot be decoded, or
+        sends no audio for INPUT_TIMEOUT_SECONDS once Moshi has answered all it heard (a silent
+        client must not keep the model)."""
+        loop = asyncio.get_running_loop()
+        last_audio = loop.time()
+        while True:
+            timeout = last_audio + INPUT_TIMEOUT_SECONDS - loop.time()
+            if timeout <= 0 and not session.engine.pipeline.idle:
+                timeout = WAIT_SECONDS  # the frames already received are answered first
+            try:
+                msg = await ws.receive(timeout=max(timeout, 0.0))
+            except asyncio.TimeoutError:
+                if not session.engine.pipeline.idle:
+                    continue
+                await session.flush()
+                log.info("ended a conversation: no audio for %g s", INPUT_TIMEOUT_SECONDS)
+                await ws.close(code=WSCloseCode.OK,
+                               message=f"no audio for {INPUT_TIMEOUT_SECONDS:g} s".encode())
+                return
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
             if msg.type == WSMsgType.TEXT:
                 session.ignore("a text message (the protocol's messages are binary)")
             elif msg.type == WSMsgType.ERROR:
@@ -296,6 +332,7 @@ class ChatServer:
             elif not msg.data:
                 session.ignore("an empty message")
             elif msg.data[0] == Kind.AUDIO:
+                last_audio = loop.time()
                 try:
                     session.take_audio(msg.data[1:])
                 except BadAudio as e:
@@ -309,9 +346,13 @@ class ChatServer:
 
     @staticmethod
     def _log_end(session: Session) -> None:
+        counters = session.engine.counters
         extra = f", {sum(session.ignored.values())} messages ignored" if session.ignored else ""
-        log.info("conversation ended: %d frames received, %d processed, %d dropped%s",
-                 session.received, session.processed, session.dropped, extra)
+        text, voice = counters.latency_text.summary_ms(), counters.latency_voice.summary_ms()
+        log.info("conversation ended: %d frames received, Moshi heard %d frames, dropped %d "
+                 "input frames; latency to text p50 %s ms, p95 %s ms; to voice p50 %s ms, "
+                 "p95 %s ms%s", counters.received, counters.heard, counters.skipped,
+                 text["p50"], text["p95"], voice["p50"], voice["p95"], extra)
 
     async def _close_all(self, app: web.Application) -> None:
         for ws in list(self.sockets):

@@ -2,9 +2,9 @@
 
     python -m moshi_mlx.local -q 4 [--input-device D] [--output-device D] [--record FILE.wav]
 
-Moshi's words are printed as it speaks, above a status line (step time, frames behind, frames
-skipped, queue sizes). Ctrl-C ends the conversation. The audio path and the lag control are in
-`moshi_mlx.live`, the devices in `moshi_mlx.audio_devices`.
+Moshi's words are printed as it speaks, above a status line (latency, the slowest stage, frames
+skipped, queue sizes). Ctrl-C ends the conversation. The audio path is the live engine
+(`moshi_mlx.engine.live`), the devices are in `moshi_mlx.audio.devices`.
 """
 
 import argparse
@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -23,17 +22,19 @@ from typing import TextIO
 import numpy as np
 
 from . import cli, model_files
-from .audio.constants import FRAME_SIZE, SAMPLE_RATE
-from .audio_devices import (
+from .audio.constants import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
+from .audio.devices import (
     AudioDeviceError,
     SoundDeviceAudio,
     device_name,
     device_table,
     find_device,
 )
-from .audio_io import WavWriter, check_writable
-from .live import FRAME_SECONDS, WAIT_SECONDS, Counters, LiveConversation, Step, StepTimes
-from .model_worker import ModelWorker
+from .audio.wav import WavWriter, check_writable
+from .engine.live import Event, LiveConversation
+from .engine.pipeline import Counters
+from .engine.stages import WAIT_SECONDS, Timings
+from .engine.worker import ModelWorker
 
 log = cli.log
 
@@ -131,34 +132,59 @@ class Display:
         self.out.flush()
 
 
-def status_line(times: StepTimes, behind: int, counters: Counters,
-                queues: tuple[int, int]) -> str:
-    step = "-" if times.median is None else f"{times.median * 1000:.0f} ms"
-    return (f"step {step} | behind {behind} | dropped {counters.skipped} | voice dropped "
-            f"{counters.voice_skipped} | silence {counters.silence} | queues mic {queues[0]} "
-            f"speaker {queues[1]}")
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
 
-def too_slow_message(times: StepTimes, quantized: int | None) -> str:
-    """Says that the steps are slower than real time, with the measured times and what to do."""
-    total, lm = times.median * 1000, times.median_lm * 1000
-    mimi = total - lm
-    message = (f"Moshi cannot keep up in real time on this machine: a step takes {total:.0f} ms "
-               f"(Moshi {lm:.0f} ms, Mimi {mimi:.0f} ms) for each {FRAME_SECONDS * 1000:.0f} ms "
-               "of audio, so some of your speech is skipped to keep the delay bounded. ")
-    if lm >= mimi and quantized != 4:
+def latency_text(counters: Counters) -> str:
+    """Latency from the user's audio to Moshi's text and to its voice, p50/p95 in ms."""
+    text, voice = counters.latency_text, counters.latency_voice
+    return (f"latency text {ms(text.median)}/{ms(text.percentile(95))} ms, voice "
+            f"{ms(voice.median)}/{ms(voice.percentile(95))} ms (p50/p95)")
+
+
+def slowest_stage(times: dict[str, Timings]) -> tuple[str, float] | None:
+    """(name, median seconds) of the slowest stage, None before the first frame."""
+    medians = [(name, t.median) for name, t in times.items() if t.median is not None]
+    return max(medians, key=lambda m: m[1]) if medians else None
+
+
+def status_line(live: LiveConversation) -> str:
+    counters, speaker = live.counters, live.speaker_counters
+    slowest = slowest_stage(live.engine.times)
+    stage = "-" if slowest is None else f"{slowest[0]} {ms(slowest[1])} ms"
+    mic, speakers = live.queue_sizes()
+    return (f"{latency_text(counters)} | slowest {stage} | dropped {counters.skipped} | voice "
+            f"dropped {speaker.voice_skipped} | silence {speaker.silence} | queues mic {mic} "
+            f"speaker {speakers}")
+
+
+STAGE_NAMES = {"encode": "Mimi's encoder", "moshi": "Moshi", "decode": "Mimi's decoder",
+               "input": "echo cancellation"}
+
+
+def too_slow_message(times: dict[str, Timings], quantized: int | None) -> str:
+    """Says that a stage is slower than real time, with the measured times and what to do."""
+    name, seconds = slowest_stage(times)
+    each = ", ".join(f"{STAGE_NAMES.get(n, n)} {ms(t.median)} ms" for n, t in times.items()
+                     if t.median is not None)
+    message = (f"Moshi cannot keep up in real time on this machine: {STAGE_NAMES.get(name, name)} "
+               f"takes {ms(seconds)} ms for each {FRAME_SECONDS * 1000:.0f} ms of audio ({each}; "
+               "the stages run at the same time), so some of your speech is skipped to keep the "
+               "delay bounded. ")
+    if name == "moshi" and quantized != 4:
         return message + "Run with -q 4: 4-bit weights make Moshi's step the fastest."
-    slowest = "Moshi" if lm >= mimi else "Mimi, the audio codec,"
-    return message + (f"{slowest} takes most of the time: close other programs using the "
-                      "processor; if it stays slow, this machine is too slow for a live "
-                      "conversation (python -m moshi_mlx.run_inference works on wav files at "
-                      "any speed).")
+    return message + ("Close other programs using the processor; if it stays slow, this machine "
+                      "is too slow for a live conversation (python -m moshi_mlx.run_inference "
+                      "works on wav files at any speed).")
 
 
 class Presenter:
-    """Reads the frames a `LiveConversation` handled (on its own thread): shows the text and the
-    status, records the conversation (stereo: the user's frame, Moshi's voice of that step),
-    and says once when the steps are too slow for real time."""
+    """Reads the events of a `LiveConversation` (on its own thread): shows the text and the
+    status, records the conversation in frame order (stereo: the user's frame, Moshi's voice
+    of that step), and says once when a stage is too slow for real time."""
+
+    SLOW_AFTER = 25  # frames handled before the stages' times are judged
 
     def __init__(self, live: LiveConversation, display: Display, recorder: WavWriter | None,
                  quantized: int | None):
@@ -166,55 +192,75 @@ class Presenter:
         self.display = display
         self.recorder = recorder
         self.quantized = quantized
-        self.times = StepTimes()
-        self.behind = 0
         self._skipping_said = False
+        self._too_slow_said = False
+        self._next = 0  # the next frame to record
+        self._held: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def run(self) -> None:
-        """Until the generation loop has ended and every frame is handled."""
+        """Until the conversation has ended and every event is handled."""
         try:
             while not self.live.done:
-                step = self.live.next_step(timeout=WAIT_SECONDS)
-                if step is not None:
-                    self.handle(step)
-                self.display.status(status_line(self.times, self.behind, self.live.counters,
-                                                self.live.queue_sizes()))
+                event = self.live.next_event(timeout=WAIT_SECONDS)
+                if event is not None:
+                    self.handle(event)
+                self.display.status(status_line(self.live))
         finally:
             self.display.finish()
 
-    def handle(self, step: Step) -> None:
-        if self.recorder is not None:
-            voice = np.zeros(FRAME_SIZE, np.float32) if step.voice is None else step.voice
-            self.recorder.write(np.stack([step.user, voice], axis=1))
-        if step.skipped:
-            if not self._skipping_said:
-                self._skipping_said = True
-                self.display.notice(
-                    f"Moshi fell {step.behind} frames ({step.behind * FRAME_SECONDS * 1000:.0f} "
-                    "ms) behind: they were skipped to keep the delay bounded (the status line "
-                    "counts the frames dropped).")
+    def handle(self, event: Event) -> None:
+        frame = event.frame
+        if event.kind == "text":
+            self.display.text(frame.text)
             return
-        self.behind = step.behind
-        self.times.add(step.seconds, step.lm_seconds)
-        if step.text is not None:
-            self.display.text(step.text)
-        if self.times.first_too_slow():
-            self.display.notice(too_slow_message(self.times, self.quantized))
+        self._record(frame.index, frame.user, frame.voice)
+        if event.kind == "skipped" and not self._skipping_said:
+            self._skipping_said = True
+            self.display.notice(
+                "Moshi fell behind real time: the oldest frames of your speech were skipped to "
+                "keep the delay bounded (the status line counts the frames dropped).")
+        if (event.kind == "done" and not self._too_slow_said
+                and self.live.counters.heard >= self.SLOW_AFTER):
+            slowest = slowest_stage(self.live.engine.times)
+            if slowest is not None and slowest[1] > FRAME_SECONDS:
+                self._too_slow_said = True
+                self.display.notice(too_slow_message(self.live.engine.times, self.quantized))
+
+    def _record(self, index: int, user: np.ndarray, voice: np.ndarray | None) -> None:
+        """Writes the frames in order (a skipped frame can be reported before earlier ones)."""
+        if self.recorder is None:
+            return
+        self._held[index] = (user, voice)
+        while self._next in self._held:
+            user, voice = self._held.pop(self._next)
+            voice = np.zeros(FRAME_SIZE, np.float32) if voice is None else voice
+            self.recorder.write(np.stack([user, voice], axis=1))
+            self._next += 1
 
 
-def converse(live: LiveConversation, stop: threading.Event, presenter: Presenter,
-             generation: ModelWorker | Executor) -> None:
-    """Runs the conversation until `stop` is set: the generation loop on the `generation`
-    thread (the model's), the presenter on this one."""
+def converse(live: LiveConversation, stop: threading.Event, presenter: Presenter) -> None:
+    """Runs the conversation until `stop` is set: the audio and the engine on a thread of their
+    own, the presenter on this one."""
     started = partial(log.info, "listening: speak to Moshi (Ctrl-C to stop)")
-    loop = generation.submit(live.run, stop, started)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            live.run(stop, started)
+        except BaseException as e:  # raised again on this thread
+            errors.append(e)
+
+    thread = threading.Thread(target=run, name="live-conversation", daemon=True)
+    thread.start()
     try:
         presenter.run()
     except Exception:  # e.g. the disk is full: end the conversation, then report it
         stop.set()
         raise
     finally:
-        loop.result()
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 @contextmanager
@@ -233,11 +279,12 @@ def stop_on_sigint(stop: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
-def summary(seconds: float, times: StepTimes, counters: Counters) -> str:
-    step = "" if times.mean is None else f", mean step {times.mean * 1000:.0f} ms"
-    return (f"conversation: {seconds:.1f} s, Moshi heard {counters.steps} frames{step}; "
-            f"dropped {counters.skipped} input frames and {counters.voice_skipped} of Moshi's; "
-            f"{counters.silence} blocks of silence played for want of Moshi's voice")
+def summary(seconds: float, live: LiveConversation) -> str:
+    counters, speaker = live.counters, live.speaker_counters
+    return (f"conversation: {seconds:.1f} s, Moshi heard {counters.heard} frames; "
+            f"{latency_text(counters)}; dropped {counters.skipped} input frames and "
+            f"{speaker.voice_skipped} of Moshi's; {speaker.silence} blocks of silence played "
+            "for want of Moshi's voice")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -248,14 +295,15 @@ def run(args: argparse.Namespace) -> None:
         check_writable(args.record)
     input_device = find_device(args.input_device, "input")
     output_device = find_device(args.output_device, "output")
-    worker = ModelWorker(model_files.resolve(args))  # the MLX generation thread
+    files = model_files.resolve(args)
+    samplers = cli.make_samplers(args, files.lm_config)
+    # The model's thread: loads Moshi and Mimi and warms them up, then runs Moshi's steps.
+    worker = ModelWorker(files, samplers)
     worker.load().result()
     seed = cli.seed_random(args.seed)
-    conversation = worker.submit(worker.new_conversation, args.text_sampler, args.audio_sampler,
-                                 seed).result()
-    # The first step compiles (~0.5 s): do it before the microphone starts.
-    worker.submit(conversation.step, np.zeros(FRAME_SIZE, np.float32)).result()
-    live = LiveConversation(conversation.step, SoundDeviceAudio(input_device, output_device))
+    conversation = worker.submit(worker.new_conversation, *samplers, seed).result()
+    live = LiveConversation(conversation, worker.executor,
+                            SoundDeviceAudio(input_device, output_device))
     stop = threading.Event()
     recording = WavWriter(args.record, SAMPLE_RATE, 2) if args.record else nullcontext()
     log.info("microphone: %s; speakers: %s", device_name(input_device),
@@ -263,8 +311,8 @@ def run(args: argparse.Namespace) -> None:
     start = time.monotonic()
     with recording as recorder, stop_on_sigint(stop):
         presenter = Presenter(live, Display(), recorder, args.quantized)
-        converse(live, stop, presenter, worker)
-    log.info("%s", summary(time.monotonic() - start, presenter.times, live.counters))
+        converse(live, stop, presenter)
+    log.info("%s", summary(time.monotonic() - start, live))
     if args.record:
         log.info("recorded %s: %.1f s, stereo (you left, Moshi right)", args.record,
                  recorder.samples / SAMPLE_RATE)

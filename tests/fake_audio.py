@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from moshi_mlx import audio_devices
+from moshi_mlx.audio import devices as audio_devices
 from moshi_mlx.audio.constants import FRAME_SIZE
-from moshi_mlx.conversation import FrameOutput
 
 
 def frame(k: int) -> np.ndarray:
@@ -50,33 +49,53 @@ class FakeAudio:
         return out
 
 
-class EchoStep:
-    """A conversation step that echoes each frame at half volume and says the frame's number.
-    `started` receives each frame's number as its step starts; `hold()` makes the steps wait
-    for `release()`, to build a backlog at will."""
+class EchoConversation:
+    """Stands for a `Conversation`, each part a trivial function of the frame's number k: Mimi's
+    codes are k, Moshi says " w{k}" and at once gives its voice: the frame at half volume.
+    `started` receives k as each Moshi step starts; `hold()` makes Moshi's steps (or, with
+    `hold("encode")`, Mimi's encodes) wait for `release()`, to build a backlog at will;
+    `fail_at` makes the step of that frame raise."""
 
-    def __init__(self):
-        self.heard: list[int] = []
+    def __init__(self, fail_at: int | None = None):
+        self.heard: list[int] = []  # frames Moshi stepped on
+        self.threads: set[str] = set()  # the threads Moshi's steps ran on
         self.started: queue.Queue[int] = queue.Queue()
-        self._go = threading.Event()
-        self._go.set()
+        self.encoding: queue.Queue[int] = queue.Queue()
+        self.fail_at = fail_at
+        self._gates = {"encode": threading.Event(), "moshi": threading.Event()}
+        self.release()
 
-    def hold(self) -> None:
-        self._go.clear()
+    def hold(self, part: str = "moshi") -> None:
+        self._gates[part].clear()
 
     def release(self) -> None:
-        self._go.set()
+        for gate in self._gates.values():
+            gate.set()
 
-    def wait_for(self, k: int) -> None:
-        """Waits until the step of frame k has started."""
-        assert self.started.get(timeout=10) == k
+    def wait_for(self, k: int, part: str = "moshi") -> None:
+        """Waits until Moshi's step (or the encode) of frame k has started (earlier frames may
+        have started since the last wait)."""
+        started = self.started if part == "moshi" else self.encoding
+        while (got := started.get(timeout=10)) != k:
+            assert got < k, f"frame {got} started, waiting for frame {k}"
 
-    def __call__(self, pcm: np.ndarray) -> FrameOutput:
-        k = number(pcm)
+    def encode(self, pcm: np.ndarray) -> np.ndarray:
+        self.encoding.put(number(pcm))
+        assert self._gates["encode"].wait(10), "the test never released the encoder"
+        return np.full(8, number(pcm), np.int32)
+
+    def moshi_step(self, codes: np.ndarray):
+        k = int(codes[0])
+        self.threads.add(threading.current_thread().name)
         self.heard.append(k)
         self.started.put(k)
-        assert self._go.wait(10), "the test never released the step"
-        return FrameOutput(token=k, text=f" w{k}", pcm=pcm * 0.5, lm_seconds=0.001)
+        assert self._gates["moshi"].wait(10), "the test never released the step"
+        if k == self.fail_at:
+            raise ValueError("boom")
+        return k, f" w{k}", codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return frame(int(codes[0])) * 0.5
 
 
 DEVICES = [("HDA Intel: ALC (hw:0,0)", 2, 2), ("USB Headset", 1, 0), ("USB Speaker", 0, 2),
@@ -103,7 +122,7 @@ class FakeSoundDevice:
 
     @classmethod
     def install(cls, monkeypatch, devices=DEVICES, **kwargs) -> "FakeSoundDevice":
-        """Makes `moshi_mlx.audio_devices` use a new fake for the rest of the test."""
+        """Makes `moshi_mlx.audio.devices` use a new fake for the rest of the test."""
         sd = cls(devices, **kwargs)
         monkeypatch.setattr(audio_devices, "_sounddevice", lambda: sd)
         return sd

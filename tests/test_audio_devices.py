@@ -6,8 +6,8 @@ import sys
 import pytest
 from fake_audio import FakeSoundDevice
 
-from moshi_mlx import audio_devices
-from moshi_mlx.audio_devices import AudioDeviceError, find_device
+from moshi_mlx.audio import devices as audio_devices
+from moshi_mlx.audio.devices import AudioDeviceError, find_device
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import sphn
 
-from moshi_mlx.audio_io import AudioFileError, WavWriter, read_wav, resample, write_wav
+from moshi_mlx.audio.wav import AudioFileError, WavWriter, read_wav, resample, write_wav
 from moshi_mlx.utils.files import atomic_write
 
 

@@ -13,7 +13,10 @@ import pytest
 from aiohttp.test_utils import TestServer, make_mocked_request
 
 from moshi_mlx import utils
-from moshi_mlx.chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling
+from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
+from moshi_mlx.engine.worker import ModelThread
+from moshi_mlx.protocol import PcmAudio
+from moshi_mlx.web.origin import OriginPolicy
 
 FRAME = 1920
 DEFAULT_SAMPLING = Sampling(0.7, 25, 0.8, 250)
@@ -21,36 +24,47 @@ DEFAULT_SAMPLING = Sampling(0.7, 25, 0.8, 250)
 
 class ScriptedConversation:
     """Says " w{n}" at step n and, from step 1, a voice frame of constant level n / 100.
-    Records the mean of each frame it hears; `listen` can be slowed, `speak` held by a gate."""
+    Records the mean of each frame it hears; Moshi's step can be slowed (`step_seconds`) or
+    made to raise (`fail_at`), the decoding held by a gate."""
 
-    def __init__(self, text_sampler, audio_sampler, seed, listen_seconds=0.0, gate=None):
+    def __init__(self, text_sampler, audio_sampler, seed, step_seconds=0.0, gate=None,
+                 fail_at=None):
         self.samplers = (text_sampler, audio_sampler)
         self.seed = seed
-        self.listen_seconds = listen_seconds
+        self.step_seconds = step_seconds
         self.gate = gate
+        self.fail_at = fail_at
         self.heard: list[float] = []
+        self.ended = False
 
-    def listen(self, pcm: np.ndarray) -> tuple[int, str]:
+    def encode(self, pcm: np.ndarray) -> np.ndarray:
         assert pcm.shape == (FRAME,) and pcm.dtype == np.float32
-        time.sleep(self.listen_seconds)
         self.heard.append(float(pcm.mean()))
-        n = len(self.heard) - 1
-        return n, f" w{n}"
+        return np.array([len(self.heard) - 1])
 
-    def speak(self) -> np.ndarray | None:
-        if self.gate is not None:
-            assert self.gate.wait(10), "the text was not sent before the voice was decoded"
-            self.gate.clear()
-        n = len(self.heard) - 1
-        return None if n == 0 else np.full(FRAME, n / 100, np.float32)
+    def moshi_step(self, codes: np.ndarray):
+        n = int(codes[0])
+        time.sleep(self.step_seconds)
+        if n == self.fail_at:
+            raise RuntimeError("scripted failure")
+        return n, f" w{n}", None if n == 0 else codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        if self.gate is not None:  # one permit per text the client has received
+            assert self.gate.acquire(timeout=10), "the voice waited for its text in vain"
+        return np.full(FRAME, int(codes[0]) / 100, np.float32)
+
+    def prepare_next(self):
+        self.ended = True
 
 
 class ScriptedWorker:
-    """Stands for `ModelWorker`: makes scripted conversations, runs calls in a thread."""
+    """Stands for `ModelWorker`: makes scripted conversations, runs calls in its thread."""
 
     def __init__(self, **options):
         self.options = options
         self.conversations: list[ScriptedConversation] = []
+        self.executor = ModelThread("scripted-model")
 
     def new_conversation(self, text_sampler, audio_sampler, seed):
         if self.options.get("fail"):
@@ -60,7 +74,7 @@ class ScriptedWorker:
         return conversation
 
     async def run(self, fn, *args):
-        return await asyncio.to_thread(fn, *args)
+        return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
 
 def serve(coroutine_fn, worker=None, static=None, **server_options):
@@ -88,28 +102,34 @@ async def next_message(ws) -> bytes:
 
 
 def test_text_goes_out_before_the_voice_is_decoded():
-    gate = threading.Event()
+    """Moshi's voice of step n is decoded only once the client has received the text of step n
+    (the decoder waits for it): the text is not held back by the voice."""
+    gate = threading.Semaphore(0)
     worker = ScriptedWorker(gate=gate)
 
     async def talk(server, http):
         async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as ws:
             assert await next_message(ws) == b"\x00\x00\x00"
             await ws.send_bytes(b"\x01" + pcm_frames([0.1, 0.2, 0.3]))
-            for n in range(3):
-                assert await next_message(ws) == f"\x02 w{n}".encode()
-                gate.set()  # only now may the voice be decoded
-                if n:
-                    voice = await next_message(ws)
-                    assert voice[:1] == b"\x01" and len(voice) == 1 + 2 * FRAME
-                    levels = np.frombuffer(voice[1:], "<i2") / 32767
-                    np.testing.assert_allclose(levels, n / 100, atol=1e-4)
+            received = []
+            while len(received) < 5:
+                received.append(await next_message(ws))
+                if received[-1][:1] == b"\x02" and received[-1] != b"\x02 w0":
+                    gate.release()
+            return received
 
-    serve(talk, worker)
+    received = serve(talk, worker)
+    assert [m for m in received if m[:1] == b"\x02"] == [b"\x02 w0", b"\x02 w1", b"\x02 w2"]
+    voices = [m for m in received if m[:1] == b"\x01"]
+    for n, voice in enumerate(voices, start=1):
+        assert received.index(f"\x02 w{n}".encode()) < received.index(voice)
+        assert len(voice) == 1 + 2 * FRAME
+        np.testing.assert_allclose(np.frombuffer(voice[1:], "<i2") / 32767, n / 100, atol=1e-4)
     np.testing.assert_allclose(worker.conversations[0].heard, [0.1, 0.2, 0.3], atol=1e-4)
 
 
 def test_late_frames_are_dropped_oldest_first(caplog):
-    worker = ScriptedWorker(listen_seconds=0.2)  # slower than real time (80 ms a frame)
+    worker = ScriptedWorker(step_seconds=0.2)  # slower than real time (80 ms a frame)
     levels = [i / 100 for i in range(20)]
 
     async def talk(server, http):
@@ -118,15 +138,18 @@ def test_late_frames_are_dropped_oldest_first(caplog):
             await ws.send_bytes(b"\x01" + pcm_frames(levels))
             while True:  # until the last frame's text: nothing more is queued
                 data = await next_message(ws)
-                if data[:1] == b"\x02" and worker.conversations[0].heard[-1] > 0.185:
+                heard = worker.conversations[0].heard
+                if heard[-1] > 0.185 and data == f"\x02 w{len(heard) - 1}".encode():
                     break
 
     with caplog.at_level(logging.INFO, logger="moshi_mlx"):
         serve(talk, worker, max_lag=0.16)  # two frames may wait
     heard = np.round(np.array(worker.conversations[0].heard) * 100).astype(int).tolist()
-    assert heard == sorted(heard) and heard[-1] == 19 and len(heard) <= 3
+    # Moshi's frame, one in its queue, one in the encoder's hands, 2 waiting in front of it
+    assert heard == sorted(heard) and heard[-1] == 19 and len(heard) <= 5
     dropped = 20 - len(heard)
-    assert f"20 frames received, {len(heard)} processed, {dropped} dropped" in caplog.text
+    assert (f"20 frames received, Moshi heard {len(heard)} frames, dropped {dropped} input "
+            "frames; latency to text p50") in caplog.text
 
 
 def test_status_messages_when_asked():
@@ -149,6 +172,9 @@ def test_status_messages_when_asked():
     status = json.loads(messages[-1][1:])
     assert status["type"] == "status"
     assert (status["received"], status["processed"], status["dropped"]) == (12, 12, 0)
+    for latency in ("latency_text_ms", "latency_voice_ms"):
+        assert 0 <= status[latency]["p50"] <= status[latency]["p95"]
+    assert set(status["stages_ms"]) == {"input", "encode", "moshi", "decode", "output"}
 
 
 def test_query_sets_the_sampling_and_bad_values_are_refused():
@@ -164,14 +190,39 @@ def test_query_sets_the_sampling_and_bad_values_are_refused():
 
     firsts = serve(connect, worker)
     assert firsts[:2] == [b"\x00\x00\x00"] * 2
-    assert firsts[2] == b"\x05bad request: top_k must be >= 0, got -1"
+    assert firsts[2] == (b"\x05bad request: text_topk must be an integer >= 0 (0 keeps every "
+                         b"token), got -1")
     assert firsts[3] == b"\x05bad request: audio_temperature='warm' is not a number"
     assert firsts[4] == b"\x05bad request: audio='mp3' is not one of opus, pcm"
     first, second = worker.conversations
-    assert first.samplers == (utils.Sampler(temp=0.3, top_k=5), utils.Sampler(temp=0.8, top_k=250))
-    assert second.samplers == (utils.Sampler(temp=0.7, top_k=25),
-                               utils.Sampler(temp=0.8, top_k=250))
+    assert first.samplers == (utils.Sampler(temp=0.3, top_k=5, top_p=1.0),
+                              utils.Sampler(temp=0.8, top_k=250, top_p=1.0))
+    assert second.samplers == (utils.Sampler(temp=0.7, top_k=25, top_p=1.0),
+                               utils.Sampler(temp=0.8, top_k=250, top_p=1.0))
     assert first.seed != second.seed  # no --seed: a new random seed per conversation
+
+
+def test_query_values_out_of_the_vocabulary_name_the_parameter_and_its_range():
+    async def connect(server, http):
+        firsts = []
+        for query in ("audio_topk=2049", "text_topk=99999999999999999999999",
+                      "text_temperature=nan", "audio_temperature=1e309", "text_topk=1.5"):
+            async with http.ws_connect(server.make_url(f"/api/chat?{query}")) as ws:
+                firsts.append((await next_message(ws), await ws.receive(timeout=10)))
+        return firsts
+
+    firsts = serve(connect, vocab=(32000, 2048))
+    assert [m for m, _ in firsts] == [
+        b"\x05bad request: audio_topk must be an integer from 0 to 2048 (0 or 2048 keeps every "
+        b"token), got 2049",
+        b"\x05bad request: text_topk must be an integer from 0 to 32000 (0 or 32000 keeps every "
+        b"token), got 99999999999999999999999",
+        b"\x05bad request: text_temperature must be 0 (greedy) or a finite number above 0, "
+        b"got nan",
+        b"\x05bad request: audio_temperature must be 0 (greedy) or a finite number above 0, "
+        b"got inf",
+        b"\x05bad request: text_topk='1.5' is not a number"]
+    assert all(close.type == aiohttp.WSMsgType.CLOSE and close.extra for _, close in firsts)
 
 
 def test_a_failing_conversation_ends_with_an_error_and_the_server_goes_on():
@@ -187,6 +238,33 @@ def test_a_failing_conversation_ends_with_an_error_and_the_server_goes_on():
     failed, then = serve(connect, worker)
     assert failed.startswith(b"\x05internal error")
     assert then == b"\x00\x00\x00"
+
+
+def test_a_stage_that_raises_ends_the_conversation_and_the_next_one_works(caplog):
+    worker = ScriptedWorker(fail_at=2)
+
+    async def connect(server, http):
+        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as ws:
+            assert await next_message(ws) == b"\x00\x00\x00"
+            await ws.send_bytes(b"\x01" + pcm_frames([0.1] * 5))
+            received = []
+            async for msg in ws:
+                received.append(msg.data)
+            close = (ws.close_code, msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None)
+        worker.options.clear()
+        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as ws:
+            assert await next_message(ws) == b"\x00\x00\x00"
+            await ws.send_bytes(b"\x01" + pcm_frames([0.1] * 2))
+            return received, close, [await next_message(ws) for _ in range(3)]
+
+    with caplog.at_level(logging.INFO, logger="moshi_mlx"):
+        received, close, then = serve(connect, worker)
+    assert received[-1].startswith(b"\x05internal error")
+    assert b"\x02 w2" not in received and close[0] == 1011
+    assert "conversation failed in its moshi stage" in caplog.text
+    assert then == [b"\x02 w0", b"\x02 w1",
+                    b"\x01" + PcmAudio().encode(np.full(FRAME, 0.01, np.float32))]
+    assert all(c.ended for c in worker.conversations)  # Mimi's next streams prepared
 
 
 def request(host: str, origin: str | None, scheme: str = "http"):
@@ -251,3 +329,24 @@ def test_the_page_is_served_from_the_package():
             return response.status
 
     assert serve(no_page, static=None) == 404
+
+
+def test_a_silent_client_frees_the_model_within_two_seconds():
+    async def connect(server, http):
+        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as silent:
+            assert await next_message(silent) == b"\x00\x00\x00"
+            await silent.send_bytes(b"\x01" + pcm_frames([0.1]))
+            start = time.monotonic()
+            messages = []
+            while (msg := await silent.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                messages.append(msg.data)  # it keeps its socket open, sends nothing more
+            ended = time.monotonic() - start
+            reason = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None
+            async with http.ws_connect(server.make_url("/api/chat")) as next_client:
+                return messages, ended, (silent.close_code, reason), await next_message(
+                    next_client)
+
+    messages, ended, close, handshake = serve(connect)
+    assert messages == [b"\x02 w0"]  # Moshi's text for the frame it heard, then the close
+    assert close == (aiohttp.WSCloseCode.OK, "no audio for 1.5 s")
+    assert ended < 10 and handshake == b"\x00\x00\x00"  # ends by itself (1.5 s, not timed here)

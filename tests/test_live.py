@@ -1,29 +1,27 @@
-"""The live conversation engine with a fake audio backend: frames in, voice out, lag skipping,
-shutdown (with a fake step: backlogs are built by holding it, not by timing); then the demo
-model's conversation through it, past Mimi's context."""
+"""A live conversation on a fake audio backend, through the live engine with a fake conversation
+(backlogs are built by holding a stage, not by timing): frames in, voice and text out, lag
+skipping, speaker lag, shutdown and errors."""
 
-import argparse
 import threading
 
 import numpy as np
 import pytest
-from fake_audio import EchoStep, FakeAudio, frame, number
+from fake_audio import EchoConversation, FakeAudio, frame, number
 
-from moshi_mlx import model_files, utils
-from moshi_mlx.audio.constants import FRAME_SIZE
-from moshi_mlx.audio_devices import AudioDeviceError
-from moshi_mlx.conversation import Conversation
-from moshi_mlx.live import LiveConversation, StepTimes
-from moshi_mlx.mimi_stream import MimiStream
+from moshi_mlx.audio.devices import AudioDeviceError
+from moshi_mlx.engine.live import LiveConversation
+from moshi_mlx.engine.worker import ModelThread
+
+MODEL_THREAD = ModelThread("test-model")
 
 
 class Running:
-    """A LiveConversation whose generation loop runs on a helper thread."""
+    """A LiveConversation running on a helper thread."""
 
-    def __init__(self, max_behind: int = 3):
+    def __init__(self, max_behind: int = 3, conversation: EchoConversation | None = None):
         self.audio = FakeAudio()
-        self.step = EchoStep()
-        self.live = LiveConversation(self.step, self.audio, max_behind=max_behind)
+        self.conv = conversation or EchoConversation()
+        self.live = LiveConversation(self.conv, MODEL_THREAD, self.audio, max_behind=max_behind)
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run)
@@ -36,27 +34,25 @@ class Running:
         except BaseException as e:
             self.error = e
 
-    def next(self):
-        step = self.live.next_step(timeout=10)
-        assert step is not None, "no frame was handled"
-        return step
+    def next(self, kind: str = "done"):
+        """The next event of that kind (others are skipped)."""
+        while True:
+            event = self.live.next_event(timeout=10)
+            assert event is not None, "no event came"
+            if event.kind == kind:
+                return event.frame
 
     def say(self, k: int):
-        """Speaks frame k and waits until it is handled."""
+        """Speaks frame k and waits until it is done."""
         self.audio.speak(frame(k))
         return self.next()
 
     def finish(self) -> list:
-        """Stops the loop; returns the frames handled but not read yet."""
+        """Stops; returns the events not read yet."""
         self.stop.set()
         self.thread.join(10)
         assert not self.thread.is_alive()
-        rest = []
-        while not self.live.done:
-            step = self.live.next_step(timeout=10)
-            if step is not None:
-                rest.append(step)
-        return rest
+        return list(self.live.events())
 
 
 @pytest.fixture
@@ -64,86 +60,112 @@ def running():
     r = Running()
     yield r
     r.stop.set()
-    r.step.release()
+    r.conv.release()
     r.thread.join(10)
 
 
 def test_frames_in_voice_and_text_out(running):
     for k in range(1, 6):
-        step = running.say(k)
-        assert not step.skipped and step.text == f" w{k}" and step.behind == 0
-        np.testing.assert_array_equal(step.user, frame(k))
-        np.testing.assert_array_equal(step.voice, frame(k) * 0.5)
+        running.audio.speak(frame(k))
+        assert running.next("text").text == f" w{k}"
+        done = running.next()
+        assert done.index == k - 1 and done.text == f" w{k}" and done.token == k
+        np.testing.assert_array_equal(done.user, frame(k))
+        np.testing.assert_array_equal(done.voice, frame(k) * 0.5)
         np.testing.assert_array_equal(running.audio.play(), frame(k) * 0.5)
+        assert 0 <= done.text_latency <= done.voice_latency
     assert running.finish() == []
     assert running.error is None and running.audio.closed.is_set()
-    c = running.live.counters
-    assert (c.steps, c.skipped, c.voice_skipped, c.silence) == (5, 0, 0, 0)
+    c, s = running.live.counters, running.live.speaker_counters
+    assert (c.received, c.heard, c.skipped, s.voice_skipped, s.silence) == (5, 5, 0, 0, 0)
+    assert c.latency_text.count == c.latency_voice.count == 5
+    assert running.conv.threads == {"test-model"}  # Moshi's steps ran on the model's thread
+
+
+def test_text_comes_before_the_frame_is_done(running):
+    running.audio.speak(frame(1))
+    events = [running.live.next_event(timeout=10) for _ in range(2)]
+    assert [e.kind for e in events] == ["text", "done"]
+    assert events[0].frame is events[1].frame
 
 
 def test_speakers_play_silence_when_no_voice_is_ready(running):
     assert not running.audio.play().any()  # before Moshi's first frame: not counted
-    assert running.live.counters.silence == 0
+    assert running.live.speaker_counters.silence == 0
     running.say(1)
     np.testing.assert_array_equal(running.audio.play(), frame(1) * 0.5)
     for _ in range(2):
         assert not running.audio.play().any()
-    assert running.live.counters.silence == 2
-
-
-def backlog(running: Running, frames: int) -> None:
-    """Holds frame 0 in the step while frames 1 to `frames` are spoken."""
-    running.step.hold()
-    running.audio.speak(frame(0))
-    running.step.wait_for(0)
-    for k in range(1, frames + 1):
-        running.audio.speak(frame(k))
-    running.step.release()
+    assert running.live.speaker_counters.silence == 2
 
 
 def test_a_backlog_within_the_bound_is_kept(running):
-    backlog(running, 4)  # frame 1 taken with 3 behind it: not more than max_behind
-    steps = [running.next() for _ in range(5)]
-    assert [number(s.user) for s in steps] == [0, 1, 2, 3, 4]
-    assert not any(s.skipped for s in steps)
-    assert [s.behind for s in steps] == [0, 3, 2, 1, 0]
-    assert running.step.heard == [0, 1, 2, 3, 4]
-    assert running.live.counters.skipped == 0
+    running.conv.hold("encode")
+    running.audio.speak(frame(0))
+    running.conv.wait_for(0, "encode")
+    for k in range(1, 4):  # frame 0 held in the encoder, 1 to 3 wait: not more than max_behind
+        running.audio.speak(frame(k))
+    running.conv.release()
+    assert [number(running.next().user) for _ in range(4)] == [0, 1, 2, 3]
+    assert running.conv.heard == [0, 1, 2, 3] and running.live.counters.skipped == 0
 
 
 def test_lag_skips_the_oldest_frames(running):
-    backlog(running, 7)  # frame 1 taken with 6 behind it: over max_behind
-    steps = [running.next() for _ in range(8)]
-    assert [number(s.user) for s in steps] == list(range(8))
-    assert [s.skipped for s in steps] == [False] + [True] * 6 + [False]
-    assert all(s.voice is None and s.text is None for s in steps[1:7])
-    assert running.step.heard == [0, 7]  # Moshi never heard frames 1 to 6
-    assert running.live.counters.skipped == 6
-    assert running.live.queue_sizes() == (0, 2)
+    running.conv.hold("encode")
+    running.audio.speak(frame(0))
+    running.conv.wait_for(0, "encode")
+    for k in range(1, 8):  # 1 to 7 wait behind frame 0: the oldest are dropped as 5, 6, 7 come
+        running.audio.speak(frame(k))
+    skipped = [running.next("skipped") for _ in range(4)]
+    assert [f.index for f in skipped] == [1, 2, 3, 4]
+    running.conv.release()
+    done = [running.next() for _ in range(4)]
+    assert [f.index for f in done] == [0, 5, 6, 7]
+    assert running.conv.heard == [0, 5, 6, 7]  # Moshi never heard frames 1 to 4
+    c = running.live.counters
+    assert (c.received, c.heard, c.skipped) == (8, 4, 4)
     assert number(running.say(8).user) == 8  # and it goes on in real time
-    assert running.live.counters.skipped == 6
+    assert running.live.counters.skipped == 4
+
+
+def test_backpressure_leaves_the_backlog_in_front_of_the_encoder(running):
+    """While Moshi's step is held, the encoder does not run ahead: the frames wait (and are
+    dropped) in front of it, none is lost inside the pipeline."""
+    running.conv.hold()
+    running.audio.speak(frame(0))
+    running.conv.wait_for(0)
+    for k in range(1, 20):
+        running.audio.speak(frame(k))
+    running.conv.release()
+    frames = [running.next() for _ in range(20 - running.live.counters.skipped)]
+    c = running.live.counters
+    assert c.received == 20 and c.heard + c.skipped == 20
+    # Moshi's frame, one in its queue, one in the encoder's hands, 3 waiting in front of it
+    assert 2 <= c.heard <= 6
+    assert running.conv.heard == sorted(running.conv.heard) == [f.index for f in frames]
+    assert frames[0].index == 0 and frames[-1].index == 19  # the newest is never dropped
 
 
 def test_voice_is_skipped_when_the_speakers_lag(running):
     for k in range(1, 7):  # nothing is played: the speaker queue grows
         running.say(k)
     # voices 1-4 were queued, 5 found more than max_behind waiting: they were dropped
-    assert running.live.counters.voice_skipped == 4
+    assert running.live.speaker_counters.voice_skipped == 4
     assert [number(running.audio.play() * 2) for _ in range(2)] == [5, 6]
     assert running.live.queue_sizes() == (0, 0)
 
 
-def test_stop_finishes_the_current_step_and_closes_the_audio(running):
-    running.step.hold()
+def test_stop_mid_frame_finishes_the_frames_heard_and_closes_the_audio(running):
+    running.conv.hold()
     running.audio.speak(frame(1))
-    running.step.wait_for(1)
-    running.audio.speak(frame(2))
+    running.conv.wait_for(1)
     running.stop.set()
-    running.step.release()
+    running.conv.release()
     rest = running.finish()
-    assert [number(s.user) for s in rest] == [1]  # frame 2 came after the stop
+    assert [(e.kind, e.frame.index) for e in rest] == [("text", 0), ("done", 0)]  # finished
     assert running.audio.closed.is_set() and running.error is None
-    assert running.live.next_step(timeout=0.01) is None
+    assert running.live.next_event(timeout=0.01) is None and running.live.done
+    assert MODEL_THREAD.submit(lambda: 42).result(timeout=5) == 42  # the model's thread is free
 
 
 def test_stop_while_waiting_for_audio(running):
@@ -160,74 +182,12 @@ def test_audio_that_stops_by_itself_is_an_error(running):
     assert running.finish() == []
 
 
-def test_a_failing_step_ends_the_loop_and_closes_the_audio():
-    audio = FakeAudio()
-
-    def step(pcm):
-        raise ValueError("boom")
-
-    live = LiveConversation(step, audio)
-    thread = threading.Thread(target=lambda: audio.started.wait(5) and audio.speak(frame(1)))
-    thread.start()
-    with pytest.raises(ValueError, match="boom"):
-        live.run(threading.Event())
-    thread.join()
-    assert audio.closed.is_set()
-    assert live.next_step(timeout=1) is None and live.done
-
-
-def test_step_times_say_too_slow_once_on_a_full_window():
-    times = StepTimes(window=5)
-    assert times.median is None and times.mean is None
-    for _ in range(4):
-        times.add(0.2, 0.05)
-        assert not times.first_too_slow()  # the window is not full yet
-    times.add(0.2, 0.05)
-    assert times.first_too_slow()
-    assert not times.first_too_slow()
-    assert times.median == pytest.approx(0.2) and times.median_lm == pytest.approx(0.05)
-
-
-def test_step_times_fast_enough():
-    times = StepTimes(window=5)
-    for s in (0.05, 0.07, 0.2, 0.06, 0.07, 0.06):  # one slow step: the median is fine
-        times.add(s, 0.01)
-        assert not times.first_too_slow()
-    assert times.count == 6 and times.mean == pytest.approx(0.085)
-
-
-def test_the_real_engine_runs_past_mimis_context(demo_cache, monkeypatch):
-    """The demo model's conversation through the live loop (on this thread: MLX's), with a
-    Mimi context of 20 frames: Mimi restarts, the conversation goes on, every frame is heard."""
-    parser = argparse.ArgumentParser()
-    model_files.add_model_args(parser)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
-    files = model_files.resolve(parser.parse_args(["--demo", "-q", "4"]))
-    model, tokenizer, _ = model_files.load_model(files)
-    conv = Conversation(model, tokenizer, files.mimi_weight, utils.Sampler(), utils.Sampler())
-    conv.mimi = MimiStream(files.mimi_weight, conv.mimi.num_codebooks, max_seq_len=40)
-    audio, stop = FakeAudio(), threading.Event()
-    live = LiveConversation(conv.step, audio)
-    frames = 50
-    speech = (0.1 * np.random.default_rng(0).standard_normal((frames, FRAME_SIZE)))
-    steps, played = [], []
-
-    def user():
-        assert audio.started.wait(30)
-        for pcm in speech.astype(np.float32):
-            audio.speak(pcm)
-            steps.append(live.next_step(timeout=30))
-            played.append(audio.play())
-        stop.set()
-
-    thread = threading.Thread(target=user)
-    thread.start()
-    live.run(stop)
-    thread.join()
-    assert conv.mimi.restarts >= 2
-    assert len(steps) == frames and not any(s is None or s.skipped for s in steps)
-    assert steps[0].voice is None  # Moshi's first frame needs one more step (codebook delay)
-    for step, out in zip(steps[1:], played[1:]):
-        assert step.voice.shape == (FRAME_SIZE,) and np.isfinite(step.voice).all()
-        np.testing.assert_array_equal(out, step.voice)
-    assert live.counters.steps == frames and live.counters.skipped == 0
+def test_a_failing_step_ends_the_conversation_and_closes_the_audio():
+    r = Running(conversation=EchoConversation(fail_at=2))
+    r.say(1)
+    r.audio.speak(frame(2))
+    r.thread.join(10)
+    assert isinstance(r.error, ValueError) and "boom" in str(r.error)
+    assert r.audio.closed.is_set()
+    assert r.finish() == [] and r.live.done
+    assert MODEL_THREAD.submit(lambda: 42).result(timeout=5) == 42

@@ -9,16 +9,17 @@ import re
 import signal
 import threading
 import wave
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_audio import EchoStep, FakeAudio, FakeSoundDevice, frame
+from fake_audio import EchoConversation, FakeAudio, FakeSoundDevice, frame
 
 from moshi_mlx import local
-from moshi_mlx.audio_io import WavWriter
-from moshi_mlx.live import LiveConversation, StepTimes
+from moshi_mlx.audio.wav import WavWriter
+from moshi_mlx.engine.live import LiveConversation
+from moshi_mlx.engine.stages import Timings
+from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.local import Display, Presenter, converse, stop_on_sigint, too_slow_message
 
 FRAME = 1920
@@ -31,29 +32,30 @@ def read_stereo(path: Path) -> np.ndarray:
         return np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2) / 32767
 
 
-@pytest.fixture
-def generation():
-    """The thread the generation loop runs on (the model's thread in the app)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation") as executor:
-        yield executor
+MODEL_THREAD = ModelThread("test-model")
 
 
-def talk(audio: FakeAudio, step: EchoStep, then) -> threading.Thread:
-    """The user, on a thread: frames 1 and 2; then a backlog (frame 3 held while 4 to 8 come:
-    4 to 7 are skipped); then `then()` once frame 8 is being handled."""
+def live_conversation(audio: FakeAudio, conv: EchoConversation) -> LiveConversation:
+    return LiveConversation(conv, MODEL_THREAD, audio, max_behind=3)
+
+
+def talk(audio: FakeAudio, conv: EchoConversation, then) -> threading.Thread:
+    """The user, on a thread: frames 1 and 2; then a backlog (frame 3 held in Mimi's encoder
+    while 4 to 8 come: 4 and 5 are dropped); then `then()` once frame 8 is being handled."""
 
     def user():
         assert audio.started.wait(10)
         for k in (1, 2):
             audio.speak(frame(k))
-            step.wait_for(k)
-        step.hold()
+            conv.wait_for(k)
+        conv.hold("encode")
         audio.speak(frame(3))
-        step.wait_for(3)
+        conv.wait_for(3, "encode")
         for k in range(4, 9):
             audio.speak(frame(k))
-        step.release()
-        step.wait_for(8)
+        conv.release()
+        for k in (3, 6, 7, 8):
+            conv.wait_for(k)
         then()
 
     thread = threading.Thread(target=user)
@@ -61,41 +63,42 @@ def talk(audio: FakeAudio, step: EchoStep, then) -> threading.Thread:
     return thread
 
 
-def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog, generation):
-    audio, step = FakeAudio(), EchoStep()
-    live = LiveConversation(step, audio, max_behind=3)
+def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog):
+    audio, conv = FakeAudio(), EchoConversation()
+    live = live_conversation(audio, conv)
     out = io.StringIO()
     stop = threading.Event()
-    user = talk(audio, step, stop.set)
+    user = talk(audio, conv, stop.set)
     with caplog.at_level(logging.INFO, "moshi_mlx"), \
             WavWriter(tmp_path / "rec.wav", 24000, 2) as recorder:
         presenter = Presenter(live, Display(out, tty=False), recorder, quantized=None)
-        converse(live, stop, presenter, generation)
+        converse(live, stop, presenter)
     user.join()
     assert audio.closed.is_set()
-    assert out.getvalue() == " w1 w2 w3 w8\n"
-    assert step.heard == [1, 2, 3, 8]
-    assert (live.counters.steps, live.counters.skipped) == (4, 4)
-    assert "listening" in caplog.text and "Moshi fell 4 frames (320 ms) behind" in caplog.text
-    assert re.search(r"step (-|\d+ ms) \| behind \d+ \| dropped \d+", caplog.text)
+    assert out.getvalue() == " w1 w2 w3 w6 w7 w8\n"
+    assert conv.heard == [1, 2, 3, 6, 7, 8]
+    assert (live.counters.heard, live.counters.skipped) == (6, 2)
+    assert "listening" in caplog.text and "Moshi fell behind real time" in caplog.text
+    n = r"(-|\d+)"
+    assert re.search(rf"latency text {n}/{n} ms, voice {n}/{n} ms \(p50/p95\) \| slowest "
+                     rf"(-|\w+ \d+ ms) \| dropped \d+", caplog.text)
 
     rec = read_stereo(tmp_path / "rec.wav")
     assert rec.shape == (8 * FRAME, 2)  # every microphone frame, skipped ones included
     for k in range(1, 9):
         user_side, moshi_side = rec[(k - 1) * FRAME:k * FRAME].T
         np.testing.assert_allclose(user_side, k / 1000, atol=1e-4)
-        np.testing.assert_allclose(moshi_side, 0 if 4 <= k <= 7 else k / 2000, atol=1e-4)
+        np.testing.assert_allclose(moshi_side, 0 if k in (4, 5) else k / 2000, atol=1e-4)
 
 
-def test_ctrl_c_stops_the_conversation_cleanly(tmp_path, generation):
+def test_ctrl_c_stops_the_conversation_cleanly(tmp_path):
     handler = signal.getsignal(signal.SIGINT)
-    audio, step = FakeAudio(), EchoStep()
-    live = LiveConversation(step, audio)
+    audio, conv = FakeAudio(), EchoConversation()
+    live = live_conversation(audio, conv)
     stop = threading.Event()
-    user = talk(audio, step, lambda: os.kill(os.getpid(), signal.SIGINT))
+    user = talk(audio, conv, lambda: os.kill(os.getpid(), signal.SIGINT))
     with WavWriter(tmp_path / "rec.wav", 24000, 2) as recorder, stop_on_sigint(stop):
-        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), recorder, 4),
-                 generation)
+        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), recorder, 4))
     user.join()
     assert stop.is_set() and audio.closed.is_set()
     assert signal.getsignal(signal.SIGINT) is handler
@@ -118,15 +121,14 @@ class FullDisk:
         raise OSError(28, "No space left on device")
 
 
-def test_a_failing_recording_ends_the_conversation(generation):
-    audio, step = FakeAudio(), EchoStep()
-    live = LiveConversation(step, audio)
+def test_a_failing_recording_ends_the_conversation():
+    audio, conv = FakeAudio(), EchoConversation()
+    live = live_conversation(audio, conv)
     stop = threading.Event()
     user = threading.Thread(target=lambda: audio.started.wait(10) and audio.speak(frame(1)))
     user.start()
     with pytest.raises(OSError, match="No space left"):
-        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), FullDisk(), 4),
-                 generation)
+        converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), FullDisk(), 4))
     user.join()
     assert stop.is_set() and audio.closed.is_set()
 
@@ -193,23 +195,24 @@ def test_plain_display_prints_text_as_it_comes_and_logs_the_status(caplog):
     assert [r.message for r in caplog.records] == ["status one", "status three"]
 
 
-def times(total: float, lm: float) -> StepTimes:
-    t = StepTimes(window=3)
-    for _ in range(3):
-        t.add(total, lm)
-    return t
+def stage_times(**medians: float) -> dict[str, Timings]:
+    times = {}
+    for name, seconds in medians.items():
+        times[name] = Timings()
+        for _ in range(3):
+            times[name].add(seconds)
+    return times
 
 
-def test_too_slow_message_gives_the_times_and_what_to_do():
-    moshi_bound = too_slow_message(times(0.2, 0.15), quantized=8)
-    assert "a step takes 200 ms (Moshi 150 ms, Mimi 50 ms)" in moshi_bound
+def test_too_slow_message_names_the_slowest_stage_and_what_to_do():
+    moshi_bound = too_slow_message(stage_times(encode=0.05, moshi=0.15, decode=0.05), 8)
+    assert "Moshi takes 150 ms for each 80 ms of audio" in moshi_bound
+    assert "Mimi's encoder 50 ms, Moshi 150 ms, Mimi's decoder 50 ms" in moshi_bound
     assert "Run with -q 4" in moshi_bound
-    already_q4 = too_slow_message(times(0.2, 0.15), quantized=4)
-    assert "-q 4" not in already_q4 and "Moshi takes most of the time" in already_q4
-    assert "too slow" in already_q4
-    mimi_bound = too_slow_message(times(0.1, 0.02), quantized=None)
-    assert "Mimi, the audio codec, takes most of the time" in mimi_bound
-    assert "-q 4" not in mimi_bound
+    already_q4 = too_slow_message(stage_times(encode=0.05, moshi=0.15, decode=0.05), 4)
+    assert "-q 4" not in already_q4 and "too slow" in already_q4
+    mimi_bound = too_slow_message(stage_times(encode=0.1, moshi=0.02, decode=0.09), None)
+    assert "Mimi's encoder takes 100 ms" in mimi_bound and "-q 4" not in mimi_bound
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -225,7 +228,8 @@ def restore_log_handlers():
 def test_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         local.parse_args(["--text-temp", "-1"])
-    assert e.value.code == 2 and "temperature must be >= 0" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--text-temp must be 0 (greedy) or a finite number" in capsys.readouterr().err
 
 
 def test_record_where_it_cannot_be_written(tmp_path, capsys):

@@ -25,7 +25,7 @@ from benchmarks.chat_client import (
     send_speech,
 )
 from moshi_mlx import local_web
-from moshi_mlx.audio_io import read_wav
+from moshi_mlx.audio.wav import read_wav
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def test_each_connection_is_a_fresh_conversation(server, speech):
     second = asyncio.run(converse(server.url, speech))
     assert second.text == first.text
     np.testing.assert_array_equal(second.voice, voice)
-    server.wait_for(r"conversation ended: \d+ frames received, \d+ processed, 0 dropped")
+    server.wait_for(r"conversation ended: \d+ frames received, Moshi heard \d+ frames, dropped 0 "
+                    r"input frames; latency to text p50 [\d.]+ ms")
 
 
 CHILD_CLIENT = """

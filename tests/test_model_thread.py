@@ -5,7 +5,7 @@ import threading
 import mlx.core as mx
 import pytest
 
-from moshi_mlx.model_worker import ModelThread
+from moshi_mlx.engine.worker import ModelThread
 
 
 def test_calls_run_in_order_on_one_daemon_thread():

@@ -2,7 +2,7 @@ import json
 
 import sentencepiece
 
-from moshi_mlx.text import Transcript, Word, token_text
+from moshi_mlx.engine.text import Transcript, Word, token_text
 
 
 class Pieces:

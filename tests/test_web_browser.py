@@ -2,20 +2,21 @@
 fake microphone plays speech, talking to the chat server on the demo model. Screenshots of the
 page at a laptop's and a phone's width are saved in out/screenshots/."""
 
-import argparse
 import asyncio
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
-from playwright.async_api import async_playwright
+from conftest import demo_files, require_module, require_tool
 
-from moshi_mlx import model_files
-from moshi_mlx.audio_io import read_wav
-from moshi_mlx.chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling
-from moshi_mlx.model_worker import ModelWorker
+from moshi_mlx.audio.wav import read_wav
+from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
+from moshi_mlx.engine.worker import ModelWorker
+from moshi_mlx.web.origin import OriginPolicy
+
+async_playwright = require_module("playwright.async_api",
+                                  "pip install -e '.[dev]'").async_playwright
 
 FRAME = 1920
 SCREENSHOTS = Path(__file__).parents[1] / "out" / "screenshots"
@@ -28,10 +29,7 @@ CHROMIUM_FLAGS = [
 
 
 def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.fail("this test needs Chromium: apt-get install chromium")
-    return path
+    return require_tool("chromium")
 
 
 class RecordingConversation:
@@ -42,15 +40,21 @@ class RecordingConversation:
         self.heard: list[np.ndarray] = []
         self.said: list[str] = []
 
-    def listen(self, pcm):
+    def encode(self, pcm):
         self.heard.append(pcm)
-        token, text = self.conversation.listen(pcm)
+        return self.conversation.encode(pcm)
+
+    def moshi_step(self, codes):
+        token, text, moshi_codes = self.conversation.moshi_step(codes)
         if text is not None:
             self.said.append(text)
-        return token, text
+        return token, text, moshi_codes
 
-    def speak(self):
-        return self.conversation.speak()
+    def decode(self, codes):
+        return self.conversation.decode(codes)
+
+    def prepare_next(self):
+        self.conversation.prepare_next()
 
 
 class RecordingWorker(ModelWorker):
@@ -65,11 +69,8 @@ class RecordingWorker(ModelWorker):
 
 
 @pytest.fixture
-def worker(demo_cache, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
-    parser = argparse.ArgumentParser()
-    model_files.add_model_args(parser)
-    worker = RecordingWorker(model_files.resolve(parser.parse_args(["--demo"])))
+def worker(demo_cache):
+    worker = RecordingWorker(demo_files(demo_cache))
     worker.load()
     yield worker
     worker.close()
@@ -132,4 +133,5 @@ def test_the_page_talks_with_moshi(worker, speech_24k):
     assert "".join(conversation.said).lstrip().startswith(result["transcript"])
     assert stats["textPieces"] >= 12 and stats["receivedFrames"] >= 12
     assert stats["playedSamples"] >= 24000
-    assert {"received", "processed", "dropped", "queued", "step_ms"} <= set(stats["server"])
+    assert {"received", "processed", "dropped", "queued", "latency_voice_ms"} <= set(
+        stats["server"])

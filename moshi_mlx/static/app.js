@@ -3,7 +3,6 @@
 
 const RATE = 24000;
 const FRAME = 1920; // samples per 80 ms frame
-const FRAME_MS = 80;
 const KIND = { handshake: 0, audio: 1, text: 2, metadata: 4, error: 5 };
 
 const ui = {
@@ -69,9 +68,13 @@ function showLag() {
     ui.dropped.textContent = "–";
     return;
   }
+  // The server measures from the arrival of your audio to Moshi's voice leaving it (p50, p95);
+  // the audio buffered here for playback comes on top.
   const playbackMs = (call.buffered / RATE) * 1000;
-  const lagMs = server.queued * FRAME_MS + server.step_ms + playbackMs;
-  ui.latency.textContent = `${Math.round(lagMs)} ms`;
+  const voice = server.latency_voice_ms || {};
+  const lagMs = (voice.p50 ?? 0) + playbackMs;
+  const p95Ms = (voice.p95 ?? 0) + playbackMs;
+  ui.latency.textContent = `${Math.round(lagMs)} ms (p95 ${Math.round(p95Ms)} ms)`;
   ui.dropped.textContent = String(server.dropped);
   document.body.dataset.lagging = String(lagMs > 600 || server.dropped > 0);
 }

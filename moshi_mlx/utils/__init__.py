@@ -1,3 +1,13 @@
-from .sampling import Sampler
+"""Pieces the apps share: sampling (`Sampler` and its checks, on MLX) and file writing (`files`,
+no MLX). The sampling names are imported on first use, so that modules which only move audio or
+bytes can use `utils.files` without importing MLX."""
 
-__all__ = ["Sampler"]
+from importlib import import_module
+
+__all__ = ["Sampler", "SamplingError", "check_temperature", "check_top_k", "stream_sampler"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(import_module(".sampling", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

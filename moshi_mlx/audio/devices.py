@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from .audio.constants import FRAME_SIZE, SAMPLE_RATE
+from .constants import FRAME_SIZE, SAMPLE_RATE
 
 Kind = Literal["input", "output"]
 

@@ -1,6 +1,6 @@
-"""Moshi's model in one worker thread: loading, new conversations and every step run there, one
-call at a time, so the thread that serves the user (the asyncio loop of the browser app, the
-display of the terminal app) never waits on MLX or Mimi.
+"""Moshi's model on one worker thread: loading, warming up, new conversations and every step run
+there, one call at a time, so the thread that serves the user (the asyncio loop of the browser
+app, the display of the terminal app) never waits on MLX.
 
 All MLX work stays on that one thread, because MLX streams are thread-local (arrays made on one
 thread cannot be evaluated on another)."""
@@ -13,8 +13,9 @@ from concurrent.futures import Executor, Future
 from typing import TypeVar
 
 import mlx.core as mx
+import numpy as np
 
-from . import model_files, utils
+from .. import model_files, utils
 from .conversation import Conversation
 
 T = TypeVar("T")
@@ -58,33 +59,56 @@ class ModelThread(Executor):
                 future.set_exception(e)
 
 
-class ModelWorker:
-    """Owns the model's thread; `load()` starts loading the model there."""
+WARMUP_STEPS = 4  # Moshi's steps run at load: MLX compiles what the steps need
 
-    def __init__(self, files: model_files.ModelFiles):
+
+class ModelWorker:
+    """Owns the model's thread. `load()` loads there, once per process, everything a
+    conversation needs (Moshi, its tokenizer, Mimi) and warms it up; each conversation then
+    only resets that state (`new_conversation`)."""
+
+    def __init__(self, files: model_files.ModelFiles,
+                 samplers: tuple[utils.Sampler, utils.Sampler] | None = None,
+                 mimi_max_seq_len: int = 8192):
+        """`samplers`: (text, audio) that conversations will mostly use: warmed up at load.
+        `mimi_max_seq_len`: Mimi's span (see `audio.mimi.MimiCoder`)."""
         self.files = files
-        self._executor = ModelThread("moshi-model")
+        self.mimi_max_seq_len = mimi_max_seq_len
+        self.samplers = samplers or (utils.Sampler(), utils.Sampler())
+        self.executor = ModelThread("moshi-model")
         self.loaded: Future | None = None
+        self.conversation: Conversation | None = None
 
     def load(self) -> Future:
-        """Starts loading the model; the future is done when it is ready (or failed)."""
-        self.loaded = self._executor.submit(model_files.load_model, self.files)
+        """Starts loading; the future is done when the model is ready (or failed)."""
+        self.loaded = self.executor.submit(self._load)
         return self.loaded
+
+    def _load(self) -> None:
+        model, tokenizer, _ = model_files.load_model(self.files)
+        conversation = Conversation(model, tokenizer, self.files.mimi_weight, *self.samplers,
+                                    mimi_max_seq_len=self.mimi_max_seq_len)
+        silence = np.zeros(conversation.num_user_codebooks, np.int32)
+        for _ in range(WARMUP_STEPS):  # Mimi is left untouched, as a conversation expects it
+            conversation.moshi_step(silence)
+        self.conversation = conversation
 
     def new_conversation(self, text_sampler: utils.Sampler, audio_sampler: utils.Sampler,
                          seed: int) -> Conversation:
-        """A fresh conversation whose sampling starts from `seed`. Call it through `run`."""
-        model, tokenizer, _ = self.loaded.result()
+        """The conversation, reset, its sampling starting from `seed`. Call it through `run` or
+        `submit` (on the model's thread), with no conversation running."""
+        self.loaded.result()
+        self.conversation.reset(text_sampler, audio_sampler)
         mx.random.seed(seed)
-        return Conversation(model, tokenizer, self.files.mimi_weight, text_sampler, audio_sampler)
+        return self.conversation
 
     def submit(self, fn: Callable[..., T], *args) -> "Future[T]":
         """Schedules fn(*args) in the worker thread, after the calls submitted before it."""
-        return self._executor.submit(fn, *args)
+        return self.executor.submit(fn, *args)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         """Runs fn(*args) in the worker thread, after the calls submitted before it."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)

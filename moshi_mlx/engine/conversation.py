@@ -1,0 +1,106 @@
+"""A conversation with Moshi, one 80 ms frame at a time, in three parts: Mimi encodes the user's
+frame, Moshi steps (its text token, and the codes of its voice), Mimi decodes Moshi's voice.
+`step` runs them one after the other (the reference, used offline); the live engine
+(`engine.pipeline`) runs the same three parts on three threads."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import sentencepiece
+
+from .. import models, utils
+from ..audio.constants import FRAME_SIZE
+from ..audio.mimi import MimiDecoder, MimiEncoder
+from .text import token_text
+
+
+@dataclass
+class FrameOutput:
+    token: int  # Moshi's text token of this step
+    text: str | None  # its text ('▁' as a space), None for padding tokens
+    pcm: np.ndarray | None  # Moshi's voice, float32 [FRAME_SIZE] at 24 kHz; None while delays fill
+
+
+class Conversation:
+    """Generation state (LmGen: KV cache, step), Mimi's encoder and decoder, for one stream at a
+    time; `reset()` starts a new stream without loading or compiling anything.
+
+    Each part has one owner thread at a time: `encode` (Mimi's encoder), `moshi_step` (MLX: the
+    thread that loaded the model) and `decode` (Mimi's decoder) may run on three threads at once.
+    """
+
+    def __init__(self, model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
+                 mimi_weight: str | Path, text_sampler: utils.Sampler,
+                 audio_sampler: utils.Sampler, mimi_max_seq_len: int = 8192):
+        cfg = model.cfg
+        self.cfg = cfg
+        self.text_tokenizer = text_tokenizer
+        self.num_user_codebooks = cfg.n_q - cfg.dep_q
+        num_codebooks = max(cfg.dep_q, self.num_user_codebooks)
+        self.encoder = MimiEncoder(mimi_weight, num_codebooks, mimi_max_seq_len)
+        self.decoder = MimiDecoder(mimi_weight, num_codebooks, mimi_max_seq_len)
+        self.encoder.wait_ready()  # the two load at the same time
+        self.decoder.wait_ready()
+        self.gen = models.LmGen(model=model, text_sampler=text_sampler,
+                                audio_sampler=audio_sampler)
+        self._moshi_codes: np.ndarray | None = None  # of the last step, for `speak`
+
+    @property
+    def max_delay(self) -> int:
+        """Steps between the user's frame and Moshi's voice for the same frame."""
+        return self.gen.max_delay
+
+    @property
+    def mimi_restarts(self) -> int:
+        return self.encoder.restarts + self.decoder.restarts
+
+    def reset(self, text_sampler: utils.Sampler, audio_sampler: utils.Sampler) -> None:
+        """A new stream (call on the model's thread, with no part running): empty KV cache,
+        Mimi never used. Seed MLX's generator (`mx.random.seed`) for reproducible sampling."""
+        self.gen.reset(text_sampler, audio_sampler)
+        self.encoder.reset()
+        self.decoder.reset()
+        self._moshi_codes = None
+
+    def prepare_next(self) -> None:
+        """The stream has ended: Mimi's next streams are loaded in the background (so that the
+        next `reset` starts exactly as on a fresh start)."""
+        self.encoder.prepare_next()
+        self.decoder.prepare_next()
+
+    def encode(self, pcm: np.ndarray) -> np.ndarray:
+        """The user's frame, float32 [FRAME_SIZE] at 24 kHz -> its Mimi codes int32 [8]."""
+        pcm = np.asarray(pcm, dtype=np.float32)
+        if pcm.shape != (FRAME_SIZE,):
+            raise ValueError(f"a frame is {FRAME_SIZE} samples at 24 kHz, got shape {pcm.shape}")
+        return self.encoder.encode(pcm)[: self.num_user_codebooks]
+
+    def moshi_step(self, codes: np.ndarray) -> tuple[int, str | None, np.ndarray | None]:
+        """Moshi's step on the user's codes -> (text token, its text or None for padding, the
+        codes int32 [dep_q] of Moshi's voice for the frame this step completed, or None while
+        the delays fill). Runs on the model's thread."""
+        token = self.gen.step(mx.array(codes[None]))[0, 0].item()
+        audio = self.gen.last_audio_tokens()
+        moshi_codes = None if audio is None else np.array(audio[0])
+        return token, token_text(self.text_tokenizer, token, self.cfg.existing_text_padding_id), \
+            moshi_codes
+
+    def decode(self, moshi_codes: np.ndarray) -> np.ndarray:
+        """Moshi's codes [dep_q] -> its voice, float32 [FRAME_SIZE] at 24 kHz."""
+        return self.decoder.decode(moshi_codes)
+
+    def listen(self, pcm: np.ndarray) -> tuple[int, str | None]:
+        """The first half of `step`: encode and Moshi's step; returns (token, text)."""
+        token, text, self._moshi_codes = self.moshi_step(self.encode(pcm))
+        return token, text
+
+    def speak(self) -> np.ndarray | None:
+        """The second half of `step`: Moshi's voice for the frame completed by the last
+        `listen`, or None while the codebook delays fill."""
+        return None if self._moshi_codes is None else self.decode(self._moshi_codes)
+
+    def step(self, pcm: np.ndarray) -> FrameOutput:
+        token, text = self.listen(pcm)
+        return FrameOutput(token=token, text=text, pcm=self.speak())
