@@ -4,6 +4,7 @@ value that no model can take is a usage error, exit code 2)."""
 
 import argparse
 import logging
+import math
 import secrets
 import sys
 from collections.abc import Callable
@@ -12,20 +13,21 @@ import mlx.core as mx
 
 from . import model_files, models, utils
 from .audio.wav import AudioFileError
+from .families import FamilyError
 from .utils.files import OutputFileError
 
 log = logging.getLogger("moshi_mlx")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     model_files.ModelFilesError, models.CheckpointError, models.ConfigError, AudioFileError,
-    OutputFileError, utils.SamplingError)
+    OutputFileError, utils.SamplingError, FamilyError)
 SAMPLING_DEFAULTS = {"text": (0.7, 25), "audio": (0.8, 250)}  # stream: (temperature, top-k)
 VOCABULARY = {"text": "text vocabulary (32000 for Moshi 7B)",
               "audio": "codebook size (2048 for Moshi 7B)"}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Registers --seed and --{text,audio}-{temp,top-k}; see `check_sampling_args` and
+    """Registers --seed, --{text,audio}-{temp,top-k} and --cfg-coef; see `check_sampling_args` and
     `make_samplers`."""
     group = parser.add_argument_group(
         "sampling", "as Kyutai's Moshi samples: at the temperature, among the top-k most likely "
@@ -38,6 +40,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag(stream, "top_k"), type=int, default=top_k,
                            help=f"{stream} sampling top-k, from 0 to the {vocab}; 0 and the "
                                 f"maximum keep every token (default: {top_k})")
+    group.add_argument("--cfg-coef", type=float, default=1.0,
+                       help="classifier-free guidance for conditioned models (Hibiki: 3); 1 (the "
+                            "default) for none")
 
 
 def flag(stream: str, what: str) -> str:
@@ -53,6 +58,8 @@ def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespac
             utils.check_top_k(getattr(args, f"{stream}_top_k"), None, flag(stream, "top_k"))
     except utils.SamplingError as e:
         parser.error(str(e))
+    if not math.isfinite(args.cfg_coef) or args.cfg_coef <= 0:
+        parser.error(f"--cfg-coef must be a positive number, got {args.cfg_coef}")
 
 
 def make_samplers(args: argparse.Namespace,

@@ -10,14 +10,13 @@ are STT and conditioned ones Hibiki.
 
 from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
 import sentencepiece
 
 from . import models, utils
 from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from .audio.mimi import MimiDecoder, MimiEncoder
-from .engine.text import Transcript, token_text
+from .engine.conversation import Conversation
+from .engine.text import Transcript
 from .models.conditioner import ConditionTensor
 
 KINDS = ("moshi", "hibiki", "stt")
@@ -73,6 +72,13 @@ class StepOutput:
     pcm: np.ndarray | None  # the model's voice for one frame, None for STT or while delays fill
 
 
+def conversation_condition(model: models.Lm, cfg_coef: float) -> ConditionTensor | None:
+    """The condition a model's conversations step with (Hibiki's; none for the others)."""
+    if cfg_coef != 1 and not model.cfg.conditioners:
+        raise FamilyError("--cfg-coef needs a conditioned model (Hibiki); this one has none")
+    return hibiki_condition(model, cfg_coef) if model_kind(model.cfg) == "hibiki" else None
+
+
 class FamilyStream:
     """One pass of a Hibiki or STT model: `step(pcm)` per input frame, then for Hibiki
     `end_of_input()` and `step(None)` (silence) until `done`."""
@@ -80,43 +86,35 @@ class FamilyStream:
     def __init__(self, model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
                  mimi_weight, text_sampler: utils.Sampler, audio_sampler: utils.Sampler,
                  cfg_coef: float = 1.0):
-        cfg = model.cfg
-        self.cfg = cfg
-        self.kind = model_kind(cfg)
-        if cfg_coef != 1 and not cfg.conditioners:
-            raise FamilyError("--cfg-coef needs a conditioned model (Hibiki); this one has none")
+        self.cfg = model.cfg
+        self.kind = model_kind(self.cfg)
         self.text_tokenizer = text_tokenizer
-        self.ct = hibiki_condition(model, cfg_coef) if self.kind == "hibiki" else None
-        self.encoder = MimiEncoder(mimi_weight, cfg.mimi_codebooks)
-        self.decoder = MimiDecoder(mimi_weight, cfg.mimi_codebooks) if cfg.dep_q else None
-        self.gen = models.LmGen(model, text_sampler=text_sampler, audio_sampler=audio_sampler,
-                                cfg_coef=cfg_coef)
+        self.conversation = Conversation(model, text_tokenizer, mimi_weight, text_sampler,
+                                         audio_sampler, cfg_coef=cfg_coef,
+                                         condition=conversation_condition(model, cfg_coef))
         self.done = False  # Hibiki ended its text after the end of the input
 
     def _step(self, codes: np.ndarray) -> StepOutput:
-        token = self.gen.step(mx.array(codes[None, : self.cfg.num_user_codebooks]), self.ct)
-        token = token[0, 0].item()
+        token, text, moshi_codes = self.conversation.moshi_step(codes)
         if token == self.text_tokenizer.eos_id():
             self.done = True
-        audio = self.gen.last_audio_tokens()
-        pcm = None if audio is None else self.decoder.decode(np.array(audio[0]))
-        return StepOutput(token, token_text(self.text_tokenizer, token,
-                                            self.cfg.existing_text_padding_id), pcm)
+        pcm = None if moshi_codes is None else self.conversation.decode(moshi_codes)
+        return StepOutput(token, text, pcm)
 
     def step(self, pcm: np.ndarray | None) -> StepOutput:
         """pcm: the next input frame, float32 [FRAME_SIZE] at 24 kHz; None for silence."""
         if pcm is None:
             pcm = np.zeros(FRAME_SIZE, np.float32)
-        return self._step(self.encoder.encode(pcm))
+        return self._step(self.conversation.encode(pcm))
 
     @property
     def mimi_restarts(self) -> int:
-        return self.encoder.restarts + (self.decoder.restarts if self.decoder else 0)
+        return self.conversation.mimi_restarts
 
     def end_of_input(self) -> StepOutput:
         """Hibiki's end-of-input frame: every input codebook set to `card`."""
         self.done = False  # an end of text before the end of the input does not count
-        return self._step(np.full(self.cfg.mimi_codebooks, self.cfg.card, np.int32))
+        return self._step(self.conversation.end_of_input_codes())
 
 
 @dataclass

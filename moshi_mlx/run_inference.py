@@ -14,7 +14,6 @@ word times in the input's seconds in `--json`, and needs no OUTPUT.
 
 import argparse
 import json
-import math
 import sys
 import time
 from contextlib import ExitStack
@@ -48,13 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "models)")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="write the transcript (words with frame times) and timing figures")
-    parser.add_argument("--cfg-coef", type=float, default=1.0,
-                        help="classifier-free guidance for conditioned models (Hibiki: 3); "
-                             "1 (the default) for none")
-    args = cli.parse_app_args(parser, argv)
-    if not math.isfinite(args.cfg_coef) or args.cfg_coef <= 0:
-        parser.error(f"--cfg-coef must be a positive number, got {args.cfg_coef}")
-    return args
+    return cli.parse_app_args(parser, argv)
 
 
 class TextPrinter:
@@ -202,8 +195,7 @@ def stream_family(pcm: np.ndarray, family: families.FamilyStream
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return cli.run_main(lambda: run(args), "interrupted (no file is left half-written)",
-                        user_errors=(families.FamilyError,))
+    return cli.run_main(lambda: run(args), "interrupted (no file is left half-written)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sentencepiece
 from .. import models, utils
 from ..audio.constants import FRAME_SIZE
 from ..audio.mimi import MimiDecoder, MimiEncoder
+from ..models.conditioner import ConditionTensor
 from .text import token_text
 
 
@@ -29,22 +30,28 @@ class Conversation:
 
     Each part has one owner thread at a time: `encode` (Mimi's encoder), `moshi_step` (MLX: the
     thread that loaded the model) and `decode` (Mimi's decoder) may run on three threads at once.
+
+    Kyutai's other models run the same way: a text-only model (STT) has no voice (and no
+    decoder); a conditioned one (Hibiki) steps with its `condition`, with classifier-free
+    guidance when `cfg_coef` is not 1 (see `models.LmGen`).
     """
 
     def __init__(self, model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
                  mimi_weight: str | Path, text_sampler: utils.Sampler,
-                 audio_sampler: utils.Sampler, mimi_max_seq_len: int = 8192):
+                 audio_sampler: utils.Sampler, mimi_max_seq_len: int = 8192,
+                 cfg_coef: float = 1.0, condition: ConditionTensor | None = None):
         cfg = model.cfg
         self.cfg = cfg
         self.text_tokenizer = text_tokenizer
-        self.num_user_codebooks = cfg.n_q - cfg.dep_q
-        num_codebooks = max(cfg.dep_q, self.num_user_codebooks)
-        self.encoder = MimiEncoder(mimi_weight, num_codebooks, mimi_max_seq_len)
-        self.decoder = MimiDecoder(mimi_weight, num_codebooks, mimi_max_seq_len)
-        self.encoder.wait_ready()  # the two load at the same time
-        self.decoder.wait_ready()
+        self.num_user_codebooks = cfg.num_user_codebooks
+        self.condition = condition
+        self.encoder = MimiEncoder(mimi_weight, cfg.mimi_codebooks, mimi_max_seq_len)
+        self.decoder = (MimiDecoder(mimi_weight, cfg.mimi_codebooks, mimi_max_seq_len)
+                        if cfg.dep_q else None)
+        for coder in self.coders:  # they load at the same time
+            coder.wait_ready()
         self.gen = models.LmGen(model=model, text_sampler=text_sampler,
-                                audio_sampler=audio_sampler)
+                                audio_sampler=audio_sampler, cfg_coef=cfg_coef)
         self._moshi_codes: np.ndarray | None = None  # of the last step, for `speak`
 
     @property
@@ -53,22 +60,27 @@ class Conversation:
         return self.gen.max_delay
 
     @property
+    def coders(self) -> list:
+        """Mimi's encoder, and its decoder if the model speaks."""
+        return [self.encoder] + ([self.decoder] if self.decoder is not None else [])
+
+    @property
     def mimi_restarts(self) -> int:
-        return self.encoder.restarts + self.decoder.restarts
+        return sum(coder.restarts for coder in self.coders)
 
     def reset(self, text_sampler: utils.Sampler, audio_sampler: utils.Sampler) -> None:
         """A new stream (call on the model's thread, with no part running): empty KV cache,
         Mimi never used. Seed MLX's generator (`mx.random.seed`) for reproducible sampling."""
         self.gen.reset(text_sampler, audio_sampler)
-        self.encoder.reset()
-        self.decoder.reset()
+        for coder in self.coders:
+            coder.reset()
         self._moshi_codes = None
 
     def prepare_next(self) -> None:
         """The stream has ended: Mimi's next streams are loaded in the background (so that the
         next `reset` starts exactly as on a fresh start)."""
-        self.encoder.prepare_next()
-        self.decoder.prepare_next()
+        for coder in self.coders:
+            coder.prepare_next()
 
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         """The user's frame, float32 [FRAME_SIZE] at 24 kHz -> its Mimi codes int32 [8]."""
@@ -81,11 +93,15 @@ class Conversation:
         """Moshi's step on the user's codes -> (text token, its text or None for padding, the
         codes int32 [dep_q] of Moshi's voice for the frame this step completed, or None while
         the delays fill). Runs on the model's thread."""
-        token = self.gen.step(mx.array(codes[None]))[0, 0].item()
+        token = self.gen.step(mx.array(codes[None]), self.condition)[0, 0].item()
         audio = self.gen.last_audio_tokens()
         moshi_codes = None if audio is None else np.array(audio[0])
         return token, token_text(self.text_tokenizer, token, self.cfg.existing_text_padding_id), \
             moshi_codes
+
+    def end_of_input_codes(self) -> np.ndarray:
+        """The codes that tell Hibiki its input has ended: every input codebook set to `card`."""
+        return np.full(self.num_user_codebooks, self.cfg.card, np.int32)
 
     def decode(self, moshi_codes: np.ndarray) -> np.ndarray:
         """Moshi's codes [dep_q] -> its voice, float32 [FRAME_SIZE] at 24 kHz."""

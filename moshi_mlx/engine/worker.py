@@ -15,7 +15,7 @@ from typing import TypeVar
 import mlx.core as mx
 import numpy as np
 
-from .. import model_files, utils
+from .. import families, model_files, utils
 from .conversation import Conversation
 
 T = TypeVar("T")
@@ -69,11 +69,13 @@ class ModelWorker:
 
     def __init__(self, files: model_files.ModelFiles,
                  samplers: tuple[utils.Sampler, utils.Sampler] | None = None,
-                 mimi_max_seq_len: int = 8192):
+                 mimi_max_seq_len: int = 8192, cfg_coef: float = 1.0):
         """`samplers`: (text, audio) that conversations will mostly use: warmed up at load.
-        `mimi_max_seq_len`: Mimi's span (see `audio.mimi.MimiCoder`)."""
+        `mimi_max_seq_len`: Mimi's span (see `audio.mimi.MimiCoder`). `cfg_coef`: guidance
+        for a conditioned model (Hibiki)."""
         self.files = files
         self.mimi_max_seq_len = mimi_max_seq_len
+        self.cfg_coef = cfg_coef
         self.samplers = samplers or (utils.Sampler(), utils.Sampler())
         self.executor = ModelThread("moshi-model")
         self.loaded: Future | None = None
@@ -86,8 +88,10 @@ class ModelWorker:
 
     def _load(self) -> None:
         model, tokenizer, _ = model_files.load_model(self.files)
-        conversation = Conversation(model, tokenizer, self.files.mimi_weight, *self.samplers,
-                                    mimi_max_seq_len=self.mimi_max_seq_len)
+        conversation = Conversation(
+            model, tokenizer, self.files.mimi_weight, *self.samplers,
+            mimi_max_seq_len=self.mimi_max_seq_len, cfg_coef=self.cfg_coef,
+            condition=families.conversation_condition(model, self.cfg_coef))
         silence = np.zeros(conversation.num_user_codebooks, np.int32)
         for _ in range(WARMUP_STEPS):  # Mimi is left untouched, as a conversation expects it
             conversation.moshi_step(silence)
