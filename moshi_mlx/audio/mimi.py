@@ -74,6 +74,13 @@ class MimiCoder:
         self.frames = 0
         self.restarts += 1
 
+    def close(self) -> None:
+        """Ends the processes of this Mimi and of the one being loaded."""
+        for mimi in (self._mimi, self._spare):
+            if mimi is not None:
+                mimi.close()
+        self._mimi = self._spare = None
+
     def prepare_next(self) -> None:
         """The stream has ended: frees this Mimi if it was used and loads the next stream's in
         the background."""

@@ -82,6 +82,11 @@ class Conversation:
         for coder in self.coders:
             coder.prepare_next()
 
+    def close(self) -> None:
+        """Ends Mimi's processes (with no part running); the conversation cannot be used after."""
+        for coder in self.coders:
+            coder.close()
+
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         """The user's frame, float32 [FRAME_SIZE] at 24 kHz -> its Mimi codes int32 [8]."""
         pcm = np.asarray(pcm, dtype=np.float32)

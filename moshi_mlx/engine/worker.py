@@ -50,13 +50,16 @@ class ModelThread(Executor):
 
     def _serve(self) -> None:
         while True:
-            future, fn, args, kwargs = self._calls.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as e:  # handed to whoever waits on the future
-                future.set_exception(e)
+            self._call(*self._calls.get())  # nothing of a call is kept once it is done
+
+    @staticmethod
+    def _call(future: Future, fn: Callable, args: tuple, kwargs: dict) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # handed to whoever waits on the future
+            future.set_exception(e)
 
 
 WARMUP_STEPS = 4  # Moshi's steps run at load: MLX compiles what the steps need
@@ -115,4 +118,8 @@ class ModelWorker:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def close(self) -> None:
+        """Cancels the calls not started yet and ends Mimi's processes (with no conversation
+        running)."""
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.conversation is not None:
+            self.conversation.close()
