@@ -12,7 +12,6 @@ behind real time, the oldest waiting input frames are dropped, so the lag stays 
 """
 
 import asyncio
-import ipaddress
 import json
 import logging
 import secrets
@@ -26,8 +25,10 @@ from . import utils
 from .audio.constants import FRAME_RATE
 from .engine.conversation import Conversation
 from .engine.pipeline import LiveEngine
+from .engine.stages import WAIT_SECONDS
 from .engine.worker import ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
+from .web.origin import OriginPolicy
 
 log = logging.getLogger("moshi_mlx")
 
@@ -37,24 +38,15 @@ HEARTBEAT_SECONDS = 10.0  # a client that stops answering pings is dropped after
 INPUT_TIMEOUT_SECONDS = 1.5  # a conversation whose client sends no audio for this long ends
 STATUS_EVERY = 12  # frames between two status messages (about 1 s)
 MAX_WAITING_CHUNKS = 64  # audio messages waiting to be decoded: a client far ahead of real time
-LOOPBACK_NAMES = {"localhost"}
 BUSY_MESSAGE = "busy: Moshi is in another conversation; try again when it ends"
 INTERNAL_ERROR_MESSAGE = "internal error: the conversation failed (see the server's log)"
+QUERY_NAMES = (("text_temperature", "text_topk"), ("audio_temperature", "audio_topk"))
 QUERY_SAMPLING = {  # the names Kyutai's web client uses in its URL query
     "text_temperature": ("text_temp", float),
     "text_topk": ("text_top_k", int),
     "audio_temperature": ("audio_temp", float),
     "audio_topk": ("audio_top_k", int),
 }
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 async def refuse(ws: web.WebSocketResponse, text: str, code: int) -> None:
@@ -74,9 +66,10 @@ class Sampling:
     audio_temp: float
     audio_top_k: int
 
-    def with_query(self, query) -> "Sampling":
-        """These settings, overridden by those in a URL query (Kyutai's names); ValueError for a
-        value that is not a number or out of range."""
+    def with_query(self, query, vocab: tuple[int | None, int | None]) -> "Sampling":
+        """These settings, overridden by those in a URL query (Kyutai's names); ValueError
+        naming the parameter (and its valid range) for a value that is not a number or out of
+        range for the model's vocabularies `vocab` (text, audio)."""
         changes = {}
         for name, (field, kind) in QUERY_SAMPLING.items():
             if name in query:
@@ -85,36 +78,17 @@ class Sampling:
                 except ValueError:
                     raise ValueError(f"{name}={query[name]!r} is not a number") from None
         updated = replace(self, **changes)
-        updated.samplers()
+        updated.samplers(vocab, QUERY_NAMES)
         return updated
 
-    def samplers(self) -> tuple[utils.Sampler, utils.Sampler]:
-        """(text sampler, audio sampler); ValueError for an out-of-range value."""
-        return (utils.Sampler(temp=self.text_temp, top_k=self.text_top_k),
-                utils.Sampler(temp=self.audio_temp, top_k=self.audio_top_k))
-
-
-class OriginPolicy:
-    """Which web pages may open the websocket. Clients that send no Origin (Kyutai's command-line
-    clients) are let in. A browser page is let in when it comes from this server itself (same
-    scheme, host and port) or from an origin allowed explicitly. When the server listens on a
-    loopback address only, the host a page names must be a loopback one too, so that a site
-    whose name is made to resolve to 127.0.0.1 (DNS rebinding) cannot reach the model."""
-
-    def __init__(self, bound_host: str, allowed_origins: list[str] = ()):
-        self.loopback_only = is_loopback(bound_host)
-        self.allowed = {o.rstrip("/").lower() for o in allowed_origins}
-
-    def allows(self, request: web.Request) -> bool:
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return True
-        origin = origin.rstrip("/").lower()
-        if origin in self.allowed:
-            return True
-        if origin != f"{request.scheme}://{request.host}".lower():
-            return False
-        return not self.loopback_only or is_loopback(request.url.host or "")
+    def samplers(self, vocab: tuple[int | None, int | None] = (None, None),
+                 names: tuple[tuple[str, str], tuple[str, str]] = (
+                     ("temperature", "top_k"), ("temperature", "top_k")),
+                 ) -> tuple[utils.Sampler, utils.Sampler]:
+        """(text sampler, audio sampler), top-k checked against `vocab` (text, audio; None: no
+        upper bound); `utils.SamplingError` (a ValueError) names the value by `names`."""
+        return (utils.stream_sampler(self.text_temp, self.text_top_k, vocab[0], names[0]),
+                utils.stream_sampler(self.audio_temp, self.audio_top_k, vocab[1], names[1]))
 
 
 class Session:
@@ -184,6 +158,7 @@ class Session:
         error message."""
         while (data := await self._outbox.get()) is not None:
             await self.ws.send_bytes(data)
+            self._outbox.task_done()
         stage, error = self.failure
         if isinstance(error, BadAudio):
             log.warning("ended a conversation: bad audio: %s", error)
@@ -191,6 +166,13 @@ class Session:
         else:
             log.error("conversation failed in its %s stage", stage, exc_info=error)
             await refuse(self.ws, INTERNAL_ERROR_MESSAGE, WSCloseCode.INTERNAL_ERROR)
+
+    async def flush(self) -> None:
+        """Waits until the messages handed to the event loop are written (1 s at most)."""
+        try:
+            await asyncio.wait_for(self._outbox.join(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
 
     def status(self) -> dict:
         counters = self.engine.counters
@@ -213,9 +195,11 @@ class ChatServer:
     """
 
     def __init__(self, worker: ModelWorker, sampling: Sampling, origins: OriginPolicy,
-                 max_lag: float = 0.5, seed: int | None = None):
+                 max_lag: float = 0.5, seed: int | None = None,
+                 vocab: tuple[int | None, int | None] = (None, None)):
         self.worker = worker
         self.sampling = sampling
+        self.vocab = vocab  # (text, audio) vocabulary sizes: top-k's upper bounds
         self.origins = origins
         self.max_queued = max(1, round(max_lag * FRAME_RATE))
         self.seed = seed
@@ -260,7 +244,7 @@ class ChatServer:
     def _options(self, query) -> tuple[Sampling, AudioCodec, bool]:
         """(sampling, audio codec, whether to send status messages) asked for by a connection's
         URL query; ValueError for a bad value. Other parameters are ignored."""
-        sampling = self.sampling.with_query(query)
+        sampling = self.sampling.with_query(query, self.vocab)
         audio = query.get("audio", "opus")
         if audio not in AUDIO_CODECS:
             raise ValueError(f"audio={audio!r} is not one of {', '.join(AUDIO_CODECS)}")
@@ -319,14 +303,20 @@ class ChatServer:
 
     async def _receive(self, ws: web.WebSocketResponse, session: Session) -> None:
         """Takes the client's messages until it closes, sends audio that cannot be decoded, or
-        sends no audio for INPUT_TIMEOUT_SECONDS (a silent client must not keep the model)."""
+        sends no audio for INPUT_TIMEOUT_SECONDS once Moshi has answered all it heard (a silent
+        client must not keep the model)."""
         loop = asyncio.get_running_loop()
         last_audio = loop.time()
         while True:
+            timeout = last_audio + INPUT_TIMEOUT_SECONDS - loop.time()
+            if timeout <= 0 and not session.engine.pipeline.idle:
+                timeout = WAIT_SECONDS  # the frames already received are answered first
             try:
-                msg = await ws.receive(timeout=max(0.0, last_audio + INPUT_TIMEOUT_SECONDS
-                                                   - loop.time()))
-            except asyncio.TimeoutError:  # not an error: the client paused or went away
+                msg = await ws.receive(timeout=max(timeout, 0.0))
+            except asyncio.TimeoutError:
+                if not session.engine.pipeline.idle:
+                    continue
+                await session.flush()
                 log.info("ended a conversation: no audio for %g s", INPUT_TIMEOUT_SECONDS)
                 await ws.close(code=WSCloseCode.OK,
                                message=f"no audio for {INPUT_TIMEOUT_SECONDS:g} s".encode())

@@ -1,5 +1,6 @@
 """Pieces shared by the command-line apps: the seed and sampling flags, and `main()`'s logging and
-error handling (a user error is one `error:` line and exit code 1, never a traceback)."""
+error handling (a user error is one `error:` line and exit code 1, never a traceback; a flag's
+value that no model can take is a usage error, exit code 2)."""
 
 import argparse
 import logging
@@ -11,32 +12,57 @@ import mlx.core as mx
 
 from . import model_files, models, utils
 from .audio.wav import AudioFileError
+from .utils.files import OutputFileError
 
 log = logging.getLogger("moshi_mlx")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    model_files.ModelFilesError, models.CheckpointError, models.ConfigError, AudioFileError)
+    model_files.ModelFilesError, models.CheckpointError, models.ConfigError, AudioFileError,
+    OutputFileError, utils.SamplingError)
 SAMPLING_DEFAULTS = {"text": (0.7, 25), "audio": (0.8, 250)}  # stream: (temperature, top-k)
+VOCABULARY = {"text": "text vocabulary (32000 for Moshi 7B)",
+              "audio": "codebook size (2048 for Moshi 7B)"}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Registers --seed and --{text,audio}-{temp,top-k}; see `make_samplers`."""
-    group = parser.add_argument_group("sampling")
+    """Registers --seed and --{text,audio}-{temp,top-k}; see `check_sampling_args` and
+    `make_samplers`."""
+    group = parser.add_argument_group(
+        "sampling", "as Kyutai's Moshi samples: at the temperature, among the top-k most likely "
+                    "tokens (no top-p)")
     group.add_argument("--seed", type=int, help="random seed (default: a random one, logged)")
     for stream, (temp, top_k) in SAMPLING_DEFAULTS.items():
-        group.add_argument(f"--{stream}-temp", type=float, default=temp,
+        vocab = VOCABULARY[stream]
+        group.add_argument(flag(stream, "temp"), type=float, default=temp,
                            help=f"{stream} sampling temperature, 0 for greedy (default: {temp})")
-        group.add_argument(f"--{stream}-top-k", type=int, default=top_k,
-                           help=f"{stream} sampling top-k, 0 for all (default: {top_k})")
+        group.add_argument(flag(stream, "top_k"), type=int, default=top_k,
+                           help=f"{stream} sampling top-k, from 0 to the {vocab}; 0 and the "
+                                f"maximum keep every token (default: {top_k})")
 
 
-def make_samplers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Sets `args.text_sampler` and `args.audio_sampler`; invalid values are usage errors."""
+def flag(stream: str, what: str) -> str:
+    """The command-line name of a sampling value: ('audio', 'top_k') -> '--audio-top-k'."""
+    return f"--{stream}-{what.replace('_', '-')}"
+
+
+def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses, as usage errors, the sampling values no model can take (negative, nan, inf)."""
     try:
-        args.text_sampler = utils.Sampler(temp=args.text_temp, top_k=args.text_top_k)
-        args.audio_sampler = utils.Sampler(temp=args.audio_temp, top_k=args.audio_top_k)
-    except ValueError as e:
+        for stream in SAMPLING_DEFAULTS:
+            utils.check_temperature(getattr(args, f"{stream}_temp"), flag(stream, "temp"))
+            utils.check_top_k(getattr(args, f"{stream}_top_k"), None, flag(stream, "top_k"))
+    except utils.SamplingError as e:
         parser.error(str(e))
+
+
+def make_samplers(args: argparse.Namespace,
+                  cfg: models.LmConfig) -> tuple[utils.Sampler, utils.Sampler]:
+    """(text sampler, audio sampler) from the sampling flags, checked against the model's
+    vocabularies (`text_card`, `card`): `utils.SamplingError` names the flag and its range."""
+    return tuple(
+        utils.stream_sampler(getattr(args, f"{stream}_temp"), getattr(args, f"{stream}_top_k"),
+                             vocab, (flag(stream, "temp"), flag(stream, "top_k")))
+        for stream, vocab in (("text", cfg.text_card), ("audio", cfg.card)))
 
 
 def seed_random(seed: int | None) -> int:
@@ -49,12 +75,12 @@ def seed_random(seed: int | None) -> int:
 
 def parse_app_args(parser: argparse.ArgumentParser,
                    argv: list[str] | None) -> argparse.Namespace:
-    """Adds the flags every app shares (sampling, seed, model files) to the app's own `parser`,
-    parses `argv` and sets the samplers (`make_samplers`)."""
+    """Adds the flags every app shares (sampling, seed, model files) to the app's own `parser`
+    and parses `argv`; sampling values are checked against a model by `make_samplers`."""
     add_sampling_args(parser)
     model_files.add_model_args(parser)
     args = parser.parse_args(argv)
-    make_samplers(parser, args)
+    check_sampling_args(parser, args)
     return args
 
 

@@ -323,12 +323,13 @@ def run(args: argparse.Namespace) -> None:
             check_writable(path)
     input_device = find_device(args.input_device, "input")
     output_device = find_device(args.output_device, "output")
+    files = model_files.resolve(args)
+    samplers = cli.make_samplers(args, files.lm_config)
     # The model's thread: loads Moshi and Mimi and warms them up, then runs Moshi's steps.
-    worker = ModelWorker(model_files.resolve(args), (args.text_sampler, args.audio_sampler))
+    worker = ModelWorker(files, samplers)
     worker.load().result()
     seed = cli.seed_random(args.seed)
-    conversation = worker.submit(worker.new_conversation, args.text_sampler, args.audio_sampler,
-                                 seed).result()
+    conversation = worker.submit(worker.new_conversation, *samplers, seed).result()
     echo = None
     if not args.no_echo_cancel or args.noise_suppression:  # the delay hint is set at start
         echo = EchoCanceller(0, args.noise_suppression, not args.no_echo_cancel)

@@ -17,13 +17,33 @@ import webbrowser
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import cli, model_files
-from .chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling, is_loopback
+from .chat_server import STATIC_DIR, ChatServer, Sampling
 from .engine.worker import ModelWorker
+from .web.origin import OriginPolicy, is_loopback
 
 log = logging.getLogger("moshi_mlx")
 
+
+class OneLineHttpErrors(logging.Filter):
+    """aiohttp's server logs each malformed request it answers with a 400 with a traceback:
+    one warning line instead, naming the peer and what was wrong. Other errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
+            reason = lines[0].rstrip(":") if lines else ""
+            record.msg, record.args = "%s: %s: %.120s", (record.getMessage(),
+                                                         type(error).__name__, reason)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+ONE_LINE_HTTP_ERRORS = OneLineHttpErrors()
 
 
 class SetupError(Exception):
@@ -107,10 +127,12 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
     if not is_loopback(args.host):
         log.warning("warning: listening on %s: other machines can reach this server and use the "
                     "model; browsers there need https (--ssl) to use the microphone", args.host)
+    logging.getLogger("aiohttp.server").addFilter(ONE_LINE_HTTP_ERRORS)
+    cfg = files.lm_config
     sampling = Sampling(args.text_temp, args.text_top_k, args.audio_temp, args.audio_top_k)
-    worker = ModelWorker(files, sampling.samplers())
+    worker = ModelWorker(files, cli.make_samplers(args, cfg))
     server = ChatServer(worker, sampling, OriginPolicy(args.host, args.allow_origin),
-                        max_lag=args.max_lag, seed=args.seed)
+                        max_lag=args.max_lag, seed=args.seed, vocab=(cfg.text_card, cfg.card))
     runner = web.AppRunner(server.app(static), access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -134,7 +156,9 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
 
 def run(args: argparse.Namespace) -> None:
     static, context = static_dir(args.static), ssl_context(args.ssl)
-    asyncio.run(serve(args, model_files.resolve(args), static, context))
+    files = model_files.resolve(args)
+    cli.make_samplers(args, files.lm_config)  # the flags are the conversations' defaults
+    asyncio.run(serve(args, files, static, context))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
+import mlx.core as mx
+from mlx_lm.utils import maybe_set_recommended_wired_limit
+
 from .models.checkpoint import Quantization, read_header
 from .models.config import LmConfig
 from .models.lm import activation_dtype_for
@@ -83,24 +86,69 @@ def describe(est: MemoryEstimate) -> str:
             f"context {est.kv_cache / GB:.1f} GB, Mimi {est.mimi / GB:.1f} GB)")
 
 
-def shortage_message(est: MemoryEstimate, available: int) -> str | None:
-    """A warning when `est` exceeds `available` bytes, suggesting a smaller quantization."""
-    if est.total <= available:
+@dataclass(frozen=True)
+class MemoryLimit:
+    """What a model's memory is checked against: `size` bytes, said as "only {size} GB
+    {description}"; `mlx_only`: counts what MLX holds (weights, KV cache) but not Mimi, which
+    runs outside MLX."""
+
+    size: int
+    description: str
+    mlx_only: bool = False
+
+    def needed(self, est: MemoryEstimate) -> int:
+        return est.weights + est.kv_cache if self.mlx_only else est.total
+
+
+def recommended_working_set() -> int | None:
+    """Bytes MLX's device recommends keeping in use at most (Metal: what the GPU may hold
+    resident), or None where the device reports none (the CPU)."""
+    return mx.device_info().get("max_recommended_working_set_size")
+
+
+def memory_limits() -> list[MemoryLimit]:
+    """MLX's recommended working set where the device reports one, then the memory available
+    now where the system tells it."""
+    limits = []
+    working_set = recommended_working_set()
+    if working_set is not None:
+        limits.append(MemoryLimit(working_set, "is MLX's recommended working set on this GPU",
+                                  mlx_only=True))
+    available = available_memory()
+    if available is not None:
+        limits.append(MemoryLimit(available, "of memory is available"))
+    return limits
+
+
+def shortage_message(est: MemoryEstimate, limit: MemoryLimit) -> str | None:
+    """A warning when `est` exceeds `limit`, suggesting a smaller quantization."""
+    if limit.needed(est) <= limit.size:
         return None
     smaller = [(q, est.with_quantization(q)) for q in SMALLER
                if bits_per_weight(q) < bits_per_weight(est.quantization)]
     if smaller:
         advice = "Try " + " or ".join(
-            f"-q {q.bits} (about {e.total / GB:.1f} GB)" for q, e in smaller) + "."
+            f"-q {q.bits} (about {limit.needed(e) / GB:.1f} GB)" for q, e in smaller) + "."
     else:
         advice = "Close other applications, or use a machine with more memory."
-    return (f"this model needs {describe(est)} but only {available / GB:.1f} GB of memory is "
-            f"available: it may swap heavily or be killed. {advice}")
+    needs = describe(est) if not limit.mlx_only else (
+        f"about {limit.needed(est) / GB:.1f} GB in MLX (weights and KV cache)")
+    return (f"this model needs {needs} but only {limit.size / GB:.1f} GB {limit.description}: "
+            f"it may swap heavily or be killed. {advice}")
 
 
 def warn_if_short(est: MemoryEstimate) -> None:
+    """Logs what the model needs, and a warning for the first limit it exceeds."""
     log.info("memory needed: %s", describe(est))
-    available = available_memory()
-    message = None if available is None else shortage_message(est, available)
-    if message:
-        log.warning("warning: %s", message)
+    for limit in memory_limits():
+        message = shortage_message(est, limit)
+        if message:
+            log.warning("warning: %s", message)
+            return
+
+
+def wire_model_memory() -> None:
+    """Lets MLX keep up to its recommended working set resident, as `mlx_lm` does while it
+    generates, so that the model's weights are not paged out between steps (a no-op where the
+    device recommends no working set)."""
+    maybe_set_recommended_wired_limit()

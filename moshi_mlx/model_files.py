@@ -18,7 +18,6 @@ from pathlib import Path
 
 import huggingface_hub
 import mlx.core as mx
-import mlx.nn as nn
 import sentencepiece
 from huggingface_hub import errors as hub_errors
 
@@ -144,15 +143,22 @@ def demo_repo() -> Path:
         return target
     from weights_tools.make_demo import build_demo_repo
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    def cannot_build(e: OSError) -> ModelFilesError:
+        return ModelFilesError(f"cannot build the demo model in {target.parent} "
+                               f"({e.strerror or e}): set XDG_CACHE_HOME to a writable directory.")
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as e:
+        raise cannot_build(e) from None
     log.info("building the demo model in %s (once)", target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build_demo_repo(tmp)
         os.rename(tmp, target)
-    except OSError:
-        if not target.is_dir():
-            raise
+    except OSError as e:
+        if not target.is_dir():  # else another process built it first
+            raise cannot_build(e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -224,16 +230,21 @@ def quantized_name(name: str, bits: int | None) -> str:
 
 
 def check_quantization(path: Path, bits: int | None) -> Quantization | None:
-    """Reads the weights' quantization from the file header and checks it against `-q`."""
+    """The weights' quantization, read off the file's header (None: bf16). Without `-q`
+    (`bits` None) the header decides; a `-q` that contradicts it is an error."""
     header = read_header(path)
     found = quantization_of(header.tensors)
-    if (found.bits if found else None) == bits:
+    if bits is None:
+        if found is not None:
+            log.info("%s holds %s weights", path.name, found)
+        return found
+    if found is not None and found.bits == bits:
         return found
     holds = f"{path} holds {describe(header.tensors)}"
     if found is None:
         raise ModelFilesError(f"{holds} but -q {bits} was given: run without -q.")
-    given = "no -q was given" if bits is None else f"-q {bits} was given"
-    raise ModelFilesError(f"{holds} but {given}: run with -q {found.bits}.")
+    raise ModelFilesError(f"{holds} but -q {bits} was given: run with -q {found.bits} "
+                          "(or without -q).")
 
 
 def resolve(args: argparse.Namespace) -> ModelFiles:
@@ -243,7 +254,8 @@ def resolve(args: argparse.Namespace) -> ModelFiles:
     `tokenizer_name`: a name in the repository, or an hf:// address) or by Kyutai's default name,
     with `-q N` turning 'model.safetensors' into 'model.qN.safetensors'. The config is
     `--lm-config`, else the repository's config.json when a file must come from the repository,
-    else Moshi 7B v0.1. `-q` is checked against the weights' header before anything is loaded.
+    else Moshi 7B v0.1. The weights' quantization is read off their header: `-q` is checked
+    against it before anything is loaded, and without `-q` the header decides.
     """
     bits = args.quantized
     if args.demo:
@@ -304,7 +316,8 @@ def load_model(files: ModelFiles, warmup: bool = True):
     model.set_dtype(mx.bfloat16)
     q = files.quantization
     if q is not None:
-        nn.quantize(model, bits=q.bits, group_size=q.group_size)
+        models.quantize(model, bits=q.bits, group_size=q.group_size)
+    memory.wire_model_memory()
     log.info("loading %s", files.moshi_weight)
     model.load_weights(str(files.moshi_weight), strict=True)
     if warmup:

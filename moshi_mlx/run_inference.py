@@ -5,12 +5,19 @@
 The input is resampled to 24 kHz mono and streamed frame by frame (80 ms) through Mimi and Moshi,
 as the live apps do. Moshi's text is printed as it comes; its voice is written as a 24 kHz mono
 wav of the input's duration.
+
+The repository's config.json may describe another of Kyutai's models (see `families`): Hibiki
+(`--hf-repo kyutai/hibiki-1b-mlx-bf16 --cfg-coef 3`) writes its translated voice and prints its
+text; a speech-to-text model (`--hf-repo kyutai/stt-1b-en_fr-mlx`) prints the transcript, with
+word times in the input's seconds in `--json`, and needs no OUTPUT.
 """
 
 import argparse
 import json
+import math
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from math import ceil
 from pathlib import Path
@@ -18,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import cli, model_files
+from . import cli, families, model_files
 from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from .audio.wav import check_writable, read_wav, write_wav
+from .audio.wav import WavWriter, check_writable, read_wav
 from .engine.conversation import Conversation
 from .engine.text import Transcript
 from .utils.files import atomic_write
@@ -36,10 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m moshi_mlx.run_inference",
         description="Stream a wav file through Moshi; write its voice and print its text.")
     parser.add_argument("input", type=Path, help="input wav (any rate, mono or stereo)")
-    parser.add_argument("output", type=Path, help="output wav: Moshi's voice, 24 kHz mono")
+    parser.add_argument("output", type=Path, nargs="?",
+                        help="output wav: the model's voice, 24 kHz mono (not for speech-to-text "
+                             "models)")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="write the transcript (words with frame times) and timing figures")
-    return cli.parse_app_args(parser, argv)
+    parser.add_argument("--cfg-coef", type=float, default=1.0,
+                        help="classifier-free guidance for conditioned models (Hibiki: 3); "
+                             "1 (the default) for none")
+    args = cli.parse_app_args(parser, argv)
+    if not math.isfinite(args.cfg_coef) or args.cfg_coef <= 0:
+        parser.error(f"--cfg-coef must be a positive number, got {args.cfg_coef}")
+    return args
 
 
 class TextPrinter:
@@ -109,40 +124,86 @@ def stream(pcm: np.ndarray, conversation: Conversation) -> tuple[np.ndarray, Tra
     return np.concatenate(out)[: len(pcm)], transcript, timing
 
 
+def write_outputs(args: argparse.Namespace, pcm: np.ndarray | None, report: dict) -> None:
+    """Writes the model's voice (when it has an OUTPUT) and the report (with --json) together:
+    an error leaves neither."""
+    with ExitStack() as files:
+        if args.output:
+            with WavWriter(files.enter_context(atomic_write(args.output)), SAMPLE_RATE) as wav:
+                wav.write(pcm)
+        if args.json:
+            json.dump(report, files.enter_context(atomic_write(args.json, "w")), indent=2)
+
+
 def run(args: argparse.Namespace) -> None:
-    check_writable(args.output)
+    if args.output:
+        check_writable(args.output)
     if args.json:
         check_writable(args.json)
     pcm = read_wav(args.input, SAMPLE_RATE)
     log.info("input: %s, %.2f s", args.input, len(pcm) / SAMPLE_RATE)
     files = model_files.resolve(args)
+    kind = families.model_kind(files.lm_config)
+    if kind != "stt" and not args.output:
+        raise families.FamilyError(f"this model ({kind}) speaks: give an OUTPUT wav")
+    if kind == "moshi" and args.cfg_coef != 1:
+        raise families.FamilyError("--cfg-coef needs a conditioned model (Hibiki); "
+                                   "this one has none")
+    text_sampler, audio_sampler = cli.make_samplers(args, files.lm_config)
     model, tokenizer, cfg = model_files.load_model(files)
     seed = cli.seed_random(args.seed)
-    conversation = Conversation(model, tokenizer, files.mimi_weight, args.text_sampler,
-                                args.audio_sampler)
-    out, transcript, timing = stream(pcm, conversation)
-    write_wav(args.output, out, SAMPLE_RATE)
-    log.info("wrote %s: %.2f s; %d steps at %.2f steps/s, real-time factor %.2f",
-             args.output, len(out) / SAMPLE_RATE, timing.steps, timing.steps_per_second,
-             timing.real_time_factor)
-    if args.json:
-        report = {
-            "input": str(args.input),
-            "output": str(args.output),
-            "seed": seed,
-            "text": transcript.text,
-            "words": [asdict(w) for w in transcript.words],
-            "timing": asdict(timing),
-            "mimi_restarts": conversation.mimi_restarts,
-            "moshi_weight": str(files.moshi_weight),
-        }
-        with atomic_write(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    if kind == "moshi":
+        conversation = Conversation(model, tokenizer, files.mimi_weight, text_sampler,
+                                    audio_sampler)
+        out, transcript, timing = stream(pcm, conversation)
+        mimi_restarts = conversation.mimi_restarts
+    else:
+        family = families.FamilyStream(model, tokenizer, files.mimi_weight, text_sampler,
+                                       audio_sampler, args.cfg_coef)
+        out, transcript, timing = stream_family(pcm, family)
+        mimi_restarts = family.mimi_restarts
+    report = {
+        "input": str(args.input),
+        "output": str(args.output) if args.output else None,
+        "seed": seed,
+        "text": transcript.text,
+        "words": [asdict(w) for w in transcript.words],
+        "timing": asdict(timing),
+        "mimi_restarts": mimi_restarts,
+        "moshi_weight": str(files.moshi_weight),
+    }
+    if kind != "moshi":
+        report |= {"model_type": kind, "cfg_coef": args.cfg_coef}
+    write_outputs(args, out, report)
+    figures = (f"{timing.steps} steps at {timing.steps_per_second:.2f} steps/s, "
+               f"real-time factor {timing.real_time_factor:.2f}")
+    if args.output:
+        log.info("wrote %s: %.2f s; %s", args.output, len(out) / SAMPLE_RATE, figures)
+    else:
+        log.info("%s", figures)
+
+
+def stream_family(pcm: np.ndarray, family: families.FamilyStream
+                  ) -> tuple[np.ndarray | None, Transcript, Timing]:
+    """`stream` for Hibiki and STT models (`families.run`), with the same printing and figures.
+    STT word times are in the input's seconds (the model's text delay removed)."""
+    show_bar = len(pcm) / SAMPLE_RATE > PROGRESS_MIN_SECONDS
+    with tqdm(unit="step", disable=None if show_bar else True, file=sys.stderr) as bar:
+        printer = TextPrinter(bar)
+        start = time.perf_counter()
+        result = families.run(family, pcm, on_text=printer.add, on_step=bar.update)
+        seconds = time.perf_counter() - start
+        printer.finish()
+    audio_seconds = len(pcm) / SAMPLE_RATE
+    timing = Timing(result.steps, seconds, audio_seconds, result.steps / seconds,
+                    seconds / audio_seconds)
+    return result.pcm, result.transcript, timing
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return cli.run_main(lambda: run(args), "interrupted (no file is left half-written)")
+    return cli.run_main(lambda: run(args), "interrupted (no file is left half-written)",
+                        user_errors=(families.FamilyError,))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
+import argparse
+import importlib
 import json
 import os
 import shutil
 import struct
 import subprocess
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -75,6 +79,15 @@ def demo_dir(demo_cache) -> Path:
     return demo_cache / "moshi_mlx" / f"demo-{model_files.DEMO_VERSION}"
 
 
+def demo_files(demo_cache: Path, *flags: str) -> model_files.ModelFiles:
+    """The demo repository's files, as the apps resolve them from `--demo` and `flags`."""
+    parser = argparse.ArgumentParser()
+    model_files.add_model_args(parser)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(demo_cache))
+        return model_files.resolve(parser.parse_args(["--demo", *flags]))
+
+
 @pytest.fixture
 def demo_env(demo_cache, monkeypatch) -> dict:
     """Environment for running the apps on the session's demo repository."""
@@ -101,12 +114,30 @@ def write_sparse_checkpoint(manifest: Path, out: Path) -> Path:
     return out
 
 
+def missing(what: str) -> NoReturn:
+    """Skips the test (or the module) with `what` as the visible reason; fails it when CI=true,
+    where everything the tests need is installed."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} (required when CI=true)", pytrace=False)
+    pytest.skip(what, allow_module_level=True)
+
+
 def require_tool(name: str, package: str | None = None) -> str:
-    """The path of a system program the test needs; the test fails (not skips) without it."""
+    """The path of a system program the test needs; without it the test is skipped with the
+    reason, or fails when CI=true (`missing`)."""
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is needed by this test: apt-get install {package or name}")
+        missing(f"{name} is needed by this test: apt-get install {package or name}")
     return path
+
+
+def require_module(name: str, install: str) -> ModuleType:
+    """The Python module `name`, imported; without it the test (or the module) is skipped with
+    the reason, or fails when CI=true (`missing`)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"the Python module {name} is needed by these tests: {install}")
 
 
 def make_speech(path: Path, text: str, rate: int = 24000, channels: int = 1) -> Path:

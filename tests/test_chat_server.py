@@ -13,9 +13,10 @@ import pytest
 from aiohttp.test_utils import TestServer, make_mocked_request
 
 from moshi_mlx import utils
-from moshi_mlx.chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling
+from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
 from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.protocol import PcmAudio
+from moshi_mlx.web.origin import OriginPolicy
 
 FRAME = 1920
 DEFAULT_SAMPLING = Sampling(0.7, 25, 0.8, 250)
@@ -137,7 +138,8 @@ def test_late_frames_are_dropped_oldest_first(caplog):
             await ws.send_bytes(b"\x01" + pcm_frames(levels))
             while True:  # until the last frame's text: nothing more is queued
                 data = await next_message(ws)
-                if data[:1] == b"\x02" and worker.conversations[0].heard[-1] > 0.185:
+                heard = worker.conversations[0].heard
+                if heard[-1] > 0.185 and data == f"\x02 w{len(heard) - 1}".encode():
                     break
 
     with caplog.at_level(logging.INFO, logger="moshi_mlx"):
@@ -188,14 +190,39 @@ def test_query_sets_the_sampling_and_bad_values_are_refused():
 
     firsts = serve(connect, worker)
     assert firsts[:2] == [b"\x00\x00\x00"] * 2
-    assert firsts[2] == b"\x05bad request: top_k must be >= 0, got -1"
+    assert firsts[2] == (b"\x05bad request: text_topk must be an integer >= 0 (0 keeps every "
+                         b"token), got -1")
     assert firsts[3] == b"\x05bad request: audio_temperature='warm' is not a number"
     assert firsts[4] == b"\x05bad request: audio='mp3' is not one of opus, pcm"
     first, second = worker.conversations
-    assert first.samplers == (utils.Sampler(temp=0.3, top_k=5), utils.Sampler(temp=0.8, top_k=250))
-    assert second.samplers == (utils.Sampler(temp=0.7, top_k=25),
-                               utils.Sampler(temp=0.8, top_k=250))
+    assert first.samplers == (utils.Sampler(temp=0.3, top_k=5, top_p=1.0),
+                              utils.Sampler(temp=0.8, top_k=250, top_p=1.0))
+    assert second.samplers == (utils.Sampler(temp=0.7, top_k=25, top_p=1.0),
+                               utils.Sampler(temp=0.8, top_k=250, top_p=1.0))
     assert first.seed != second.seed  # no --seed: a new random seed per conversation
+
+
+def test_query_values_out_of_the_vocabulary_name_the_parameter_and_its_range():
+    async def connect(server, http):
+        firsts = []
+        for query in ("audio_topk=2049", "text_topk=99999999999999999999999",
+                      "text_temperature=nan", "audio_temperature=1e309", "text_topk=1.5"):
+            async with http.ws_connect(server.make_url(f"/api/chat?{query}")) as ws:
+                firsts.append((await next_message(ws), await ws.receive(timeout=10)))
+        return firsts
+
+    firsts = serve(connect, vocab=(32000, 2048))
+    assert [m for m, _ in firsts] == [
+        b"\x05bad request: audio_topk must be an integer from 0 to 2048 (0 or 2048 keeps every "
+        b"token), got 2049",
+        b"\x05bad request: text_topk must be an integer from 0 to 32000 (0 or 32000 keeps every "
+        b"token), got 99999999999999999999999",
+        b"\x05bad request: text_temperature must be 0 (greedy) or a finite number above 0, "
+        b"got nan",
+        b"\x05bad request: audio_temperature must be 0 (greedy) or a finite number above 0, "
+        b"got inf",
+        b"\x05bad request: text_topk='1.5' is not a number"]
+    assert all(close.type == aiohttp.WSMsgType.CLOSE and close.extra for _, close in firsts)
 
 
 def test_a_failing_conversation_ends_with_an_error_and_the_server_goes_on():

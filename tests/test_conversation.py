@@ -1,10 +1,9 @@
 """The per-frame conversation engine shared by the apps, on the demo model."""
 
-import argparse
-
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import demo_files
 
 from moshi_mlx import model_files, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
@@ -13,11 +12,7 @@ from moshi_mlx.engine.conversation import Conversation
 
 @pytest.fixture(scope="module")
 def demo(demo_cache):
-    parser = argparse.ArgumentParser()
-    model_files.add_model_args(parser)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(demo_cache))
-        files = model_files.resolve(parser.parse_args(["--demo", "-q", "8"]))
+    files = demo_files(demo_cache, "-q", "8")
     assert str(files.moshi_weight).startswith(str(demo_cache))
     model, tokenizer, _ = model_files.load_model(files)
     return model, tokenizer, files

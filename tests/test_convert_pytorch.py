@@ -22,17 +22,23 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-import torch
+from conftest import require_module
 from mlx.utils import tree_flatten
-from moshi.models.lm import LMGen, LMModel
-from moshi.models.loaders import get_moshi_lm
-from moshi.utils.compile import no_compile
-from safetensors.torch import save_file
 
 from moshi_mlx import models, utils
 from moshi_mlx.models import CheckpointError, Lm, LmConfig
 from weights_tools import convert_pytorch
 from weights_tools.convert_pytorch import convert
+
+PARITY = "make test installs them (pip install -e '.[parity]'; pip install --no-deps moshi==0.2.13)"
+torch = require_module("torch", PARITY)
+require_module("safetensors", PARITY)
+require_module("moshi", PARITY)
+
+from moshi.models.lm import LMGen, LMModel  # noqa: E402
+from moshi.models.loaders import get_moshi_lm  # noqa: E402
+from moshi.utils.compile import no_compile  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 # A context shorter than the test sequences, so that the sliding attention window is exercised.

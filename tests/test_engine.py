@@ -1,7 +1,6 @@
 """The live engine: its stages (order, backpressure, errors, timings) with fake functions, and
 Moshi's pipeline on the demo model against the plain serial loop."""
 
-import argparse
 import random
 import threading
 import time
@@ -9,8 +8,9 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import demo_files
 
-from moshi_mlx import model_files, utils
+from moshi_mlx import utils
 from moshi_mlx.audio.constants import FRAME_SIZE
 from moshi_mlx.engine.conversation import Conversation
 from moshi_mlx.engine.pipeline import LiveEngine
@@ -124,12 +124,7 @@ SEED = 11
 
 @pytest.fixture(scope="module")
 def worker(demo_cache):
-    parser = argparse.ArgumentParser()
-    model_files.add_model_args(parser)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(demo_cache))
-        files = model_files.resolve(parser.parse_args(["--demo", "-q", "8"]))
-    worker = ModelWorker(files, SAMPLERS)
+    worker = ModelWorker(demo_files(demo_cache, "-q", "8"), SAMPLERS)
     worker.load().result()
     yield worker
     worker.close()

@@ -68,6 +68,28 @@ def test_full_sequence_equals_step_by_step(context):
         np.testing.assert_allclose(np.array(h[:, 0]), np.array(full_hidden[:, t]), atol=1e-4)
 
 
+@pytest.mark.parametrize("context", [3000, 6])
+@pytest.mark.parametrize("chunks", [[20], [5, 1, 1, 9, 4], [1, 3, 16]])
+def test_prefill_through_the_cache_equals_single_steps(context, chunks):
+    """Several steps at once through the cache (a prefill, then more steps, in `chunks`) give the
+    logits of one step at a time: the chunk's steps attend causally, within the context, to the
+    cached steps and to each other. Without a mask, early steps of a chunk would see later ones
+    (a difference of order 1). With context=6 the chunks of 9 and 16 exceed the window."""
+    cfg = tiny_config(context=context)
+    model = random_model(cfg, seed=7)
+    text, audio = random_tokens(cfg, sum(chunks), batch=2, seed=8)
+    cache = model.make_cache()
+    single = [model(text[:, t:t + 1], audio[:, :, t:t + 1], cache=cache)[1]
+              for t in range(sum(chunks))]
+    single = np.array(mx.concatenate(single, axis=1))
+    cache, start, chunked = model.make_cache(), 0, []
+    for n in chunks:
+        chunked.append(model(text[:, start:start + n], audio[:, :, start:start + n],
+                             cache=cache)[1])
+        start += n
+    np.testing.assert_allclose(np.array(mx.concatenate(chunked, axis=1)), single, atol=1e-4)
+
+
 def test_zero_token_embeds_to_nothing():
     cfg = tiny_config()
     model = random_model(cfg)

@@ -1,7 +1,7 @@
 """`python -m moshi_mlx.local` on real PortAudio devices, on a machine without a sound card: the
 virtual microphone and speaker of a private PulseAudio daemon (`virtual_audio`). Needs the Debian
 packages libportaudio2 alsa-utils libasound2-plugins pulseaudio pulseaudio-utils espeak-ng sox:
-missing tools fail the tests, they are not skipped."""
+where a tool is missing the tests are skipped with the reason, and fail when CI=true."""
 
 import os
 import re

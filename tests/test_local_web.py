@@ -4,65 +4,28 @@ first byte is their kind, Ogg-Opus audio from sphn sent at real-time pace, text 
 
 import asyncio
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
 import pytest
-import sphn
 
+from benchmarks.chat_client import (
+    RATE,
+    Reply,
+    ServerProcess,
+    converse,
+    handshake_or_error,
+    receive_all,
+    send_speech,
+)
 from moshi_mlx import local_web
 from moshi_mlx.audio.wav import read_wav
-
-RATE = 24000
-FRAME = 1920
-FRAME_SECONDS = FRAME / RATE
-IDLE_SECONDS = 2.0  # a conversation is over when the server has sent nothing for this long
-
-
-class ServerProcess:
-    """The server as a subprocess; its log lines are collected as they come."""
-
-    def __init__(self, *args: str, env: dict):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--host", "127.0.0.1",
-             "--port", "0", "--no-browser", "--static", "none", *args],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._collect, daemon=True).start()
-        self.url = self.wait_for(r"Moshi is ready: https?://(\S+)/").group(1)
-
-    def _collect(self) -> None:
-        for line in self.proc.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float = 120) -> re.Match:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if match := re.search(pattern, line):
-                        return match
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"no {pattern!r} in the server's log:\n"
-                                         + "\n".join(self.lines))
-                self._changed.wait(min(left, 0.5))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -78,72 +41,6 @@ def server(demo_cache):
 @pytest.fixture(scope="module")
 def speech(speech_24k) -> np.ndarray:
     return read_wav(speech_24k, RATE)
-
-
-@dataclass
-class Reply:
-    first: bytes  # the server's first message
-    text: list[str] = field(default_factory=list)
-    audio: list[bytes] = field(default_factory=list)  # Moshi's Ogg-Opus stream, as received
-    errors: list[str] = field(default_factory=list)
-    close_code: int | None = None
-
-    @property
-    def voice(self) -> np.ndarray:
-        return sphn.OpusStreamReader(RATE).append_bytes(b"".join(self.audio))
-
-
-async def send_speech(ws: aiohttp.ClientWebSocketResponse, pcm: np.ndarray) -> None:
-    """Sends pcm (float32 [samples] at 24 kHz) as Kyutai's client does: 80 ms frames through
-    sphn's Opus writer, each non-empty chunk as soon as it is ready, at real-time pace."""
-    writer = sphn.OpusStreamWriter(RATE)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for i in range(len(pcm) // FRAME):
-        data = writer.append_pcm(pcm[i * FRAME:(i + 1) * FRAME])
-        if data:
-            await ws.send_bytes(b"\x01" + data)
-        await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SECONDS - loop.time()))
-
-
-async def receive_all(ws: aiohttp.ClientWebSocketResponse, reply: Reply,
-                      sending: asyncio.Task | None = None) -> Reply:
-    """Collects the server's messages until it closes, or has sent nothing for IDLE_SECONDS
-    after the sending is done."""
-    while True:
-        try:
-            msg = await ws.receive(timeout=IDLE_SECONDS)
-        except asyncio.TimeoutError:
-            if sending is None or sending.done():
-                return reply
-            continue
-        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                        aiohttp.WSMsgType.CLOSING):
-            reply.close_code = ws.close_code
-            return reply
-        assert msg.type == aiohttp.WSMsgType.BINARY, msg
-        kind, payload = msg.data[0], msg.data[1:]
-        if kind == 1:
-            reply.audio.append(payload)
-        elif kind == 2:
-            reply.text.append(payload.decode())
-        elif kind == 5:
-            reply.errors.append(payload.decode())
-
-
-async def converse(url: str, pcm: np.ndarray, query: str = "", scheme: str = "ws") -> Reply:
-    """One conversation: handshake, speech at real-time pace, everything Moshi says."""
-    async with aiohttp.ClientSession() as http:
-        # Like Kyutai's moshi-cli, accept the self-signed certificate of a local server.
-        async with http.ws_connect(f"{scheme}://{url}/api/chat{query}", ssl=False) as ws:
-            first = await ws.receive(timeout=60)
-            reply = Reply(first.data)
-            if first.data[:1] != b"\x00":
-                return await receive_all(ws, reply)
-            sending = asyncio.create_task(send_speech(ws, pcm))
-            await receive_all(ws, reply, sending)
-            await sending
-            return reply
 
 
 def test_each_connection_is_a_fresh_conversation(server, speech):
@@ -184,12 +81,6 @@ async def main(url):
 
 asyncio.run(main(sys.argv[1]))
 """
-
-
-async def handshake_or_error(url: str) -> bytes:
-    async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(f"ws://{url}/api/chat") as ws:
-            return (await ws.receive(timeout=60)).data
 
 
 def test_a_killed_client_does_not_block_the_next(server):

@@ -14,6 +14,7 @@ from huggingface_hub import errors as hub_errors
 
 from moshi_mlx import model_files
 from moshi_mlx.model_files import ModelFilesError
+from moshi_mlx.models.checkpoint import Quantization
 
 MIMI = "tokenizer-e351c8d8-checkpoint125.safetensors"
 SPM = "tokenizer_spm_32k_3.model"
@@ -218,8 +219,8 @@ def test_missing_local_file(hub, tmp_path):
 
 @pytest.mark.parametrize("flag, file_bits, advice", [
     (4, None, "but -q 4 was given: run without -q"),
-    (None, 4, "but no -q was given: run with -q 4"),
-    (8, 4, "but -q 8 was given: run with -q 4"),
+    (8, 4, r"but -q 8 was given: run with -q 4 \(or without -q\)"),
+    (4, 8, r"but -q 4 was given: run with -q 8 \(or without -q\)"),
 ])
 def test_q_that_does_not_match_the_file_is_caught_before_loading(hub, tmp_path, flag, file_bits,
                                                                   advice):
@@ -229,6 +230,18 @@ def test_q_that_does_not_match_the_file_is_caught_before_loading(hub, tmp_path, 
     with pytest.raises(ModelFilesError, match=advice):
         model_files.resolve(parse(*argv))
     assert hub.downloaded() == [(model_files.DEFAULT_REPOS[flag], "config.json")]
+
+
+@pytest.mark.parametrize("file_bits", [4, 8, None])
+def test_without_q_the_quantization_comes_from_the_files_header(hub, tmp_path, file_bits):
+    moshi = write_weights(tmp_path / "m.safetensors", file_bits)
+    (tmp_path / "mimi.safetensors").write_text("x")
+    (tmp_path / "spm.model").write_text("x")
+    files = model_files.resolve(parse(
+        "--moshi-weight", str(moshi), "--mimi-weight", str(tmp_path / "mimi.safetensors"),
+        "--tokenizer", str(tmp_path / "spm.model")))
+    expected = None if file_bits is None else Quantization(file_bits, {4: 32, 8: 64}[file_bits])
+    assert files.quantization == expected
 
 
 def test_unreachable_hub_says_how_to_proceed(hub):
@@ -308,6 +321,14 @@ def test_interrupted_demo_build_leaves_nothing(fake_make_demo, tmp_path):
     assert list((tmp_path / "cache" / "moshi_mlx").iterdir()) == []
 
 
+def test_demo_repository_where_the_cache_cannot_be_written(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
+    with pytest.raises(ModelFilesError, match="cannot build the demo model in .*a-file/moshi_mlx "
+                                              r"\(Not a directory\): set XDG_CACHE_HOME"):
+        model_files.demo_repo()
+
+
 def test_cache_dir_defaults_to_home(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -324,6 +345,15 @@ def test_demo_files_and_model_load(demo_env, hub, bits):
     model, tokenizer, cfg = model_files.load_model(files, warmup=False)
     assert cfg is files.lm_config and model.cfg is cfg
     assert tokenizer.vocab_size() == cfg.text_card
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_named_quantized_file_loads_without_q(demo_env, demo_dir, hub, bits):
+    moshi = demo_dir / model_files.quantized_name("model.safetensors", bits)
+    files = model_files.resolve(parse("--demo", "--moshi-weight", str(moshi)))
+    assert files.quantization.bits == bits
+    model, _, _ = model_files.load_model(files, warmup=False)
+    assert model.text_linear.bits == bits
 
 
 def test_tokenizer_must_match_the_text_vocabulary(demo_dir):

@@ -2,6 +2,9 @@
 model (no download)."""
 
 import json
+import os
+import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,14 +14,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_speech
+from conftest import make_speech, require_tool
 
 FRAME = 1920  # samples per 80 ms frame at 24 kHz
 
 
-def run_cli(*args, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args, env: dict, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moshi_mlx.run_inference", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          capture_output=True, text=True, env=env, timeout=timeout, **kwargs)
+
+
+def without_permission_override(command: list) -> list:
+    """`command`, run so that file permissions bind: as root, through capsh without the
+    capabilities that override them."""
+    if os.geteuid() != 0:
+        return command
+    capsh = require_tool("capsh", "libcap2-bin")
+    return [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c",
+            shlex.join(map(str, command))]
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
 
 
 def read_pcm16(path: Path) -> tuple[np.ndarray, int, int]:
@@ -27,6 +46,15 @@ def read_pcm16(path: Path) -> tuple[np.ndarray, int, int]:
         assert w.getsampwidth() == 2
         data = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768
         return data, w.getframerate(), w.getnchannels()
+
+
+def write_pcm16(path: Path, samples: np.ndarray, rate: int) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((samples * 32767).astype("<i2").tobytes())
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +138,82 @@ def test_interrupt_writes_nothing(tmp_path, demo_env):
     assert list(out_dir.iterdir()) == []
 
 
-def test_invalid_sampling_flags_are_usage_errors(capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--text-temp", "nan"], "--text-temp must be 0 (greedy) or a finite number above 0, got nan"),
+    (["--audio-temp", "inf"], "--audio-temp must be 0 (greedy) or a finite number above 0"),
+    (["--audio-temp", "1e309"], "--audio-temp must be 0 (greedy) or a finite number above 0"),
+    (["--audio-temp", "-0.5"], "--audio-temp must be 0 (greedy) or a finite number above 0"),
+    (["--text-top-k", "-1"], "--text-top-k must be an integer >= 0 (0 keeps every token)"),
+    (["--audio-top-k", "1e3"], "argument --audio-top-k: invalid int value: '1e3'"),
+])
+def test_sampling_values_no_model_takes_are_usage_errors(capsys, flags, message):
     from moshi_mlx.run_inference import parse_args
 
     with pytest.raises(SystemExit) as e:
-        parse_args(["in.wav", "out.wav", "--audio-temp", "-0.5"])
+        parse_args(["in.wav", "out.wav", *flags])
     assert e.value.code == 2
-    assert "temperature must be >= 0" in capsys.readouterr().err
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--audio-top-k", "2049"], "--audio-top-k must be an integer from 0 to 2048"),
+    (["--text-top-k", "1001"], "--text-top-k must be an integer from 0 to 1000"),
+    (["--text-top-k", "99999999999999999999999"], "--text-top-k must be an integer from 0 to"),
+])
+def test_top_k_above_the_models_vocabulary_is_one_clear_line(tmp_path, demo_env, flags, message):
+    """The demo model's text vocabulary is 1000 tokens, its codebooks 2048 codes."""
+    write_pcm16(tmp_path / "in.wav", np.zeros(2400), 24000)
+    result = run_cli(tmp_path / "in.wav", tmp_path / "out.wav", "--demo", *flags, env=demo_env)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == [f"error: {message}" + errors[0].removeprefix(f"error: {message}")]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_top_k_of_the_whole_vocabulary_is_accepted(tmp_path, demo_env):
+    write_pcm16(tmp_path / "in.wav", np.zeros(4800), 24000)
+    result = run_cli(tmp_path / "in.wav", tmp_path / "out.wav", "--demo", "--audio-top-k", 2048,
+                     "--text-top-k", 1000, env=demo_env)
+    assert result.returncode == 0, result.stderr
+    assert read_pcm16(tmp_path / "out.wav")[0].shape == (4800,)
+
+
+def test_read_only_output_directory_is_one_line_before_the_model_loads(tmp_path, demo_env):
+    write_pcm16(tmp_path / "in.wav", np.zeros(2400), 24000)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        result = subprocess.run(without_permission_override(
+            [sys.executable, "-m", "moshi_mlx.run_inference", tmp_path / "in.wav", ro / "out.wav",
+             "--demo", "--json", ro / "out.json"]), capture_output=True, text=True, env=demo_env,
+            timeout=300)
+    finally:
+        ro.chmod(0o755)
+    assert result.returncode == 1
+    assert one_error_line(result) == f"error: {ro / 'out.wav'}: cannot write (Permission denied)."
+    assert "loading" not in result.stderr
+    assert list(ro.iterdir()) == []
+
+
+def test_a_write_that_fails_is_one_line_and_leaves_nothing(tmp_path, demo_env):
+    """Files limited to 4 KiB (RLIMIT_FSIZE; Python ignores SIGXFSZ, so a write past it fails
+    with EFBIG), as when the disk fills up while the output is written."""
+    write_pcm16(tmp_path / "in.wav", np.zeros(4800), 24000)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_cli(tmp_path / "in.wav", out / "out.wav", "--demo", "--json", out / "out.json",
+                     env=demo_env, preexec_fn=lambda: resource.setrlimit(
+                         resource.RLIMIT_FSIZE, (4096, 4096)))
+    assert result.returncode == 1
+    assert one_error_line(result) == f"error: {out / 'out.wav'}: cannot write (File too large)."
+    assert list(out.iterdir()) == []
+
+
+def test_a_device_as_output_is_refused(tmp_path, demo_env):
+    write_pcm16(tmp_path / "in.wav", np.zeros(2400), 24000)
+    result = run_cli(tmp_path / "in.wav", "/dev/null", "--demo", env=demo_env)
+    assert result.returncode == 1
+    assert one_error_line(result).startswith("error: /dev/null: not a regular file")

@@ -2,20 +2,21 @@
 fake microphone plays speech, talking to the chat server on the demo model. Screenshots of the
 page at a laptop's and a phone's width are saved in out/screenshots/."""
 
-import argparse
 import asyncio
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
-from playwright.async_api import async_playwright
+from conftest import demo_files, require_module, require_tool
 
-from moshi_mlx import model_files
 from moshi_mlx.audio.wav import read_wav
-from moshi_mlx.chat_server import STATIC_DIR, ChatServer, OriginPolicy, Sampling
+from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
 from moshi_mlx.engine.worker import ModelWorker
+from moshi_mlx.web.origin import OriginPolicy
+
+async_playwright = require_module("playwright.async_api",
+                                  "pip install -e '.[dev]'").async_playwright
 
 FRAME = 1920
 SCREENSHOTS = Path(__file__).parents[1] / "out" / "screenshots"
@@ -28,10 +29,7 @@ CHROMIUM_FLAGS = [
 
 
 def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.fail("this test needs Chromium: apt-get install chromium")
-    return path
+    return require_tool("chromium")
 
 
 class RecordingConversation:
@@ -71,11 +69,8 @@ class RecordingWorker(ModelWorker):
 
 
 @pytest.fixture
-def worker(demo_cache, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
-    parser = argparse.ArgumentParser()
-    model_files.add_model_args(parser)
-    worker = RecordingWorker(model_files.resolve(parser.parse_args(["--demo"])))
+def worker(demo_cache):
+    worker = RecordingWorker(demo_files(demo_cache))
     worker.load()
     yield worker
     worker.close()

@@ -227,6 +227,14 @@ def test_inspect_official_layouts(tmp_path, variant, bits, group):
     assert report["memory"]["kv_cache_bytes"] == 2 * 32 * 3000 * 4096 * 2
 
 
+@pytest.mark.parametrize("layout", ["1b-202412", "1b-202412-16rvq"])
+def test_inspect_recognises_the_1b_layouts(tmp_path, layout):
+    path = write_sparse_checkpoint(DATA / f"layout-{layout}.q8.json", tmp_path / "m.safetensors")
+    report = inspect_file(path)
+    assert report["matches"] == [layout]
+    assert (report["bits"], report["group_size"]) == (8, 64)
+
+
 def test_inspect_mismatched_config(demo_repo, tmp_path):
     three_layers = tmp_path / "config.json"
     three_layers.write_text(json.dumps(demo_config().to_config_dict() | {"num_layers": 3}))

@@ -16,8 +16,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from moshi_mlx.models import CheckpointError, ConfigError, Lm, LmConfig, config_v0_1
+from moshi_mlx.models import (
+    CheckpointError,
+    ConfigError,
+    Lm,
+    LmConfig,
+    config1b_202412,
+    config1b_202412_16rvq,
+    config_v0_1,
+    quantize,
+)
 from moshi_mlx.models.checkpoint import Quantization, TensorInfo, model_tensors
+from moshi_mlx.models.lm import quantizes
 
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 """Group sizes of Kyutai's q4 and q8 files."""
@@ -75,7 +85,8 @@ def demo_config() -> LmConfig:
 
 def known_configs() -> dict[str, LmConfig]:
     """Configs a checkpoint is matched against when none is given."""
-    return {"moshi-7b-v0.1": config_v0_1(), "demo": demo_config()}
+    return {"moshi-7b-v0.1": config_v0_1(), "1b-202412": config1b_202412(),
+            "1b-202412-16rvq": config1b_202412_16rvq(), "demo": demo_config()}
 
 
 def load_config(path: str | Path) -> LmConfig:
@@ -107,7 +118,7 @@ def lazy_model(cfg: LmConfig, quant: Quantization | None = None) -> Lm:
     model.set_dtype(mx.bfloat16)
     if quant is not None:
         try:
-            nn.quantize(model, bits=quant.bits, group_size=quant.group_size)
+            quantize(model, bits=quant.bits, group_size=quant.group_size)
         except ValueError as e:
             hint = ""
             if quant.group_size != DEFAULT_GROUP_SIZE.get(quant.bits, quant.group_size):
@@ -117,10 +128,10 @@ def lazy_model(cfg: LmConfig, quant: Quantization | None = None) -> Lm:
 
 
 def quantizable_weights(model: nn.Module) -> set[str]:
-    """Names of the weights `nn.quantize` replaces in `model`: those of the leaf modules with a
-    `to_quantized` method (its default predicate), i.e. every Linear and Embedding."""
+    """Names of the weights `moshi_mlx.models.quantize` replaces in `model`: those of the leaf
+    modules it selects (every Linear and Embedding but the conditioners')."""
     leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
-    return {f"{path}.weight" for path, module in leaves if hasattr(module, "to_quantized")}
+    return {f"{path}.weight" for path, module in leaves if quantizes(path, module)}
 
 
 def expected_tensors(cfg: LmConfig, quant: Quantization | None = None) -> dict[str, TensorInfo]:

@@ -1,10 +1,10 @@
 """Quantizes a bf16 Moshi checkpoint to 4 or 8 bits, tensor by tensor.
 
-The output holds exactly what `nn.quantize(model, bits, group_size)` followed by saving the
-parameters gives (same tensors, bit for bit), but only one tensor is in memory at a time: the
-input is read lazily and the output written as it goes, so the 15.4 GB bf16 7B file converts on
-a 16 GB machine. Which weights are quantized comes from the model itself: those of its Linear and
-Embedding modules, as `nn.quantize` decides.
+The output holds exactly what `moshi_mlx.models.quantize(model, bits, group_size)` (for Moshi,
+`nn.quantize`) followed by saving the parameters gives (same tensors, bit for bit), but only one
+tensor is in memory at a time: the input is read lazily and the output written as it goes, so the
+15.4 GB bf16 7B file converts on a 16 GB machine. Which weights are quantized comes from the
+model itself: those of its Linear and Embedding modules but the conditioners'.
 """
 
 import argparse
@@ -150,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Quantize a bf16 Moshi checkpoint (safetensors) to 4 or 8 bits, exactly as "
-        "nn.quantize(model, bits, group_size) would, reading and writing one tensor at a time "
-        "(the 15.4 GB 7B file converts on a 16 GB machine). Linear and Embedding weights are "
-        "quantized; the rest is kept in bf16. Bits and group size are recorded in the output's "
-        "metadata. Load the result with nn.quantize(model, bits=B, group_size=G) and "
+        "moshi_mlx.models.quantize(model, bits, group_size) would, reading and writing one "
+        "tensor at a time (the 15.4 GB 7B file converts on a 16 GB machine). Linear and "
+        "Embedding weights are quantized (a conditioner's are not); the rest is kept in bf16. "
+        "Bits and group size are recorded in the output's metadata. Load the result with "
+        "moshi_mlx.models.quantize(model, bits=B, group_size=G) (for Moshi, nn.quantize) and "
         "model.load_weights(file, strict=True).")
     p.add_argument("input", type=Path, help="bf16 checkpoint, e.g. model.safetensors")
     p.add_argument("--bits", type=int, choices=sorted(DEFAULT_GROUP_SIZE), default=4,

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from moshi_mlx.models import LmConfig
 from moshi_mlx.models.checkpoint import model_tensors
 
-from .common import atomic_output, lazy_model, quantizable_weights
+from .common import atomic_output, lazy_model
 from .safetensors_writer import SafetensorsWriter
 
 
@@ -24,13 +24,14 @@ def scaled_uniform(rng: np.random.Generator, shape: tuple[int, ...], std: float)
 
 
 def write_random_lm(path: str | Path, cfg: LmConfig, seed: int = 0) -> Path:
-    """Writes a bf16 checkpoint of `Lm(cfg)` to `path`: every Linear / Embedding weight uniform
-    with variance 1 / in_features, from numpy's PCG64 seeded by `seed` (the same bytes on every
-    platform), every other parameter (the norms' scales) at the model's initial value."""
+    """Writes a bf16 checkpoint of `Lm(cfg)` to `path`: every matrix (Linear and Embedding
+    weights, conditioners' paddings) uniform with variance 1 / last dimension, from numpy's
+    PCG64 seeded by `seed` (the same bytes on every platform), every vector (the norms' scales)
+    at the model's initial value."""
     path = Path(path)
     model = lazy_model(cfg)
     tensors = model_tensors(model)
-    random_names = quantizable_weights(model)
+    random_names = {name for name, info in tensors.items() if len(info.shape) >= 2}
     initial = dict(tree_flatten(model.parameters()))
     layout = sorted(tensors.items())
     rng = np.random.default_rng(seed)

@@ -3,14 +3,20 @@
 rustymimi releases the GIL while it encodes or decodes, but not while it loads (about 0.3-0.5 s
 for Mimi's 167 MB here): loaded in the app's process, a replacement Mimi would stall every thread
 of the live conversation for that long. In a child process it loads while the conversation goes
-on, and each frame costs one round trip over a pipe (well under a millisecond). The child is
-started with "spawn" (never "fork": the parent runs MLX and other threads) and only imports
-NumPy and rustymimi.
+on, and each frame costs one round trip over a pipe (well under a millisecond).
+
+The child is `python -m moshi_mlx.audio.mimi_process` (it imports only NumPy and rustymimi),
+in a session of its own so that Ctrl-C in the terminal is the app's alone to handle; it ends when
+its pipe closes (the app ended, even abruptly). Messages on the pipes: a 4-byte length, then a
+kind byte and its data.
 """
 
-import multiprocessing
-import signal
-from multiprocessing.connection import Connection
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -18,6 +24,7 @@ from .constants import FRAME_SIZE
 
 _ENCODE, _DECODE = b"e", b"d"  # requests: kind, then the data
 _OK, _ERROR = b"k", b"!"  # replies: kind, then the data or the error message
+_LENGTH = struct.Struct("<I")
 
 
 class MimiProcessError(Exception):
@@ -28,21 +35,37 @@ class MimiProcessError(Exception):
         self.not_mimi = not_mimi
 
 
-def _serve(conn: Connection, path: str, num_codebooks: int, max_seq_len: int) -> None:
-    """The child: loads Mimi, then answers one request at a time until the pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+def _write(pipe: BinaryIO, message: bytes) -> None:
+    pipe.write(_LENGTH.pack(len(message)) + message)
+    pipe.flush()
+
+
+def _read(pipe: BinaryIO) -> bytes:
+    """The next message; EOFError when the pipe is closed."""
+    header = pipe.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        raise EOFError
+    message = pipe.read(_LENGTH.unpack(header)[0])
+    if len(message) < _LENGTH.unpack(header)[0]:
+        raise EOFError
+    return message
+
+
+def serve(path: str, num_codebooks: int, max_seq_len: int, requests: BinaryIO,
+          replies: BinaryIO) -> None:
+    """The child: loads Mimi, then answers one request at a time until `requests` closes."""
     import rustymimi
 
     try:
         mimi = rustymimi.Tokenizer(path, num_codebooks=num_codebooks, max_seq_len=max_seq_len)
     except ValueError as e:
-        conn.send_bytes(_ERROR + str(e).splitlines()[0].encode())
+        _write(replies, _ERROR + str(e).splitlines()[0].encode())
         return
-    conn.send_bytes(_OK)
+    _write(replies, _OK)
     while True:
         try:
-            request = conn.recv_bytes()
-        except (EOFError, OSError):
+            request = _read(requests)
+        except EOFError:
             return
         kind, data = request[:1], request[1:]
         try:
@@ -52,9 +75,9 @@ def _serve(conn: Connection, path: str, num_codebooks: int, max_seq_len: int) ->
             else:
                 codes = np.frombuffer(data, np.uint32).reshape(1, -1, 1)
                 reply = _OK + mimi.decode_step(codes)[0, 0].astype(np.float32).tobytes()
-        except Exception as e:  # handed to the parent, which raises it
+        except Exception as e:  # handed to the app, which raises it
             reply = _ERROR + f"{type(e).__name__}: {str(e).splitlines()[0]}".encode()
-        conn.send_bytes(reply)
+        _write(replies, reply)
 
 
 class MimiProcess:
@@ -63,13 +86,13 @@ class MimiProcess:
     time."""
 
     def __init__(self, path: str, num_codebooks: int, max_seq_len: int):
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, name="mimi",
-                                        args=(child, path, num_codebooks, max_seq_len),
-                                        daemon=True)
-        self._process.start()
-        child.close()
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
+                                                          env.get("PYTHONPATH")]))
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", __name__, path, str(num_codebooks), str(max_seq_len)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
         self._ready = False
 
     def wait_ready(self) -> None:
@@ -79,8 +102,8 @@ class MimiProcess:
 
     def _reply(self) -> bytes:
         try:
-            reply = self._conn.recv_bytes()
-        except (EOFError, OSError):
+            reply = _read(self._process.stdout)
+        except (EOFError, OSError, ValueError):
             raise MimiProcessError("Mimi's process ended unexpectedly") from None
         if reply[:1] == _ERROR:
             raise MimiProcessError(reply[1:].decode(), not_mimi=not self._ready)
@@ -89,8 +112,8 @@ class MimiProcess:
     def _ask(self, kind: bytes, data: np.ndarray) -> bytes:
         self.wait_ready()
         try:
-            self._conn.send_bytes(kind + data.tobytes())
-        except OSError:
+            _write(self._process.stdin, kind + data.tobytes())
+        except (OSError, ValueError):
             raise MimiProcessError("Mimi's process ended unexpectedly") from None
         return self._reply()
 
@@ -103,7 +126,21 @@ class MimiProcess:
         return np.frombuffer(self._ask(_DECODE, np.asarray(codes, np.uint32)), np.float32).copy()
 
     def close(self) -> None:
-        self._conn.close()
-        self._process.join(timeout=5)
-        if self._process.is_alive():
+        """Closes the pipes (the child then ends) and waits for the child."""
+        for pipe in (self._process.stdin, self._process.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
             self._process.kill()
+            self._process.wait()
+
+
+if __name__ == "__main__":
+    path, num_codebooks, max_seq_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything printed goes to stderr
+    serve(path, num_codebooks, max_seq_len, sys.stdin.buffer, replies)

@@ -2,6 +2,7 @@
 (atomically) or as the audio comes (a recording)."""
 
 import wave
+from contextlib import contextmanager, suppress
 from math import ceil, gcd
 from pathlib import Path
 from typing import BinaryIO
@@ -9,7 +10,8 @@ from typing import BinaryIO
 import numpy as np
 import sphn
 
-from ..utils.files import atomic_write
+from ..utils.files import OutputFileError, atomic_write, cannot_write
+from ..utils.files import check_writable as check_writable
 
 WAV_MAGIC = (b"RIFF", b"RF64", b"RIFX")
 
@@ -71,27 +73,40 @@ def resample(pcm: np.ndarray, src_rate: int, dst_rate: int, zero_crossings: int 
     return out
 
 
-def check_writable(path: Path) -> None:
-    """Raises `AudioFileError` when an output file cannot be created at `path`."""
-    if not path.parent.is_dir():
-        raise AudioFileError(f"{path}: cannot write there, {path.parent} is not a directory.")
-    if path.is_dir():
-        raise AudioFileError(f"{path}: is a directory.")
-
-
 class WavWriter:
     """A 16-bit wav written as the audio comes. The header is brought up to date after every
     `write` (a file opened here by path is unbuffered), so the file is complete and valid at any
-    moment: a recording cut short, even by a crash, keeps everything written so far."""
+    moment: a recording cut short, even by a crash, keeps everything written so far.
+
+    Given a path, write errors are `OutputFileError`s naming it; given a file object, they are
+    the `OSError`s of that object (`atomic_write` turns them into `OutputFileError`s)."""
 
     def __init__(self, file: str | Path | BinaryIO, sample_rate: int, channels: int = 1):
         self.channels = channels
-        self._own_file = open(file, "wb", buffering=0) if isinstance(file, (str, Path)) else None
-        self._wav = wave.open(self._own_file or file, "wb")
-        self._wav.setnchannels(channels)
-        self._wav.setsampwidth(2)
-        self._wav.setframerate(sample_rate)
-        self._wav.writeframes(b"")  # the header: a valid (empty) file from the start
+        self.path = Path(file) if isinstance(file, (str, Path)) else None
+        self._own_file = self._wav = None
+        try:
+            with self._reporting_errors():
+                if self.path is not None:
+                    self._own_file = open(self.path, "wb", buffering=0)
+                self._wav = wave.open(self._own_file or file, "wb")
+                self._wav.setnchannels(channels)
+                self._wav.setsampwidth(2)
+                self._wav.setframerate(sample_rate)
+                self._wav.writeframes(b"")  # the header: a valid (empty) file from the start
+        except BaseException:
+            with suppress(OSError, OutputFileError):  # else the wave writer's __del__ retries
+                self.close()
+            raise
+
+    @contextmanager
+    def _reporting_errors(self):
+        try:
+            yield
+        except OSError as e:
+            if self.path is None:
+                raise
+            raise cannot_write(self.path, e) from None
 
     def write(self, pcm: np.ndarray) -> None:
         """pcm: float32 in [-1, 1], [samples] for mono or [samples, channels]."""
@@ -100,7 +115,9 @@ class WavWriter:
             pcm = pcm[:, None]
         if pcm.ndim != 2 or pcm.shape[1] != self.channels:
             raise ValueError(f"expected [samples, {self.channels}] samples, got {pcm.shape}")
-        self._wav.writeframes(np.round(np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+        with self._reporting_errors():
+            self._wav.writeframes(
+                np.round(np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2").tobytes())
 
     @property
     def samples(self) -> int:
@@ -108,9 +125,13 @@ class WavWriter:
         return self._wav.getnframes()
 
     def close(self) -> None:
-        self._wav.close()
-        if self._own_file is not None:
-            self._own_file.close()
+        with self._reporting_errors():
+            try:
+                if self._wav is not None:
+                    self._wav.close()
+            finally:
+                if self._own_file is not None:
+                    self._own_file.close()
 
     def __enter__(self) -> "WavWriter":
         return self

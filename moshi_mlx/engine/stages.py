@@ -128,6 +128,11 @@ class Pipeline:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def idle(self) -> bool:
+        """True when every item put has gone through."""
+        return self._pending == 0
+
     def wait_idle(self, timeout: float) -> bool:
         """Waits until every item put has gone through (or the pipeline stopped); False on
         timeout."""

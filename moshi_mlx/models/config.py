@@ -1,4 +1,9 @@
-"""Moshi's language-model configuration, in the fields of Kyutai's `config.json`."""
+"""Moshi's language-model configuration, in the fields of Kyutai's `config.json`.
+
+One class describes the whole family Kyutai runs on MLX: Moshi 7B, the 1B models (Hibiki's speech
+translation, with a description conditioner and classifier-free guidance) and the speech-to-text
+models (text only: no depformer, voice-activity heads).
+"""
 
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -12,9 +17,18 @@ class LmConfig:
     """Hyper-parameters of the temporal transformer and of the depformer.
 
     Field names are those of Kyutai's `config.json` so a repository's file maps onto this class
-    one to one. Audio is modelled as `n_q` codebooks (Moshi's `dep_q` first, then the user's),
-    each with a vocabulary of `card` codes; `delays` has one entry for the text stream followed by
-    one per audio codebook, in steps of 80 ms.
+    one to one. Audio is modelled as `n_q` codebooks (the model's `dep_q` generated ones first,
+    then the input stream's `n_q - dep_q`), each with a vocabulary of `card` codes; `delays` has
+    one entry for the text stream followed by one per audio codebook, in steps of 80 ms.
+    `dep_q = 0` is a text-only model (speech to text): no depformer.
+
+    Optional parts: `conditioners` (name -> Kyutai's conditioner dict, summed into the input as
+    `fuser` says), `depformer_weights_per_step_schedule` (codebook -> depformer weight set; only
+    the PyTorch files share weights, the MLX layout has one copy per codebook),
+    `depformer_low_rank_embeddings` (rank of the depformer's input embeddings),
+    `demux_second_stream` (text input tokens carry two streams, `tok2 * (text_card + 1) + tok1`),
+    `extra_heads_num_heads` x `extra_heads_dim` (linear heads on the temporal output, e.g. voice
+    activity) and `stt_config` (input padding of the speech-to-text models, in seconds).
     """
 
     dim: int
@@ -46,6 +60,15 @@ class LmConfig:
     depformer_gating: str = "silu"
     depformer_pos_emb: str = "none"
     depformer_weights_per_step: bool = True
+    depformer_weights_per_step_schedule: list[int] | None = None
+    depformer_low_rank_embeddings: int | None = None
+    demux_second_stream: bool = False
+    extra_heads_num_heads: int = 0
+    extra_heads_dim: int = 6
+    conditioners: dict = field(default_factory=dict)
+    fuser: dict | None = None
+    stt_config: dict | None = None
+    cross_attention: bool = False
     # Keys of the source dict that do not describe the model (file names, sampling defaults...).
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -68,8 +91,17 @@ class LmConfig:
         return cls(**known, extra=extra)
 
     def to_config_dict(self) -> dict:
-        """The inverse of `from_config_dict` (model fields only, then `extra`)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        """The inverse of `from_config_dict` (model fields, then `extra`); the optional parts
+        are written only when used, as in Kyutai's files."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            unused = f.name in OPTIONAL_FIELDS and value == _default(f)
+            if f.name == "extra_heads_dim":
+                unused = self.extra_heads_num_heads == 0
+            if f.name == "extra" or unused:
+                continue
+            out[f.name] = value
         out["delays"] = list(self.delays)
         out.update(self.extra)
         return out
@@ -80,12 +112,17 @@ class LmConfig:
                 value = getattr(self, name)
                 raise ConfigError(f"invalid model config: field '{name}' = {value!r}: {why}")
 
-        for name in ("dim", "text_card", "n_q", "dep_q", "card", "num_heads", "num_layers",
+        def is_int(value, low: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        for name in ("dim", "text_card", "n_q", "card", "num_heads", "num_layers",
                      "context", "depformer_dim", "depformer_dim_feedforward",
                      "depformer_num_heads", "depformer_num_layers", "depformer_context"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 name, "must be a positive integer")
+            need(is_int(getattr(self, name), 1), name, "must be a positive integer")
+        need(is_int(self.dep_q, 0), "dep_q", "must be a non-negative integer (0: text only)")
+        need(is_int(self.extra_heads_num_heads, 0), "extra_heads_num_heads",
+             "must be a non-negative integer")
+        need(is_int(self.extra_heads_dim, 1), "extra_heads_dim", "must be a positive integer")
         need(isinstance(self.hidden_scale, (int, float)) and self.hidden_scale > 0,
              "hidden_scale", "must be a positive number")
         need(self.dim % self.num_heads == 0, "num_heads", f"must divide dim={self.dim}")
@@ -119,6 +156,82 @@ class LmConfig:
              "Moshi uses separate depformer weights per codebook (true)")
         need(self.depformer_context >= self.dep_q, "depformer_context",
              f"must cover the dep_q={self.dep_q} codebooks of a step")
+        schedule = self.depformer_weights_per_step_schedule
+        need(schedule is None or (
+            isinstance(schedule, list) and len(schedule) == self.dep_q
+            and all(is_int(i, 0) for i in schedule)), "depformer_weights_per_step_schedule",
+            f"must be null or a list of dep_q={self.dep_q} weight indices (integers >= 0)")
+        need(self.depformer_low_rank_embeddings is None
+             or is_int(self.depformer_low_rank_embeddings, 1), "depformer_low_rank_embeddings",
+             "must be null or a positive integer")
+        need(isinstance(self.demux_second_stream, bool), "demux_second_stream",
+             "must be true or false")
+        need(self.cross_attention is False, "cross_attention",
+             "cross-attention models (Kyutai's TTS) are not supported by this package")
+        self._validate_conditioners(need)
+        stt = self.stt_config
+        need(stt is None or (isinstance(stt, dict) and all(
+            isinstance(stt.get(k, 0.0), (int, float)) and not isinstance(stt.get(k), bool)
+            and 0 <= stt.get(k, 0.0) < 3600
+            for k in ("audio_delay_seconds", "audio_silence_prefix_seconds"))), "stt_config",
+            "must be null or an object whose audio_delay_seconds and "
+            "audio_silence_prefix_seconds are numbers of seconds >= 0")
+
+    def _validate_conditioners(self, need) -> None:
+        conds = self.conditioners
+        need(isinstance(conds, dict), "conditioners", "must be an object: name -> conditioner")
+        for name, c in conds.items():
+            kind = c.get("type") if isinstance(c, dict) else None
+            need(kind in CONDITIONER_KEYS, "conditioners",
+                 f"'{name}' must have a type 'lut' or 'tensor'")
+            params = c.get(kind)
+            need(isinstance(params, dict) and CONDITIONER_KEYS[kind] <= params.keys(),
+                 "conditioners", f"'{name}' ({kind}) needs the keys "
+                 f"{', '.join(sorted(CONDITIONER_KEYS[kind]))} under '{kind}'")
+            need(isinstance(params["dim"], int) and params["dim"] > 0, "conditioners",
+                 f"'{name}': dim must be a positive integer")
+            if kind == "lut":
+                values = params["possible_values"]
+                need(params["tokenizer"] == "noop", "conditioners",
+                     f"'{name}': only the 'noop' tokenizer is supported")
+                need(isinstance(values, list) and values
+                     and all(isinstance(v, str) for v in values), "conditioners",
+                     f"'{name}': possible_values must be a list of strings")
+                need(isinstance(params["n_bins"], int) and params["n_bins"] >= len(values),
+                     "conditioners", f"'{name}': n_bins must be at least len(possible_values)")
+        fuser = self.fuser or {}
+        need(isinstance(fuser, dict), "fuser", "must be an object: method -> conditions")
+        for method, names in fuser.items():
+            if method in ("cross_attention_pos_emb", "cross_attention_pos_emb_scale"):
+                continue
+            need(method in ("sum", "cross", "prepend"), "fuser",
+                 f"unknown method '{method}' (sum, cross, prepend)")
+            need(method == "sum" or not names, "fuser",
+                 f"only 'sum' conditioning is supported, not '{method}'")
+            need(isinstance(names, list) and all(n in conds for n in names), "fuser",
+                 f"'{method}' must list conditioners of 'conditioners'")
+        need(not conds or fuser.get("sum") is None or set(fuser["sum"]) == set(conds),
+             "fuser", "every conditioner must be summed into the input ('sum')")
+
+    @property
+    def num_user_codebooks(self) -> int:
+        """Audio codebooks of the input stream (the user's voice, the speech to translate)."""
+        return self.n_q - self.dep_q
+
+    @property
+    def generated_codebooks(self) -> int:
+        """`dep_q`, under the name Kyutai's MLX `LmConfig` gives it."""
+        return self.dep_q
+
+    @property
+    def other_codebooks(self) -> int:
+        """`num_user_codebooks`, under the name Kyutai's MLX `LmConfig` gives it."""
+        return self.num_user_codebooks
+
+    @property
+    def mimi_codebooks(self) -> int:
+        """Codebooks Mimi must encode and decode for this model."""
+        return max(self.dep_q, self.num_user_codebooks)
 
     @property
     def audio_delays(self) -> list[int]:
@@ -146,6 +259,21 @@ class LmConfig:
     @property
     def depformer_ffn_hidden(self) -> int:
         return gated_hidden(self.depformer_dim, self.depformer_dim_feedforward)
+
+
+OPTIONAL_FIELDS = {
+    "depformer_weights_per_step_schedule", "depformer_low_rank_embeddings",
+    "demux_second_stream", "extra_heads_num_heads", "extra_heads_dim", "conditioners", "fuser",
+    "stt_config", "cross_attention",
+}
+"""Fields of the models after Moshi 7B, left out of `to_config_dict` when unused."""
+
+CONDITIONER_KEYS = {"lut": {"n_bins", "dim", "tokenizer", "possible_values"}, "tensor": {"dim"}}
+"""The keys each conditioner type needs under its type name."""
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def gated_hidden(dim: int, dim_feedforward: int) -> int:
@@ -187,4 +315,25 @@ def config_v0_1() -> LmConfig:
         depformer_pos_emb="none",
         depformer_weights_per_step=True,
         delays=[0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
+    )
+
+
+def config1b_202412() -> LmConfig:
+    """Kyutai's 1B layout of 2024-12 (8 generated and 8 input codebooks, acoustic delay 2)."""
+    return _config_1b(dep_q=8)
+
+
+def config1b_202412_16rvq() -> LmConfig:
+    """Kyutai's 1B layout of 2024-12 with 16 generated and 16 input codebooks."""
+    return _config_1b(dep_q=16)
+
+
+def _config_1b(dep_q: int) -> LmConfig:
+    return LmConfig(
+        dim=2048, text_card=48000, existing_text_padding_id=3, n_q=2 * dep_q, dep_q=dep_q,
+        card=2048, num_heads=16, num_layers=16, hidden_scale=4.125, context=3000,
+        max_period=100000, norm="rms_norm_f32", positional_embedding="rope",
+        depformer_dim=1024, depformer_dim_feedforward=4224, depformer_num_heads=16,
+        depformer_num_layers=6, depformer_context=dep_q, depformer_max_period=10000,
+        depformer_pos_emb="none", delays=[0] + ([0] + [2] * (dep_q - 1)) * 2,
     )

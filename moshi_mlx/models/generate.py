@@ -4,8 +4,10 @@ from collections import deque
 
 import mlx.core as mx
 
+from ..utils.compile import compile_with_state
 from ..utils.sampling import Sampler
-from .lm import Lm
+from .conditioner import ConditionTensor
+from .lm import Lm, guided
 
 MAX_COMPILED_SAMPLERS = 8  # compiled depformer samplings kept (each sampler compiles once)
 
@@ -22,6 +24,12 @@ class LmGen:
 
     Memory is flat: the temporal transformer keeps the last `context` steps in a rotating cache
     and only the last `max_delay + 1` steps of tokens are kept here.
+
+    Classifier-free guidance (`cfg_coef` != 1) runs 2B rows: the conditioned ones, then the
+    unconditioned ones, fed the same tokens, their logits mixed as `uncond + cfg_coef * (cond -
+    uncond)` before sampling. The condition (`ct` of `step`) then has 2B rows (e.g. Hibiki's
+    "very_good" then "very_bad" descriptions), or B rows given to the conditioned half only.
+    A text-only model (`dep_q` 0, speech to text) samples text alone.
     """
 
     def __init__(
@@ -31,14 +39,23 @@ class LmGen:
         text_sampler: Sampler | None = None,
         audio_sampler: Sampler | None = None,
         batch_size: int = 1,
+        cfg_coef: float = 1.0,
+        check: bool = False,
+        on_text_hook=None,
+        on_audio_hook=None,
         compile: bool = True,
     ):
         """`max_steps` is accepted for compatibility and is not a limit: conversations can run
-        for any number of steps. `compile` compiles the depformer's per-step sampling."""
+        for any number of steps; so is `check` (inputs are always built from sampled tokens).
+        `on_text_hook(text [B])` and `on_audio_hook(audio [B, dep_q])` see each step's tokens.
+        `compile` compiles the depformer's per-step sampling."""
         cfg = model.cfg
         self.model = model
         self.max_steps = max_steps
         self.batch_size = batch_size
+        self.cfg_coef = cfg_coef
+        self.on_text_hook = on_text_hook
+        self.on_audio_hook = on_audio_hook
         self.compile = compile
         self.dep_q = cfg.dep_q
         self.num_user_codebooks = cfg.n_q - cfg.dep_q
@@ -67,11 +84,11 @@ class LmGen:
             depformer = self.model.depformer
 
             def sample(hidden, text_token):
-                return depformer.sample(hidden, text_token, sampler)
+                return depformer.sample(hidden, text_token, sampler, self.cfg_coef)
 
             if self.compile:
                 state = [depformer.state, mx.random.state]
-                sample = mx.compile(sample, inputs=state, outputs=[mx.random.state])
+                sample = compile_with_state(sample, inputs=state, outputs=[mx.random.state])
             if len(self._compiled) >= MAX_COMPILED_SAMPLERS:
                 del self._compiled[next(iter(self._compiled))]  # the oldest
             self._compiled[sampler] = sample
@@ -101,10 +118,18 @@ class LmGen:
             columns.append(self._padding if source is None else source[:, col])
         return text[:, None], mx.stack(columns, axis=1)[:, :, None]
 
-    def step(self, user_tokens: mx.array) -> mx.array:
-        """user_tokens: int32 [B, 8], the user's Mimi codes for this frame.
-        Returns Moshi's text token for this step, [B, 1] int32 (evaluation is started, not
-        awaited: `.item()` or `.tolist()` waits for it)."""
+    def _rows(self, x: mx.array) -> mx.array:
+        """The batch's inputs, doubled for guidance."""
+        return x if self.cfg_coef == 1 else mx.concatenate([x, x])
+
+    def _condition(self, ct: ConditionTensor | None) -> ConditionTensor | None:
+        """`ct` for the model's rows: with guidance, B rows go to the conditioned half only."""
+        if ct is None or self.cfg_coef == 1 or ct.tensor.shape[0] == 2 * self.batch_size:
+            return ct
+        cond = mx.broadcast_to(ct.tensor, (self.batch_size, ct.tensor.shape[-1]))
+        return ConditionTensor(mx.concatenate([cond, mx.zeros_like(cond)]))
+
+    def _step(self, user_tokens, ct: ConditionTensor | None) -> tuple[mx.array, mx.array]:
         user_tokens = mx.array(user_tokens).astype(mx.int32)
         expected = (self.batch_size, self.num_user_codebooks)
         if tuple(user_tokens.shape) != expected:
@@ -112,21 +137,43 @@ class LmGen:
                 f"user_tokens must have shape [batch, codebooks] = {list(expected)}, "
                 f"got {list(user_tokens.shape)}")
         text_in, audio_in = self._input_tokens()
-        hidden, text_logits = self.model(text_in, audio_in, cache=self.cache)
-        text_token = self.text_sampler(text_logits[:, -1])[0]
-        audio_tokens = self.sample_audio(hidden, text_token)
+        hidden, text_logits = self.model(self._rows(text_in), self._rows(audio_in),
+                                         cache=self.cache, condition=self._condition(ct))
+        text_token = self.text_sampler(guided(text_logits[:, -1], self.cfg_coef))[0]
+        if self.on_text_hook is not None:
+            self.on_text_hook(text_token)
         self._text = text_token
-        self._sampled.append(audio_tokens)
         self._user.append(user_tokens)
+        if self.dep_q > 0:
+            audio_tokens = self.sample_audio(hidden, text_token)
+            if self.on_audio_hook is not None:
+                self.on_audio_hook(audio_tokens)
+            self._sampled.append(audio_tokens)
+            mx.async_eval(text_token, audio_tokens)
+        else:
+            mx.async_eval(text_token)
         self.step_idx += 1
-        mx.async_eval(text_token, audio_tokens)
-        return text_token[:, None]
+        return text_token[:, None], hidden[: self.batch_size]
+
+    def step(self, user_tokens: mx.array, ct: ConditionTensor | None = None) -> mx.array:
+        """user_tokens: int32 [B, n_q - dep_q], the input stream's Mimi codes for this frame;
+        `ct`: the condition (`model.condition_provider.condition_tensor(...)`), if any.
+        Returns the text token for this step, [B, 1] int32 (evaluation is started, not
+        awaited: `.item()` or `.tolist()` waits for it)."""
+        return self._step(user_tokens, ct)[0]
+
+    def step_with_extra_heads(self, user_tokens: mx.array, ct: ConditionTensor | None = None
+                              ) -> tuple[mx.array, list[mx.array]]:
+        """`step`, plus the softmax of each extra head of the model ([B, 1, extra_heads_dim]
+        each, e.g. the STT models' voice activity) on this step's temporal output."""
+        text, hidden = self._step(user_tokens, ct)
+        return text, self.model.extra_head_probs(hidden)
 
     def last_audio_tokens(self) -> mx.array | None:
-        """Moshi's 8 codes [B, dep_q] of the frame completed by the last step, or None while the
-        delays are still filling (the first `max_delay` steps)."""
+        """The model's codes [B, dep_q] of the frame completed by the last step, or None while
+        the delays are still filling (the first `max_delay` steps) and for text-only models."""
         frame = self.step_idx - 1 - self.max_delay
-        if frame < 0:
+        if frame < 0 or self.dep_q == 0:
             return None
         columns = [
             self._past(self._sampled, self.step_idx - (frame + delay))[:, k]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import ConcatenateKVCache
 
 from ..utils.sampling import Sampler
 from . import checkpoint
+from .conditioner import ConditionProvider, ConditionTensor
 from .config import LmConfig
 from .transformer import RMSNorm, Transformer, TransformerArgs
 
@@ -35,19 +35,62 @@ def pick_activation_dtype(model: "Lm") -> mx.Dtype:
     return activation_dtype_for(quantized, model.out_norm.weight.dtype)
 
 
+def quantizes(path: str, module: nn.Module) -> bool:
+    """Which modules `quantize` quantizes: every Linear and Embedding (as `nn.quantize` does)
+    except the conditioners', which are evaluated once per conversation and stay exact."""
+    return hasattr(module, "to_quantized") and not path.startswith("condition_provider.")
+
+
+def quantize(model: nn.Module, bits: int, group_size: int) -> None:
+    """Quantizes `model` in place, as Kyutai's quantized MLX checkpoints are laid out."""
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=quantizes)
+
+
 def embed(emb: nn.Module, tokens: mx.array) -> mx.array:
     """Looks tokens up in a (possibly quantized) embedding; ZERO_TOKEN gives zeros."""
     out = emb(mx.maximum(tokens, 0))
     return mx.where((tokens == ZERO_TOKEN)[..., None], mx.zeros((), out.dtype), out)
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Moshi's token embedding with its two options.
+
+    `low_rank`: the table has `low_rank` columns, projected to `dim` by `low_rank` (a Linear).
+    `demux`: a token `tok2 * vocab + tok1` carries two streams; both are looked up in the same
+    table, then projected by `out1` and `out2` and summed (`tok2` counts from 1; 0 means none).
+    Without either it is a plain embedding, which `nn.quantize` quantizes like any other; with
+    one, its table stays unquantized (it is not a leaf module) and its projections are.
+    """
+
+    def __init__(self, vocab: int, dim: int, low_rank: int | None = None, demux: bool = False):
+        super().__init__(vocab, low_rank or dim)
+        self.vocab = vocab
+        self.demux = demux
+        if low_rank is not None:
+            self.low_rank = nn.Linear(low_rank, dim, bias=False)
+        if demux:
+            self.out1 = nn.Linear(low_rank or dim, dim, bias=False)
+            self.out2 = nn.Linear(low_rank or dim, dim, bias=False)
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        """tokens: non-negative ids -> [..., dim]."""
+        if self.demux:
+            first = self.out1(self.weight[tokens % self.vocab])
+            second = tokens // self.vocab - 1
+            other = self.out2(self.weight[mx.maximum(second, 0)])
+            return first + mx.where((second < 0)[..., None], mx.zeros((), other.dtype), other)
+        out = self.weight[tokens]
+        return self.low_rank(out) if "low_rank" in self else out
+
+
 class DepFormerSlice(nn.Module):
     """The weights used for one codebook of a step: input projection, embedding of the previous
     token (text for the first codebook), a small transformer and the output head."""
 
-    def __init__(self, in_vocab: int, cfg: LmConfig, args: TransformerArgs):
+    def __init__(self, in_vocab: int, cfg: LmConfig, args: TransformerArgs, demux: bool):
         super().__init__()
-        self.emb = nn.Embedding(in_vocab, cfg.depformer_dim)
+        self.emb = ScaledEmbedding(in_vocab, cfg.depformer_dim,
+                                   cfg.depformer_low_rank_embeddings, demux)
         self.linear_in = nn.Linear(cfg.dim, cfg.depformer_dim, bias=False)
         self.transformer = Transformer(args)
         self.linear_out = nn.Linear(cfg.depformer_dim, cfg.card, bias=False)
@@ -75,7 +118,8 @@ class DepFormer(nn.Module):
             norm_f32=cfg.norm == "rms_norm_f32",
         )
         self.slices = [
-            DepFormerSlice(cfg.text_card + 1 if k == 0 else cfg.card + 1, cfg, args)
+            DepFormerSlice(cfg.text_card + 1 if k == 0 else cfg.card + 1, cfg, args,
+                           demux=k == 0 and cfg.demux_second_stream)
             for k in range(cfg.dep_q)
         ]
 
@@ -94,15 +138,29 @@ class DepFormer(nn.Module):
         logits = [s(hidden, tokens[:, k], cache) for k, s in enumerate(self.slices)]
         return mx.stack(logits, axis=1).reshape(b, t, len(self.slices), -1)
 
-    def sample(self, hidden: mx.array, text_token: mx.array, sampler: Sampler) -> mx.array:
-        """hidden: [B, 1, dim]; text_token: [B] -> Moshi's audio tokens [B, dep_q] (int32)."""
+    def sample(self, hidden: mx.array, text_token: mx.array, sampler: Sampler,
+               cfg_coef: float = 1.0) -> mx.array:
+        """hidden: [B, 1, dim]; text_token: [B] -> Moshi's audio tokens [B, dep_q] (int32).
+
+        With `cfg_coef` != 1, `hidden` has 2B rows (conditioned, then unconditioned), both fed
+        the same tokens, and each codebook samples from `guided(logits)`."""
         cache = self._new_cache()
         token = text_token
         out = []
         for s in self.slices:
-            token = sampler(s(hidden, token, cache))[0]
+            fed = token if cfg_coef == 1 else mx.concatenate([token, token])
+            token = sampler(guided(s(hidden, fed, cache), cfg_coef))[0]
             out.append(token)
         return mx.stack(out, axis=1)
+
+
+def guided(logits: mx.array, cfg_coef: float) -> mx.array:
+    """Classifier-free guidance: logits of 2B rows (conditioned, then unconditioned) -> B rows
+    `uncond + cfg_coef * (cond - uncond)`; unchanged when `cfg_coef` is 1."""
+    if cfg_coef == 1:
+        return logits
+    cond, uncond = mx.split(logits, 2, axis=0)
+    return uncond + cfg_coef * (cond - uncond)
 
 
 class Lm(nn.Module):
@@ -112,7 +170,8 @@ class Lm(nn.Module):
     def __init__(self, cfg: LmConfig):
         super().__init__()
         self.cfg = cfg
-        self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
+        self.text_emb = ScaledEmbedding(cfg.text_card + 1, cfg.dim,
+                                        demux=cfg.demux_second_stream)
         self.audio_embs = [nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
         self.transformer = Transformer(
             TransformerArgs(
@@ -129,45 +188,58 @@ class Lm(nn.Module):
         self.out_norm = RMSNorm(cfg.dim, cfg.norm == "rms_norm_f32")
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
         self.depformer = DepFormer(cfg)
+        self.extra_heads = [nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False)
+                            for _ in range(cfg.extra_heads_num_heads)]
+        self.condition_provider = (
+            ConditionProvider(cfg.dim, cfg.conditioners) if cfg.conditioners else None)
         self.activation_dtype: mx.Dtype | None = None  # None: `pick_activation_dtype`
 
-    def embed(self, text_tokens: mx.array, audio_tokens: mx.array) -> mx.array:
-        """text_tokens: [B, T]; audio_tokens: [B, n_q, T] -> [B, T, dim]."""
+    def embed(self, text_tokens: mx.array, audio_tokens: mx.array,
+              condition: ConditionTensor | None = None) -> mx.array:
+        """text_tokens: [B, T]; audio_tokens: [B, n_q, T]; condition: [B or 1, dim].
+        Returns [B, T, dim]."""
         dtype = self.activation_dtype or pick_activation_dtype(self)
         x = embed(self.text_emb, text_tokens).astype(dtype)
         for k, emb in enumerate(self.audio_embs):
             x = x + embed(emb, audio_tokens[:, k]).astype(dtype)
+        if condition is not None:
+            x = x + condition.tensor[:, None, :].astype(dtype)
         return x
 
-    def __call__(self, text_tokens: mx.array, audio_tokens: mx.array, cache=None):
+    def __call__(self, text_tokens: mx.array, audio_tokens: mx.array, cache=None,
+                 condition: ConditionTensor | None = None):
         """Temporal transformer over T steps.
 
-        text_tokens: [B, T]; audio_tokens: [B, n_q, T] (input tokens, delays already applied).
-        With `cache` (from `make_cache`) the steps continue a stream; without it they are a whole
-        sequence under a causal mask limited to `context` steps.
+        text_tokens: [B, T]; audio_tokens: [B, n_q, T] (input tokens, delays already applied);
+        `condition` (from `condition_provider.condition_tensor`) is summed into every step.
+        With `cache` (from `make_cache`) the steps continue a stream, else they start one; either
+        way each step attends causally to the last `context` steps.
         Returns (hidden [B, T, dim] for the depformer, text logits [B, T, text_card]).
         """
-        x = self.embed(text_tokens, audio_tokens)
-        mask = None
-        if cache is None:
-            t = x.shape[1]
-            mask = create_causal_mask(t, window_size=self.cfg.context) if t > 1 else None
-        hidden = self.out_norm(self.transformer(x, cache=cache, mask=mask))
+        x = self.embed(text_tokens, audio_tokens, condition)
+        hidden = self.out_norm(self.transformer(x, cache=cache))
         return hidden, self.text_linear(hidden)
+
+    def extra_head_probs(self, hidden: mx.array) -> list[mx.array]:
+        """Softmax of each extra head (e.g. voice activity) on `hidden` [B, T, dim]."""
+        return [mx.softmax(head(hidden).astype(mx.float32), axis=-1) for head in self.extra_heads]
 
     def make_cache(self):
         """Sliding-window KV caches of the temporal transformer: memory stays flat at `context`."""
         return self.transformer.make_cache()
 
-    def warmup(self) -> None:
+    def warmup(self, ct: ConditionTensor | None = None) -> None:
         """Runs one step (greedy) so kernels are built before a conversation starts."""
         b = 1
         text = mx.full((b, 1), self.cfg.text_initial_token, mx.int32)
         audio = mx.full((b, self.cfg.n_q, 1), self.cfg.audio_padding_token, mx.int32)
-        hidden, logits = self(text, audio, cache=self.make_cache())
+        ct = None if ct is None else ConditionTensor(ct.tensor[:1])
+        hidden, logits = self(text, audio, cache=self.make_cache(), condition=ct)
         greedy = Sampler(temp=0.0)
         text_token = greedy(logits[:, -1])[0]
-        mx.eval(self.depformer.sample(hidden, text_token, greedy))
+        if self.cfg.dep_q > 0:
+            text_token = self.depformer.sample(hidden, text_token, greedy)
+        mx.eval(text_token)
 
     def load_weights(self, file_or_weights, strict: bool = True):
         """Loads a safetensors file (or a list of (name, array) pairs) into the model.

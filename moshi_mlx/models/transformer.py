@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import RotatingKVCache
 
 
@@ -103,9 +104,14 @@ class Transformer(nn.Module):
         self.args = args
         self.layers = [TransformerLayer(args) for _ in range(args.num_layers)]
 
-    def __call__(self, x: mx.array, cache=None, mask=None) -> mx.array:
-        """x: [batch, steps, dim]. Without `cache`, pass the context's sliding causal `mask`."""
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        """x: [batch, steps, dim]. Several steps attend causally, each to the last `context` steps
+        (its own included), whether they start a sequence or continue the one in `cache`. A
+        single step needs no mask: the caches never hold more than `context` steps."""
         cache = cache or [None] * len(self.layers)
+        mask = None
+        if x.shape[1] > 1:
+            mask = create_attention_mask(x, cache[0], window_size=self.args.context)
         for layer, c in zip(self.layers, cache):
             x = layer(x, cache=c, mask=mask)
         return x

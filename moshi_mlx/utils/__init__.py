@@ -1,12 +1,13 @@
-"""Sampling (`Sampler`, which needs MLX) and file helpers (`utils.files`, which does not)."""
+"""Pieces the apps share: sampling (`Sampler` and its checks, on MLX) and file writing (`files`,
+no MLX). The sampling names are imported on first use, so that modules which only move audio or
+bytes can use `utils.files` without importing MLX."""
 
-__all__ = ["Sampler"]
+from importlib import import_module
+
+__all__ = ["Sampler", "SamplingError", "check_temperature", "check_top_k", "stream_sampler"]
 
 
 def __getattr__(name: str):
-    # Imported on first use, so that `utils.files` stays free of MLX for the audio modules.
-    if name == "Sampler":
-        from .sampling import Sampler
-
-        return Sampler
+    if name in __all__:
+        return getattr(import_module(".sampling", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""What the web server needs besides the conversation: which pages may use it."""

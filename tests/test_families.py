@@ -1,0 +1,207 @@
+"""Hibiki and STT end to end: `run_inference --hf-repo` on generated demo repositories of each
+kind (`make_demo --kind`), the Hub mocked at `huggingface_hub.hf_hub_download`."""
+
+import json
+import logging
+import wave
+from math import ceil
+from pathlib import Path
+
+import huggingface_hub
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_model_files import FakeHub
+
+from moshi_mlx import families, model_files, models, run_inference, utils
+from moshi_mlx.audio.constants import FRAME_SIZE
+from moshi_mlx.audio.mimi import MimiEncoder
+from weights_tools.make_demo import build_demo_repo
+from weights_tools.mimi_layout import MIMI_FILE
+
+RATE = 24000
+
+
+@pytest.fixture(autouse=True)
+def own_log_handlers():
+    """`run_inference.main` runs in this process: the log handler it adds on the captured
+    stderr of a test is removed after it, so later tests do not log to a closed stream."""
+    log = logging.getLogger("moshi_mlx")
+    before = list(log.handlers)
+    yield
+    log.handlers[:] = before
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("family-repos")
+    return {kind: build_demo_repo(root / kind, seed=5, kind=kind) for kind in ("hibiki", "stt")}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, repos) -> FakeHub:
+    """The demo repositories served as kyutai/hibiki-demo and kyutai/stt-demo."""
+    fake = FakeHub(tmp_path / "hub")
+    for kind, path in repos.items():
+        for f in path.iterdir():
+            fake.files[(f"kyutai/{kind}-demo", f.name)] = f
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Path:
+    """1.5 s of a modulated tone with noise, 24 kHz mono."""
+    t = np.arange(int(1.5 * RATE)) / RATE
+    x = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    x += 0.05 * np.random.default_rng(0).normal(size=t.size)
+    path = tmp_path_factory.mktemp("speech") / "in.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        assert (w.getframerate(), w.getnchannels()) == (RATE, 1)
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768
+
+
+def test_config_json_names_the_family(repos):
+    kinds = {k: families.model_kind(models.LmConfig.from_config_dict(
+        json.loads((p / "config.json").read_text()))) for k, p in repos.items()}
+    assert kinds == {"hibiki": "hibiki", "stt": "stt"}
+    assert families.model_kind(models.config_v0_1()) == "moshi"
+
+
+def test_stt_transcribes_with_word_times(hub, speech, tmp_path, capsys):
+    """The transcript is the greedy text of the padded input (0.5 s text delay + 1 s after it),
+    its words timed in the input's seconds; no wav is written."""
+    report_path = tmp_path / "stt.json"
+    argv = [str(speech), "--hf-repo", "kyutai/stt-demo", "--text-temp", "0", "--json",
+            str(report_path)]
+    assert run_inference.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["model_type"] == "stt" and report["output"] is None
+    assert {name for _, name in hub.downloaded()} >= {
+        "config.json", "model.safetensors", "tokenizer_spm_demo.model"}
+    frames = ceil((int(1.5 * RATE) + int(1.5 * RATE)) / FRAME_SIZE)
+    assert report["timing"]["steps"] == frames
+    assert report["text"] == " ".join(printed.split())
+    assert report["words"], "nothing was transcribed"
+    for w in report["words"]:
+        assert w["time"] == max(0.0, round(w["frame"] / 12.5 - 0.5, 3))
+
+    # The same steps by hand: Mimi codes of the padded input into a greedy LmGen.
+    files = model_files.resolve(run_inference.parse_args(argv))
+    model, tokenizer, cfg = model_files.load_model(files, warmup=False)
+    pcm = np.concatenate([read_wav(speech).astype(np.float32),
+                          np.zeros(int(1.5 * RATE), np.float32)])
+    pcm = np.concatenate([pcm, np.zeros(frames * FRAME_SIZE - len(pcm), np.float32)])
+    mimi = MimiEncoder(files.mimi_weight, cfg.n_q)
+    gen = models.LmGen(model, text_sampler=utils.Sampler(temp=0))
+    tokens = [gen.step(mx.array(mimi.encode(pcm[f * FRAME_SIZE:(f + 1) * FRAME_SIZE])[None]))
+              .item() for f in range(frames)]
+    pieces = [tokenizer.id_to_piece(t).replace("▁", " ") for t in tokens if t not in (0, 3)]
+    assert " ".join("".join(pieces).split()) == report["text"]
+
+
+def test_stt_quantized(hub, speech, tmp_path):
+    report_path = tmp_path / "stt.json"
+    assert run_inference.main([str(speech), "--hf-repo", "kyutai/stt-demo", "-q", "8",
+                               "--json", str(report_path)]) == 0
+    assert ("kyutai/stt-demo", "model.q8.safetensors") in hub.downloaded()
+    assert json.loads(report_path.read_text())["moshi_weight"].endswith("model.q8.safetensors")
+
+
+def test_hibiki_translates_with_guidance(hub, speech, tmp_path, monkeypatch, capsys):
+    """Voice and text; after the input, the end-of-input frame then silence until the text
+    ends or the tail's limit (here 0.4 s, 5 steps); the voice covers every step once the
+    codebook delays (2) have filled. Guidance changes the result for the same seed."""
+    monkeypatch.setattr(families, "TRANSLATION_TAIL_SECONDS", 0.4)
+    outputs = {}
+    for coef, quant in (("3", []), ("1", []), ("3", ["-q", "4"])):
+        out, report_path = tmp_path / "out.wav", tmp_path / "h.json"
+        argv = [str(speech), str(out), "--hf-repo", "kyutai/hibiki-demo", "--cfg-coef", coef,
+                "--seed", "4", "--json", str(report_path), *quant]
+        assert run_inference.main(argv) == 0
+        printed = capsys.readouterr().out
+        report = json.loads(report_path.read_text())
+        steps = ceil(int(1.5 * RATE) / FRAME_SIZE) + 1 + 5
+        assert report["model_type"] == "hibiki" and report["cfg_coef"] == float(coef)
+        assert report["timing"]["steps"] == steps
+        pcm = read_wav(out)
+        assert len(pcm) == (steps - 2) * FRAME_SIZE
+        assert np.sqrt(np.mean(pcm**2)) > 1e-3
+        assert printed.strip()
+        outputs[coef, bool(quant)] = out.read_bytes()
+    assert outputs["3", False] != outputs["1", False]
+    assert ("kyutai/hibiki-demo", "model.q4.safetensors") in hub.downloaded()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hf-repo", "kyutai/stt-demo", "--cfg-coef", "3"], "--cfg-coef needs a conditioned"),
+    (["--hf-repo", "kyutai/hibiki-demo"], "give an OUTPUT wav"),
+])
+def test_family_misuse_is_one_clear_line(hub, speech, capsys, argv, message):
+    assert run_inference.main([str(speech), *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+
+
+def test_cfg_coef_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_inference.parse_args(["in.wav", "--cfg-coef", "nan"])
+    assert e.value.code == 2
+    assert "--cfg-coef must be a positive number" in capsys.readouterr().err
+
+
+def test_make_demo_kinds_are_reproducible(repos, tmp_path):
+    """Same seed, same bytes (the conditioner and low-rank tables included); the q8 file loads
+    into the model `-q 8` builds."""
+    again = build_demo_repo(tmp_path / "hibiki", seed=5, kind="hibiki")
+    for name in ("config.json", "model.safetensors", "model.q8.safetensors"):
+        assert (again / name).read_bytes() == (repos["hibiki"] / name).read_bytes(), name
+    cfg = models.LmConfig.from_config_dict(json.loads((again / "config.json").read_text()))
+    assert cfg.extra["model_type"] == "hibiki" and cfg.depformer_low_rank_embeddings == 64
+    model = models.Lm(cfg)
+    models.quantize(model, bits=8, group_size=64)
+    model.load_weights(str(again / "model.q8.safetensors"), strict=True)
+
+
+def test_hibiki_stops_when_its_text_ends(repos, monkeypatch):
+    """After the input, the tail runs until the model samples the tokenizer's end of text: here
+    the end of text is set to the token greedy decoding gives 3 steps into the tail."""
+    files = model_files.ModelFiles(
+        models.LmConfig.from_config_dict(json.loads((repos["hibiki"] / "config.json").read_text())),
+        repos["hibiki"] / "model.safetensors", repos["hibiki"] / MIMI_FILE,
+        repos["hibiki"] / "tokenizer_spm_demo.model", None)
+    model, tokenizer, _ = model_files.load_model(files, warmup=False)
+    greedy = utils.Sampler(temp=0)
+    pcm = np.random.default_rng(1).normal(0, 0.1, 6 * FRAME_SIZE).astype(np.float32)
+
+    def run_once():
+        tokens = []
+        stream = families.FamilyStream(model, tokenizer, files.mimi_weight, greedy, greedy, 3.0)
+        step = stream._step
+
+        def record(codes):
+            out = step(codes)
+            tokens.append(out.token)
+            return out
+
+        monkeypatch.setattr(stream, "_step", record)
+        return families.run(stream, pcm), tokens
+
+    monkeypatch.setattr(families, "TRANSLATION_TAIL_SECONDS", 1.0)
+    full, tokens = run_once()
+    assert full.steps == len(tokens) == 6 + 1 + 12
+    eos = tokens[6 + 1 + 2]  # the token of the third silent step after the end-of-input frame
+    first = tokens.index(eos, 6)  # where it first comes after the input
+    monkeypatch.setattr(tokenizer, "eos_id", lambda: eos)
+    stopped, _ = run_once()
+    assert stopped.steps == first + 1

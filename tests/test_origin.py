@@ -1,0 +1,140 @@
+"""Which pages may open the websocket (`moshi_mlx.web.origin`), on requests made by hand and on a
+real server's parsing of them."""
+
+import asyncio
+import os
+import socket
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
+
+from moshi_mlx.web import origin
+from moshi_mlx.web.origin import OriginPolicy
+
+NAMES = {"studio", "studio.lan"}  # this machine's names, as the tests pretend
+
+
+def request(host: str, *origins: str, scheme: str = "http"):
+    headers = CIMultiDict([("Host", host)] + [("Origin", o) for o in origins])
+    return make_mocked_request("GET", "/api/chat", headers=headers).clone(scheme=scheme)
+
+
+@pytest.mark.parametrize("bound, host, origins, allowed", [
+    ("localhost", "localhost:8998", ["http://localhost:8998", "http://localhost:8998"], False),
+    ("localhost", "localhost:8998", ["http://localhost:8998", "https://evil.example"], False),
+    ("0.0.0.0", "studio:8998", ["http://studio:8998", "http://evil.example"], False),
+])
+def test_more_than_one_origin_header_is_refused(bound, host, origins, allowed):
+    assert OriginPolicy(bound, names=NAMES).allows(request(host, *origins)) is allowed
+    assert OriginPolicy(bound, names=NAMES).allows(request(host, origins[0]))
+
+
+@pytest.mark.parametrize("bound, host, allowed", [
+    ("0.0.0.0", "evil.example:8998", False),  # DNS rebinding against a LAN-bound server
+    ("192.168.1.5", "evil.example:8998", False),
+    ("::", "evil.example:8998", False),
+    ("0.0.0.0", "studio:8998", True),  # the machine's host name
+    ("0.0.0.0", "STUDIO.lan.:8998", True),  # its fully qualified name, as a browser may write it
+    ("moshi.example", "moshi.example:8998", True),  # the name the server was started with
+    ("moshi.example", "other.example:8998", False),
+    ("0.0.0.0", "192.168.1.5:8998", True),  # an address cannot be rebound
+    ("0.0.0.0", "[fe80::1]:8998", True),
+    ("0.0.0.0", "localhost:8998", True),
+    ("localhost", "studio:8998", False),  # a loopback server: loopback names only
+    ("127.0.0.1", "192.168.1.5:8998", False),
+])
+def test_off_loopback_only_the_servers_own_names_pass(bound, host, allowed):
+    own = f"http://{host}"
+    assert OriginPolicy(bound, names=NAMES).allows(request(host, own)) is allowed
+
+
+def test_an_allowed_origin_passes_whatever_the_host(monkeypatch):
+    policy = OriginPolicy("0.0.0.0", ["https://app.example/"], names=NAMES)
+    assert policy.allows(request("evil.example:8998", "https://app.example"))
+    assert not policy.allows(request("evil.example:8998", "https://app.example",
+                                     "https://app.example"))
+
+
+def test_the_machines_names_come_from_the_socket_module(monkeypatch):
+    monkeypatch.setattr(socket, "gethostname", lambda: "box")
+    monkeypatch.setattr(socket, "getfqdn", lambda: "box.home.arpa")
+    assert origin.machine_names() == {"box", "box.home.arpa"}
+    policy = OriginPolicy("0.0.0.0")
+    assert policy.allows(request("box.home.arpa:8998", "http://box.home.arpa:8998"))
+    assert not policy.allows(request("evil.example:8998", "http://evil.example:8998"))
+
+
+def test_a_real_server_sees_every_origin_header():
+    """Headers as aiohttp's server parses them off the wire: both Origin headers are seen."""
+    policy = OriginPolicy("0.0.0.0", names=NAMES)
+
+    async def handler(request):
+        return web.Response(status=200 if policy.allows(request) else 403)
+
+    async def main():
+        app = web.Application()
+        app.router.add_get("/api/chat", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        statuses = []
+        try:
+            async with aiohttp.ClientSession() as http:
+                for origins in (["http://studio:8998"],
+                                ["http://studio:8998", "http://evil.example"]):
+                    headers = CIMultiDict([("Host", "studio:8998")]
+                                          + [("Origin", o) for o in origins])
+                    async with http.get(f"http://127.0.0.1:{port}/api/chat",
+                                        headers=headers) as response:
+                        statuses.append(response.status)
+        finally:
+            await runner.cleanup()
+        return statuses
+
+    assert asyncio.run(main()) == [200, 403]
+
+
+MALFORMED = [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nNoColonHere\r\n\r\n",
+    b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\x00y\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET http://[::1 HTTP/1.1\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # TLS to the http port
+]
+
+
+def test_malformed_http_is_one_log_line(demo_cache):
+    """The browser app's server: each malformed request gets a 400 and at most one log line."""
+    from test_local_web import ServerProcess
+
+    server = ServerProcess(env={**os.environ, "XDG_CACHE_HOME": str(demo_cache)})
+    try:
+        host, port = server.url.rsplit(":", 1)
+        before = len(server.lines)
+        for raw in MALFORMED:
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(raw)
+                assert s.recv(100).startswith(b"HTTP/1.0 400 Bad Request"), raw[:40]
+        time.sleep(0.5)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 404")  # still serving
+    finally:
+        server.stop()
+    log = server.lines[before:]
+    assert "Traceback" not in "\n".join(log), "\n".join(log)
+    errors = [line for line in log if line.startswith("Error handling request from")]
+    assert len(errors) == len(MALFORMED) - 2, "\n".join(log)  # aiohttp skips bad methods
+    assert all(len(line) < 250 for line in errors)
+    assert any("Invalid character in Content-Length" in line for line in errors), errors
