@@ -340,9 +340,10 @@ def run(args: argparse.Namespace) -> None:
     log.info("microphone: %s; speakers: %s", device_name(input_device),
              device_name(output_device))
     start = time.monotonic()
-    with ExitStack() as files, stop_on_sigint(stop):
-        recorder = args.record and files.enter_context(WavWriter(args.record, SAMPLE_RATE, 2))
-        raw_recorder = args.record_raw and files.enter_context(
+    with ExitStack() as recordings, stop_on_sigint(stop):
+        recorder = args.record and recordings.enter_context(
+            WavWriter(args.record, SAMPLE_RATE, 2))
+        raw_recorder = args.record_raw and recordings.enter_context(
             WavWriter(args.record_raw, SAMPLE_RATE))
         presenter = Presenter(live, Display(), recorder, args.quantized, raw_recorder)
         converse(live, stop, presenter)

@@ -2,7 +2,8 @@
 (`virtual_audio`) that it plays into and listens to, so that its microphone hears its own voice;
 the test speaks into the room too, with pauses. The demo model talks the whole time, in two runs:
 with echo cancellation and without (`--no-echo-cancel`). Needs the Debian packages of
-`virtual_audio` and espeak-ng sox: missing tools fail the test, it is not skipped.
+`virtual_audio` and espeak-ng sox: where a tool is missing the test is skipped with the reason,
+and fails when CI=true.
 
 The figures are printed (pytest -s) and recorded in BENCHMARKS.md."""
 

@@ -2,8 +2,8 @@
 private PulseAudio daemon whose null sinks (24 kHz mono) are the virtual devices, reached through
 ALSA's pulse plugin (see shared/notes/headless-audio.md); and the app run in a subprocess while
 the test plays the user's part. Needs the Debian packages libportaudio2 alsa-utils
-libasound2-plugins pulseaudio pulseaudio-utils: missing tools fail the tests, they are not
-skipped."""
+libasound2-plugins pulseaudio pulseaudio-utils: where a tool is missing the tests are skipped
+with the reason, and fail when CI=true."""
 
 import os
 import queue
