@@ -203,6 +203,9 @@ async def first_message(ws: aiohttp.ClientWebSocketResponse, timeout: float = 60
             reply.errors.append(msg.data[1:].decode(errors="replace"))
     elif msg.type == aiohttp.WSMsgType.CLOSE:
         reply.close_code, reply.close_reason = msg.data, msg.extra
+    else:  # the connection ended without a close frame, or failed
+        reply.close_code = ws.close_code
+        reply.other.append(f"{msg.type.name}: {msg.data!r}".encode())
     return reply
 
 

@@ -149,7 +149,8 @@ def fuzz_problems(outcomes: list[Outcome], plans) -> list[str]:
     for outcome, plan in zip(outcomes, plans):
         reply = outcome.reply
         if reply.first != HANDSHAKE:
-            problems.append(f"{plan.what}: no handshake (first message {reply.first[:40]!r})")
+            problems.append(f"{plan.what}: no handshake (first message {reply.first[:40]!r}, "
+                            f"then {reply.other[:2]}, close {reply.close_code})")
             continue
         problems += close_problems(outcome)
         if plan.then_speak and not outcome.answered:
