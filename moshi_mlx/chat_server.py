@@ -76,7 +76,12 @@ class Sampling:
                 try:
                     changes[field] = kind(query[name])
                 except ValueError:
-                    raise ValueError(f"{name}={query[name]!r} is not a number") from None
+                    bound = vocab[0 if name.startswith("text") else 1]
+                    valid = ("0 (greedy) or a finite number above 0" if kind is float
+                             else "an integer >= 0" if bound is None
+                             else f"an integer from 0 to {bound}")
+                    raise ValueError(f"{name}={query[name]!r} is not a number: it must be "
+                                     f"{valid}") from None
         updated = replace(self, **changes)
         updated.samplers(vocab, QUERY_NAMES)
         return updated
@@ -89,6 +94,27 @@ class Sampling:
         upper bound); `utils.SamplingError` (a ValueError) names the value by `names`."""
         return (utils.stream_sampler(self.text_temp, self.text_top_k, vocab[0], names[0]),
                 utils.stream_sampler(self.audio_temp, self.audio_top_k, vocab[1], names[1]))
+
+
+CLOSE_REASONS = {  # for the closes aiohttp makes itself, with no reason
+    WSCloseCode.MESSAGE_TOO_BIG: f"message too big: at most {MAX_MESSAGE_BYTES // 1024} KiB",
+    WSCloseCode.PROTOCOL_ERROR: "websocket protocol error",
+    WSCloseCode.INVALID_TEXT: "invalid websocket data",
+    WSCloseCode.UNSUPPORTED_DATA: "unsupported data",
+    WSCloseCode.ABNORMAL_CLOSURE: "connection lost",
+    WSCloseCode.GOING_AWAY: "going away",
+}
+
+
+class ChatSocket(web.WebSocketResponse):
+    """A websocket whose closes always carry a reason, also those aiohttp makes itself (a
+    message too big, a broken frame)."""
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"",
+                    drain: bool = True) -> bool:
+        if not message:
+            message = CLOSE_REASONS.get(code, "closed").encode()
+        return await super().close(code=code, message=message, drain=drain)
 
 
 class Session:
@@ -228,8 +254,11 @@ class ChatServer:
             log.warning("refused a websocket from %s: origin %s is not this server's (see "
                         "--allow-origin)", peer, request.headers.get("Origin"))
             raise web.HTTPForbidden(text="This page's origin may not use this server.\n")
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT_SECONDS)
-        await ws.prepare(request)
+        ws = ChatSocket(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT_SECONDS)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:  # the client left before the upgrade was answered
+            return ws
         self.sockets.add(ws)
         try:
             if self.busy:

@@ -192,7 +192,8 @@ def test_query_sets_the_sampling_and_bad_values_are_refused():
     assert firsts[:2] == [b"\x00\x00\x00"] * 2
     assert firsts[2] == (b"\x05bad request: text_topk must be an integer >= 0 (0 keeps every "
                          b"token), got -1")
-    assert firsts[3] == b"\x05bad request: audio_temperature='warm' is not a number"
+    assert firsts[3] == (b"\x05bad request: audio_temperature='warm' is not a number: it must "
+                         b"be 0 (greedy) or a finite number above 0")
     assert firsts[4] == b"\x05bad request: audio='mp3' is not one of opus, pcm"
     first, second = worker.conversations
     assert first.samplers == (utils.Sampler(temp=0.3, top_k=5, top_p=1.0),
@@ -221,7 +222,8 @@ def test_query_values_out_of_the_vocabulary_name_the_parameter_and_its_range():
         b"got nan",
         b"\x05bad request: audio_temperature must be 0 (greedy) or a finite number above 0, "
         b"got inf",
-        b"\x05bad request: text_topk='1.5' is not a number"]
+        b"\x05bad request: text_topk='1.5' is not a number: it must be an integer from 0 to "
+        b"32000"]
     assert all(close.type == aiohttp.WSMsgType.CLOSE and close.extra for _, close in firsts)
 
 
@@ -350,3 +352,16 @@ def test_a_silent_client_frees_the_model_within_two_seconds():
     assert messages == [b"\x02 w0"]  # Moshi's text for the frame it heard, then the close
     assert close == (aiohttp.WSCloseCode.OK, "no audio for 1.5 s")
     assert ended < 10 and handshake == b"\x00\x00\x00"  # ends by itself (1.5 s, not timed here)
+
+
+def test_closes_that_aiohttp_makes_itself_carry_a_reason():
+    async def connect(server, http):
+        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as ws:
+            assert await next_message(ws) == b"\x00\x00\x00"
+            await ws.send_bytes(b"\x01" + bytes(300_000))
+            while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                pass
+            return ws.close_code, msg.extra
+
+    assert serve(connect) == (aiohttp.WSCloseCode.MESSAGE_TOO_BIG,
+                              "message too big: at most 256 KiB")
