@@ -183,8 +183,9 @@ def bench_terminal(pcm: np.ndarray, files, mimi_max_seq_len: int | None) -> dict
     stop = threading.Event()
     thread = threading.Thread(target=live.run, args=(stop,))
     thread.start()
-    for event in live.events():
-        if event.kind == "done" and event.frame.voice is not None:
+    while not live.done:
+        event = live.next_event(timeout=0.1)
+        if event is not None and event.kind == "done" and event.frame.voice is not None:
             voice_times.append(time.perf_counter())
         if device.done.is_set():
             stop.set()
