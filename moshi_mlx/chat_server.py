@@ -257,8 +257,8 @@ class ChatServer:
         ws = ChatSocket(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT_SECONDS)
         try:
             await ws.prepare(request)
-        except ConnectionResetError:  # the client left before the upgrade was answered
-            return ws
+        except ConnectionResetError:  # the client left before the upgrade was answered: the
+            return web.Response()  # reply aiohttp then tries to write fails quietly
         self.sockets.add(ws)
         try:
             if self.busy:
