@@ -58,23 +58,29 @@ INPUT_WEIGHTS = re.compile(
     r"(text_emb|emb\.\d+|depformer_in\.\d+|depformer_text_emb|depformer_emb\.\d+)\.weight")
 
 
-@pytest.fixture(scope="module")
-def torch_lm() -> LMModel:
+def random_torch_lm(lm_kwargs: dict, seed: int) -> LMModel:
     """Built as Kyutai's loaders build Moshi, with every parameter re-drawn and rounded to bf16
-    values: std 1/sqrt(fan-in), RMS norm scales around 1, and input weights 1000x smaller so the
-    first norm of each transformer sees a mean square of 1e-7 to 1e-6, where its eps (1e-8 for
-    rms_norm_f32, 1e-5 for rms_norm) changes the result."""
-    lm = get_moshi_lm(None, lm_kwargs=dict(CONFIG), device="cpu", dtype=torch.float32)
-    gen = torch.Generator().manual_seed(1234)
+    values: std 1/sqrt(fan-in), RMS norm scales around 1, learnt paddings standard normal, and
+    input weights 1000x smaller so the first norm of each transformer sees a mean square of 1e-7
+    to 1e-6, where its eps (1e-8 for rms_norm_f32, 1e-5 for rms_norm) changes the result."""
+    lm = get_moshi_lm(None, lm_kwargs=lm_kwargs, device="cpu", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in lm.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             if name.endswith(".alpha"):
                 value = 1 + 0.3 * noise
+            elif name.endswith("learnt_padding"):
+                value = noise
             else:
                 value = noise * p.shape[-1] ** -0.5 * (1e-3 if INPUT_WEIGHTS.fullmatch(name) else 1)
             p.copy_(value.to(torch.bfloat16).float())
     return lm.eval()
+
+
+@pytest.fixture(scope="module")
+def torch_lm() -> LMModel:
+    return random_torch_lm(dict(CONFIG), seed=1234)
 
 
 def released_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ differences left are float32 rounding, ~1e-6 of the logits' scale (see RTOL).
 """
 
 import json
-import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,10 +20,9 @@ import pytest
 import torch
 from moshi.conditioners import ConditionAttributes
 from moshi.models.lm import LMGen
-from moshi.models.loaders import get_moshi_lm
 from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
-from test_convert_pytorch import released_layout
+from test_convert_pytorch import random_torch_lm, released_layout
 
 from moshi_mlx import models, utils
 from moshi_mlx.models import Lm, LmConfig
@@ -35,10 +33,6 @@ LAYOUTS = ["small_16rvq", "small_hibiki", "small_stt"]
 STEPS = 10
 BATCH = 2
 RTOL = 1e-4
-# The weights that make the inputs of the temporal transformer and of the depformer, made small
-# so that the first RMS norms run where their eps matters.
-INPUT_WEIGHTS = re.compile(
-    r"(text_emb|emb\.\d+|depformer_in\.\d+|depformer_text_emb|depformer_emb\.\d+)\.weight")
 DESCRIPTION = "very_good"
 NEGATIVE = "very_bad"
 
@@ -55,20 +49,8 @@ class Layout:
         d = config_dict(layout)
         self.cfg = LmConfig.from_config_dict(d)
         kwargs = {k: v for k, v in d.items() if k != "stt_config"}
-        lm = get_moshi_lm(None, lm_kwargs=kwargs, device="cpu", dtype=torch.float32)
-        gen = torch.Generator().manual_seed(99)
-        with torch.no_grad():
-            for name, p in lm.named_parameters():
-                noise = torch.randn(p.shape, generator=gen)
-                if name.endswith(".alpha"):
-                    value = 1 + 0.3 * noise
-                elif name.endswith("learnt_padding"):
-                    value = noise
-                else:
-                    scale = 1e-3 if INPUT_WEIGHTS.fullmatch(name) else 1
-                    value = noise * p.shape[-1] ** -0.5 * scale
-                p.copy_(value.to(torch.bfloat16).float())
-        self.torch_lm = lm.eval()
+        lm = random_torch_lm(kwargs, seed=99)
+        self.torch_lm = lm
         state = {k: v.contiguous() for k, v in lm.state_dict().items()}
         save_file(state, tmp / "pytorch.safetensors")
         save_file(released_layout(state), tmp / "released.safetensors")
