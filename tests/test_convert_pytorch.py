@@ -144,11 +144,12 @@ def model_inputs(cfg: LmConfig, codes: np.ndarray) -> tuple[np.ndarray, np.ndarr
     initial token before the stream starts); the depformer at step t is fed the tokens sampled at
     step t (text, then Moshi's codebooks 0..dep_q-2), i.e. frame t - d.
     """
+    steps = codes.shape[2]
     initial = np.array([cfg.text_initial_token] + [cfg.audio_padding_token] * cfg.n_q)
-    shifted = np.empty((codes.shape[0], codes.shape[1], STEPS + 1), codes.dtype)
+    shifted = np.empty((codes.shape[0], codes.shape[1], steps + 1), codes.dtype)
     for k, d in enumerate(cfg.delays):
         shifted[:, k, : d + 1] = initial[k]
-        shifted[:, k, d + 1:] = codes[:, k, : STEPS - d]
+        shifted[:, k, d + 1:] = codes[:, k, : steps - d]
     return shifted[:, :, :-1], shifted[:, : cfg.dep_q, 1:]
 
 

@@ -22,7 +22,7 @@ from moshi.conditioners import ConditionAttributes
 from moshi.models.lm import LMGen
 from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
-from test_convert_pytorch import random_torch_lm, released_layout
+from test_convert_pytorch import model_inputs, random_torch_lm, released_layout
 
 from moshi_mlx import models, utils
 from moshi_mlx.models import Lm, LmConfig
@@ -92,17 +92,6 @@ def frame_codes(cfg: LmConfig, seed: int) -> np.ndarray:
                                second * (cfg.text_card + 1) + codes[:, 0], codes[:, 0])
     codes[0, 0, 4] = codes[1, 3, 7] = codes[1, cfg.n_q - 1, 2] = -1
     return codes
-
-
-def model_inputs(cfg: LmConfig, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Temporal inputs [B, 1 + n_q, T] and depformer inputs [B, dep_q, T] (training layout:
-    stream k with delay d holds at step t its token of frame t - 1 - d)."""
-    initial = np.array([cfg.text_initial_token] + [cfg.audio_padding_token] * cfg.n_q)
-    shifted = np.empty((codes.shape[0], codes.shape[1], STEPS + 1), codes.dtype)
-    for k, d in enumerate(cfg.delays):
-        shifted[:, k, : d + 1] = initial[k]
-        shifted[:, k, d + 1:] = codes[:, k, : STEPS - d]
-    return shifted[:, :, :-1], shifted[:, : cfg.dep_q, 1:]
 
 
 def torch_sum_condition(lay: Layout):
