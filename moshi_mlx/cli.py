@@ -12,6 +12,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from . import model_files, models, utils
+from .audio.mimi_process import MimiError
 from .audio.wav import AudioFileError
 from .families import FamilyError
 from .utils.files import OutputFileError
@@ -20,7 +21,7 @@ log = logging.getLogger("moshi_mlx")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     model_files.ModelFilesError, models.CheckpointError, models.ConfigError, AudioFileError,
-    OutputFileError, utils.SamplingError, FamilyError)
+    OutputFileError, utils.SamplingError, FamilyError, MimiError)
 SAMPLING_DEFAULTS = {"text": (0.7, 25), "audio": (0.8, 250)}  # stream: (temperature, top-k)
 VOCABULARY = {"text": "text vocabulary (32000 for Moshi 7B)",
               "audio": "codebook size (2048 for Moshi 7B)"}

@@ -130,13 +130,13 @@ def worker(demo_cache):
     worker.close()
 
 
-def fresh_conversation(worker: ModelWorker) -> Conversation:
+def fresh_conversation(worker: ModelWorker, mimi_max_seq_len: int = 8192) -> Conversation:
     """A conversation with its own freshly loaded Mimi, seeded, made on the model's thread."""
 
     def make():
         c = worker.conversation
         conversation = Conversation(c.gen.model, c.text_tokenizer, worker.files.mimi_weight,
-                                    *SAMPLERS)
+                                    *SAMPLERS, mimi_max_seq_len=mimi_max_seq_len)
         mx.random.seed(SEED)
         return conversation
 
@@ -150,14 +150,15 @@ def speech_like(frames: int) -> np.ndarray:
     return (pcm + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def serial(worker, pcm: np.ndarray) -> list:
-    conversation = fresh_conversation(worker)
+def serial(worker, pcm: np.ndarray, mimi_max_seq_len: int = 8192) -> list:
+    conversation = fresh_conversation(worker, mimi_max_seq_len)
     frames = pcm.reshape(-1, FRAME_SIZE)
     return [worker.submit(conversation.step, f).result() for f in frames]
 
 
-def pipelined(worker, pcm: np.ndarray, **engine_options) -> tuple[list, LiveEngine, set]:
-    conversation = fresh_conversation(worker)
+def pipelined(worker, pcm: np.ndarray, mimi_max_seq_len: int = 8192,
+              **engine_options) -> tuple[list, LiveEngine, set]:
+    conversation = fresh_conversation(worker, mimi_max_seq_len)
     threads = set()
     step = conversation.moshi_step
 
@@ -172,10 +173,15 @@ def pipelined(worker, pcm: np.ndarray, **engine_options) -> tuple[list, LiveEngi
     return done, engine, threads
 
 
-def test_the_pipeline_gives_exactly_what_the_serial_loop_gives(worker):
+@pytest.mark.parametrize("mimi_max_seq_len", [8192, 24])
+def test_the_pipeline_gives_exactly_what_the_serial_loop_gives(worker, mimi_max_seq_len):
+    """Also across Mimi's restarts (24 positions: a new Mimi process every 9-12 frames, each
+    direction moving at a quiet frame of its own or at the span's end)."""
     pcm = speech_like(40)
-    reference = serial(worker, pcm)
-    done, engine, threads = pipelined(worker, pcm)
+    pcm[14 * FRAME_SIZE:17 * FRAME_SIZE] = 0  # a pause: a quiet restart of the encoder
+    reference = serial(worker, pcm, mimi_max_seq_len)
+    done, engine, threads = pipelined(worker, pcm, mimi_max_seq_len)
+    restarts = engine.conversation.mimi_restarts
     engine.start()
     for f in pcm.reshape(-1, FRAME_SIZE):
         engine.put(f)
@@ -189,6 +195,7 @@ def test_the_pipeline_gives_exactly_what_the_serial_loop_gives(worker):
         np.testing.assert_array_equal(f.voice, r.pcm)
     assert threads == {"moshi-model"}  # every MLX call of the steps on the model's thread
     assert len({r.token for r in reference}) > 1  # a conversation, not a constant
+    assert (engine.conversation.mimi_restarts - restarts > 2) == (mimi_max_seq_len == 24)
 
 
 def test_the_browser_path_gives_exactly_what_the_serial_loop_gives(worker):

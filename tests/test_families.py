@@ -11,11 +11,11 @@ import huggingface_hub
 import mlx.core as mx
 import numpy as np
 import pytest
+import rustymimi
 from test_model_files import FakeHub
 
 from moshi_mlx import families, model_files, models, run_inference, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
-from moshi_mlx.audio.mimi import MimiEncoder
 from weights_tools.make_demo import build_demo_repo
 from weights_tools.mimi_layout import MIMI_FILE
 
@@ -102,10 +102,11 @@ def test_stt_transcribes_with_word_times(hub, speech, tmp_path, capsys):
     pcm = np.concatenate([read_wav(speech).astype(np.float32),
                           np.zeros(int(1.5 * RATE), np.float32)])
     pcm = np.concatenate([pcm, np.zeros(frames * FRAME_SIZE - len(pcm), np.float32)])
-    mimi = MimiEncoder(files.mimi_weight, cfg.n_q)
+    mimi = rustymimi.Tokenizer(str(files.mimi_weight), num_codebooks=cfg.n_q)
     gen = models.LmGen(model, text_sampler=utils.Sampler(temp=0))
-    tokens = [gen.step(mx.array(mimi.encode(pcm[f * FRAME_SIZE:(f + 1) * FRAME_SIZE])[None]))
-              .item() for f in range(frames)]
+    codes = [mimi.encode_step(pcm[None, None, f * FRAME_SIZE:(f + 1) * FRAME_SIZE])[0, :, 0]
+             for f in range(frames)]
+    tokens = [gen.step(mx.array(c.astype(np.int32)[None])).item() for c in codes]
     pieces = [tokenizer.id_to_piece(t).replace("▁", " ") for t in tokens if t not in (0, 3)]
     assert " ".join("".join(pieces).split()) == report["text"]
 

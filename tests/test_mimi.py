@@ -1,11 +1,19 @@
+"""Mimi through its process: rustymimi's own codes and samples, restarts before rustymimi's
+limit, a fresh Mimi per stream, and the deadlines on a child that hangs or dies."""
+
 import json
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
+import rustymimi
 
+from moshi_mlx.audio import mimi_process
 from moshi_mlx.audio.constants import FRAME_SIZE
-from moshi_mlx.audio.mimi import MimiDecoder, MimiEncoder
-from moshi_mlx.model_files import ModelFilesError
+from moshi_mlx.audio.mimi import Mimi
+from moshi_mlx.audio.mimi_process import MimiError, MimiProcess
 
 
 @pytest.fixture(scope="module")
@@ -17,50 +25,128 @@ def noise(seed: int) -> np.ndarray:
     return (0.1 * np.random.default_rng(seed).standard_normal(FRAME_SIZE)).astype(np.float32)
 
 
-def test_frame_by_frame_shapes(mimi_path):
-    codes = MimiEncoder(mimi_path).encode(noise(0))
-    assert codes.shape == (8,) and codes.dtype == np.int32
-    assert ((0 <= codes) & (codes < 2048)).all()
-    pcm = MimiDecoder(mimi_path).decode(codes)
-    assert pcm.shape == (FRAME_SIZE,) and pcm.dtype == np.float32
+def test_gives_exactly_what_rustymimi_gives_frame_by_frame(mimi_path):
+    """Both directions of one process, against rustymimi's own Tokenizer step by step."""
+    mimi = Mimi(mimi_path)
+    reference = rustymimi.Tokenizer(str(mimi_path), num_codebooks=8)
+    try:
+        for i in range(6):
+            codes = mimi.encode(noise(i))
+            assert codes.shape == (8,) and codes.dtype == np.int32
+            expected = reference.encode_step(noise(i)[None, None])[0, :, 0]
+            np.testing.assert_array_equal(codes, expected)
+            pcm = mimi.decode(codes)
+            assert pcm.shape == (FRAME_SIZE,) and pcm.dtype == np.float32
+            np.testing.assert_array_equal(
+                pcm, reference.decode_step(codes.astype(np.uint32)[None, :, None])[0, 0])
+        assert len(mimi.processes) == 1
+    finally:
+        mimi.close()
 
 
-def test_runs_past_the_transformer_limit(mimi_path):
-    """rustymimi fails after max_seq_len / 2 frames; each direction restarts before that, on a
-    Mimi loaded in the background from half of its span on."""
-    encoder = MimiEncoder(mimi_path, max_seq_len=40)  # 20 frames
-    decoder = MimiDecoder(mimi_path, max_seq_len=40)
-    for i in range(50):
-        decoder.decode(encoder.encode(noise(i)))
-        assert (encoder._spare is not None) == (encoder.frames > 10)  # loading from half on
-    assert (encoder.restarts, encoder.frames) == (2, 10)
-    assert decoder.restarts == 2
+def test_runs_past_the_transformer_limit_with_at_most_one_spare(mimi_path):
+    """rustymimi fails after max_seq_len / 2 frames; both directions move to the next process
+    (loaded from half of the span on) before that, and the used one ends."""
+    mimi = Mimi(mimi_path, max_seq_len=40)  # 20 frames a process
+    pids = set()
+    try:
+        for i in range(50):
+            mimi.decode(mimi.encode(noise(i)))
+            processes = mimi.processes
+            assert len(processes) <= 2
+            pids |= {p.pid for p in processes}
+        assert mimi.restarts == 2 and len(pids) == 3
+    finally:
+        mimi.close()
 
 
 def test_restarts_early_on_a_quiet_frame(mimi_path):
-    encoder = MimiEncoder(mimi_path, max_seq_len=40)
-    for i in range(16):
-        encoder.encode(noise(i))
-    encoder.encode(np.zeros(FRAME_SIZE, np.float32))  # quiet, and past 3/4 of the limit
-    assert (encoder.restarts, encoder.frames) == (1, 1)
+    mimi = Mimi(mimi_path, max_seq_len=40, decoder=False)
+    try:
+        for i in range(16):
+            mimi.encode(noise(i))
+        assert mimi.restarts == 0
+        mimi.encode(np.zeros(FRAME_SIZE, np.float32))  # quiet, and past 3/4 of the limit
+        assert mimi.restarts == 1
+    finally:
+        mimi.close()
 
 
 def test_each_stream_starts_on_a_fresh_mimi(mimi_path):
-    """A stream after `prepare_next` and `reset` gives exactly what a fresh Mimi gives."""
+    """A stream after `prepare_next` and `reset` gives exactly what a fresh Mimi gives, and the
+    used process has ended."""
     frames = [noise(i) for i in range(6)]
-    encoder, decoder = MimiEncoder(mimi_path), MimiDecoder(mimi_path)
-    fresh = [decoder.decode(encoder.encode(f)) for f in frames]
-    for _ in range(2):
-        encoder.prepare_next()
-        decoder.prepare_next()
-        encoder.reset()
-        decoder.reset()
-        again = [decoder.decode(encoder.encode(f)) for f in frames]
-        for a, b in zip(fresh, again):
+    mimi = Mimi(mimi_path)
+    try:
+        fresh = [mimi.decode(mimi.encode(f)) for f in frames]
+        for _ in range(2):
+            used = mimi.processes
+            mimi.prepare_next()
+            assert all(p._process.poll() is not None for p in used)
+            assert len(mimi.processes) == 1
+            mimi.reset()
+            again = [mimi.decode(mimi.encode(f)) for f in frames]
+            for a, b in zip(fresh, again):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        mimi.close()
+
+
+def test_not_a_mimi_file(demo_dir, tmp_path):
+    with pytest.raises(MimiError, match="not a Mimi checkpoint"):
+        Mimi(demo_dir / "model.q4.safetensors").wait_ready()
+    with pytest.raises(MimiError, match="no such file"):
+        Mimi(tmp_path / "nope.safetensors")
+
+
+@pytest.fixture
+def short_deadlines(monkeypatch):
+    monkeypatch.setattr(mimi_process, "REPLY_SECONDS", 0.5)
+
+
+@pytest.mark.parametrize("sig, message", [
+    (signal.SIGSTOP, "stopped answering"), (signal.SIGKILL, "killed by signal 9")])
+def test_a_child_that_hangs_or_dies_is_named_at_its_deadline_and_the_next_stream_works(
+        mimi_path, short_deadlines, sig, message):
+    mimi = Mimi(mimi_path)
+    try:
+        first = [mimi.decode(mimi.encode(noise(i))) for i in range(3)]
+        (process,) = mimi.processes
+        os.kill(process.pid, sig)
+        start = time.monotonic()
+        with pytest.raises(MimiError, match=message):
+            mimi.encode(noise(3))
+        assert time.monotonic() - start < 0.5 + 0.5
+        assert process._process.wait(5) == -signal.SIGKILL
+        with pytest.raises(MimiError, match=message):  # every later call says the same
+            mimi.decode(np.zeros(8, np.int32))
+        mimi.prepare_next()
+        mimi.reset()
+        again = [mimi.decode(mimi.encode(noise(i))) for i in range(3)]
+        for a, b in zip(first, again):
             np.testing.assert_array_equal(a, b)
-    assert encoder.restarts == decoder.restarts == 2
+    finally:
+        mimi.close()
 
 
-def test_not_a_mimi_file(demo_dir):
-    with pytest.raises(ModelFilesError, match="not a Mimi checkpoint"):
-        MimiEncoder(demo_dir / "model.q4.safetensors").wait_ready()
+def test_closing_a_hung_child_is_bounded(mimi_path):
+    process = MimiProcess(str(mimi_path), 8, 8192)
+    process.wait_ready()
+    os.kill(process.pid, signal.SIGSTOP)
+    start = time.monotonic()
+    process.close()
+    assert time.monotonic() - start < mimi_process.CLOSE_SECONDS + 1.0
+    assert process._process.returncode == -signal.SIGKILL
+    with pytest.raises(MimiError, match="closed"):
+        process.encode_step(noise(0))
+
+
+def test_a_child_that_hangs_while_loading_is_named(mimi_path, monkeypatch):
+    monkeypatch.setattr(mimi_process, "LOAD_SECONDS", 0.5)
+    process = MimiProcess(str(mimi_path), 8, 8192)
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(MimiError, match="stopped answering .*load"):
+            process.wait_ready()
+    finally:
+        process.close()

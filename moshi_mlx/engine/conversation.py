@@ -12,7 +12,7 @@ import sentencepiece
 
 from .. import models, utils
 from ..audio.constants import FRAME_SIZE
-from ..audio.mimi import MimiDecoder, MimiEncoder
+from ..audio.mimi import Mimi
 from ..models.conditioner import ConditionTensor
 from .text import token_text
 
@@ -45,11 +45,9 @@ class Conversation:
         self.text_tokenizer = text_tokenizer
         self.num_user_codebooks = cfg.num_user_codebooks
         self.condition = condition
-        self.encoder = MimiEncoder(mimi_weight, cfg.mimi_codebooks, mimi_max_seq_len)
-        self.decoder = (MimiDecoder(mimi_weight, cfg.mimi_codebooks, mimi_max_seq_len)
-                        if cfg.dep_q else None)
-        for coder in self.coders:  # they load at the same time
-            coder.wait_ready()
+        self.mimi = Mimi(mimi_weight, cfg.mimi_codebooks, mimi_max_seq_len,
+                         decoder=bool(cfg.dep_q))
+        self.mimi.wait_ready()
         self.gen = models.LmGen(model=model, text_sampler=text_sampler,
                                 audio_sampler=audio_sampler, cfg_coef=cfg_coef)
         self._moshi_codes: np.ndarray | None = None  # of the last step, for `speak`
@@ -60,39 +58,31 @@ class Conversation:
         return self.gen.max_delay
 
     @property
-    def coders(self) -> list:
-        """Mimi's encoder, and its decoder if the model speaks."""
-        return [self.encoder] + ([self.decoder] if self.decoder is not None else [])
-
-    @property
     def mimi_restarts(self) -> int:
-        return sum(coder.restarts for coder in self.coders)
+        return self.mimi.restarts
 
     def reset(self, text_sampler: utils.Sampler, audio_sampler: utils.Sampler) -> None:
         """A new stream (call on the model's thread, with no part running): empty KV cache,
         Mimi never used. Seed MLX's generator (`mx.random.seed`) for reproducible sampling."""
         self.gen.reset(text_sampler, audio_sampler)
-        for coder in self.coders:
-            coder.reset()
+        self.mimi.reset()
         self._moshi_codes = None
 
     def prepare_next(self) -> None:
         """The stream has ended: Mimi's next streams are loaded in the background (so that the
         next `reset` starts exactly as on a fresh start)."""
-        for coder in self.coders:
-            coder.prepare_next()
+        self.mimi.prepare_next()
 
     def close(self) -> None:
         """Ends Mimi's processes (with no part running); the conversation cannot be used after."""
-        for coder in self.coders:
-            coder.close()
+        self.mimi.close()
 
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         """The user's frame, float32 [FRAME_SIZE] at 24 kHz -> its Mimi codes int32 [8]."""
         pcm = np.asarray(pcm, dtype=np.float32)
         if pcm.shape != (FRAME_SIZE,):
             raise ValueError(f"a frame is {FRAME_SIZE} samples at 24 kHz, got shape {pcm.shape}")
-        return self.encoder.encode(pcm)[: self.num_user_codebooks]
+        return self.mimi.encode(pcm)[: self.num_user_codebooks]
 
     def moshi_step(self, codes: np.ndarray) -> tuple[int, str | None, np.ndarray | None]:
         """Moshi's step on the user's codes -> (text token, its text or None for padding, the
@@ -110,7 +100,7 @@ class Conversation:
 
     def decode(self, moshi_codes: np.ndarray) -> np.ndarray:
         """Moshi's codes [dep_q] -> its voice, float32 [FRAME_SIZE] at 24 kHz."""
-        return self.decoder.decode(moshi_codes)
+        return self.mimi.decode(moshi_codes)
 
     def listen(self, pcm: np.ndarray) -> tuple[int, str | None]:
         """The first half of `step`: encode and Moshi's step; returns (token, text)."""

@@ -6,11 +6,12 @@ their own (`engine.stages`), used by both apps.
 
 Where each stage's state lives, and who may touch it:
 - decode input: the app's decoder (an Opus stream, an echo canceller), on the input thread only.
-- Mimi encode: the conversation's `MimiEncoder`, on the encode thread only.
+- Mimi encode: the conversation's `Mimi.encode`, on the encode thread only.
 - Moshi's step: `LmGen` (KV cache, sampler, MLX's random state), on the model's thread only (the
   thread that loaded the model: MLX streams are thread-local). The text is handed to `on_text`
   from there, before the frame's voice is decoded.
-- Mimi decode: the conversation's `MimiDecoder`, on the decode thread only.
+- Mimi decode: the conversation's `Mimi.decode`, on the decode thread only (both directions
+  share one Mimi process, which codes them at the same time).
 - encode output: the app's encoder, on the output thread only; then `on_output`.
 Frames go one way, each `Frame` record owned by the stage holding it. The conversation's state is
 reset (on the model's thread) only while no pipeline runs. Lag control: at most `max_waiting`
