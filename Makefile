@@ -33,12 +33,23 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_lm
 	$(PY) -m benchmarks.bench_quantize --layers 4 --bits 4 8
 
-# The live path at real-time pace, both apps, demo model (needs espeak-ng).
-bench-live: $(STAMP)
-	$(PY) -m benchmarks.bench_live
+# Kyutai's moshi_mlx 0.3.0, the yardstick of bench-live, in a venv of its own (never imported by
+# the project): --no-deps, since it pins an older mlx; what it imports is installed beside it.
+REFERENCE := .venv-kyutai
+$(REFERENCE)/.installed:
+	$(PYTHON) -m venv $(REFERENCE)
+	$(REFERENCE)/bin/pip install --quiet --no-deps moshi_mlx==0.3.0
+	$(REFERENCE)/bin/pip install --quiet "mlx[cpu]" rustymimi==0.4.1 "sphn<0.3" sentencepiece \
+		aiohttp huggingface_hub numpy
+	touch $@
+
+# The live path at real-time pace, both apps, demo model (needs espeak-ng), and the browser app
+# side by side with Kyutai's local_web on the same files and client.
+bench-live: $(STAMP) $(REFERENCE)/.installed
+	$(PY) -m benchmarks.bench_live --reference $(REFERENCE)/bin/python --runs 2
 
 lint: $(STAMP)
 	$(PY) -m ruff check moshi_mlx weights_tools tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(REFERENCE) .pytest_cache

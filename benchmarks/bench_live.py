@@ -17,6 +17,8 @@ import asyncio
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,13 +66,47 @@ def report(app: str, seconds: float, voice_back: float, received: int, skipped: 
 
 # --- browser ------------------------------------------------------------------------------------
 
-async def browser_conversation(port: int, pcm: np.ndarray) -> dict:
+def tree_pss_mb(pid: int) -> tuple[float, int] | None:
+    """(PSS in MB, processes) of process `pid` and all its descendants (Linux /proc); None
+    elsewhere. PSS shares each shared page among the processes mapping it: the sum is the tree's
+    real footprint."""
+    if not Path(f"/proc/{pid}/smaps_rollup").is_file():
+        return None
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    total = 0
+    for p in pids:
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))
+    return total / 1024, len(pids)
+
+
+async def browser_conversation(port: int, pcm: np.ndarray, server_pid: int) -> dict:
+    """Kyutai's protocol at real-time pace. The round trip of frame k: from the moment the client
+    has frame k's audio (before its Opus encoding) to the arrival of the message completing the
+    k-th frame of Moshi's voice (Moshi answers frame k with frame k; both servers start with the
+    same frames of acoustic delay). The client's own paging (Ogg pages that wait for more audio)
+    is measured apart."""
     import aiohttp
     import sphn
 
     writer, reader = sphn.OpusStreamWriter(SAMPLE_RATE), sphn.OpusStreamReader(SAMPLE_RATE)
     frames = pcm.reshape(-1, FRAME_SIZE)
-    got = {"samples": 0, "status": None, "first_voice": None}
+    got = {"samples": 0, "status": None, "first_voice": None, "pss": []}
+    had_audio: list[float] = []  # when the client had input frame k
+    paging: list[float] = []  # from having frame k to sending the page that holds it
+    round_trips: list[float] = []
+    voice_samples = 0
     async with aiohttp.ClientSession() as http:
         connect = time.perf_counter()
         async with http.ws_connect(f"http://127.0.0.1:{port}/api/chat?status=1") as ws:
@@ -79,13 +115,19 @@ async def browser_conversation(port: int, pcm: np.ndarray) -> dict:
             end_of_input = None
 
             async def receive():
+                nonlocal voice_samples
                 async for msg in ws:
                     data = msg.data
                     if data[:1] == b"\x01":
+                        now = time.perf_counter()
                         samples = len(reader.append_bytes(data[1:]))
                         if samples and got["first_voice"] is None:
-                            got["first_voice"] = time.perf_counter() - connect
-                        if end_of_input is None or time.perf_counter() < end_of_input + 1.0:
+                            got["first_voice"] = now - connect
+                        before, voice_samples = voice_samples, voice_samples + samples
+                        for k in range(before // FRAME_SIZE, voice_samples // FRAME_SIZE):
+                            if k < len(had_audio):
+                                round_trips.append(now - had_audio[k])
+                        if end_of_input is None or now < end_of_input + 1.0:
                             got["samples"] += samples
                     elif data[:1] == b"\x04":
                         info = json.loads(data[1:])
@@ -94,23 +136,91 @@ async def browser_conversation(port: int, pcm: np.ndarray) -> dict:
 
             receiving = asyncio.create_task(receive())
             start = time.perf_counter()
+            unsent = 0  # frames appended whose page is not sent yet
             for i, frame in enumerate(frames):
+                had_audio.append(time.perf_counter())
                 data = writer.append_pcm(frame)
+                unsent += 1
                 if data:
                     await ws.send_bytes(b"\x01" + data)
+                    now = time.perf_counter()
+                    paging += [now - t for t in had_audio[-unsent:]]
+                    unsent = 0
+                if i % 25 == 24 and (pss := tree_pss_mb(server_pid)):
+                    got["pss"].append(pss)
                 await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SECONDS - time.perf_counter()))
             end_of_input = time.perf_counter()
             await asyncio.sleep(1.5)
             await ws.close()
             receiving.cancel()
     got["handshake"], got["connect"] = handshake, connect
+    got["round_trip_ms"] = ms_summary(round_trips)
+    got["client_paging_ms"] = ms_summary(paging)
     return got
 
 
+def ms_summary(seconds: list[float]) -> dict:
+    if not seconds:
+        return {"p50": None, "p95": None}
+    return {"p50": round(1000 * float(np.percentile(seconds, 50)), 1),
+            "p95": round(1000 * float(np.percentile(seconds, 95)), 1)}
+
+
+def start_server(command: list[str], env: dict, cwd: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=env, cwd=cwd, start_new_session=True)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stops the server and every process of its session."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            server.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def memory_text(pss: list) -> str:
+    if not pss:
+        return ""
+    mb, processes = max(pss)
+    return f"\n  server memory (PSS of the process tree, max while talking) {mb:.0f} MB " \
+           f"({processes} processes)"
+
+
+def browser_report(app: str, pcm: np.ndarray, got: dict) -> dict:
+    status = got["status"] or {}
+    seconds = len(pcm) / SAMPLE_RATE
+    rt, paging = got["round_trip_ms"], got["client_paging_ms"]
+    none = {"p50": None, "p95": None}
+    result = report(
+        app, seconds, got["samples"] / SAMPLE_RATE, status.get("received", len(pcm) // FRAME_SIZE),
+        status.get("dropped", 0), status.get("stages_ms", {}),
+        status.get("latency_text_ms", none), status.get("latency_voice_ms", none),
+        f"\n  round trip at the client (frame k sent -> Moshi's frame k back) p50 {rt['p50']} "
+        f"ms, p95 {rt['p95']} ms (of which the client's own Ogg paging p50 {paging['p50']} ms)"
+        f"{memory_text(got['pss'])}"
+        f"\n  connect -> handshake {1000 * got['handshake']:.0f} ms, -> first voice "
+        f"{1000 * got['first_voice']:.0f} ms")
+    if budget := status.get("budget_ms"):
+        print("  inside the server, from the audio's arrival to Moshi's voice leaving (p50/p95 "
+              "ms): " + ", ".join(f"{k} {v['p50']}/{v['p95']}" for k, v in budget.items()),
+              flush=True)
+    return result | {"round_trip_ms": rt, "client_paging_ms": paging, "budget_ms": budget,
+                     "pss_mb": max(got["pss"])[0] if got["pss"] else None,
+                     "handshake_ms": round(1000 * got["handshake"]),
+                     "first_voice_ms": round(1000 * got["first_voice"])}
+
+
 def bench_browser(pcm: np.ndarray, env: dict) -> dict:
-    server = subprocess.Popen(
+    server = start_server(
         [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--no-browser", "--port", "0",
-         "--seed", "1234"], stderr=subprocess.PIPE, text=True, env=env)
+         "--seed", "1234"], env)
     try:
         port = None
         for line in server.stderr:
@@ -119,19 +229,44 @@ def bench_browser(pcm: np.ndarray, env: dict) -> dict:
             if "ready" in line:
                 break
         assert port, "the server did not start"
-        got = asyncio.run(browser_conversation(port, pcm))
-        status = got["status"]
-        seconds = len(pcm) / SAMPLE_RATE
-        return report("browser (local_web, Opus)", seconds, got["samples"] / SAMPLE_RATE,
-                      status["received"], status["dropped"], status["stages_ms"],
-                      status["latency_text_ms"], status["latency_voice_ms"],
-                      f"\n  connect -> handshake {1000 * got['handshake']:.0f} ms, -> first voice "
-                      f"{1000 * got['first_voice']:.0f} ms") | {
-            "handshake_ms": round(1000 * got["handshake"]),
-            "first_voice_ms": round(1000 * got["first_voice"])}
+        got = asyncio.run(browser_conversation(port, pcm, server.pid))
+        return browser_report("browser (local_web, Opus)", pcm, got)
     finally:
-        server.terminate()
-        server.wait(30)
+        stop_server(server)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_reference(pcm: np.ndarray, python: str, files, env: dict) -> dict:
+    """Kyutai's moshi_mlx 0.3.0 `local_web` (installed in a venv of its own, `python`) on the
+    same model files, with the same client."""
+    port = free_port()
+    server = start_server(
+        [os.path.abspath(python), "-m", "moshi_mlx.local_web",
+         "--moshi-weight", str(files.moshi_weight), "--mimi-weight", str(files.mimi_weight),
+         "--tokenizer", str(files.tokenizer),
+         "--lm-config", str(files.moshi_weight.parent / "config.json"), "--static", "none",
+         "--no-browser", "--host", "127.0.0.1", "--port", str(port)], env,
+        cwd=tempfile.gettempdir())  # not this checkout: its moshi_mlx is the other one
+    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # it listens once loaded and warmed up
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, "Kyutai's server ended"
+                assert time.monotonic() < deadline, "Kyutai's server did not start"
+                time.sleep(0.5)
+        got = asyncio.run(browser_conversation(port, pcm, server.pid))
+        return browser_report("reference (Kyutai's moshi_mlx 0.3.0 local_web, Opus)", pcm, got)
+    finally:
+        stop_server(server)
 
 
 # --- terminal -----------------------------------------------------------------------------------
@@ -211,6 +346,12 @@ def main(argv: list[str] | None = None) -> None:
                         choices=["browser", "terminal"])
     parser.add_argument("--mimi-max-seq-len", type=int, default=None,
                         help="terminal: a smaller Mimi span, to measure restarts (e.g. 200)")
+    parser.add_argument("--reference", metavar="PYTHON",
+                        help="also run Kyutai's moshi_mlx 0.3.0 local_web with this Python (a "
+                             "venv of its own, see the Makefile's bench-live) on the same files")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="browser: conversations per server, alternating ours and the "
+                             "reference (default 1)")
     parser.add_argument("--json", type=Path, help="also write the figures there")
     args = parser.parse_args(argv)
 
@@ -224,7 +365,10 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     results = []
     if "browser" in args.apps:
-        results.append(bench_browser(pcm, dict(os.environ)))
+        for _ in range(args.runs):
+            results.append(bench_browser(pcm, dict(os.environ)))
+            if args.reference:
+                results.append(bench_reference(pcm, args.reference, files, dict(os.environ)))
     if "terminal" in args.apps:
         results.append(bench_terminal(pcm, files, args.mimi_max_seq_len))
     if args.json:

@@ -206,7 +206,8 @@ class Session:
                 "dropped": counters.skipped, "queued": self.engine.waiting(),
                 "latency_text_ms": counters.latency_text.summary_ms(),
                 "latency_voice_ms": counters.latency_voice.summary_ms(),
-                "stages_ms": {name: t.summary_ms() for name, t in self.engine.times.items()}}
+                "stages_ms": {name: t.summary_ms() for name, t in self.engine.times.items()},
+                "budget_ms": counters.budget_ms()}
 
     async def send_json(self, data: dict) -> None:
         await self.ws.send_bytes(message(Kind.METADATA, json.dumps(data).encode()))

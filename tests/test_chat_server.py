@@ -54,6 +54,9 @@ class ScriptedConversation:
             assert self.gate.acquire(timeout=10), "the voice waited for its text in vain"
         return np.full(FRAME, int(codes[0]) / 100, np.float32)
 
+    def mimi_seconds(self, direction: str) -> float:
+        return 0.0
+
     def prepare_next(self):
         self.ended = True
 

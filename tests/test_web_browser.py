@@ -53,6 +53,9 @@ class RecordingConversation:
     def decode(self, codes):
         return self.conversation.decode(codes)
 
+    def mimi_seconds(self, direction):
+        return self.conversation.mimi_seconds(direction)
+
     def prepare_next(self):
         self.conversation.prepare_next()
 

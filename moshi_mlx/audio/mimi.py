@@ -52,6 +52,7 @@ class Mimi:
         self.prepare_after = self.max_frames // 2
         self.quiet_restart_after = self.max_frames * 3 // 4
         self.restarts = 0
+        self._work_seconds = dict.fromkeys(self.directions, 0.0)
         self._lock = threading.Lock()  # the processes and each direction's generation
         self._processes: dict[int, MimiProcess] = {}  # generation -> its process
         self._start_stream()
@@ -86,14 +87,24 @@ class Mimi:
     def encode(self, pcm: np.ndarray) -> np.ndarray:
         """pcm: float32 [FRAME_SIZE] at 24 kHz -> codes int32 [num_codebooks]."""
         pcm = np.asarray(pcm, dtype=np.float32)
-        return self._before_frame("encode", is_quiet(pcm)).encode_step(pcm).astype(np.int32)
+        process = self._before_frame("encode", is_quiet(pcm))
+        codes = process.encode_step(pcm).astype(np.int32)
+        self._work_seconds["encode"] = process.work_seconds["encode"]
+        return codes
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """codes: [num_codebooks] -> pcm float32 [FRAME_SIZE] at 24 kHz. Restarts happen after a
         quiet output frame."""
-        pcm = self._before_frame("decode", self._last_quiet).decode_step(codes)
+        process = self._before_frame("decode", self._last_quiet)
+        pcm = process.decode_step(codes)
+        self._work_seconds["decode"] = process.work_seconds["decode"]
         self._last_quiet = is_quiet(pcm)
         return pcm
+
+    def work_seconds(self, direction: str) -> float:
+        """Mimi's own time on `direction`'s last frame, in its process (the rest of a call is the
+        exchange with that process). Call it from the thread that coded the frame."""
+        return self._work_seconds[direction]
 
     def _before_frame(self, direction: str, quiet: bool) -> MimiProcess:
         """The process that codes `direction`'s next frame (a direction is used by one thread

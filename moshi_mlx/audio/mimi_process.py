@@ -39,6 +39,7 @@ WORKER_SECONDS = 1.0  # the child's own deadline on a StreamTokenizer result
 
 _OK, _ERROR = b"k", b"!"  # replies: kind, then the data or the error message
 _LENGTH = struct.Struct("<I")
+_SECONDS = struct.Struct("<f")  # a frame's reply starts with Mimi's own time on it
 DIRECTIONS = ("encode", "decode")
 
 
@@ -95,6 +96,7 @@ def _serve_direction(tokenizer, direction: str, requests: int, replies: int) -> 
         except (EOFError, OSError):
             return
         try:
+            start = time.perf_counter()
             if direction == "encode":
                 put(np.frombuffer(data, np.float32).copy())
             else:
@@ -105,10 +107,11 @@ def _serve_direction(tokenizer, direction: str, requests: int, replies: int) -> 
                     raise RuntimeError(f"Mimi's {direction}r gave no result in "
                                        f"{WORKER_SECONDS:g} s")
                 time.sleep(POLL_SECONDS)
+            seconds = _SECONDS.pack(time.perf_counter() - start)
             if direction == "encode":
-                reply = _OK + np.asarray(result, np.uint32)[:, 0].tobytes()
+                reply = _OK + seconds + np.asarray(result, np.uint32)[:, 0].tobytes()
             else:
-                reply = _OK + np.asarray(result, np.float32).tobytes()
+                reply = _OK + seconds + np.asarray(result, np.float32).tobytes()
         except Exception as e:  # handed to the app, which raises it
             reply = _ERROR + f"{type(e).__name__}: {str(e).splitlines()[0]}".encode()
         try:
@@ -193,6 +196,7 @@ class MimiProcess:
                           "decode": _Channel(pipes[2][1], pipes[3][0])}
         self._ready = False
         self._ready_lock = threading.Lock()
+        self.work_seconds = dict.fromkeys(DIRECTIONS, 0.0)  # Mimi's own time on the last frame
         self._failure: str | None = None  # why the child can no longer be used
         self._closed = False
 
@@ -243,7 +247,8 @@ class MimiProcess:
         try:
             reply = _read(channel.replies, deadline)
         except _Timeout:
-            wait = "load in time" if what == "load" else f"{what} a frame within {REPLY_SECONDS:g} s"
+            wait = ("load in time" if what == "load"
+                    else f"{what} a frame within {REPLY_SECONDS:g} s")
             raise self._fail(f"Mimi's process stopped answering (it did not {wait})") from None
         except (EOFError, OSError, ValueError):
             raise self._fail(self._ended_message()) from None
@@ -267,7 +272,9 @@ class MimiProcess:
                 _write(channel.requests, data.tobytes())
             except (OSError, ValueError):
                 raise self._fail(self._ended_message()) from None
-            return self._reply(channel, time.monotonic() + REPLY_SECONDS, direction)
+            reply = self._reply(channel, time.monotonic() + REPLY_SECONDS, direction)
+        (self.work_seconds[direction],) = _SECONDS.unpack_from(reply)
+        return reply[_SECONDS.size:]
 
     def encode_step(self, pcm: np.ndarray) -> np.ndarray:
         """float32 [FRAME_SIZE] -> codes uint32 [num_codebooks]."""

@@ -61,6 +61,11 @@ class Conversation:
     def mimi_restarts(self) -> int:
         return self.mimi.restarts
 
+    def mimi_seconds(self, direction: str) -> float:
+        """Mimi's own time on the last frame of `direction` ("encode" or "decode"), on the
+        thread that coded it."""
+        return self.mimi.work_seconds(direction)
+
     def reset(self, text_sampler: utils.Sampler, audio_sampler: utils.Sampler) -> None:
         """A new stream (call on the model's thread, with no part running): empty KV cache,
         Mimi never used. Seed MLX's generator (`mx.random.seed`) for reproducible sampling."""

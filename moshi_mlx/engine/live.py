@@ -4,12 +4,13 @@ voice to the speakers.
 The audio backend's callbacks only move data: each captured 80 ms frame is put into the engine
 (which drops the oldest waiting frames when it falls behind: lag control); each block to play
 is taken from the speaker queue (silence when it is empty) and, with an echo canceller, a copy
-goes to its `Playback` queue. The canceller runs on the engine's input stage, on every frame
-before Mimi encodes it (skipped frames too), given first the blocks played before that frame was
-captured. The engine's callbacks put Moshi's voice in the speaker queue (skipping the oldest
-when the speakers fall more than `max_behind` frames behind) and report every frame on an event
-queue, read by the app's own thread (display, recording). Threads block on queue gets with
-timeouts; nothing polls with sleeps.
+goes to its `Playback` queue. The canceller runs on the engine's input stage, on each frame
+before Mimi encodes it (those later skipped in front of Mimi too), given first the blocks played
+before that frame was captured; the input stage drops its oldest frames too if it ever falls
+behind, so no queue grows without bound. The engine's callbacks put Moshi's voice in the speaker
+queue (skipping the oldest when the speakers fall more than `max_behind` frames behind) and report
+every frame on an event queue, read by the app's own thread (display, recording). Threads block
+on queue gets with timeouts; nothing polls with sleeps.
 """
 
 import queue
@@ -27,7 +28,7 @@ from .conversation import Conversation
 from .pipeline import Frame, LiveEngine
 from .stages import WAIT_SECONDS
 
-DRAIN_SECONDS = 2.0  # at the end, the frames already heard may finish for this long
+DRAIN_SECONDS = 1.0  # at the end, the frames already heard may finish for this long
 
 @dataclass
 class Event:
@@ -60,19 +61,17 @@ class LiveConversation:
         self.keep_raw = keep_raw
         self.speaker_counters = SpeakerCounters()
         self._playback = Playback()
-        self._cleaned = 0  # microphone frames through the canceller
         self._raw: dict[int, np.ndarray] = {}  # with keep_raw: frame index -> frame as it came
         self._speaker: queue.Queue[np.ndarray] = queue.Queue()
         self._events: queue.Queue[Event | None] = queue.Queue()  # None: the conversation ended
         self._voice_started = False
         self._done = False
         self._failed = threading.Event()
-        decode_input = None if echo is None else self._clean
         self.engine = LiveEngine(
             conversation, model_thread, on_text=self._on_text, on_output=self._on_output,
             on_skip=lambda f: self._events.put(Event("skipped", f)),
-            on_error=lambda stage, e: self._failed.set(), decode_input=decode_input,
-            max_waiting=max_behind)
+            on_error=lambda stage, e: self._failed.set(),
+            prepare_input=None if echo is None else self._clean, max_waiting=max_behind)
 
     @property
     def counters(self):
@@ -124,20 +123,20 @@ class LiveConversation:
 
     # --- the engine's input stage (its input thread) ---
 
-    def _clean(self, raw: np.ndarray) -> list[np.ndarray]:
-        """The next microphone frame rid of the speakers' echo. Every frame comes through here
-        in order, so the count is the frame's index in the engine."""
-        index, self._cleaned = self._cleaned, self._cleaned + 1
-        for block in self._playback.take(index):
+    def _clean(self, frame: Frame) -> None:
+        """Rids the microphone's frame of the speakers' echo (frames come in order, with gaps
+        where the input stage dropped some)."""
+        for block in self._playback.take(frame.index):
             self.echo.played(block)
         if self.keep_raw:
-            self._raw[index] = raw
-        return [self.echo.process(raw)]
+            self._raw[frame.index] = frame.user
+        frame.user = self.echo.process(frame.user)
 
     def take_raw(self, index: int) -> np.ndarray | None:
         """With `keep_raw`: microphone frame `index` as it came, before echo cancellation, handed
-        out once (None without a canceller: the frame's `user` is the microphone's)."""
-        return self._raw.pop(index) if self.echo is not None else None
+        out once (None without a canceller, or for a frame dropped before it: the frame's `user`
+        is then the microphone's)."""
+        return self._raw.pop(index, None)
 
     # --- engine callbacks (its threads) ---
 
@@ -147,13 +146,12 @@ class LiveConversation:
 
     def _on_output(self, frame: Frame) -> None:
         if frame.voice is not None:
-            if self._speaker.qsize() > self.max_behind:
-                while True:
-                    try:
-                        self._speaker.get_nowait()
-                    except queue.Empty:
-                        break
-                    self.speaker_counters.voice_skipped += 1
+            while self._speaker.qsize() > self.max_behind:  # the oldest are skipped
+                try:
+                    self._speaker.get_nowait()
+                except queue.Empty:
+                    break
+                self.speaker_counters.voice_skipped += 1
             self._speaker.put_nowait(frame.voice)
         self._events.put(Event("done", frame))
 

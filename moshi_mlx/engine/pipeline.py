@@ -5,7 +5,8 @@ their own (`engine.stages`), used by both apps.
                    (e.g. Opus)       (lag control)  (model thread)                  (e.g. Opus)
 
 Where each stage's state lives, and who may touch it:
-- decode input: the app's decoder (an Opus stream, an echo canceller), on the input thread only.
+- input: the app's decoder of chunks into frames (an Opus stream) or its preparation of each
+  frame (an echo canceller), on the input thread only.
 - Mimi encode: the conversation's `Mimi.encode`, on the encode thread only.
 - Moshi's step: `LmGen` (KV cache, sampler, MLX's random state), on the model's thread only (the
   thread that loaded the model: MLX streams are thread-local). The text is handed to `on_text`
@@ -30,6 +31,8 @@ import numpy as np
 from .conversation import Conversation
 from .stages import Pipeline, Stage, Timings
 
+STOP_SECONDS = 3.0  # a stop waits this long for the stages' frames in hand
+
 
 @dataclass
 class Frame:
@@ -46,6 +49,15 @@ class Frame:
     payload: Any = None  # the voice coded for the app (`encode_output`)
     text_latency: float | None = None  # seconds from `arrived` to the text
     voice_latency: float | None = None  # seconds from `arrived` to the voice leaving
+    marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (start, end)
+    mimi_seconds: dict[str, float] = field(default_factory=dict)  # Mimi's own time, by direction
+
+
+# Where a frame's time goes inside the engine, from its arrival to its voice leaving: each stage's
+# own time, and the waits in the queues in front of them. Mimi's stages are split into Mimi's own
+# work and the exchange with its process.
+BUDGET = ("wait input", "input", "wait encode", "encode IPC", "encode Mimi", "wait moshi",
+          "moshi", "wait decode", "decode IPC", "decode Mimi", "wait output", "output")
 
 
 @dataclass
@@ -55,6 +67,11 @@ class Counters:
     skipped: int = 0  # input frames dropped to keep the delay bounded
     latency_text: Timings = field(default_factory=Timings)
     latency_voice: Timings = field(default_factory=Timings)
+    budget: dict[str, Timings] = field(default_factory=lambda: {k: Timings() for k in BUDGET})
+
+    def budget_ms(self) -> dict[str, dict]:
+        """{segment: {'p50': ms, 'p95': ms}} of the segments measured (see BUDGET)."""
+        return {k: t.summary_ms() for k, t in self.budget.items() if t.count}
 
 
 def _ignore(*args) -> None:
@@ -67,7 +84,12 @@ class LiveEngine:
     on the stages' threads: `on_text(frame)` when Moshi's step is done, `on_output(frame)` for
     every frame at the end (`frame.voice`/`frame.payload` None while delays fill),
     `on_skip(frame)` for a frame dropped by lag control, `on_error(stage, exception)` once if a
-    stage raises (the engine has then stopped)."""
+    stage raises (the engine has then stopped).
+
+    The input stage, if any, either decodes the app's chunks into frames (`decode_input`: the
+    browser's Opus) or prepares each frame in place (`prepare_input`: the terminal's echo
+    canceller; frames are numbered as they are put, and the oldest are dropped in front of it
+    too, so that no queue of the engine grows without bound)."""
 
     def __init__(self, conversation: Conversation, model_thread: Executor, *,
                  on_text: Callable[[Frame], None] = _ignore,
@@ -75,11 +97,15 @@ class LiveEngine:
                  on_skip: Callable[[Frame], None] = _ignore,
                  on_error: Callable[[str, BaseException], None] = _ignore,
                  decode_input: Callable[[Any], Iterable[np.ndarray]] | None = None,
+                 prepare_input: Callable[[Frame], None] | None = None,
                  encode_output: Callable[[np.ndarray], Any] | None = None,
                  max_waiting: int = 3):
+        if decode_input is not None and prepare_input is not None:
+            raise ValueError("an engine's input stage either decodes chunks or prepares frames")
         self.conversation = conversation
         self.on_text, self.on_output, self.on_skip = on_text, on_output, on_skip
-        self.decode_input, self.encode_output = decode_input, encode_output
+        self.decode_input, self.prepare_input = decode_input, prepare_input
+        self.encode_output = encode_output
         self.counters = Counters()
         stages = [
             Stage("encode", self._encode, max_waiting=max_waiting),
@@ -88,6 +114,8 @@ class LiveEngine:
         ]
         if decode_input is not None:
             stages.insert(0, Stage("input", self._frames_of))
+        elif prepare_input is not None:
+            stages.insert(0, Stage("input", self._prepare, max_waiting=max_waiting))
         if encode_output is not None:
             stages.append(Stage("output", self._encode_output))
         self.pipeline = Pipeline(stages, on_drop=self._skip, on_error=on_error)
@@ -106,19 +134,25 @@ class LiveEngine:
         self.pipeline.put(item if self.decode_input else self._frame(item))
 
     def waiting(self) -> int:
-        """Frames waiting for Mimi's encoder."""
-        return self.pipeline.waiting(1 if self.decode_input else 0)
+        """Frames waiting for Mimi's encoder (and, with `prepare_input`, for the input stage)."""
+        if self.decode_input is not None:
+            return self.pipeline.waiting(1)
+        if self.prepare_input is not None:
+            return self.pipeline.waiting(0) + self.pipeline.waiting(1)
+        return self.pipeline.waiting(0)
 
     def wait_idle(self, timeout: float) -> bool:
         """Waits until every frame put has gone through; False on timeout."""
         return self.pipeline.wait_idle(timeout)
 
-    def stop(self, drain_seconds: float = 0.0) -> None:
-        """Stops the stages and waits for them: after letting the frames already put go
-        through for up to `drain_seconds`, then each finishes its frame in hand."""
+    def stop(self, drain_seconds: float = 0.0) -> list[str]:
+        """Stops the stages: after letting the frames already put go through for up to
+        `drain_seconds`, each finishes its frame in hand, waited for up to `STOP_SECONDS` (a
+        stage calling Mimi returns within Mimi's reply deadline). Returns the names of the
+        stages still busy then (left to end on their own)."""
         if drain_seconds > 0:
             self.pipeline.wait_idle(drain_seconds)
-        self.pipeline.stop()
+        return self.pipeline.stop(STOP_SECONDS)
 
     # --- stages ---
 
@@ -129,32 +163,54 @@ class LiveEngine:
         return frame
 
     def _frames_of(self, item: tuple[float, Any]) -> list[Frame]:
+        start = time.perf_counter()
         arrived, chunk = item
-        return [self._frame((arrived, pcm)) for pcm in self.decode_input(chunk)]
+        frames = [self._frame((arrived, pcm)) for pcm in self.decode_input(chunk)]
+        end = time.perf_counter()
+        for frame in frames:
+            frame.marks["input"] = (start, end)
+        return frames
+
+    def _prepare(self, frame: Frame) -> list[Frame]:
+        start = time.perf_counter()
+        self.prepare_input(frame)
+        frame.marks["input"] = (start, time.perf_counter())
+        return [frame]
 
     def _encode(self, frame: Frame) -> list[Frame]:
+        start = time.perf_counter()
         frame.codes = self.conversation.encode(frame.user)
+        frame.marks["encode"] = (start, time.perf_counter())
+        frame.mimi_seconds["encode"] = self.conversation.mimi_seconds("encode")
         return [frame]
 
     def _moshi_step(self, frame: Frame) -> list[Frame]:
+        start = time.perf_counter()
         frame.token, frame.text, frame.moshi_codes = self.conversation.moshi_step(frame.codes)
         self.counters.heard += 1
-        frame.text_latency = time.perf_counter() - frame.arrived
+        end = time.perf_counter()
+        frame.marks["moshi"] = (start, end)
+        frame.text_latency = end - frame.arrived
         self.counters.latency_text.add(frame.text_latency)
         self.on_text(frame)
         return [frame]
 
     def _decode(self, frame: Frame) -> list[Frame]:
+        start = time.perf_counter()
         if frame.moshi_codes is not None:
             frame.voice = self.conversation.decode(frame.moshi_codes)
+            frame.mimi_seconds["decode"] = self.conversation.mimi_seconds("decode")
+        frame.marks["decode"] = (start, time.perf_counter())
         if self.encode_output is None:
             self._done(frame)
             return []
         return [frame]
 
     def _encode_output(self, frame: Frame) -> list[Frame]:
+        start = time.perf_counter()
         if frame.voice is not None:
             frame.payload = self.encode_output(frame.voice)
+        frame.marks["output"] = (start, time.perf_counter())
         self._done(frame)
         return []
 
@@ -162,7 +218,24 @@ class LiveEngine:
         if frame.voice is not None:
             frame.voice_latency = time.perf_counter() - frame.arrived
             self.counters.latency_voice.add(frame.voice_latency)
+            self._add_to_budget(frame)
         self.on_output(frame)
+
+    def _add_to_budget(self, frame: Frame) -> None:
+        """Splits the frame's time in the engine along BUDGET: each stage's own time, and the
+        wait from the previous stage's end (or the arrival) to its start."""
+        budget, previous = self.counters.budget, frame.arrived
+        for name in ("input", "encode", "moshi", "decode", "output"):
+            if name not in frame.marks:
+                continue
+            start, end = frame.marks[name]
+            budget[f"wait {name}"].add(start - previous)
+            if name in frame.mimi_seconds:
+                budget[f"{name} Mimi"].add(frame.mimi_seconds[name])
+                budget[f"{name} IPC"].add(end - start - frame.mimi_seconds[name])
+            else:
+                budget[name].add(end - start)
+            previous = end
 
     def _skip(self, frame: Frame) -> None:
         self.counters.skipped += 1

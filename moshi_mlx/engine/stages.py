@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +110,10 @@ class Pipeline:
                                  name=f"stage-{stage.name}").start()
                 self._loops.append(future)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stops every stage (each finishes the item in hand) and waits for them, except from a
-        stage's own thread. Items still queued are discarded."""
+    def stop(self, timeout: float = 10.0) -> list[str]:
+        """Stops every stage (each finishes the item in hand) and waits up to `timeout` seconds
+        for them, except from a stage's own thread. Items still queued are discarded. Returns
+        the names of the stages still busy at the deadline (they end on their own)."""
         self._stop.set()
         with self._idle:
             self._idle.notify_all()
@@ -120,9 +122,15 @@ class Pipeline:
                 inbox.put_nowait(_WAKE)
             except queue.Full:  # its stage has an item to take, then sees the stop
                 pass
+        busy = []
         if threading.get_ident() not in self._loop_threads:
-            for loop in self._loops:
-                loop.exception(timeout)
+            deadline = time.monotonic() + timeout
+            for stage, loop in zip(self.stages, self._loops):
+                try:
+                    loop.exception(max(0.0, deadline - time.monotonic()))
+                except FutureTimeout:
+                    busy.append(stage.name)
+        return busy
 
     @property
     def stopped(self) -> bool:
