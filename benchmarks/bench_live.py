@@ -275,6 +275,8 @@ class PacedDevice:
     """A sound device whose capture and playback clocks tick every 80 ms (one thread): each tick
     captures the next frame of `pcm` and plays one block."""
 
+    xruns = 0
+
     def __init__(self, pcm: np.ndarray):
         self.frames = pcm.reshape(-1, FRAME_SIZE)
         self.played: list[tuple[float, np.ndarray]] = []

@@ -23,6 +23,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import utils
 from .audio.constants import FRAME_RATE
+from .audio.mimi_process import MimiError
 from .engine.conversation import Conversation
 from .engine.pipeline import LiveEngine
 from .engine.stages import WAIT_SECONDS
@@ -38,6 +39,7 @@ HEARTBEAT_SECONDS = 10.0  # a client that stops answering pings is dropped after
 INPUT_TIMEOUT_SECONDS = 1.5  # a conversation whose client sends no audio for this long ends
 STATUS_EVERY = 12  # frames between two status messages (about 1 s)
 MAX_WAITING_CHUNKS = 64  # audio messages waiting to be decoded: a client far ahead of real time
+MIMI_FAILED = "audio codec failed"  # the start of the 0x05 message, and the close reason
 BUSY_MESSAGE = "busy: Moshi is in another conversation; try again when it ends"
 INTERNAL_ERROR_MESSAGE = "internal error: the conversation failed (see the server's log)"
 QUERY_NAMES = (("text_temperature", "text_topk"), ("audio_temperature", "audio_topk"))
@@ -189,6 +191,10 @@ class Session:
         if isinstance(error, BadAudio):
             log.warning("ended a conversation: bad audio: %s", error)
             await refuse(self.ws, f"bad audio: {error}", WSCloseCode.UNSUPPORTED_DATA)
+        elif isinstance(error, MimiError):  # designed for: a hung or dead Mimi process
+            log.error("ended a conversation: %s", error)
+            await refuse(self.ws, f"{MIMI_FAILED}: {error}. Start a new conversation.",
+                         WSCloseCode.INTERNAL_ERROR)
         else:
             log.error("conversation failed in its %s stage", stage, exc_info=error)
             await refuse(self.ws, INTERNAL_ERROR_MESSAGE, WSCloseCode.INTERNAL_ERROR)

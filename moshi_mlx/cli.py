@@ -5,11 +5,11 @@ value that no model can take is a usage error, exit code 2)."""
 import argparse
 import logging
 import math
+import os
 import secrets
 import sys
 from collections.abc import Callable
-
-import mlx.core as mx
+from typing import NoReturn
 
 from . import model_files, models, utils
 from .audio.mimi_process import MimiError
@@ -73,11 +73,11 @@ def make_samplers(args: argparse.Namespace,
         for stream, vocab in (("text", cfg.text_card), ("audio", cfg.card)))
 
 
-def seed_random(seed: int | None) -> int:
-    """Seeds MLX's generator with `seed` (a random one when None), logs it and returns it."""
+def choose_seed(seed: int | None) -> int:
+    """`seed`, or a random one when None; logged. The caller seeds MLX's generator with it on
+    the thread that runs the model."""
     seed = secrets.randbits(32) if seed is None else seed
     log.info("seed: %d", seed)
-    mx.random.seed(seed)
     return seed
 
 
@@ -110,3 +110,17 @@ def run_main(run: Callable[[], int | None], interrupted: str = "interrupted",
     except KeyboardInterrupt:
         print(f"\n{interrupted}", file=sys.stderr)
         return interrupted_code
+
+
+def exit_app(code: int) -> NoReturn:
+    """Ends a live app's process with `code` at once, its output flushed. The model's thread may
+    still be inside MLX (loading, compiling, stepping) when Ctrl-C comes, and the interpreter's
+    normal shutdown would run MLX's C++ destructors under it: a crash (SIGSEGV) instead of a
+    quiet exit. Nothing is lost: the apps close their files, devices and Mimi processes before
+    `main` returns."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -166,8 +166,8 @@ def status_line(live: LiveConversation) -> str:
     stage = "-" if slowest is None else f"{slowest[0]} {ms(slowest[1])} ms"
     mic, speakers = live.queue_sizes()
     return (f"{latency_text(counters)} | slowest {stage} | dropped {counters.skipped} | voice "
-            f"dropped {speaker.voice_skipped} | silence {speaker.silence} | queues mic {mic} "
-            f"speaker {speakers} | {echo_status(live.echo)}")
+            f"dropped {speaker.voice_skipped} | silence {speaker.silence} | xruns "
+            f"{live.audio.xruns} | queues mic {mic} speaker {speakers} | {echo_status(live.echo)}")
 
 
 def echo_status(echo: EchoCanceller | None) -> str:
@@ -305,7 +305,8 @@ def summary(seconds: float, live: LiveConversation) -> str:
     return (f"conversation: {seconds:.1f} s, Moshi heard {counters.heard} frames; "
             f"{latency_text(counters)}; dropped {counters.skipped} input frames and "
             f"{speaker.voice_skipped} of Moshi's; {speaker.silence} blocks of silence played "
-            "for want of Moshi's voice")
+            f"for want of Moshi's voice; {live.audio.xruns} blocks lost by the sound devices "
+            "(xruns)")
 
 
 def echo_summary(echo: EchoCanceller | None) -> str:
@@ -328,7 +329,7 @@ def run(args: argparse.Namespace) -> None:
     # The model's thread: loads Moshi and Mimi and warms them up, then runs Moshi's steps.
     worker = ModelWorker(files, samplers, cfg_coef=args.cfg_coef)
     worker.load().result()
-    seed = cli.seed_random(args.seed)
+    seed = cli.choose_seed(args.seed)  # new_conversation seeds MLX on the model's thread
     conversation = worker.submit(worker.new_conversation, *samplers, seed).result()
     echo = None
     if not args.no_echo_cancel or args.noise_suppression:  # the delay hint is set at start
@@ -340,15 +341,18 @@ def run(args: argparse.Namespace) -> None:
     log.info("microphone: %s; speakers: %s", device_name(input_device),
              device_name(output_device))
     start = time.monotonic()
-    with ExitStack() as recordings, stop_on_sigint(stop):
-        recorder = args.record and recordings.enter_context(
-            WavWriter(args.record, SAMPLE_RATE, 2))
-        raw_recorder = args.record_raw and recordings.enter_context(
-            WavWriter(args.record_raw, SAMPLE_RATE))
-        presenter = Presenter(live, Display(), recorder, args.quantized, raw_recorder)
-        converse(live, stop, presenter)
-    log.info("%s", summary(time.monotonic() - start, live))
-    log.info("%s", echo_summary(echo))
+    try:
+        with ExitStack() as recordings, stop_on_sigint(stop):
+            recorder = args.record and recordings.enter_context(
+                WavWriter(args.record, SAMPLE_RATE, 2))
+            raw_recorder = args.record_raw and recordings.enter_context(
+                WavWriter(args.record_raw, SAMPLE_RATE))
+            presenter = Presenter(live, Display(), recorder, args.quantized, raw_recorder)
+            converse(live, stop, presenter)
+    finally:  # also when the conversation failed: the error line comes after the summary
+        log.info("%s", summary(time.monotonic() - start, live))
+        log.info("%s", echo_summary(echo))
+        worker.close()
     if args.record:
         log.info("recorded %s: %.1f s, stereo (you left, Moshi right)", args.record,
                  recorder.samples / SAMPLE_RATE)
@@ -362,5 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run_main(lambda: run(args), user_errors=(AudioDeviceError,))
 
 
+def entry() -> None:
+    """The command's entry point (`python -m moshi_mlx.local`, `moshi-local`)."""
+    cli.exit_app(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

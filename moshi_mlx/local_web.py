@@ -168,5 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                         interrupted_code=0)
 
 
+def entry() -> None:
+    """The command's entry point (`python -m moshi_mlx.local_web`, `moshi-local-web`)."""
+    cli.exit_app(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from math import ceil
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
@@ -144,7 +145,8 @@ def run(args: argparse.Namespace) -> None:
                                    "this one has none")
     text_sampler, audio_sampler = cli.make_samplers(args, files.lm_config)
     model, tokenizer, cfg = model_files.load_model(files)
-    seed = cli.seed_random(args.seed)
+    seed = cli.choose_seed(args.seed)
+    mx.random.seed(seed)  # this loop runs the model on this thread
     if kind == "moshi":
         conversation = Conversation(model, tokenizer, files.mimi_weight, text_sampler,
                                     audio_sampler)

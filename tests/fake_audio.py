@@ -24,6 +24,8 @@ class FakeAudio:
     """Driven by the test: `speak(pcm)` delivers a microphone frame (as the input callback
     would), `play()` asks for the next block to play (as the output callback would)."""
 
+    xruns = 0
+
     def __init__(self):
         self.started = threading.Event()
         self.closed = threading.Event()

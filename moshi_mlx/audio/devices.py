@@ -24,7 +24,10 @@ class AudioBackend(Protocol):
     """Streams the microphone and the speaker, one block of FRAME_SIZE samples at a time, calling
     back from its own threads: `on_input(pcm)` with each captured block (float32 [FRAME_SIZE],
     the callee's to keep), `on_output(out)` to fill the next block to play (float32
-    [FRAME_SIZE], written in place)."""
+    [FRAME_SIZE], written in place). `xruns` counts the blocks the devices dropped or repeated
+    (input overflow, output underflow)."""
+
+    xruns: int
 
     def start(self, on_input: Callable[[np.ndarray], None],
               on_output: Callable[[np.ndarray], None]) -> None: ...

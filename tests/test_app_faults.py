@@ -1,0 +1,224 @@
+"""Both apps as a user runs them, with real Mimi processes that hang (SIGSTOP) or die (SIGKILL)
+mid-conversation, and Ctrl-C in each state: one clear message within Mimi's deadline, no
+traceback from any process, no Mimi process left behind, and the next conversation works."""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from conftest import require_tool
+from virtual_audio import lines_of, local
+
+from benchmarks.chat_client import RATE, Reply, ServerProcess, converse, send_speech
+from moshi_mlx.audio.mimi_process import REPLY_SECONDS
+from moshi_mlx.audio.wav import read_wav
+
+ROUTE_APP = {"PULSE_SOURCE": "mic.monitor", "PULSE_SINK": "spk"}
+MESSAGE_SECONDS = REPLY_SECONDS + 0.5  # the deadline, and a frame's worth of slack
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def mimi_pids(pid: int) -> list[int]:
+    """The Mimi processes under process `pid`."""
+    pids = []
+    for child in descendants(pid):
+        try:
+            if b"mimi_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                pids.append(child)
+        except OSError:
+            pass
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(autouse=True)
+def linux_proc():
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux's /proc to find the Mimi processes")
+
+
+@pytest.fixture(scope="module")
+def speech(speech_24k) -> np.ndarray:
+    return read_wav(speech_24k, RATE)
+
+
+@pytest.fixture
+def server(demo_cache):
+    server = ServerProcess("--seed", "1234", env={**os.environ,
+                                                  "XDG_CACHE_HOME": str(demo_cache)})
+    yield server
+    server.stop()
+
+
+async def talk_until_error(url: str, pcm: np.ndarray, server_pid: int, sig: int) -> tuple:
+    """A conversation whose Mimi process gets `sig` after 2 s: -> (what the server sent, seconds
+    from the signal to the error message)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"ws://{url}/api/chat") as ws:
+            reply = Reply((await ws.receive_bytes(timeout=60)))
+            sending = asyncio.create_task(send_speech(ws, pcm))
+            await asyncio.sleep(2.0)
+            (pid,) = mimi_pids(server_pid)
+            os.kill(pid, sig)
+            signalled = time.monotonic()
+            waited = None
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    reply.take(msg.data)
+                    if reply.errors and waited is None:
+                        waited = time.monotonic() - signalled
+            reply.close_code = ws.close_code
+            sending.cancel()
+            return reply, waited, pid
+
+
+@pytest.mark.parametrize("sig, what", [(signal.SIGSTOP, "stopped answering"),
+                                       (signal.SIGKILL, "killed by signal 9")])
+def test_browser_a_mimi_that_hangs_or_dies_is_named_and_the_next_conversation_works(
+        server, speech, sig, what):
+    start = len(server.lines)
+    reply, waited, pid = asyncio.run(talk_until_error(server.url, speech, server.proc.pid, sig))
+    assert reply.text and reply.audio, "the conversation had started"
+    assert len(reply.errors) == 1 and reply.errors[0].startswith("audio codec failed: ")
+    assert what in reply.errors[0] and "new conversation" in reply.errors[0]
+    assert reply.close_code == 1011
+    assert waited is not None and waited < MESSAGE_SECONDS
+    server.wait_for(rf"ended a conversation: .*{what}", start=start)
+    time.sleep(0.2)
+    assert not alive(pid), f"the hung Mimi process was left behind: {Path(f'/proc/{pid}/stat').read_text()}"
+    again = asyncio.run(converse(server.url, speech[: 3 * RATE], busy_timeout=10))
+    assert again.first[:1] == b"\x00" and again.text and again.audio and not again.errors
+    log = "\n".join(server.log_since(start))
+    assert "Traceback" not in log, log
+
+
+def wait_lines(lines, log: list[str], pattern: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(re.search(pattern, line) for line in log):
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        assert line is not None, "".join(log)
+        log.append(line)
+
+
+def finish(app: subprocess.Popen, lines, log: list[str]) -> str:
+    while (line := lines.get(timeout=30)) is not None:
+        log.append(line)
+    return "".join(log)
+
+
+@pytest.mark.parametrize("sig, what", [(signal.SIGSTOP, "stopped answering"),
+                                       (signal.SIGKILL, "killed by signal 9")])
+def test_terminal_a_mimi_that_hangs_or_dies_ends_with_one_error_line(pulse, demo_env, sig, what):
+    require_tool("paplay", "pulseaudio-utils")
+    app = local("--demo", "--seed", 1, env=dict(demo_env, **pulse, **ROUTE_APP),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines, log = lines_of(app.stderr), []
+    try:
+        wait_lines(lines, log, "listening")
+        time.sleep(1.5)
+        (pid,) = mimi_pids(app.pid)
+        os.kill(pid, sig)
+        signalled = time.monotonic()
+        code = app.wait(timeout=30)
+        waited = time.monotonic() - signalled
+    finally:
+        app.kill()
+    out = finish(app, lines, log)
+    assert code == 1, out
+    assert len(re.findall(r"^error: ", out, re.M)) == 1 and what in out, out
+    assert re.search(r"^conversation: .* Moshi heard \d+ frames", out, re.M), out
+    assert "Traceback" not in out, out
+    assert waited < MESSAGE_SECONDS + 1.0, out  # and the app's own stop
+    assert not alive(pid)
+
+
+CTRL_C_SECONDS = 2.0
+
+
+def interrupt(app: subprocess.Popen) -> float:
+    """Ctrl-C; -> seconds until the app exited."""
+    app.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    app.wait(timeout=30)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("when", ["loading", "talking"])
+def test_terminal_ctrl_c_in_each_state(pulse, demo_env, when):
+    require_tool("paplay", "pulseaudio-utils")
+    app = local("--demo", "--seed", 1, env=dict(demo_env, **pulse, **ROUTE_APP),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines, log = lines_of(app.stderr), []
+    try:
+        wait_lines(lines, log, "seed|loading" if when == "loading" else "listening")
+        if when == "talking":
+            time.sleep(2)
+        mimis = mimi_pids(app.pid)
+        seconds = interrupt(app)
+    finally:
+        app.kill()
+    out = finish(app, lines, log)
+    assert "Traceback" not in out, out
+    assert app.returncode in ((0,) if when == "talking" else (130,)), out
+    assert seconds < CTRL_C_SECONDS, out
+    time.sleep(0.5)
+    assert not any(alive(p) for p in mimis), "a Mimi process outlived the app"
+
+
+@pytest.mark.parametrize("when", ["loading", "talking", "after a conversation"])
+def test_browser_ctrl_c_in_each_state(demo_cache, speech, when):
+    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache)}
+    app = subprocess.Popen(
+        [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--host", "127.0.0.1", "--port",
+         "0", "--no-browser", "--static", "none"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    lines, log = lines_of(app.stderr), []
+    try:
+        wait_lines(lines, log, "loading the model" if when == "loading" else "Moshi is ready")
+        if when != "loading":
+            url = re.search(r"Moshi is ready: https?://(\S+)/", "".join(log)).group(1)
+            client = threading.Thread(
+                target=lambda: asyncio.run(converse(url, speech[: 4 * RATE])), daemon=True)
+            client.start()
+            if when == "talking":
+                time.sleep(2)
+            else:
+                client.join(60)
+        mimis = mimi_pids(app.pid)
+        seconds = interrupt(app)
+    finally:
+        app.kill()
+    out = finish(app, lines, log)
+    assert "Traceback" not in out and "Error" not in out, out
+    assert app.returncode == 0, out
+    assert seconds < CTRL_C_SECONDS, out
+    time.sleep(0.5)
+    assert not any(alive(p) for p in mimis), "a Mimi process outlived the server"
