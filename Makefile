@@ -43,13 +43,22 @@ $(REFERENCE)/.installed:
 		aiohttp huggingface_hub numpy
 	touch $@
 
+# The live apps as a user installs them (runtime dependencies only: no torch, which transformers,
+# imported by mlx_lm, would import too, ~250 MB), for memory figures that are the user's.
+LIVE := .venv-live
+$(LIVE)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LIVE)
+	$(LIVE)/bin/pip install --quiet --upgrade pip
+	$(LIVE)/bin/pip install --quiet -e .
+	touch $@
+
 # The live path at real-time pace, both apps, demo model (needs espeak-ng), and the browser app
 # side by side with Kyutai's local_web on the same files and client.
-bench-live: $(STAMP) $(REFERENCE)/.installed
-	$(PY) -m benchmarks.bench_live --reference $(REFERENCE)/bin/python --runs 2
+bench-live: $(LIVE)/.installed $(REFERENCE)/.installed
+	$(LIVE)/bin/python -m benchmarks.bench_live --reference $(REFERENCE)/bin/python --runs 2
 
 lint: $(STAMP)
 	$(PY) -m ruff check moshi_mlx weights_tools tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(REFERENCE) .pytest_cache
+	rm -rf $(VENV) $(REFERENCE) $(LIVE) .pytest_cache

@@ -150,3 +150,19 @@ def test_a_child_that_hangs_while_loading_is_named(mimi_path, monkeypatch):
             process.wait_ready()
     finally:
         process.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the child's environment in /proc")
+def test_the_child_keeps_the_apps_environment_and_the_standard_library_first(mimi_path):
+    """The package's root is appended to the child's sys.path, never put in front of the standard
+    library through PYTHONPATH (for an installed package, that root is site-packages)."""
+    process = MimiProcess(str(mimi_path), 8, 8192)
+    try:
+        environ = open(f"/proc/{process.pid}/environ", "rb").read().split(b"\0")
+        pythonpath = [v for v in environ if v.startswith(b"PYTHONPATH=")]
+        expected = [f"PYTHONPATH={os.environ['PYTHONPATH']}".encode()] \
+            if "PYTHONPATH" in os.environ else []
+        assert pythonpath == expected
+        process.wait_ready()
+    finally:
+        process.close()
