@@ -112,8 +112,8 @@ def test_browser_a_mimi_that_hangs_or_dies_is_named_and_the_next_conversation_wo
     assert reply.close_code == 1011
     assert waited is not None and waited < MESSAGE_SECONDS
     server.wait_for(rf"ended a conversation: .*{what}", start=start)
-    time.sleep(0.2)
-    assert not alive(pid), f"the hung Mimi process was left behind: {Path(f'/proc/{pid}/stat').read_text()}"
+    time.sleep(0.2)  # the kill takes effect
+    assert not alive(pid), "the hung Mimi process was left behind"
     again = asyncio.run(converse(server.url, speech[: 3 * RATE], busy_timeout=10))
     assert again.first[:1] == b"\x00" and again.text and again.audio and not again.errors
     log = "\n".join(server.log_since(start))

@@ -152,7 +152,8 @@ def test_a_child_that_hangs_while_loading_is_named(mimi_path, monkeypatch):
         process.close()
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the child's environment in /proc")
+@pytest.mark.skipif(not os.path.isdir("/proc/self"),
+                    reason="reads the child's environment in /proc")
 def test_the_child_keeps_the_apps_environment_and_the_standard_library_first(mimi_path):
     """The package's root is appended to the child's sys.path, never put in front of the standard
     library through PYTHONPATH (for an installed package, that root is site-packages)."""
