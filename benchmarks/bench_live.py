@@ -91,12 +91,15 @@ def tree_pss_mb(pid: int) -> tuple[float, int] | None:
     return total / 1024, len(pids)
 
 
-async def browser_conversation(port: int, pcm: np.ndarray, server_pid: int) -> dict:
+async def browser_conversation(port: int, pcm: np.ndarray, server_pid: int,
+                               silent_steps: int) -> dict:
     """Kyutai's protocol at real-time pace. The round trip of frame k: from the moment the client
-    has frame k's audio (before its Opus encoding) to the arrival of the message completing the
-    k-th frame of Moshi's voice (Moshi answers frame k with frame k; both servers start with the
-    same frames of acoustic delay). The client's own paging (Ogg pages that wait for more audio)
-    is measured apart."""
+    has the user's frame k (before its Opus encoding) to the arrival of the message completing
+    the voice that Moshi's step on frame k produced. A server whose conversations start fresh
+    sends no voice for the first `silent_steps` steps (the codebook delay filling): its j-th
+    voice frame comes from the step on input frame j + silent_steps. (`naive_round_trip_ms` pairs
+    the j-th voice frame with input frame j whatever the server.) The client's own paging (Ogg
+    pages that wait for more audio) is measured apart."""
     import aiohttp
     import sphn
 
@@ -106,6 +109,7 @@ async def browser_conversation(port: int, pcm: np.ndarray, server_pid: int) -> d
     had_audio: list[float] = []  # when the client had input frame k
     paging: list[float] = []  # from having frame k to sending the page that holds it
     round_trips: list[float] = []
+    naive: list[float] = []
     voice_samples = 0
     async with aiohttp.ClientSession() as http:
         connect = time.perf_counter()
@@ -124,9 +128,13 @@ async def browser_conversation(port: int, pcm: np.ndarray, server_pid: int) -> d
                         if samples and got["first_voice"] is None:
                             got["first_voice"] = now - connect
                         before, voice_samples = voice_samples, voice_samples + samples
-                        for k in range(before // FRAME_SIZE, voice_samples // FRAME_SIZE):
-                            if k < len(had_audio):
-                                round_trips.append(now - had_audio[k])
+                        for j in range(before // FRAME_SIZE, voice_samples // FRAME_SIZE):
+                            if j + silent_steps < len(had_audio):
+                                round_trips.append(now - had_audio[j + silent_steps])
+                            if j < len(had_audio):
+                                naive.append(now - had_audio[j])
+                        if samples and got.get("first_voice_after") is None:
+                            got["first_voice_after"] = len(had_audio)
                         if end_of_input is None or now < end_of_input + 1.0:
                             got["samples"] += samples
                     elif data[:1] == b"\x04":
@@ -155,6 +163,7 @@ async def browser_conversation(port: int, pcm: np.ndarray, server_pid: int) -> d
             receiving.cancel()
     got["handshake"], got["connect"] = handshake, connect
     got["round_trip_ms"] = ms_summary(round_trips)
+    got["naive_round_trip_ms"] = ms_summary(naive)
     got["client_paging_ms"] = ms_summary(paging)
     return got
 
@@ -196,14 +205,17 @@ def memory_text(pss: list) -> str:
 def browser_report(app: str, pcm: np.ndarray, got: dict) -> dict:
     status = got["status"] or {}
     seconds = len(pcm) / SAMPLE_RATE
-    rt, paging = got["round_trip_ms"], got["client_paging_ms"]
+    rt, paging, naive = got["round_trip_ms"], got["client_paging_ms"], got["naive_round_trip_ms"]
     none = {"p50": None, "p95": None}
     result = report(
         app, seconds, got["samples"] / SAMPLE_RATE, status.get("received", len(pcm) // FRAME_SIZE),
         status.get("dropped", 0), status.get("stages_ms", {}),
         status.get("latency_text_ms", none), status.get("latency_voice_ms", none),
-        f"\n  round trip at the client (frame k sent -> Moshi's frame k back) p50 {rt['p50']} "
-        f"ms, p95 {rt['p95']} ms (of which the client's own Ogg paging p50 {paging['p50']} ms)"
+        f"\n  round trip at the client (the user's frame k sent -> the voice of Moshi's step on "
+        f"it back) p50 {rt['p50']} ms, p95 {rt['p95']} ms (of which the client's own Ogg "
+        f"paging p50 {paging['p50']} ms); pairing the j-th voice frame with input frame j: p50 "
+        f"{naive['p50']} ms, p95 {naive['p95']} ms; first voice while input frame "
+        f"{got['first_voice_after'] - 1} was the last sent"
         f"{memory_text(got['pss'])}"
         f"\n  connect -> handshake {1000 * got['handshake']:.0f} ms, -> first voice "
         f"{1000 * got['first_voice']:.0f} ms")
@@ -211,13 +223,14 @@ def browser_report(app: str, pcm: np.ndarray, got: dict) -> dict:
         print("  inside the server, from the audio's arrival to Moshi's voice leaving (p50/p95 "
               "ms): " + ", ".join(f"{k} {v['p50']}/{v['p95']}" for k, v in budget.items()),
               flush=True)
-    return result | {"round_trip_ms": rt, "client_paging_ms": paging, "budget_ms": budget,
+    return result | {"round_trip_ms": rt, "naive_round_trip_ms": naive,
+                     "client_paging_ms": paging, "budget_ms": budget,
                      "pss_mb": max(got["pss"])[0] if got["pss"] else None,
                      "handshake_ms": round(1000 * got["handshake"]),
                      "first_voice_ms": round(1000 * got["first_voice"])}
 
 
-def bench_browser(pcm: np.ndarray, env: dict) -> dict:
+def bench_browser(pcm: np.ndarray, env: dict, silent_steps: int) -> dict:
     server = start_server(
         [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--no-browser", "--port", "0",
          "--seed", "1234"], env)
@@ -229,7 +242,8 @@ def bench_browser(pcm: np.ndarray, env: dict) -> dict:
             if "ready" in line:
                 break
         assert port, "the server did not start"
-        got = asyncio.run(browser_conversation(port, pcm, server.pid))
+        # a fresh conversation: no voice while the codebook delay fills
+        got = asyncio.run(browser_conversation(port, pcm, server.pid, silent_steps))
         return browser_report("browser (local_web, Opus)", pcm, got)
     finally:
         stop_server(server)
@@ -263,7 +277,9 @@ def bench_reference(pcm: np.ndarray, python: str, files, env: dict) -> dict:
                 assert server.poll() is None, "Kyutai's server ended"
                 assert time.monotonic() < deadline, "Kyutai's server did not start"
                 time.sleep(0.5)
-        got = asyncio.run(browser_conversation(port, pcm, server.pid))
+        # its generator steps 4 times at warm-up and is never reset: the delay is already
+        # filled when a connection starts, and its first step already gives voice
+        got = asyncio.run(browser_conversation(port, pcm, server.pid, silent_steps=0))
         return browser_report("reference (Kyutai's moshi_mlx 0.3.0 local_web, Opus)", pcm, got)
     finally:
         stop_server(server)
@@ -368,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     if "browser" in args.apps:
         for _ in range(args.runs):
-            results.append(bench_browser(pcm, dict(os.environ)))
+            results.append(bench_browser(pcm, dict(os.environ), files.lm_config.max_delay))
             if args.reference:
                 results.append(bench_reference(pcm, args.reference, files, dict(os.environ)))
     if "terminal" in args.apps:

@@ -12,6 +12,7 @@ import numpy as np
 from .mimi_process import LOAD_SECONDS, REPLY_SECONDS, MimiError, MimiProcess
 
 POSITIONS_PER_FRAME = 2  # Mimi's transformers run at 25 Hz
+SPARE_LEAD_FRAMES = 250  # the next process loads 20 s before it can be needed (a load: ~0.5 s)
 QUIET_RMS = 3e-3  # about -50 dBFS
 
 
@@ -30,9 +31,9 @@ class Mimi:
     engine and the serial loop restart at the same frames:
     - the encoder at the first quiet input frame in the last quarter of the span, the decoder
       after the first quiet output frame there, or either at the span's end if the audio never
-      pauses. The next process is loaded from half of the span on, so a restart only swaps
-      processes; the old one ends once both directions have left it. At most two processes
-      exist at any time: the one in use and the next.
+      pauses. The next process is loaded 20 s before that quarter (from half of the span on, for
+      short spans), so a restart only swaps processes; the old one ends once both directions have
+      left it. At most two processes exist at any time: the one in use and the next.
     - between streams: `prepare_next()` (when a stream ends) ends the used process and loads
       the next stream's in the background, and `reset()` takes it: every stream starts as on a
       fresh start.
@@ -49,8 +50,9 @@ class Mimi:
         self.max_seq_len = max_seq_len
         self.directions = ("encode", "decode") if decoder else ("encode",)
         self.max_frames = max_seq_len // POSITIONS_PER_FRAME
-        self.prepare_after = self.max_frames // 2
         self.quiet_restart_after = self.max_frames * 3 // 4
+        self.prepare_after = max(self.max_frames // 2,
+                                 self.quiet_restart_after - SPARE_LEAD_FRAMES)
         self.restarts = 0
         self._work_seconds = dict.fromkeys(self.directions, 0.0)
         self._lock = threading.Lock()  # the processes and each direction's generation
