@@ -163,12 +163,23 @@ def test_terminal_a_mimi_that_hangs_or_dies_ends_with_one_error_line(pulse, demo
 CTRL_C_SECONDS = 2.0
 
 
-def interrupt(app: subprocess.Popen) -> float:
-    """Ctrl-C; -> seconds until the app exited."""
-    app.send_signal(signal.SIGINT)
-    start = time.monotonic()
-    app.wait(timeout=30)
-    return time.monotonic() - start
+def interrupt_and_check(app: subprocess.Popen, lines, log: list[str], code: int) -> None:
+    """Ctrl-C: the app exits with `code` within CTRL_C_SECONDS, with no traceback from any of
+    its processes and no Mimi process left behind."""
+    mimis = mimi_pids(app.pid)
+    try:
+        app.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        app.wait(timeout=30)
+        seconds = time.monotonic() - start
+    finally:
+        app.kill()
+    out = finish(app, lines, log)
+    assert "Traceback" not in out and "Error" not in out, out
+    assert app.returncode == code, out
+    assert seconds < CTRL_C_SECONDS, out
+    time.sleep(0.5)  # a kill takes effect
+    assert not any(alive(p) for p in mimis), "a Mimi process outlived the app"
 
 
 @pytest.mark.parametrize("when", ["loading", "talking"])
@@ -179,18 +190,12 @@ def test_terminal_ctrl_c_in_each_state(pulse, demo_env, when):
     lines, log = lines_of(app.stderr), []
     try:
         wait_lines(lines, log, "seed|loading" if when == "loading" else "listening")
-        if when == "talking":
-            time.sleep(2)
-        mimis = mimi_pids(app.pid)
-        seconds = interrupt(app)
-    finally:
+    except BaseException:
         app.kill()
-    out = finish(app, lines, log)
-    assert "Traceback" not in out, out
-    assert app.returncode in ((0,) if when == "talking" else (130,)), out
-    assert seconds < CTRL_C_SECONDS, out
-    time.sleep(0.5)
-    assert not any(alive(p) for p in mimis), "a Mimi process outlived the app"
+        raise
+    if when == "talking":
+        time.sleep(2)
+    interrupt_and_check(app, lines, log, 0 if when == "talking" else 130)
 
 
 @pytest.mark.parametrize("when", ["loading", "talking", "after a conversation"])
@@ -203,22 +208,16 @@ def test_browser_ctrl_c_in_each_state(demo_cache, speech, when):
     lines, log = lines_of(app.stderr), []
     try:
         wait_lines(lines, log, "loading the model" if when == "loading" else "Moshi is ready")
-        if when != "loading":
-            url = re.search(r"Moshi is ready: https?://(\S+)/", "".join(log)).group(1)
-            client = threading.Thread(
-                target=lambda: asyncio.run(converse(url, speech[: 4 * RATE])), daemon=True)
-            client.start()
-            if when == "talking":
-                time.sleep(2)
-            else:
-                client.join(60)
-        mimis = mimi_pids(app.pid)
-        seconds = interrupt(app)
-    finally:
+    except BaseException:
         app.kill()
-    out = finish(app, lines, log)
-    assert "Traceback" not in out and "Error" not in out, out
-    assert app.returncode == 0, out
-    assert seconds < CTRL_C_SECONDS, out
-    time.sleep(0.5)
-    assert not any(alive(p) for p in mimis), "a Mimi process outlived the server"
+        raise
+    if when != "loading":
+        url = re.search(r"Moshi is ready: https?://(\S+)/", "".join(log)).group(1)
+        client = threading.Thread(
+            target=lambda: asyncio.run(converse(url, speech[: 4 * RATE])), daemon=True)
+        client.start()
+        if when == "talking":
+            time.sleep(2)
+        else:
+            client.join(60)
+    interrupt_and_check(app, lines, log, 0)
