@@ -1,5 +1,5 @@
 """Kyutai's other models live: Hibiki (with guidance) and an STT model through the live engine,
-against their serial loop (`families.FamilyStream`), on generated demo repositories."""
+against their serial loop (`Conversation.step`), on generated demo repositories."""
 
 import json
 
@@ -9,6 +9,7 @@ import pytest
 
 from moshi_mlx import families, model_files, models, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
+from moshi_mlx.engine.conversation import Conversation
 from moshi_mlx.engine.pipeline import LiveEngine
 from moshi_mlx.engine.worker import ModelWorker
 from weights_tools.make_demo import build_demo_repo
@@ -42,10 +43,11 @@ def test_the_live_engine_runs_them_as_their_serial_loop(family):
 
     def serial():
         model = worker.conversation.gen.model
-        stream = families.FamilyStream(model, worker.conversation.text_tokenizer,
-                                       worker.files.mimi_weight, *SAMPLERS, cfg_coef)
+        conversation = Conversation(model, worker.conversation.text_tokenizer,
+                                    worker.files.mimi_weight, *SAMPLERS, cfg_coef=cfg_coef,
+                                    condition=families.conversation_condition(model, cfg_coef))
         mx.random.seed(SEED)
-        return [stream.step(f) for f in pcm]
+        return [conversation.step(f) for f in pcm]
 
     reference = worker.submit(serial).result()
     conversation = worker.submit(worker.new_conversation, *SAMPLERS, SEED).result()
@@ -58,9 +60,9 @@ def test_the_live_engine_runs_them_as_their_serial_loop(family):
     engine.stop()
     assert [f.token for f in done] == [r.token for r in reference]
     for f, r in zip(done, reference):
-        if r.pcm is None:
+        if r.voice is None:
             assert f.voice is None
         else:
-            np.testing.assert_array_equal(f.voice, r.pcm)
+            np.testing.assert_array_equal(f.voice, r.voice)
     voices = sum(f.voice is not None for f in done)
     assert voices == (0 if kind == "stt" else len(pcm) - conversation.max_delay)
