@@ -8,7 +8,11 @@ The family comes from config.json: `model_type` when given, else text-only model
 are STT and conditioned ones Hibiki.
 """
 
-from . import models
+from pathlib import Path
+
+import sentencepiece
+
+from . import models, utils
 from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from .engine.conversation import Conversation
 from .engine.offline import Plan
@@ -70,6 +74,15 @@ def conversation_condition(model: models.Lm, cfg_coef: float) -> ConditionTensor
     """The condition a model's conversations step with (Hibiki's; none for the others)."""
     check_cfg_coef(model.cfg, cfg_coef)
     return hibiki_condition(model, cfg_coef) if model_kind(model.cfg) == "hibiki" else None
+
+
+def conversation(model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
+                 mimi_weight: str | Path, text_sampler: utils.Sampler,
+                 audio_sampler: utils.Sampler, cfg_coef: float = 1.0) -> Conversation:
+    """A conversation with `model`, conditioned as its family needs (Hibiki, with guidance when
+    `cfg_coef` is not 1)."""
+    return Conversation(model, text_tokenizer, mimi_weight, text_sampler, audio_sampler,
+                        cfg_coef=cfg_coef, condition=conversation_condition(model, cfg_coef))
 
 
 def offline_plan(conversation: Conversation) -> Plan:

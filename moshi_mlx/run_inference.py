@@ -133,9 +133,8 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer, cfg = model_files.load_model(files)
     seed = cli.choose_seed(args.seed)
     mx.random.seed(seed)  # this loop runs the model on this thread
-    conversation = Conversation(model, tokenizer, files.mimi_weight, text_sampler, audio_sampler,
-                                cfg_coef=args.cfg_coef,
-                                condition=families.conversation_condition(model, args.cfg_coef))
+    conversation = families.conversation(model, tokenizer, files.mimi_weight, text_sampler,
+                                         audio_sampler, args.cfg_coef)
     out, transcript, timing = stream(pcm, conversation, families.offline_plan(conversation))
     report = {
         "input": str(args.input),

@@ -17,7 +17,6 @@ from test_model_files import FakeHub
 from moshi_mlx import families, model_files, models, run_inference, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
 from moshi_mlx.engine import offline
-from moshi_mlx.engine.conversation import Conversation
 from weights_tools.make_demo import build_demo_repo
 from weights_tools.mimi_layout import MIMI_FILE
 
@@ -77,6 +76,16 @@ def test_config_json_names_the_family(repos):
         json.loads((p / "config.json").read_text()))) for k, p in repos.items()}
     assert kinds == {"hibiki": "hibiki", "stt": "stt"}
     assert families.model_kind(models.config_v0_1()) == "moshi"
+
+
+def test_guidance_is_for_hibiki_only(repos):
+    cfgs = {k: models.LmConfig.from_config_dict(json.loads((p / "config.json").read_text()))
+            for k, p in repos.items()}
+    families.check_cfg_coef(cfgs["hibiki"], 3.0)
+    for cfg in (models.config_v0_1(), cfgs["stt"]):
+        families.check_cfg_coef(cfg, 1.0)
+        with pytest.raises(families.FamilyError, match="--cfg-coef needs a conditioned model"):
+            families.check_cfg_coef(cfg, 3.0)
 
 
 def test_stt_transcribes_with_word_times(hub, speech, tmp_path, capsys):
@@ -190,9 +199,8 @@ def test_hibiki_stops_when_its_text_ends(repos, monkeypatch):
     pcm = np.random.default_rng(1).normal(0, 0.1, 6 * FRAME_SIZE).astype(np.float32)
 
     def run_once() -> list[int]:
-        conversation = Conversation(model, tokenizer, files.mimi_weight, greedy, greedy,
-                                    cfg_coef=3.0,
-                                    condition=families.conversation_condition(model, 3.0))
+        conversation = families.conversation(model, tokenizer, files.mimi_weight, greedy, greedy,
+                                             3.0)
         result = offline.run(conversation, pcm, families.offline_plan(conversation))
         return [f.token for f in result.frames]
 

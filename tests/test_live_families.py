@@ -1,5 +1,6 @@
 """Kyutai's other models live: Hibiki (with guidance) and an STT model through the live engine,
-against their serial loop (`Conversation.step`), on generated demo repositories."""
+against their serial loop (`Conversation.step`, as `families.conversation` makes it), on
+generated demo repositories."""
 
 import json
 
@@ -9,7 +10,6 @@ import pytest
 
 from moshi_mlx import families, model_files, models, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
-from moshi_mlx.engine.conversation import Conversation
 from moshi_mlx.engine.pipeline import LiveEngine
 from moshi_mlx.engine.worker import ModelWorker
 from weights_tools.make_demo import build_demo_repo
@@ -43,9 +43,8 @@ def test_the_live_engine_runs_them_as_their_serial_loop(family):
 
     def serial():
         model = worker.conversation.gen.model
-        conversation = Conversation(model, worker.conversation.text_tokenizer,
-                                    worker.files.mimi_weight, *SAMPLERS, cfg_coef=cfg_coef,
-                                    condition=families.conversation_condition(model, cfg_coef))
+        conversation = families.conversation(model, worker.conversation.text_tokenizer,
+                                             worker.files.mimi_weight, *SAMPLERS, cfg_coef)
         mx.random.seed(SEED)
         return [conversation.step(f) for f in pcm]
 
