@@ -1,22 +1,21 @@
-"""Kyutai's model families besides Moshi, streamed over an input, one 80 ms frame per step:
-Hibiki translates speech (its own voice and text), the STT models transcribe it (text with word
-times). The loop is Moshi's (Mimi encode -> `LmGen` step -> Mimi decode) plus what each family
-needs, as Kyutai's PyTorch `run_inference` does it: Hibiki's `description` condition, guidance
-and end-of-input token; STT's silence padding from `stt_config`.
+"""Kyutai's model families: Moshi converses, Hibiki translates speech (its own voice and text),
+the STT models transcribe it (text with word times). All run Moshi's loop (Mimi encode -> `LmGen`
+step -> Mimi decode: `engine.conversation`) with what each family needs, as Kyutai's PyTorch
+`run_inference` does it: Hibiki's `description` condition, guidance and end-of-input token; STT's
+silence padding from `stt_config` (the offline loop's `Plan`).
 
 The family comes from config.json: `model_type` when given, else text-only models (`dep_q` 0)
 are STT and conditioned ones Hibiki.
 """
 
-from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import sentencepiece
 
 from . import models, utils
 from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from .engine.conversation import Conversation
-from .engine.text import Transcript
+from .engine.offline import Plan
 from .models.conditioner import ConditionTensor
 
 KINDS = ("moshi", "hibiki", "stt")
@@ -65,99 +64,35 @@ def stt_offset_seconds(cfg: models.LmConfig) -> float:
     return stt.get("audio_silence_prefix_seconds", 0.0) + stt.get("audio_delay_seconds", 0.0)
 
 
-@dataclass
-class StepOutput:
-    token: int
-    text: str | None  # the token's text, None for padding
-    pcm: np.ndarray | None  # the model's voice for one frame, None for STT or while delays fill
+def check_cfg_coef(cfg: models.LmConfig, cfg_coef: float) -> None:
+    """Guidance (`cfg_coef` other than 1) is for conditioned models: Hibiki."""
+    if cfg_coef != 1 and (model_kind(cfg) != "hibiki" or not cfg.conditioners):
+        raise FamilyError("--cfg-coef needs a conditioned model (Hibiki); this one has none")
 
 
 def conversation_condition(model: models.Lm, cfg_coef: float) -> ConditionTensor | None:
     """The condition a model's conversations step with (Hibiki's; none for the others)."""
-    if cfg_coef != 1 and not model.cfg.conditioners:
-        raise FamilyError("--cfg-coef needs a conditioned model (Hibiki); this one has none")
+    check_cfg_coef(model.cfg, cfg_coef)
     return hibiki_condition(model, cfg_coef) if model_kind(model.cfg) == "hibiki" else None
 
 
-class FamilyStream:
-    """One pass of a Hibiki or STT model: `step(pcm)` per input frame, then for Hibiki
-    `end_of_input()` and `step(None)` (silence) until `done`."""
-
-    def __init__(self, model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
-                 mimi_weight, text_sampler: utils.Sampler, audio_sampler: utils.Sampler,
-                 cfg_coef: float = 1.0):
-        self.cfg = model.cfg
-        self.kind = model_kind(self.cfg)
-        self.text_tokenizer = text_tokenizer
-        self.conversation = Conversation(model, text_tokenizer, mimi_weight, text_sampler,
-                                         audio_sampler, cfg_coef=cfg_coef,
-                                         condition=conversation_condition(model, cfg_coef))
-        self.done = False  # Hibiki ended its text after the end of the input
-
-    def _step(self, codes: np.ndarray) -> StepOutput:
-        token, text, moshi_codes = self.conversation.moshi_step(codes)
-        if token == self.text_tokenizer.eos_id():
-            self.done = True
-        pcm = None if moshi_codes is None else self.conversation.decode(moshi_codes)
-        return StepOutput(token, text, pcm)
-
-    def step(self, pcm: np.ndarray | None) -> StepOutput:
-        """pcm: the next input frame, float32 [FRAME_SIZE] at 24 kHz; None for silence."""
-        if pcm is None:
-            pcm = np.zeros(FRAME_SIZE, np.float32)
-        return self._step(self.conversation.encode(pcm))
-
-    @property
-    def mimi_restarts(self) -> int:
-        return self.conversation.mimi_restarts
-
-    def end_of_input(self) -> StepOutput:
-        """Hibiki's end-of-input frame: every input codebook set to `card`."""
-        self.done = False  # an end of text before the end of the input does not count
-        return self._step(self.conversation.end_of_input_codes())
+def conversation(model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
+                 mimi_weight: str | Path, text_sampler: utils.Sampler,
+                 audio_sampler: utils.Sampler, cfg_coef: float = 1.0) -> Conversation:
+    """A conversation with `model`, conditioned as its family needs (Hibiki, with guidance when
+    `cfg_coef` is not 1)."""
+    return Conversation(model, text_tokenizer, mimi_weight, text_sampler, audio_sampler,
+                        cfg_coef=cfg_coef, condition=conversation_condition(model, cfg_coef))
 
 
-@dataclass
-class Result:
-    pcm: np.ndarray | None  # Hibiki's voice, float32 at 24 kHz; None for STT
-    transcript: Transcript
-    steps: int
-
-
-def run(stream: FamilyStream, pcm: np.ndarray, on_text=lambda piece: None,
-        on_step=lambda: None) -> Result:
-    """Streams `pcm` (float32 at 24 kHz) through `stream`: STT with its padding, its words
-    timed in the input's seconds; Hibiki until its text ends (or the tail's limit), its voice
-    from the first step to the last."""
-    transcript = Transcript(FRAME_RATE)
-    voice, steps = [], 0
-
-    def take(out: StepOutput):
-        nonlocal steps
-        if out.text is not None:
-            transcript.add(out.text, steps)
-            on_text(out.text)
-        if out.pcm is not None:
-            voice.append(out.pcm)
-        steps += 1
-        on_step()
-
-    if stream.kind == "stt":
-        before, after = stt_padding(stream.cfg)
-        pcm = np.concatenate([np.zeros(before, np.float32), pcm, np.zeros(after, np.float32)])
-    frames = -(-len(pcm) // FRAME_SIZE)
-    padded = np.zeros(frames * FRAME_SIZE, np.float32)
-    padded[: len(pcm)] = pcm
-    for f in range(frames):
-        take(stream.step(padded[f * FRAME_SIZE:(f + 1) * FRAME_SIZE]))
-    if stream.kind == "hibiki":
-        take(stream.end_of_input())
-        for _ in range(int(TRANSLATION_TAIL_SECONDS * FRAME_RATE)):
-            if stream.done:
-                break
-            take(stream.step(None))
-    else:
-        offset = stt_offset_seconds(stream.cfg)
-        for word in transcript.words:
-            word.time = max(0.0, round(word.time - offset, 3))
-    return Result(np.concatenate(voice) if voice else None, transcript, steps)
+def offline_plan(conversation: Conversation) -> Plan:
+    """How `run_inference` streams an input through each family: Moshi gets silence while its
+    codebook delays fill, and answers for as long as the input; Hibiki the end-of-input frame,
+    then silence until its text ends; STT its silence before and after."""
+    kind = model_kind(conversation.cfg)
+    if kind == "moshi":
+        return Plan(after=conversation.max_delay * FRAME_SIZE, trim=True)
+    if kind == "hibiki":
+        return Plan(end_of_input=True, tail_steps=int(TRANSLATION_TAIL_SECONDS * FRAME_RATE))
+    before, after = stt_padding(conversation.cfg)
+    return Plan(before=before, after=after, time_offset=stt_offset_seconds(conversation.cfg))

@@ -18,7 +18,6 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from math import ceil
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cli, families, model_files
-from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from .audio.constants import SAMPLE_RATE
 from .audio.wav import WavWriter, check_writable, read_wav
+from .engine import offline
 from .engine.conversation import Conversation
 from .engine.text import Transcript
 from .utils.files import atomic_write
@@ -86,36 +86,24 @@ class Timing:
     real_time_factor: float  # processing seconds per second of audio: below 1 is faster
 
 
-def stream(pcm: np.ndarray, conversation: Conversation) -> tuple[np.ndarray, Transcript, Timing]:
-    """Streams pcm (float32 [samples] at 24 kHz) through Mimi and Moshi, one frame per step.
-
-    Moshi's audio for frame f is complete `max_delay` steps after step f, so silence is fed for
-    that many extra steps; the output has exactly the input's number of samples.
-    """
-    frames = ceil(len(pcm) / FRAME_SIZE)
-    steps = frames + conversation.max_delay
-    padded = np.zeros(steps * FRAME_SIZE, dtype=np.float32)
-    padded[: len(pcm)] = pcm
-    transcript = Transcript(FRAME_RATE)
-    out = []
+def stream(pcm: np.ndarray, conversation: Conversation, plan: offline.Plan
+           ) -> tuple[np.ndarray | None, Transcript, Timing]:
+    """Streams pcm (float32 [samples] at 24 kHz) through the conversation as its family's `plan`
+    says (`engine.offline`), printing the text as it comes, with a progress bar for a long input.
+    -> (the model's voice, None for STT; the transcript; the figures)."""
     show_bar = len(pcm) / SAMPLE_RATE > PROGRESS_MIN_SECONDS
-    with tqdm(total=steps, unit="step", disable=None if show_bar else True,
+    total = None if plan.tail_steps else plan.steps(len(pcm))
+    with tqdm(total=total, unit="step", disable=None if show_bar else True,
               file=sys.stderr) as bar:
         printer = TextPrinter(bar)
         start = time.perf_counter()
-        for step in range(steps):
-            frame = conversation.step(padded[step * FRAME_SIZE:(step + 1) * FRAME_SIZE])
-            if frame.text is not None and step < frames:
-                transcript.add(frame.text, step)
-                printer.add(frame.text)
-            if frame.pcm is not None:
-                out.append(frame.pcm)
-            bar.update()
+        result = offline.run(conversation, pcm, plan, on_text=printer.add,
+                             on_frame=lambda frame: bar.update())
         seconds = time.perf_counter() - start
         printer.finish()
-    audio_seconds = len(pcm) / SAMPLE_RATE
+    steps, audio_seconds = len(result.frames), len(pcm) / SAMPLE_RATE
     timing = Timing(steps, seconds, audio_seconds, steps / seconds, seconds / audio_seconds)
-    return np.concatenate(out)[: len(pcm)], transcript, timing
+    return result.voice, result.transcript, timing
 
 
 def write_outputs(args: argparse.Namespace, pcm: np.ndarray | None, report: dict) -> None:
@@ -140,23 +128,14 @@ def run(args: argparse.Namespace) -> None:
     kind = families.model_kind(files.lm_config)
     if kind != "stt" and not args.output:
         raise families.FamilyError(f"this model ({kind}) speaks: give an OUTPUT wav")
-    if kind == "moshi" and args.cfg_coef != 1:
-        raise families.FamilyError("--cfg-coef needs a conditioned model (Hibiki); "
-                                   "this one has none")
+    families.check_cfg_coef(files.lm_config, args.cfg_coef)
     text_sampler, audio_sampler = cli.make_samplers(args, files.lm_config)
     model, tokenizer, cfg = model_files.load_model(files)
     seed = cli.choose_seed(args.seed)
     mx.random.seed(seed)  # this loop runs the model on this thread
-    if kind == "moshi":
-        conversation = Conversation(model, tokenizer, files.mimi_weight, text_sampler,
-                                    audio_sampler)
-        out, transcript, timing = stream(pcm, conversation)
-        mimi_restarts = conversation.mimi_restarts
-    else:
-        family = families.FamilyStream(model, tokenizer, files.mimi_weight, text_sampler,
-                                       audio_sampler, args.cfg_coef)
-        out, transcript, timing = stream_family(pcm, family)
-        mimi_restarts = family.mimi_restarts
+    conversation = families.conversation(model, tokenizer, files.mimi_weight, text_sampler,
+                                         audio_sampler, args.cfg_coef)
+    out, transcript, timing = stream(pcm, conversation, families.offline_plan(conversation))
     report = {
         "input": str(args.input),
         "output": str(args.output) if args.output else None,
@@ -164,7 +143,7 @@ def run(args: argparse.Namespace) -> None:
         "text": transcript.text,
         "words": [asdict(w) for w in transcript.words],
         "timing": asdict(timing),
-        "mimi_restarts": mimi_restarts,
+        "mimi_restarts": conversation.mimi_restarts,
         "moshi_weight": str(files.moshi_weight),
     }
     if kind != "moshi":
@@ -176,23 +155,6 @@ def run(args: argparse.Namespace) -> None:
         log.info("wrote %s: %.2f s; %s", args.output, len(out) / SAMPLE_RATE, figures)
     else:
         log.info("%s", figures)
-
-
-def stream_family(pcm: np.ndarray, family: families.FamilyStream
-                  ) -> tuple[np.ndarray | None, Transcript, Timing]:
-    """`stream` for Hibiki and STT models (`families.run`), with the same printing and figures.
-    STT word times are in the input's seconds (the model's text delay removed)."""
-    show_bar = len(pcm) / SAMPLE_RATE > PROGRESS_MIN_SECONDS
-    with tqdm(unit="step", disable=None if show_bar else True, file=sys.stderr) as bar:
-        printer = TextPrinter(bar)
-        start = time.perf_counter()
-        result = families.run(family, pcm, on_text=printer.add, on_step=bar.update)
-        seconds = time.perf_counter() - start
-        printer.finish()
-    audio_seconds = len(pcm) / SAMPLE_RATE
-    timing = Timing(result.steps, seconds, audio_seconds, result.steps / seconds,
-                    seconds / audio_seconds)
-    return result.pcm, result.transcript, timing
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,14 +31,14 @@ def test_frames_in_voice_out(demo):
     frames = (0.1 * rng.standard_normal((6, FRAME_SIZE))).astype(np.float32)
     conv, out = talk(demo, frames)
     assert conv.max_delay == 1
-    assert out[0].pcm is None
+    assert out[0].voice is None
     for o in out[1:]:
-        assert o.pcm.shape == (FRAME_SIZE,) and o.pcm.dtype == np.float32
-        assert np.isfinite(o.pcm).all()
+        assert o.voice.shape == (FRAME_SIZE,) and o.voice.dtype == np.float32
+        assert np.isfinite(o.voice).all()
     assert all(isinstance(o.token, int) for o in out)
     _, again = talk(demo, frames)
     assert [o.token for o in out] == [o.token for o in again]
-    np.testing.assert_array_equal(out[-1].pcm, again[-1].pcm)
+    np.testing.assert_array_equal(out[-1].voice, again[-1].voice)
 
 
 def test_frame_size_is_checked(demo):
@@ -47,17 +47,20 @@ def test_frame_size_is_checked(demo):
         conv.step(np.zeros(100, np.float32))
 
 
-def test_listen_then_speak_is_step(demo):
-    """The two halves give the text first, then the same voice as `step`."""
+def test_the_three_parts_chained_are_step(demo):
+    """Mimi's encoding, Moshi's step then Mimi's decoding give the text, then the same voice as
+    `step`."""
     rng = np.random.default_rng(1)
     frames = (0.1 * rng.standard_normal((4, FRAME_SIZE))).astype(np.float32)
     _, whole = talk(demo, frames)
+    assert [f.index for f in whole] == [0, 1, 2, 3]
     conv, _ = talk(demo, [])
     for frame, expected in zip(frames, whole):
-        token, text = conv.listen(frame)
+        codes = conv.encode(frame)
+        np.testing.assert_array_equal(codes, expected.codes)
+        token, text, moshi_codes = conv.moshi_step(codes)
         assert (token, text) == (expected.token, expected.text)
-        voice = conv.speak()
-        if expected.pcm is None:
-            assert voice is None
+        if expected.voice is None:
+            assert moshi_codes is None
         else:
-            np.testing.assert_array_equal(voice, expected.pcm)
+            np.testing.assert_array_equal(conv.decode(moshi_codes), expected.voice)

@@ -190,9 +190,9 @@ def test_the_pipeline_gives_exactly_what_the_serial_loop_gives(worker, mimi_max_
     assert engine.counters.skipped == 0 and len(done) == len(reference) == 40
     assert [f.token for f in done] == [r.token for r in reference]
     assert [f.text for f in done] == [r.text for r in reference]
-    assert done[0].voice is None and reference[0].pcm is None
+    assert done[0].voice is None and reference[0].voice is None
     for f, r in zip(done[1:], reference[1:]):
-        np.testing.assert_array_equal(f.voice, r.pcm)
+        np.testing.assert_array_equal(f.voice, r.voice)
     assert threads == {"moshi-model"}  # every MLX call of the steps on the model's thread
     assert len({r.token for r in reference}) > 1  # a conversation, not a constant
     assert (engine.conversation.mimi_restarts - restarts > 2) == (mimi_max_seq_len == 24)
@@ -218,7 +218,7 @@ def test_the_browser_path_gives_exactly_what_the_serial_loop_gives(worker):
     assert [f.token for f in done] == [r.token for r in reference]
     assert done[0].payload is None
     for f, r in zip(done[1:], reference[1:]):
-        assert f.payload == codec.encode(r.pcm)
+        assert f.payload == codec.encode(r.voice)
 
 
 def test_a_new_conversation_starts_as_on_a_fresh_start_without_recompiling(worker):
@@ -239,6 +239,6 @@ def test_a_new_conversation_starts_as_on_a_fresh_start_without_recompiling(worke
     second = talk()
     assert [o.token for o in second] == [o.token for o in first]
     for a, b in zip(first[1:], second[1:]):
-        np.testing.assert_array_equal(a.pcm, b.pcm)
+        np.testing.assert_array_equal(a.voice, b.voice)
     assert worker.conversation.gen._compiled == compiled
     assert worker.conversation.gen.model is model

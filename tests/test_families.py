@@ -16,6 +16,7 @@ from test_model_files import FakeHub
 
 from moshi_mlx import families, model_files, models, run_inference, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
+from moshi_mlx.engine import offline
 from weights_tools.make_demo import build_demo_repo
 from weights_tools.mimi_layout import MIMI_FILE
 
@@ -75,6 +76,16 @@ def test_config_json_names_the_family(repos):
         json.loads((p / "config.json").read_text()))) for k, p in repos.items()}
     assert kinds == {"hibiki": "hibiki", "stt": "stt"}
     assert families.model_kind(models.config_v0_1()) == "moshi"
+
+
+def test_guidance_is_for_hibiki_only(repos):
+    cfgs = {k: models.LmConfig.from_config_dict(json.loads((p / "config.json").read_text()))
+            for k, p in repos.items()}
+    families.check_cfg_coef(cfgs["hibiki"], 3.0)
+    for cfg in (models.config_v0_1(), cfgs["stt"]):
+        families.check_cfg_coef(cfg, 1.0)
+        with pytest.raises(families.FamilyError, match="--cfg-coef needs a conditioned model"):
+            families.check_cfg_coef(cfg, 3.0)
 
 
 def test_stt_transcribes_with_word_times(hub, speech, tmp_path, capsys):
@@ -148,10 +159,12 @@ def test_hibiki_translates_with_guidance(hub, speech, tmp_path, monkeypatch, cap
     (["--hf-repo", "kyutai/stt-demo", "--cfg-coef", "3"], "--cfg-coef needs a conditioned"),
     (["--hf-repo", "kyutai/hibiki-demo"], "give an OUTPUT wav"),
 ])
-def test_family_misuse_is_one_clear_line(hub, speech, capsys, argv, message):
+def test_family_misuse_is_one_clear_line_before_loading(hub, speech, capsys, argv, message):
     assert run_inference.main([str(speech), *argv]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and message in err
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert "loading" not in err
 
 
 def test_cfg_coef_must_be_positive(capsys):
@@ -185,24 +198,16 @@ def test_hibiki_stops_when_its_text_ends(repos, monkeypatch):
     greedy = utils.Sampler(temp=0)
     pcm = np.random.default_rng(1).normal(0, 0.1, 6 * FRAME_SIZE).astype(np.float32)
 
-    def run_once():
-        tokens = []
-        stream = families.FamilyStream(model, tokenizer, files.mimi_weight, greedy, greedy, 3.0)
-        step = stream._step
-
-        def record(codes):
-            out = step(codes)
-            tokens.append(out.token)
-            return out
-
-        monkeypatch.setattr(stream, "_step", record)
-        return families.run(stream, pcm), tokens
+    def run_once() -> list[int]:
+        conversation = families.conversation(model, tokenizer, files.mimi_weight, greedy, greedy,
+                                             3.0)
+        result = offline.run(conversation, pcm, families.offline_plan(conversation))
+        return [f.token for f in result.frames]
 
     monkeypatch.setattr(families, "TRANSLATION_TAIL_SECONDS", 1.0)
-    full, tokens = run_once()
-    assert full.steps == len(tokens) == 6 + 1 + 12
+    tokens = run_once()
+    assert len(tokens) == 6 + 1 + 12
     eos = tokens[6 + 1 + 2]  # the token of the third silent step after the end-of-input frame
     first = tokens.index(eos, 6)  # where it first comes after the input
     monkeypatch.setattr(tokenizer, "eos_id", lambda: eos)
-    stopped, _ = run_once()
-    assert stopped.steps == first + 1
+    assert run_once() == tokens[:first + 1]

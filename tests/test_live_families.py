@@ -1,5 +1,6 @@
 """Kyutai's other models live: Hibiki (with guidance) and an STT model through the live engine,
-against their serial loop (`families.FamilyStream`), on generated demo repositories."""
+against their serial loop (`Conversation.step`, as `families.conversation` makes it), on
+generated demo repositories."""
 
 import json
 
@@ -42,10 +43,10 @@ def test_the_live_engine_runs_them_as_their_serial_loop(family):
 
     def serial():
         model = worker.conversation.gen.model
-        stream = families.FamilyStream(model, worker.conversation.text_tokenizer,
-                                       worker.files.mimi_weight, *SAMPLERS, cfg_coef)
+        conversation = families.conversation(model, worker.conversation.text_tokenizer,
+                                             worker.files.mimi_weight, *SAMPLERS, cfg_coef)
         mx.random.seed(SEED)
-        return [stream.step(f) for f in pcm]
+        return [conversation.step(f) for f in pcm]
 
     reference = worker.submit(serial).result()
     conversation = worker.submit(worker.new_conversation, *SAMPLERS, SEED).result()
@@ -58,9 +59,9 @@ def test_the_live_engine_runs_them_as_their_serial_loop(family):
     engine.stop()
     assert [f.token for f in done] == [r.token for r in reference]
     for f, r in zip(done, reference):
-        if r.pcm is None:
+        if r.voice is None:
             assert f.voice is None
         else:
-            np.testing.assert_array_equal(f.voice, r.pcm)
+            np.testing.assert_array_equal(f.voice, r.voice)
     voices = sum(f.voice is not None for f in done)
     assert voices == (0 if kind == "stt" else len(pcm) - conversation.max_delay)

@@ -1,10 +1,13 @@
 """A conversation with Moshi, one 80 ms frame at a time, in three parts: Mimi encodes the user's
 frame, Moshi steps (its text token, and the codes of its voice), Mimi decodes Moshi's voice.
-`step` runs them one after the other (the reference, used offline); the live engine
-(`engine.pipeline`) runs the same three parts on three threads."""
+`step` runs them one after the other (the serial reference, used offline: `engine.offline`); the
+live engine (`engine.pipeline`) runs the same three parts on three threads. Both fill in one
+`Frame` record per step."""
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -18,10 +21,23 @@ from .text import token_text
 
 
 @dataclass
-class FrameOutput:
-    token: int  # Moshi's text token of this step
-    text: str | None  # its text ('▁' as a space), None for padding tokens
-    pcm: np.ndarray | None  # Moshi's voice, float32 [FRAME_SIZE] at 24 kHz; None while delays fill
+class Frame:
+    """One 80 ms step of a conversation, as `Conversation.step` or the live engine's stages fill
+    it in (the payload, latencies, marks and Mimi's times only in the live engine)."""
+
+    index: int  # input frames before this one (skipped ones included)
+    arrived: float  # time.perf_counter() when the audio of this frame reached the engine
+    user: np.ndarray  # the user's audio, float32 [FRAME_SIZE] at 24 kHz
+    codes: np.ndarray | None = None  # its Mimi codes
+    token: int | None = None  # Moshi's text token of this step
+    text: str | None = None  # its text, None for padding
+    moshi_codes: np.ndarray | None = None  # Moshi's codes of the frame this step completed
+    voice: np.ndarray | None = None  # Moshi's voice, float32 [FRAME_SIZE]; None while delays fill
+    payload: Any = None  # the voice coded for the app (`encode_output`)
+    text_latency: float | None = None  # seconds from `arrived` to the text
+    voice_latency: float | None = None  # seconds from `arrived` to the voice leaving
+    marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (start, end)
+    mimi_seconds: dict[str, float] = field(default_factory=dict)  # Mimi's own time, by direction
 
 
 class Conversation:
@@ -50,7 +66,6 @@ class Conversation:
         self.mimi.wait_ready()
         self.gen = models.LmGen(model=model, text_sampler=text_sampler,
                                 audio_sampler=audio_sampler, cfg_coef=cfg_coef)
-        self._moshi_codes: np.ndarray | None = None  # of the last step, for `speak`
 
     @property
     def max_delay(self) -> int:
@@ -71,7 +86,6 @@ class Conversation:
         Mimi never used. Seed MLX's generator (`mx.random.seed`) for reproducible sampling."""
         self.gen.reset(text_sampler, audio_sampler)
         self.mimi.reset()
-        self._moshi_codes = None
 
     def prepare_next(self) -> None:
         """The stream has ended: Mimi's next streams are loaded in the background (so that the
@@ -107,16 +121,15 @@ class Conversation:
         """Moshi's codes [dep_q] -> its voice, float32 [FRAME_SIZE] at 24 kHz."""
         return self.mimi.decode(moshi_codes)
 
-    def listen(self, pcm: np.ndarray) -> tuple[int, str | None]:
-        """The first half of `step`: encode and Moshi's step; returns (token, text)."""
-        token, text, self._moshi_codes = self.moshi_step(self.encode(pcm))
-        return token, text
-
-    def speak(self) -> np.ndarray | None:
-        """The second half of `step`: Moshi's voice for the frame completed by the last
-        `listen`, or None while the codebook delays fill."""
-        return None if self._moshi_codes is None else self.decode(self._moshi_codes)
-
-    def step(self, pcm: np.ndarray) -> FrameOutput:
-        token, text = self.listen(pcm)
-        return FrameOutput(token=token, text=text, pcm=self.speak())
+    def step(self, user: np.ndarray, codes: np.ndarray | None = None) -> Frame:
+        """The three parts one after the other, on the model's thread: Mimi encodes `user`
+        (float32 [FRAME_SIZE] at 24 kHz) unless its `codes` are given (Hibiki's end of input),
+        Moshi steps, Mimi decodes Moshi's voice (None while the delays fill, or for a model
+        without voice)."""
+        frame = Frame(self.gen.step_idx, time.perf_counter(), user, codes)
+        if frame.codes is None:
+            frame.codes = self.encode(user)
+        frame.token, frame.text, frame.moshi_codes = self.moshi_step(frame.codes)
+        if frame.moshi_codes is not None:
+            frame.voice = self.decode(frame.moshi_codes)
+        return frame

@@ -28,29 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from .conversation import Conversation
+from .conversation import Conversation, Frame
 from .stages import Pipeline, Stage, Timings
 
 STOP_SECONDS = 3.0  # a stop waits this long for the stages' frames in hand
-
-
-@dataclass
-class Frame:
-    """One 80 ms step of a conversation, as the stages fill it in."""
-
-    index: int  # input frames before this one (skipped ones included)
-    arrived: float  # time.perf_counter() when the audio of this frame reached the engine
-    user: np.ndarray  # the user's audio, float32 [FRAME_SIZE] at 24 kHz
-    codes: np.ndarray | None = None  # its Mimi codes
-    token: int | None = None  # Moshi's text token of this step
-    text: str | None = None  # its text, None for padding
-    moshi_codes: np.ndarray | None = None  # Moshi's codes of the frame this step completed
-    voice: np.ndarray | None = None  # Moshi's voice, float32 [FRAME_SIZE]; None while delays fill
-    payload: Any = None  # the voice coded for the app (`encode_output`)
-    text_latency: float | None = None  # seconds from `arrived` to the text
-    voice_latency: float | None = None  # seconds from `arrived` to the voice leaving
-    marks: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (start, end)
-    mimi_seconds: dict[str, float] = field(default_factory=dict)  # Mimi's own time, by direction
 
 
 # Where a frame's time goes inside the engine, from its arrival to its voice leaving: each stage's
