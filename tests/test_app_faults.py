@@ -19,11 +19,11 @@ from conftest import require_tool
 from virtual_audio import lines_of, local
 
 from benchmarks.chat_client import RATE, Reply, ServerProcess, converse, send_speech
-from moshi_mlx.audio.mimi_process import REPLY_SECONDS
+from moshi_mlx.audio.mimi_process import LIVE_REPLY_SECONDS
 from moshi_mlx.audio.wav import read_wav
 
 ROUTE_APP = {"PULSE_SOURCE": "mic.monitor", "PULSE_SINK": "spk"}
-MESSAGE_SECONDS = REPLY_SECONDS + 0.5  # the deadline, and a frame's worth of slack
+MESSAGE_SECONDS = LIVE_REPLY_SECONDS + 0.5  # the deadline, and a frame's worth of slack
 
 
 def descendants(pid: int) -> list[int]:

@@ -99,16 +99,11 @@ def test_not_a_mimi_file(demo_dir, tmp_path):
         Mimi(tmp_path / "nope.safetensors")
 
 
-@pytest.fixture
-def short_deadlines(monkeypatch):
-    monkeypatch.setattr(mimi_process, "REPLY_SECONDS", 0.5)
-
-
 @pytest.mark.parametrize("sig, message", [
     (signal.SIGSTOP, "stopped answering"), (signal.SIGKILL, "killed by signal 9")])
 def test_a_child_that_hangs_or_dies_is_named_at_its_deadline_and_the_next_stream_works(
-        mimi_path, short_deadlines, sig, message):
-    mimi = Mimi(mimi_path)
+        mimi_path, sig, message):
+    mimi = Mimi(mimi_path, reply_seconds=0.5)
     try:
         first = [mimi.decode(mimi.encode(noise(i))) for i in range(3)]
         (process,) = mimi.processes

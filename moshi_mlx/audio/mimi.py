@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .mimi_process import LOAD_SECONDS, REPLY_SECONDS, MimiError, MimiProcess
+from .mimi_process import LOAD_SECONDS, OFFLINE_REPLY_SECONDS, MimiError, MimiProcess
 
 POSITIONS_PER_FRAME = 2  # Mimi's transformers run at 25 Hz
 SPARE_LEAD_FRAMES = 250  # the next process loads 20 s before it can be needed (a load: ~0.5 s)
@@ -40,7 +40,9 @@ class Mimi:
     """
 
     def __init__(self, path: str | Path, num_codebooks: int = 8, max_seq_len: int = 8192,
-                 decoder: bool = True):
+                 decoder: bool = True, reply_seconds: float = OFFLINE_REPLY_SECONDS):
+        """`reply_seconds`: how long a frame may take before Mimi's process is taken as hung
+        (`mimi_process.LIVE_REPLY_SECONDS` in the live apps)."""
         path = Path(path)
         if not path.is_file():
             raise MimiError(f"{path}: no such file (Mimi's weights). Check the path, or "
@@ -48,6 +50,7 @@ class Mimi:
         self.path = path
         self.num_codebooks = num_codebooks
         self.max_seq_len = max_seq_len
+        self.reply_seconds = reply_seconds
         self.directions = ("encode", "decode") if decoder else ("encode",)
         self.max_frames = max_seq_len // POSITIONS_PER_FRAME
         self.quiet_restart_after = self.max_frames * 3 // 4
@@ -68,7 +71,8 @@ class Mimi:
 
     def _load(self) -> MimiProcess:
         """A Mimi process starting to load."""
-        return MimiProcess(str(self.path), self.num_codebooks, self.max_seq_len)
+        return MimiProcess(str(self.path), self.num_codebooks, self.max_seq_len,
+                           self.reply_seconds)
 
     @property
     def processes(self) -> list[MimiProcess]:
@@ -137,7 +141,8 @@ class Mimi:
             for g in left:  # its process ends on its own once its pipes close
                 threading.Thread(target=self._processes.pop(g).close, daemon=True).start()
         # a next process loaded long ago and still not answering hangs
-        process.wait_ready(max(time.monotonic() + REPLY_SECONDS, process.started + LOAD_SECONDS))
+        process.wait_ready(max(time.monotonic() + self.reply_seconds,
+                               process.started + LOAD_SECONDS))
         return process
 
     def prepare_next(self) -> None:

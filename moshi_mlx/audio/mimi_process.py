@@ -12,9 +12,11 @@ request pipes close (the app closed it, or ended, even abruptly). Each direction
 of pipes, so the encode and decode stages each wait only for their own reply. Messages: a 4-byte
 length, then a kind byte and its data.
 
-Every wait has a deadline: a reply that does not come within `REPLY_SECONDS` means the child hangs
-(stopped, starved, deadlocked): it is killed and `MimiError` says so; a Mimi that does not load
-within `LOAD_SECONDS` likewise.
+Every wait has a deadline: a reply that does not come within the process's `reply_seconds` means
+the child hangs (stopped, starved, deadlocked): it is killed and `MimiError` says so; a Mimi that
+does not load within `LOAD_SECONDS` likewise. Live, the deadline is `LIVE_REPLY_SECONDS`: a Mimi
+that slow cannot hold a conversation, and the user must hear why at once. Offline (wav files,
+tests) nobody waits on a frame, so a loaded machine gets `OFFLINE_REPLY_SECONDS`.
 """
 
 import os
@@ -31,7 +33,8 @@ import numpy as np
 
 from .constants import FRAME_SIZE
 
-REPLY_SECONDS = 1.5  # a Mimi that codes no 80 ms frame in this long cannot hold a conversation
+LIVE_REPLY_SECONDS = 1.5  # a Mimi that codes no 80 ms frame in this long cannot hold a conversation
+OFFLINE_REPLY_SECONDS = 60.0
 LOAD_SECONDS = 60.0  # from the child's start to "loaded" (0.3-0.5 s on an idle machine)
 CLOSE_SECONDS = 1.0  # a closed child that has not exited after this is killed
 POLL_SECONDS = 0.0005  # the child's poll of StreamTokenizer's results (it has no blocking get)
@@ -174,11 +177,13 @@ class _Channel:
 class MimiProcess:
     """Starts loading Mimi in a child process at once. Then `encode_step` and `decode_step`,
     one frame at a time each, the two possibly at the same time from two threads. Each waits
-    for the child for at most `REPLY_SECONDS` (`LOAD_SECONDS` from the start for the load);
+    for the child for at most `reply_seconds` (`LOAD_SECONDS` from the start for the load);
     past that the child is killed and `MimiError` raised."""
 
-    def __init__(self, path: str, num_codebooks: int, max_seq_len: int):
+    def __init__(self, path: str, num_codebooks: int, max_seq_len: int,
+                 reply_seconds: float = OFFLINE_REPLY_SECONDS):
         self.path = path
+        self.reply_seconds = reply_seconds
         pipes = [os.pipe() for _ in range(4)]  # (read end, write end), in the child's order
         child_fds = [pipes[0][0], pipes[1][1], pipes[2][0], pipes[3][1]]
         root = str(Path(__file__).resolve().parents[2])
@@ -248,7 +253,7 @@ class MimiProcess:
             reply = _read(channel.replies, deadline)
         except _Timeout:
             wait = ("load in time" if what == "load"
-                    else f"{what} a frame within {REPLY_SECONDS:g} s")
+                    else f"{what} a frame within {self.reply_seconds:g} s")
             raise self._fail(f"Mimi's process stopped answering (it did not {wait})") from None
         except (EOFError, OSError, ValueError):
             raise self._fail(self._ended_message()) from None
@@ -272,7 +277,7 @@ class MimiProcess:
                 _write(channel.requests, data.tobytes())
             except (OSError, ValueError):
                 raise self._fail(self._ended_message()) from None
-            reply = self._reply(channel, time.monotonic() + REPLY_SECONDS, direction)
+            reply = self._reply(channel, time.monotonic() + self.reply_seconds, direction)
         (self.work_seconds[direction],) = _SECONDS.unpack_from(reply)
         return reply[_SECONDS.size:]
 
@@ -291,7 +296,7 @@ class MimiProcess:
     def close(self) -> None:
         """Ends the child: closes its request pipes (it then exits), kills it if it has not
         exited within `CLOSE_SECONDS` (a hung child), and waits for it. Idempotent; returns
-        within about CLOSE_SECONDS + REPLY_SECONDS, whatever the child's state."""
+        within about CLOSE_SECONDS + reply_seconds, whatever the child's state."""
         if self._closed:
             return
         self._closed = True
@@ -304,7 +309,7 @@ class MimiProcess:
             self._process.wait()
         for channel in self._channels.values():
             # a reader in flight returns at once now that the child is gone (EOF)
-            if channel.lock.acquire(timeout=REPLY_SECONDS):
+            if channel.lock.acquire(timeout=self.reply_seconds):
                 channel.lock.release()
             _close_fd(channel.replies)
 

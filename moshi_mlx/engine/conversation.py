@@ -16,6 +16,7 @@ import sentencepiece
 from .. import models, utils
 from ..audio.constants import FRAME_SIZE
 from ..audio.mimi import Mimi
+from ..audio.mimi_process import OFFLINE_REPLY_SECONDS
 from ..models.conditioner import ConditionTensor
 from .text import token_text
 
@@ -55,14 +56,17 @@ class Conversation:
     def __init__(self, model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
                  mimi_weight: str | Path, text_sampler: utils.Sampler,
                  audio_sampler: utils.Sampler, mimi_max_seq_len: int = 8192,
-                 cfg_coef: float = 1.0, condition: ConditionTensor | None = None):
+                 cfg_coef: float = 1.0, condition: ConditionTensor | None = None,
+                 mimi_reply_seconds: float = OFFLINE_REPLY_SECONDS):
+        """`mimi_reply_seconds`: how long Mimi may take on a frame before its process is taken
+        as hung (`LIVE_REPLY_SECONDS` for a live conversation, which `ModelWorker` makes)."""
         cfg = model.cfg
         self.cfg = cfg
         self.text_tokenizer = text_tokenizer
         self.num_user_codebooks = cfg.num_user_codebooks
         self.condition = condition
         self.mimi = Mimi(mimi_weight, cfg.mimi_codebooks, mimi_max_seq_len,
-                         decoder=bool(cfg.dep_q))
+                         decoder=bool(cfg.dep_q), reply_seconds=mimi_reply_seconds)
         self.mimi.wait_ready()
         self.gen = models.LmGen(model=model, text_sampler=text_sampler,
                                 audio_sampler=audio_sampler, cfg_coef=cfg_coef)

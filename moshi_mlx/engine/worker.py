@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import families, model_files, utils
+from ..audio.mimi_process import LIVE_REPLY_SECONDS
 from .conversation import Conversation
 
 T = TypeVar("T")
@@ -74,7 +75,8 @@ class ModelWorker:
                  samplers: tuple[utils.Sampler, utils.Sampler] | None = None,
                  mimi_max_seq_len: int = 8192, cfg_coef: float = 1.0):
         """`samplers`: (text, audio) that conversations will mostly use: warmed up at load.
-        `mimi_max_seq_len`: Mimi's span (see `audio.mimi.MimiCoder`). `cfg_coef`: guidance
+        `mimi_max_seq_len`: Mimi's span (see `audio.mimi.Mimi`); Mimi's deadline is the live
+        one (`LIVE_REPLY_SECONDS`). `cfg_coef`: guidance
         for a conditioned model (Hibiki)."""
         self.files = files
         self.mimi_max_seq_len = mimi_max_seq_len
@@ -94,7 +96,8 @@ class ModelWorker:
         conversation = Conversation(
             model, tokenizer, self.files.mimi_weight, *self.samplers,
             mimi_max_seq_len=self.mimi_max_seq_len, cfg_coef=self.cfg_coef,
-            condition=families.conversation_condition(model, self.cfg_coef))
+            condition=families.conversation_condition(model, self.cfg_coef),
+            mimi_reply_seconds=LIVE_REPLY_SECONDS)
         silence = np.zeros(conversation.num_user_codebooks, np.int32)
         for _ in range(WARMUP_STEPS):  # Mimi is left untouched, as a conversation expects it
             conversation.moshi_step(silence)
