@@ -1,5 +1,5 @@
-"""The echo cancellation methods compared on the same signals, offline (`python -m
-benchmarks.bench_echo`).
+"""The echo cancellation methods (and `linear+webrtc`, a candidate not in the app) compared on
+the same signals, offline (`python -m benchmarks.bench_echo`).
 
 Moshi's voice (the far end: an espeak-ng voice, a noise-like babble like the random demo
 model's, or the right channel of a `--record` file) reaches the microphone through an echo path
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sphn
 
 from moshi_mlx.audio.constants import FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.audio.echo import METHODS, EchoCanceller
@@ -29,8 +30,8 @@ MOSHI_SAYS = ("Hello, I am Moshi. I can talk about many things: the weather, the
               "history of music. What would you like to know today?")
 USER_SAYS = "Hello Moshi, how are you today? I would like to talk about the weather."
 SECONDS = 30
-USER_STARTS = (5.0, 13.0, 21.0)  # s
-CONVERGED = 3.0  # s: the pauses before are not counted
+USER_STARTS = (6.0, 14.0, 22.0)  # s
+CONVERGED = 5.0  # s: the pauses before are not counted (the delay found, the filter converged)
 SEGMENT = 1024  # samples, of the cross spectra
 MAX_LAG = SAMPLE_RATE // 50  # 20 ms: the largest delay of a method's output searched
 
@@ -65,10 +66,10 @@ def far_end(kind: str, samples: int) -> np.ndarray:
         return at_dbfs(np.resize(espeak(MOSHI_SAYS, "en-us+m3"), samples), -20)
     if kind == "babble":
         return at_dbfs(babble(samples), -10)
-    stereo = read_wav(kind, SAMPLE_RATE)
-    if stereo.ndim != 2:
-        raise SystemExit(f"error: {kind} is not a --record file (stereo)")
-    return np.resize(stereo[:, 1], samples).astype(np.float32)
+    pcm, rate = sphn.read(kind)
+    if pcm.shape[0] != 2 or rate != SAMPLE_RATE:
+        raise SystemExit(f"error: {kind} is not a --record file (stereo, 24 kHz)")
+    return np.resize(pcm[1], samples).astype(np.float32)
 
 
 def user_track(samples: int, dbfs: float = -23) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +135,24 @@ def erle_db(mic_echo: np.ndarray, out: np.ndarray, talking: np.ndarray) -> float
     return energy_db(mic_echo[pauses]) - energy_db(out[pauses])
 
 
-def cancel(canceller: EchoCanceller, far: np.ndarray, mic: np.ndarray) -> tuple[np.ndarray, float]:
+class Chained:
+    """A candidate not in the app: SpeexDSP's linear filter, then WebRTC's AEC3 on what it left
+    (`linear+webrtc`)."""
+
+    def __init__(self):
+        self.first = EchoCanceller(0, method="linear")
+        self.then = EchoCanceller(0, method="webrtc")
+
+    def played(self, pcm: np.ndarray) -> None:
+        self.first.played(pcm)
+        self.then.played(pcm)
+
+    def process(self, mic: np.ndarray) -> np.ndarray:
+        return self.then.process(self.first.process(mic))
+
+
+def cancel(canceller: EchoCanceller | Chained, far: np.ndarray,
+           mic: np.ndarray) -> tuple[np.ndarray, float]:
     """As the live app: microphone frame i after the played block i. -> (the output
     float32 [samples], CPU ms per frame)."""
     out = np.empty_like(mic)
@@ -146,9 +164,13 @@ def cancel(canceller: EchoCanceller, far: np.ndarray, mic: np.ndarray) -> tuple[
     return out, 1000 * (time.process_time() - cpu) / (len(mic) // FRAME_SIZE)
 
 
+CANDIDATES = {**{m: lambda m=m: EchoCanceller(0, method=m) for m in METHODS},
+              "linear+webrtc": Chained}
+
+
 def measure(method: str, far: np.ndarray, echo: np.ndarray, user: np.ndarray,
             talking: np.ndarray) -> dict:
-    out, cpu_ms = cancel(EchoCanceller(0, method=method), far, echo + user)
+    out, cpu_ms = cancel(CANDIDATES[method](), far, echo + user)
     return {"method": method, "erle_db": round(erle_db(echo, out, talking), 1),
             "user_db": round(user_kept_db(out, user, talking), 1), "cpu_ms": round(cpu_ms, 2)}
 
@@ -164,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distortion", type=float, default=0,
                         help="loudspeaker soft clipping: tanh's drive (e.g. 3); 0 for none")
     parser.add_argument("--user-dbfs", type=float, default=-23)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(CANDIDATES),
+                        help="comma-separated, of: %(default)s")
     args = parser.parse_args(argv)
     samples = SECONDS * SAMPLE_RATE // FRAME_SIZE * FRAME_SIZE
     user, talking = user_track(samples, args.user_dbfs)
@@ -176,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         far = far_end(kind, samples)
         echo = echo_path(far, args.delay_ms, args.gain, args.distortion)
         for method in args.methods.split(","):
+            if method not in CANDIDATES:
+                raise SystemExit(f"error: unknown method {method!r}: one of {list(CANDIDATES)}")
             r = measure(method, far, echo, user, talking)
             print(f"| {kind} ({energy_db(echo) - 10 * np.log10(samples):.0f} dBFS) | {method} "
                   f"| {r['erle_db']} | {r['user_db']} | {r['cpu_ms']} |", flush=True)

@@ -12,12 +12,13 @@ import numpy as np
 DECIMATE = 4  # samples averaged into one: 24 kHz -> 6 kHz is enough to place the echo
 MIN_PEAK = 6.0  # the correlation's peak over its mean magnitude, for a trusted estimate
 MIN_POWER = 1e-5  # mean power of the played signal (-50 dBFS), for an estimate at all
+MIN_WINDOW = 0.25  # of `window`: the least history for an estimate, besides `max_delay`
 
 
 class DelayEstimator:
     """Keeps the last `window` samples of both streams (sample i of each at the same time) and
     estimates by how many samples, 0 to `max_delay`, the played signal's echo in the microphone
-    lags it."""
+    lags it (from MIN_WINDOW of `window` on)."""
 
     def __init__(self, window: int, max_delay: int):
         self.window, self.max_delay = window, max_delay
@@ -37,10 +38,11 @@ class DelayEstimator:
     def estimate(self) -> int | None:
         """The echo's delay in samples (a multiple of DECIMATE), or None: not enough history,
         too little played, or no clear peak (no echo, or the user louder than it)."""
-        if self._samples < self.window + self.max_delay:
+        window = min(self.window, self._samples - self.max_delay)
+        if window < MIN_WINDOW * self.window:
             return None
         played = _decimated(np.concatenate(self._played))
-        heard = _decimated(np.concatenate(self._heard))[-self.window // DECIMATE:]
+        heard = _decimated(np.concatenate(self._heard))[-window // DECIMATE:]
         if np.mean(np.square(played)) < MIN_POWER:
             return None
         n = 1 << (len(played) + len(heard)).bit_length()

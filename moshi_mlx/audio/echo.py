@@ -29,7 +29,7 @@ SUPPRESS_DB = (-40, -15)  # `suppress`: the most residual echo removed, alone / 
 # by the echo's delay as estimated, less HEADROOM (a delay in [MIN_DELAY, MAX_DELAY] is kept).
 TAIL_SECONDS = 0.25
 HEADROOM, MIN_DELAY, MAX_DELAY = 4 * CHUNK, CHUNK, round(TAIL_SECONDS * SAMPLE_RATE) - 8 * CHUNK
-ESTIMATE_FRAMES = 12  # the delay is estimated every this many frames (~1 s),
+ESTIMATE_FRAMES = 6  # the delay is estimated every this many frames (~0.5 s),
 ESTIMATE_WINDOW = 4 * SAMPLE_RATE  # over the last 4 s,
 LONGEST_DELAY = SAMPLE_RATE  # up to 1 s
 ALIGN_FRAMES = 12  # the played stream's lead is checked over this many frames (~1 s),
@@ -188,13 +188,15 @@ class SpeexCanceller:
 
     def _follow_delay(self) -> None:
         """Holds the played stream back so that the echo's delay left is HEADROOM, when the
-        delay estimated (twice the same in a row) leaves [MIN_DELAY, MAX_DELAY]."""
+        delay estimated (twice the same in a row) leaves [MIN_DELAY, MAX_DELAY]; the filter
+        then starts afresh."""
         previous, self._estimate = self._estimate, self._estimator.estimate()
         if previous is None or self._estimate is None or abs(previous - self._estimate) > 100:
             return
         self.delay = self._estimate
         if not MIN_DELAY <= self.delay - self.hold * CHUNK <= MAX_DELAY:
             self.hold = max(0, (self.delay - HEADROOM) // CHUNK)
+            self._filter.reset()  # what it learnt modelled a delay it could not reach
 
     @property
     def summary(self) -> str:

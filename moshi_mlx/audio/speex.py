@@ -12,7 +12,9 @@ import ctypes.util
 
 import numpy as np
 
-LIBRARY_NAMES = ("speexdsp", "libspeexdsp.so.1", "libspeexdsp.1.dylib")
+# Where it is: the linker's search path (Linux), or Homebrew's prefixes (macOS, not searched).
+CANDIDATES = ("libspeexdsp.so.1", "libspeexdsp.1.dylib", "/opt/homebrew/lib/libspeexdsp.1.dylib",
+              "/usr/local/lib/libspeexdsp.1.dylib")
 INSTALL_HINT = "install SpeexDSP (Debian/Ubuntu: apt install libspeexdsp1; macOS: brew install " \
                "speexdsp)"
 
@@ -31,23 +33,15 @@ class SpeexUnavailable(RuntimeError):
     """libspeexdsp is not installed."""
 
 
-def _find() -> str | None:
-    for name in LIBRARY_NAMES:
-        path = ctypes.util.find_library(name) if "." not in name else name
+def _find() -> ctypes.CDLL | None:
+    """The first library of CANDIDATES (or that ctypes finds) that loads."""
+    for path in (ctypes.util.find_library("speexdsp"), *CANDIDATES):
         if path is None:
             continue
         try:
-            ctypes.CDLL(path)
+            return ctypes.CDLL(path)
         except OSError:
             continue
-        return path
-    # Homebrew's prefix is not on macOS's default search path.
-    for path in ("/opt/homebrew/lib/libspeexdsp.dylib", "/usr/local/lib/libspeexdsp.dylib"):
-        try:
-            ctypes.CDLL(path)
-        except OSError:
-            continue
-        return path
     return None
 
 
@@ -58,14 +52,14 @@ def library() -> ctypes.CDLL:
     """The loaded libspeexdsp, its functions typed; SpeexUnavailable where it is missing."""
     global _lib
     if _lib is None:
-        path = _find()
-        if path is None:
+        lib = _find()
+        if lib is None:
             raise SpeexUnavailable(f"the SpeexDSP library was not found: {INSTALL_HINT}; or choose "
                                    "another echo canceller (webrtc)")
-        lib = ctypes.CDLL(path)
         lib.speex_echo_state_init.restype = ctypes.c_void_p
         lib.speex_echo_state_init.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.speex_echo_state_destroy.argtypes = [ctypes.c_void_p]
+        lib.speex_echo_state_reset.argtypes = [ctypes.c_void_p]
         lib.speex_echo_cancellation.argtypes = [ctypes.c_void_p, _INT16_P, _INT16_P, _INT16_P]
         lib.speex_echo_ctl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         lib.speex_preprocess_state_init.restype = ctypes.c_void_p
@@ -87,30 +81,27 @@ class SpeexEcho:
 
     `suppress_db` (negative) is the suppressor's most attenuation of the residual echo while
     only the far end plays, `suppress_active_db` while the near end talks too; None: no
-    suppressor (the linear filter only). `denoise`: the preprocessor's noise suppression.
+    suppressor (the linear filter only).
     """
 
     def __init__(self, chunk: int, tail: int, sample_rate: int,
-                 suppress_db: int | None = None, suppress_active_db: int | None = None,
-                 denoise: bool = False):
+                 suppress_db: int | None = None, suppress_active_db: int | None = None):
         lib = library()
         self.chunk = chunk
         self._echo = lib.speex_echo_state_init(chunk, tail)
         rate = ctypes.c_int(sample_rate)
         lib.speex_echo_ctl(self._echo, ECHO_SET_SAMPLING_RATE, ctypes.byref(rate))
         self._pre = None
-        if suppress_db is not None or denoise:
+        if suppress_db is not None:
             self._pre = lib.speex_preprocess_state_init(chunk, sample_rate)
-            # Its gains (echo suppression too) apply only with denoising on; without `denoise`,
-            # a noise floor of 0 dB suppresses no noise.
+            # Its gains (echo suppression too) apply only with denoising on; a noise floor of
+            # 0 dB then suppresses no noise.
             self._ctl(PREPROCESS_SET_DENOISE, 1)
-            if not denoise:
-                self._ctl(PREPROCESS_SET_NOISE_SUPPRESS, 0)
-            if suppress_db is not None:
-                lib.speex_preprocess_ctl(self._pre, PREPROCESS_SET_ECHO_STATE, self._echo)
-                self._ctl(PREPROCESS_SET_ECHO_SUPPRESS, suppress_db)
-                self._ctl(PREPROCESS_SET_ECHO_SUPPRESS_ACTIVE,
-                          suppress_db if suppress_active_db is None else suppress_active_db)
+            self._ctl(PREPROCESS_SET_NOISE_SUPPRESS, 0)
+            lib.speex_preprocess_ctl(self._pre, PREPROCESS_SET_ECHO_STATE, self._echo)
+            self._ctl(PREPROCESS_SET_ECHO_SUPPRESS, suppress_db)
+            self._ctl(PREPROCESS_SET_ECHO_SUPPRESS_ACTIVE,
+                      suppress_db if suppress_active_db is None else suppress_active_db)
 
     def _ctl(self, request: int, value: int) -> None:
         v = ctypes.c_int(value)
@@ -121,11 +112,18 @@ class SpeexEcho:
         time -> int16 [chunk], the microphone rid of the echo (a new array)."""
         mic = np.ascontiguousarray(mic, np.int16)
         played = np.ascontiguousarray(played, np.int16)
+        if mic.shape != (self.chunk,) or played.shape != (self.chunk,):  # the C code reads chunk
+            raise ValueError(f"expected chunks of {self.chunk} samples, got {mic.shape} and "
+                             f"{played.shape}")
         out = np.empty(self.chunk, np.int16)
         library().speex_echo_cancellation(self._echo, _ptr(mic), _ptr(played), _ptr(out))
         if self._pre is not None:
             library().speex_preprocess_run(self._pre, _ptr(out))
         return out
+
+    def reset(self) -> None:
+        """Forgets the echo learnt (for an echo that moved beyond what the filter models)."""
+        library().speex_echo_state_reset(self._echo)
 
     def __del__(self):
         lib = _lib
