@@ -9,7 +9,8 @@ import pytest
 
 from benchmarks.bench_echo import user_kept_db
 from moshi_mlx.audio.constants import FRAME_SIZE, SAMPLE_RATE
-from moshi_mlx.audio.echo import CHUNK, METHODS, EchoCanceller, Playback
+from moshi_mlx.audio.delay import DECIMATE, DelayEstimator
+from moshi_mlx.audio.echo import CHUNK, METHODS, EchoCanceller, Playback, to_int16
 
 SECONDS = 20
 CONVERGED = 5  # s: figures are taken after this
@@ -44,8 +45,8 @@ def echo_of(far: np.ndarray, delay_ms: float) -> np.ndarray:
     d = round(delay_ms * SAMPLE_RATE / 1000)
     r = d + 60
     echo = np.zeros_like(far)
-    echo[d:] += 0.5 * far[:-d]
-    echo[r:] += 0.1 * far[:-r]
+    echo[d:] += 0.5 * far[:len(far) - d]
+    echo[r:] += 0.1 * far[:len(far) - r]
     return echo
 
 
@@ -258,3 +259,25 @@ def test_playback_hands_out_the_blocks_played_before_each_frame():
     assert playback.take(2) == []
     assert [b[0] for b in playback.take(3)] == [2]
     assert playback.take(4) == []
+
+
+@pytest.mark.parametrize("delay_ms", [0, 50, 350, 700])
+def test_the_echo_delay_is_found(far, near, delay_ms):
+    """GCC-PHAT over the last seconds: the delay within DECIMATE samples, from 1.5 s of history
+    on (the user talking over the echo too); none before, none for silence, none for a
+    microphone that hears something else."""
+    estimator = DelayEstimator(4 * SAMPLE_RATE, SAMPLE_RATE)
+    played, heard = to_int16(far), to_int16(echo_of(far, delay_ms) + near)
+    found = []
+    for start in range(0, len(far), FRAME_SIZE):
+        estimator.add(played[start:start + FRAME_SIZE], heard[start:start + FRAME_SIZE])
+        found.append(estimator.estimate())
+    assert found[:17] == [None] * 17 and found[20] is not None  # 1.36 s, 1.68 s
+    assert {abs(f - delay_ms * SAMPLE_RATE // 1000) for f in found[20:]} <= set(range(DECIMATE))
+    silent = DelayEstimator(4 * SAMPLE_RATE, SAMPLE_RATE)
+    other = DelayEstimator(4 * SAMPLE_RATE, SAMPLE_RATE)
+    noise = to_int16(0.1 * np.random.default_rng(0).standard_normal(len(far)))
+    for start in range(0, 3 * SAMPLE_RATE, FRAME_SIZE):
+        silent.add(np.zeros(FRAME_SIZE, np.int16), heard[start:start + FRAME_SIZE])
+        other.add(played[start:start + FRAME_SIZE], noise[start:start + FRAME_SIZE])
+    assert silent.estimate() is None and other.estimate() is None

@@ -141,11 +141,12 @@ def test_echo_cancellation_in_a_room(pulse, demo_env, speech, tmp_path):
     print(f"\nMoshi's voice in what it heard, in the user's pauses: {echo_off:.1f} dBFS without "
           f"echo cancellation, {echo_on:.1f} dBFS with it: ERLE {erle:.1f} dB (against the raw "
           f"microphone of the same run: {erle_in_run:.1f} dB)")
+    print(next(line for line in on.log.splitlines() if "microphone: echo cancellation" in line))
     print(f"the user's speech ({moshi_over_user:.1f} dB below Moshi's voice) in what Moshi heard, "
           f"against as played: {user_off:+.1f} dB without echo cancellation, {user_on:+.1f} dB "
           "with it")
     assert echo_off > -40, "Moshi's voice did not reach the microphone: nothing to cancel"
-    assert moshi_over_user > 10
+    assert moshi_over_user > 9  # the double talk asked: 13 dB, give or take the demo model
     assert abs(user_off) <= 1
     assert erle >= 20
     assert abs(user_on) <= 6

@@ -12,7 +12,7 @@ import numpy as np
 DECIMATE = 4  # samples averaged into one: 24 kHz -> 6 kHz is enough to place the echo
 MIN_PEAK = 6.0  # the correlation's peak over its mean magnitude, for a trusted estimate
 MIN_POWER = 1e-5  # mean power of the played signal (-50 dBFS), for an estimate at all
-MIN_WINDOW = 0.25  # of `window`: the least history for an estimate, besides `max_delay`
+MIN_WINDOW = 0.125  # of `window`: the least history for an estimate, besides `max_delay`
 
 
 class DelayEstimator:
@@ -24,6 +24,12 @@ class DelayEstimator:
         self.window, self.max_delay = window, max_delay
         self._played: deque[np.ndarray] = deque()
         self._heard: deque[np.ndarray] = deque()
+        self._samples = 0
+
+    def clear(self) -> None:
+        """Forgets the history (the streams moved against each other)."""
+        self._played.clear()
+        self._heard.clear()
         self._samples = 0
 
     def add(self, played: np.ndarray, heard: np.ndarray) -> None:

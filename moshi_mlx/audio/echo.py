@@ -177,7 +177,7 @@ class SpeexCanceller:
         """The played chunks still waiting after a frame are played but not heard yet (the
         devices' latency, the callbacks' phase): when more than MAX_LEAD wait throughout
         ALIGN_FRAMES (at the start: what played before the microphone started), the oldest are
-        skipped down to KEEP_LEAD."""
+        skipped down to KEEP_LEAD, and the delay is estimated anew."""
         self._leads.append(len(self._render))
         skip = min(self._leads) - KEEP_LEAD
         if len(self._leads) == ALIGN_FRAMES and min(self._leads) > MAX_LEAD:
@@ -185,6 +185,7 @@ class SpeexCanceller:
                 self._render.popleft()
             self.skipped += skip
             self._leads.clear()
+            self._estimator.clear()
 
     def _follow_delay(self) -> None:
         """Holds the played stream back so that the echo's delay left is HEADROOM, when the
