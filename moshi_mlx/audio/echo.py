@@ -32,7 +32,7 @@ HEADROOM, MIN_DELAY, MAX_DELAY = 4 * CHUNK, CHUNK, round(TAIL_SECONDS * SAMPLE_R
 ESTIMATE_FRAMES = 6  # the delay is estimated every this many frames (~0.5 s),
 ESTIMATE_WINDOW = 4 * SAMPLE_RATE  # over the last 4 s,
 LONGEST_DELAY = SAMPLE_RATE  # up to 1 s
-ALIGN_FRAMES = 12  # the played stream's lead is checked over this many frames (~1 s),
+ALIGN_FRAMES = 6  # the played stream's lead is checked over this many frames (~0.5 s),
 MAX_LEAD, KEEP_LEAD = 2 * CHUNKS_PER_FRAME, CHUNKS_PER_FRAME  # chunks: skipped over, down to
 
 
@@ -147,7 +147,7 @@ class SpeexCanceller:
         self.frames = 0
         self.skipped = 0  # played chunks skipped to keep the lead under MAX_LEAD
         self._estimate: int | None = None  # the echo's delay last estimated, samples
-        self.delay: int | None = None  # the same, found twice in a row
+        self.delay: int | None = None  # the delay followed, samples
         self.hold = 0  # chunks the played stream is held back by
 
     def process(self, chunks: np.ndarray) -> list[np.ndarray]:
@@ -189,10 +189,11 @@ class SpeexCanceller:
 
     def _follow_delay(self) -> None:
         """Holds the played stream back so that the echo's delay left is HEADROOM, when the
-        delay estimated (twice the same in a row) leaves [MIN_DELAY, MAX_DELAY]; the filter
-        then starts afresh."""
+        delay estimated (the first time, then twice the same in a row) leaves [MIN_DELAY,
+        MAX_DELAY]; the filter then starts afresh."""
         previous, self._estimate = self._estimate, self._estimator.estimate()
-        if previous is None or self._estimate is None or abs(previous - self._estimate) > 100:
+        if self._estimate is None or (self.delay is not None and (
+                previous is None or abs(previous - self._estimate) > 100)):
             return
         self.delay = self._estimate
         if not MIN_DELAY <= self.delay - self.hold * CHUNK <= MAX_DELAY:
