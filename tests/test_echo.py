@@ -10,7 +10,15 @@ import pytest
 from benchmarks.bench_echo import user_kept_db
 from moshi_mlx.audio.constants import FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.audio.delay import DECIMATE, DelayEstimator
-from moshi_mlx.audio.echo import CHUNK, METHODS, EchoCanceller, Playback, to_int16
+from moshi_mlx.audio.echo import (
+    CHUNK,
+    ESTIMATE_WINDOW,
+    LONGEST_DELAY,
+    METHODS,
+    EchoCanceller,
+    Playback,
+    to_int16,
+)
 
 SECONDS = 20
 CONVERGED = 5  # s: figures are taken after this
@@ -263,19 +271,20 @@ def test_playback_hands_out_the_blocks_played_before_each_frame():
 
 @pytest.mark.parametrize("delay_ms", [0, 50, 350, 700])
 def test_the_echo_delay_is_found(far, near, delay_ms):
-    """GCC-PHAT over the last seconds: the delay within DECIMATE samples, from 1.5 s of history
-    on (the user talking over the echo too); none before, none for silence, none for a
-    microphone that hears something else."""
-    estimator = DelayEstimator(4 * SAMPLE_RATE, SAMPLE_RATE)
+    """GCC-PHAT over the last 1.5 s: the delay within DECIMATE samples, from 1.5 s of history on
+    (the user talking over the echo too); none before, none for silence, none for a microphone
+    that hears something else."""
+    assert (ESTIMATE_WINDOW, LONGEST_DELAY) == (1.5 * SAMPLE_RATE, SAMPLE_RATE)
+    estimator = DelayEstimator(ESTIMATE_WINDOW, LONGEST_DELAY)
     played, heard = to_int16(far), to_int16(echo_of(far, delay_ms) + near)
     found = []
     for start in range(0, len(far), FRAME_SIZE):
         estimator.add(played[start:start + FRAME_SIZE], heard[start:start + FRAME_SIZE])
         found.append(estimator.estimate())
-    assert found[:17] == [None] * 17 and found[20] is not None  # 1.36 s, 1.68 s
-    assert {abs(f - delay_ms * SAMPLE_RATE // 1000) for f in found[20:]} <= set(range(DECIMATE))
-    silent = DelayEstimator(4 * SAMPLE_RATE, SAMPLE_RATE)
-    other = DelayEstimator(4 * SAMPLE_RATE, SAMPLE_RATE)
+    assert found[:18] == [None] * 18 and found[18] is not None  # 1.44 s, 1.52 s
+    assert {abs(f - delay_ms * SAMPLE_RATE // 1000) for f in found[18:]} <= set(range(DECIMATE))
+    silent = DelayEstimator(ESTIMATE_WINDOW, LONGEST_DELAY)
+    other = DelayEstimator(ESTIMATE_WINDOW, LONGEST_DELAY)
     noise = to_int16(0.1 * np.random.default_rng(0).standard_normal(len(far)))
     for start in range(0, 3 * SAMPLE_RATE, FRAME_SIZE):
         silent.add(np.zeros(FRAME_SIZE, np.int16), heard[start:start + FRAME_SIZE])

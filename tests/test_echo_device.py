@@ -141,7 +141,9 @@ def test_echo_cancellation_in_a_room(pulse, demo_env, speech, tmp_path):
     print(f"\nMoshi's voice in what it heard, in the user's pauses: {echo_off:.1f} dBFS without "
           f"echo cancellation, {echo_on:.1f} dBFS with it: ERLE {erle:.1f} dB (against the raw "
           f"microphone of the same run: {erle_in_run:.1f} dB)")
-    print(next(line for line in on.log.splitlines() if "microphone: echo cancellation" in line))
+    lines = on.log.splitlines()
+    summary = next(i for i, line in enumerate(lines) if "microphone: echo cancellation" in line)
+    print("\n".join(lines[summary - 1:summary + 1]))  # the app's summary: frames dropped too
     print(f"the user's speech ({moshi_over_user:.1f} dB below Moshi's voice) in what Moshi heard, "
           f"against as played: {user_off:+.1f} dB without echo cancellation, {user_on:+.1f} dB "
           "with it")

@@ -12,7 +12,7 @@ import numpy as np
 DECIMATE = 4  # samples averaged into one: 24 kHz -> 6 kHz is enough to place the echo
 MIN_PEAK = 6.0  # the correlation's peak over its mean magnitude, for a trusted estimate
 MIN_POWER = 1e-5  # mean power of the played signal (-50 dBFS), for an estimate at all
-MIN_WINDOW = 0.125  # of `window`: the least history for an estimate, besides `max_delay`
+MIN_WINDOW = 1 / 3  # of `window`: the least history for an estimate, besides `max_delay`
 
 
 class DelayEstimator:

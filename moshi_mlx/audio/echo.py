@@ -4,7 +4,9 @@ hearing the user who talks over it (double talk).
 
 The methods, on 10 ms chunks of 16-bit audio (BENCHMARKS.md compares them):
 - `linear`: SpeexDSP's MDF (`speex.py`), a linear adaptive filter that subtracts its estimate of
-  the echo and nothing else, so the user passes untouched during double talk.
+  the echo and nothing else, so the user passes untouched during double talk. Its filter is
+  short (TAIL_SECONDS), so the played stream is held back by the echo's delay, found by
+  `delay.py`.
 - `suppress`: the same followed by SpeexDSP's residual echo suppressor.
 - `webrtc`: WebRTC's AEC3 (through `livekit`), whose suppressor also removes the user while
   Moshi talks.
@@ -29,9 +31,10 @@ SUPPRESS_DB = (-40, -15)  # `suppress`: the most residual echo removed, alone / 
 # by the echo's delay as estimated, less HEADROOM (a delay in [MIN_DELAY, MAX_DELAY] is kept).
 TAIL_SECONDS = 0.25
 HEADROOM, MIN_DELAY, MAX_DELAY = 4 * CHUNK, CHUNK, round(TAIL_SECONDS * SAMPLE_RATE) - 8 * CHUNK
-ESTIMATE_FRAMES = 6  # the delay is estimated every this many frames (~0.5 s),
-ESTIMATE_WINDOW = 4 * SAMPLE_RATE  # over the last 4 s,
-LONGEST_DELAY = SAMPLE_RATE  # up to 1 s
+ESTIMATE_FRAMES = 2  # the delay is estimated every this many frames (160 ms),
+ESTIMATE_WINDOW = 3 * SAMPLE_RATE // 2  # over the last 1.5 s (a short window follows a jump),
+LONGEST_DELAY = SAMPLE_RATE  # up to 1 s; two estimates within SAME_DELAY samples agree
+SAME_DELAY = 100
 ALIGN_FRAMES = 6  # the played stream's lead is checked over this many frames (~0.5 s),
 MAX_LEAD, KEEP_LEAD = 2 * CHUNKS_PER_FRAME, CHUNKS_PER_FRAME  # chunks: skipped over, down to
 
@@ -193,7 +196,7 @@ class SpeexCanceller:
         MAX_DELAY]; the filter then starts afresh."""
         previous, self._estimate = self._estimate, self._estimator.estimate()
         if self._estimate is None or (self.delay is not None and (
-                previous is None or abs(previous - self._estimate) > 100)):
+                previous is None or abs(previous - self._estimate) > SAME_DELAY)):
             return
         self.delay = self._estimate
         if not MIN_DELAY <= self.delay - self.hold * CHUNK <= MAX_DELAY:
