@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--far", default="babble,speech",
                         help="Moshi's voice, comma-separated: babble, speech, or a --record "
                              "wav (default: %(default)s)")
-    parser.add_argument("--delay-ms", type=float, default=40, help="the echo's delay")
+    parser.add_argument("--delay-ms", default="40",
+                        help="the echo's delay; comma-separated: it jumps from one to the next "
+                             "at equal intervals (as after sound-server underruns)")
     parser.add_argument("--gain", type=float, default=1.0, help="the echo path's gain")
     parser.add_argument("--distortion", type=float, default=0,
                         help="loudspeaker soft clipping: tanh's drive (e.g. 3); 0 for none")
@@ -191,13 +193,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     samples = SECONDS * SAMPLE_RATE // FRAME_SIZE * FRAME_SIZE
     user, talking = user_track(samples, args.user_dbfs)
-    print(f"echo: {args.delay_ms:.0f} ms, gain {args.gain}, distortion {args.distortion}; user "
+    delays = [float(d) for d in args.delay_ms.split(",")]
+    print(f"echo: {args.delay_ms} ms, gain {args.gain}, distortion {args.distortion}; user "
           f"at {args.user_dbfs} dBFS")
     print("| far end | method | ERLE in pauses dB | user in double talk dB | CPU ms/frame |")
     print("|---|---|---|---|---|")
     for kind in args.far.split(","):
         far = far_end(kind, samples)
-        echo = echo_path(far, args.delay_ms, args.gain, args.distortion)
+        echo = np.concatenate([
+            echo_path(far, delay, args.gain, args.distortion)[part]
+            for delay, part in zip(delays, np.array_split(np.arange(samples), len(delays)))])
         for method in args.methods.split(","):
             if method not in CANDIDATES:
                 raise SystemExit(f"error: unknown method {method!r}: one of {list(CANDIDATES)}")

@@ -70,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="suppress (default): SpeexDSP's adaptive filter and a gentle "
                             "suppressor of the echo left, Moshi hears you while it talks; linear: "
                             "the filter only; webrtc: WebRTC's AEC3, the deepest echo removal "
-                            "but it mutes you while Moshi talks (for noisy rooms where you wait "
-                            "your turn)")
+                            "but it also takes 5-20 dB of your voice while Moshi talks (for noisy "
+                            "rooms where you wait your turn)")
     audio.add_argument("--noise-suppression", action="store_true",
                        help="also suppress steady background noise in the microphone's sound")
     return cli.parse_app_args(parser, argv)

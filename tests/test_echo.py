@@ -290,3 +290,14 @@ def test_the_echo_delay_is_found(far, near, delay_ms):
         silent.add(np.zeros(FRAME_SIZE, np.int16), heard[start:start + FRAME_SIZE])
         other.add(played[start:start + FRAME_SIZE], noise[start:start + FRAME_SIZE])
     assert silent.estimate() is None and other.estimate() is None
+
+
+def test_the_flag_chooses_the_method(capsys):
+    from moshi_mlx import local
+
+    assert local.parse_args([]).echo_canceller == "suppress" == EchoCanceller(0).method
+    assert local.parse_args(["--echo-canceller", "webrtc"]).echo_canceller == "webrtc"
+    with pytest.raises(SystemExit) as exit_:
+        local.parse_args(["--echo-canceller", "aec3"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'aec3'" in capsys.readouterr().err
