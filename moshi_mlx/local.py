@@ -32,7 +32,8 @@ from .audio.devices import (
     device_table,
     find_device,
 )
-from .audio.echo import EchoCanceller
+from .audio.echo import METHODS, EchoCanceller
+from .audio.speex import SpeexUnavailable
 from .audio.wav import WavWriter, check_writable
 from .engine.live import Event, LiveConversation
 from .engine.pipeline import Counters
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     audio.add_argument("--no-echo-cancel", action="store_true",
                        help="do not remove Moshi's voice from the microphone's sound (with "
                             "headphones it is not needed)")
+    audio.add_argument("--echo-canceller", choices=METHODS, default="suppress",
+                       help="suppress (default): SpeexDSP's adaptive filter and a gentle "
+                            "suppressor of the echo left, Moshi hears you while it talks; linear: "
+                            "the filter only; webrtc: WebRTC's AEC3, the deepest echo removal "
+                            "but it also takes 5-20 dB of your voice while Moshi talks (for noisy "
+                            "rooms where you wait your turn)")
     audio.add_argument("--noise-suppression", action="store_true",
                        help="also suppress steady background noise in the microphone's sound")
     return cli.parse_app_args(parser, argv)
@@ -324,6 +331,10 @@ def run(args: argparse.Namespace) -> None:
             check_writable(path)
     input_device = find_device(args.input_device, "input")
     output_device = find_device(args.output_device, "output")
+    echo = None
+    if not args.no_echo_cancel or args.noise_suppression:  # the delay hint is set at start
+        echo = EchoCanceller(0, args.noise_suppression, not args.no_echo_cancel,
+                             args.echo_canceller)
     files = model_files.resolve(args)
     samplers = cli.make_samplers(args, files.lm_config)
     # The model's thread: loads Moshi and Mimi and warms them up, then runs Moshi's steps.
@@ -331,9 +342,6 @@ def run(args: argparse.Namespace) -> None:
     worker.load().result()
     seed = cli.choose_seed(args.seed)  # new_conversation seeds MLX on the model's thread
     conversation = worker.submit(worker.new_conversation, *samplers, seed).result()
-    echo = None
-    if not args.no_echo_cancel or args.noise_suppression:  # the delay hint is set at start
-        echo = EchoCanceller(0, args.noise_suppression, not args.no_echo_cancel)
     live = LiveConversation(conversation, worker.executor,
                             SoundDeviceAudio(input_device, output_device), echo=echo,
                             keep_raw=args.record_raw is not None)
@@ -363,7 +371,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return cli.run_main(lambda: run(args), user_errors=(AudioDeviceError,))
+    return cli.run_main(lambda: run(args), user_errors=(AudioDeviceError, SpeexUnavailable))
 
 
 def entry() -> None:
