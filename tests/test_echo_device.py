@@ -10,13 +10,14 @@ The figures are printed (pytest -s) and recorded in BENCHMARKS.md."""
 import os
 import subprocess
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_speech, require_tool
+from conftest import RATE, energy_db, make_speech, read_24k, require_tool
 from virtual_audio import talk_to_app
+
+pytestmark = pytest.mark.slow  # the terminal app on PulseAudio devices, in real time
 
 ROOM = {"PULSE_SINK": "room", "PULSE_SOURCE": "room.monitor"}
 SPEECH = "Hello Moshi, how are you today? I would like to talk about the weather."
@@ -24,20 +25,6 @@ TALKS = 3  # the user says SPEECH this many times,
 PAUSE = 5.0  # s, with this pause after each,
 START = 3.0  # s, after this silence at the start (Moshi talks, the canceller converges)
 MARGIN = 0.2  # s around the user's speech counted as speech (the canceller's delay, settling)
-RATE = 24000
-
-
-def read_wav(path: Path) -> np.ndarray:
-    """-> float64 [samples, channels]."""
-    with wave.open(str(path)) as w:
-        assert (w.getsampwidth(), w.getframerate()) == (2, RATE)
-        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768
-        return pcm.reshape(-1, w.getnchannels())
-
-
-def energy_db(x: np.ndarray) -> float:
-    """Mean power, dB relative to full scale."""
-    return float(10 * np.log10(np.mean(np.square(x)) + 1e-20))
 
 
 def find_speech(mic: np.ndarray, speech: np.ndarray, count: int) -> list[int]:
@@ -94,9 +81,9 @@ def converse_in_room(pulse: dict, demo_env: dict, speech: Path, out: Path, *flag
     returncode, log = talk_to_app(args, dict(demo_env, **pulse, **ROOM), user,
                                   stdout=subprocess.DEVNULL)
     assert returncode == 0 and "Traceback" not in log, log
-    heard, raw = read_wav(out / "rec.wav")[:, 0], read_wav(out / "raw.wav")[:, 0]
+    heard, raw = read_24k(out / "rec.wav", 2)[:, 0], read_24k(out / "raw.wav", 1)[:, 0]
     assert len(heard) == len(raw) > (START + TALKS * PAUSE) * RATE
-    return Run(heard, raw, read_wav(speech)[:, 0], log)
+    return Run(heard, raw, read_24k(speech, 1)[:, 0], log)
 
 
 def test_echo_cancellation_in_a_room(pulse, demo_env, speech, tmp_path):
