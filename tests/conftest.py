@@ -1,3 +1,6 @@
+"""Fixtures and helpers shared by the tests: import the helpers with `from conftest import ...`;
+write one here rather than again in a test file."""
+
 import argparse
 import gc
 import importlib
