@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PARITY_STAMP := $(VENV)/.installed-parity
 
-.PHONY: install demo test bench bench-live lint clean
+.PHONY: install demo test test-fast test-probes bench bench-live lint clean
 
 install: $(STAMP)
 
@@ -26,8 +26,16 @@ $(PARITY_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(PY) -m moshi_mlx.local_web --demo
 
+# All the tests, as CI runs them. Those marked `slow` (an app in a subprocess, a server, a real-time
+# run, a PyTorch model) are left out of test-fast, the subset for every change.
 test: $(PARITY_STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(PARITY_STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-probes: $(STAMP)
+	$(PY) -m pytest -q tests/test_server_probes.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_lm

@@ -1,23 +1,33 @@
+"""Fixtures and helpers shared by the tests: import the helpers with `from conftest import ...`;
+write one here rather than again in a test file."""
+
 import argparse
 import gc
 import importlib
 import json
+import logging
 import os
 import shutil
 import struct
 import subprocess
+import wave
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx import model_files, models
 
 DATA = Path(__file__).parent / "data"
+# Kyutai's audio format, written here rather than imported from moshi_mlx so that the tests
+# notice a change to the package's constants.
+RATE = 24000  # Hz
+FRAME = 1920  # samples per 80 ms frame
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +36,54 @@ def end_unused_mimi_processes():
     and its callbacks), are collected: their Mimi processes (~350 MB each) end."""
     yield
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def keep_log_handlers():
+    """An app's main() run in the test's process gives the `moshi_mlx` logger a handler on the
+    test's captured stderr: it is removed after the test, so that later tests do not log to a
+    closed stream."""
+    log = logging.getLogger("moshi_mlx")
+    handlers = list(log.handlers)
+    yield
+    log.handlers[:] = handlers
+
+
+def read_pcm16(path: Path) -> tuple[np.ndarray, int, int]:
+    """A 16-bit wav -> (samples float [n * channels], interleaved, in [-1, 1); sample rate in Hz;
+    channels)."""
+    with wave.open(str(path)) as w:
+        assert w.getsampwidth() == 2, f"{path}: {8 * w.getsampwidth()}-bit, not 16-bit"
+        data = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768
+        return data, w.getframerate(), w.getnchannels()
+
+
+def read_24k(path: Path, channels: int) -> np.ndarray:
+    """A 16-bit 24 kHz wav of `channels` channels (asserted) -> float [samples, channels]."""
+    data, rate, found = read_pcm16(path)
+    assert (rate, found) == (RATE, channels), f"{path}: {rate} Hz, {found} channels"
+    return data.reshape(-1, channels)
+
+
+def write_pcm16(path: Path, samples: np.ndarray, rate: int) -> Path:
+    """float [samples] (mono) or [samples, channels], clipped to [-1, 1] -> a 16-bit wav."""
+    samples = np.asarray(samples)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1 if samples.ndim == 1 else samples.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def energy_db(x: np.ndarray) -> float:
+    """Mean power, dB relative to full scale."""
+    return float(10 * np.log10(np.mean(np.square(x, dtype=np.float64)) + 1e-20))
+
+
+def rms(x: np.ndarray) -> float:
+    """Root mean square; 0 for no samples."""
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
 
 
 def load_config(name: str, **overrides) -> models.LmConfig:

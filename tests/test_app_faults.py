@@ -22,6 +22,8 @@ from benchmarks.chat_client import RATE, Reply, ServerProcess, converse, send_sp
 from moshi_mlx.audio.mimi_process import LIVE_REPLY_SECONDS
 from moshi_mlx.audio.wav import read_wav
 
+pytestmark = pytest.mark.slow  # the apps in subprocesses, with real Mimi processes
+
 ROUTE_APP = {"PULSE_SOURCE": "mic.monitor", "PULSE_SINK": "spk"}
 MESSAGE_SECONDS = LIVE_REPLY_SECONDS + 0.5  # the deadline, and a frame's worth of slack
 

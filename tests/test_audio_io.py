@@ -3,6 +3,7 @@ import wave
 import numpy as np
 import pytest
 import sphn
+from conftest import write_pcm16
 
 from moshi_mlx.audio.wav import AudioFileError, WavWriter, read_wav, resample, write_wav
 from moshi_mlx.utils.files import atomic_write
@@ -10,15 +11,6 @@ from moshi_mlx.utils.files import atomic_write
 
 def sine(freq: float, rate: int, seconds: float) -> np.ndarray:
     return np.sin(2 * np.pi * freq * np.arange(int(rate * seconds)) / rate).astype(np.float32)
-
-
-def write_pcm16(path, channels: np.ndarray, rate: int):
-    """channels: float [channels, samples]."""
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(channels.shape[0])
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((channels.T * 32767).astype("<i2").tobytes())
 
 
 @pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
@@ -45,7 +37,7 @@ def test_resample_same_rate_is_a_copy():
 
 def test_read_stereo_pcm16_at_another_rate(tmp_path):
     left = sine(300, 44100, 1.5)
-    write_pcm16(tmp_path / "in.wav", np.stack([left, 0.5 * left]), 44100)
+    write_pcm16(tmp_path / "in.wav", np.stack([left, 0.5 * left], axis=1), 44100)
     pcm = read_wav(tmp_path / "in.wav", 24000)
     assert pcm.shape == (36000,) and pcm.dtype == np.float32
     assert np.abs(pcm - 0.75 * sine(300, 24000, 1.5))[1000:-1000].max() < 1e-3
@@ -63,7 +55,7 @@ def test_read_float_wav(tmp_path):
     (lambda p: p.write_bytes(b""), "the file is empty"),
     (lambda p: p.write_text("hello, this is text and not a wav file"), "not a wav file"),
     (lambda p: p.write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk"), "cannot decode this wav file"),
-    (lambda p: write_pcm16(p, np.zeros((1, 0)), 16000), "holds no audio samples"),
+    (lambda p: write_pcm16(p, np.zeros((0, 1)), 16000), "holds no audio samples"),
 ])
 def test_bad_inputs_are_named_clearly(tmp_path, make, message):
     path = tmp_path / "input.wav"

@@ -11,6 +11,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer, make_mocked_request
+from conftest import FRAME
 
 from moshi_mlx import utils
 from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
@@ -18,7 +19,6 @@ from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.protocol import PcmAudio
 from moshi_mlx.web.origin import OriginPolicy
 
-FRAME = 1920
 DEFAULT_SAMPLING = Sampling(0.7, 25, 0.8, 250)
 
 

@@ -11,14 +11,6 @@ APPS = {"local": local, "local_web": local_web, "run_inference": run_inference}
 POSITIONAL = {"run_inference": ["in.wav", "out.wav"]}
 
 
-@pytest.fixture(autouse=True)
-def restore_log_handlers():
-    """main() gives the app's logger a stderr handler: remove it after each test."""
-    handlers = list(cli.log.handlers)
-    yield
-    cli.log.handlers[:] = handlers
-
-
 @pytest.mark.parametrize("app", APPS)
 @pytest.mark.parametrize("flags", [["--text-temp", "nan"], ["--audio-temp", "-inf"],
                                    ["--audio-top-k", "-5"], ["--text-top-k", "many"]])

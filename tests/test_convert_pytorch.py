@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import require_module
+from conftest import DATA, require_module
 from mlx.utils import tree_flatten
 
 from moshi_mlx import models, utils
@@ -40,7 +40,8 @@ from moshi.models.loaders import get_moshi_lm  # noqa: E402
 from moshi.utils.compile import no_compile  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-DATA = Path(__file__).parent / "data"
+pytestmark = pytest.mark.slow  # PyTorch models
+
 # A context shorter than the test sequences, so that the sliding attention window is exercised.
 CONFIG = json.loads((DATA / "test_small.json").read_text()) | {"context": 6}
 STEPS = 12
@@ -192,6 +193,8 @@ def mlx_full(model: Lm, inputs: np.ndarray, dep_inputs: np.ndarray):
 def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = RTOL):
     """|actual - expected| <= rtol * max|expected| everywhere (logits have no natural zero)."""
     assert actual.shape == expected.shape
+    if expected.size == 0:  # e.g. the audio logits of a text-only model
+        return
     assert np.isfinite(expected).all()
     scale = np.abs(expected).max()
     err = np.abs(actual - expected).max()

@@ -8,7 +8,8 @@
 - small_stt: text only (dep_q 0) with 4 extra heads, 8 input codebooks.
 
 Random weights (rounded to bf16, so the bf16 file is exact) in float32 on both sides: the
-differences left are float32 rounding, ~1e-6 of the logits' scale (see RTOL).
+differences left are float32 rounding, ~1e-6 of the logits' scale (see RTOL in
+test_convert_pytorch.py).
 """
 
 import json
@@ -18,21 +19,22 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 from moshi.conditioners import ConditionAttributes
 from moshi.models.lm import LMGen
 from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
-from test_convert_pytorch import model_inputs, random_torch_lm, released_layout
+from test_convert_pytorch import assert_close, model_inputs, random_torch_lm, released_layout
 
 from moshi_mlx import models, utils
 from moshi_mlx.models import Lm, LmConfig
 from weights_tools.convert_pytorch import convert
 
-DATA = Path(__file__).parent / "data"
+pytestmark = pytest.mark.slow  # PyTorch models
+
 LAYOUTS = ["small_16rvq", "small_hibiki", "small_stt"]
 STEPS = 10
 BATCH = 2
-RTOL = 1e-4
 DESCRIPTION = "very_good"
 NEGATIVE = "very_bad"
 
@@ -131,16 +133,6 @@ def mlx_streaming(lay: Layout, inputs, dep_inputs):
         audio.append(model.depformer(hidden, mx.array(dep_inputs[:, :, t: t + 1]))[:, 0]
                      if lay.cfg.dep_q else mx.zeros((BATCH, 0)))
     return [np.array(mx.stack(x, 1)) for x in (text, audio, heads)]
-
-
-def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = RTOL):
-    assert actual.shape == expected.shape
-    if expected.size == 0:
-        return
-    assert np.isfinite(expected).all()
-    scale = np.abs(expected).max()
-    err = np.abs(actual - expected).max()
-    assert err <= rtol * scale, f"max abs difference {err:.3g} > {rtol} x {scale:.3g}"
 
 
 def test_both_pytorch_layouts_convert_identically(layout):

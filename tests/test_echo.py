@@ -6,6 +6,7 @@ whose answer is known."""
 
 import numpy as np
 import pytest
+from conftest import energy_db
 
 from benchmarks.bench_echo import user_kept_db
 from moshi_mlx.audio.constants import FRAME_SIZE, SAMPLE_RATE
@@ -63,10 +64,6 @@ def mask(spans: list[tuple[float, float]]) -> np.ndarray:
     for a, b in spans:
         m[int(a * SAMPLE_RATE):int(b * SAMPLE_RATE)] = True
     return m
-
-
-def energy_db(x: np.ndarray) -> float:
-    return 10 * np.log10(np.sum(np.square(x, dtype=np.float64)) + 1e-20)
 
 
 def cancel(played_blocks: list[np.ndarray], mic: np.ndarray, delay_ms: float,

@@ -13,16 +13,17 @@ bounds."""
 import os
 import subprocess
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_speech, require_tool
+from conftest import RATE, energy_db, make_speech, read_24k, require_tool
 from virtual_audio import talk_to_app
 
 from benchmarks.bench_echo import user_kept_db
 from moshi_mlx.audio.wav import write_wav
+
+pytestmark = pytest.mark.slow  # the terminal app on PulseAudio devices, in real time
 
 ROOM = {"PULSE_SINK": "room", "PULSE_SOURCE": "room.monitor"}
 SPEECH = "Hello Moshi, how are you today? I would like to talk about the weather."
@@ -33,20 +34,6 @@ MARGIN = 0.2  # s around the user's speech counted as speech (the canceller's de
 CHOSEN = os.environ.get("MOSHI_ECHO_CANCELLER")  # None: the app's default,
 METHOD = CHOSEN or "suppress"  # which is this
 USER_GAIN = 0.23  # espeak-ng's level (-21.8 dBFS) times this: 13 dB below Moshi's (-21.5 dBFS)
-RATE = 24000
-
-
-def read_wav(path: Path) -> np.ndarray:
-    """-> float64 [samples, channels]."""
-    with wave.open(str(path)) as w:
-        assert (w.getsampwidth(), w.getframerate()) == (2, RATE)
-        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768
-        return pcm.reshape(-1, w.getnchannels())
-
-
-def energy_db(x: np.ndarray) -> float:
-    """Mean power, dB relative to full scale."""
-    return float(10 * np.log10(np.mean(np.square(x)) + 1e-20))
 
 
 def find_speech(mic: np.ndarray, speech: np.ndarray, count: int) -> list[int]:
@@ -87,7 +74,7 @@ def speech(tmp_path_factory) -> Path:
     """The user's sentence, USER_GAIN times espeak-ng's level."""
     loud = make_speech(tmp_path_factory.mktemp("speech") / "loud.wav", SPEECH)
     path = loud.with_name("speech.wav")
-    write_wav(path, USER_GAIN * read_wav(loud)[:, 0], RATE)
+    write_wav(path, USER_GAIN * read_24k(loud, 1)[:, 0], RATE)
     return path
 
 
@@ -108,9 +95,9 @@ def converse_in_room(pulse: dict, demo_env: dict, speech: Path, out: Path, *flag
     returncode, log = talk_to_app(args, dict(demo_env, **pulse, **ROOM), user,
                                   stdout=subprocess.DEVNULL)
     assert returncode == 0 and "Traceback" not in log, log
-    heard, raw = read_wav(out / "rec.wav")[:, 0], read_wav(out / "raw.wav")[:, 0]
+    heard, raw = read_24k(out / "rec.wav", 2)[:, 0], read_24k(out / "raw.wav", 1)[:, 0]
     assert len(heard) == len(raw) > (START + TALKS * PAUSE) * RATE
-    return Run(heard, raw, read_wav(speech)[:, 0], log)
+    return Run(heard, raw, read_24k(speech, 1)[:, 0], log)
 
 
 def test_echo_cancellation_in_a_room(pulse, demo_env, speech, tmp_path):

@@ -173,6 +173,7 @@ def pipelined(worker, pcm: np.ndarray, mimi_max_seq_len: int = 8192,
     return done, engine, threads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mimi_max_seq_len", [8192, 24])
 def test_the_pipeline_gives_exactly_what_the_serial_loop_gives(worker, mimi_max_seq_len):
     """Also across Mimi's restarts (24 positions: a new Mimi process every 9-12 frames, each
@@ -198,6 +199,7 @@ def test_the_pipeline_gives_exactly_what_the_serial_loop_gives(worker, mimi_max_
     assert (engine.conversation.mimi_restarts - restarts > 2) == (mimi_max_seq_len == 24)
 
 
+@pytest.mark.slow
 def test_the_browser_path_gives_exactly_what_the_serial_loop_gives(worker):
     """Audio arriving in chunks of any size, decoded and re-framed on the input thread, Moshi's
     voice coded on the output thread (16-bit PCM, the browser app's raw mode)."""
@@ -221,6 +223,7 @@ def test_the_browser_path_gives_exactly_what_the_serial_loop_gives(worker):
         assert f.payload == codec.encode(r.voice)
 
 
+@pytest.mark.slow
 def test_a_new_conversation_starts_as_on_a_fresh_start_without_recompiling(worker):
     """A conversation, then the next one with the same seed: the same tokens and samples
     exactly. Mimi's next streams are loaded in the background when a conversation ends; Moshi

@@ -2,8 +2,6 @@
 kind (`make_demo --kind`), the Hub mocked at `huggingface_hub.hf_hub_download`."""
 
 import json
-import logging
-import wave
 from math import ceil
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import rustymimi
+from conftest import RATE, read_24k, write_pcm16
 from test_model_files import FakeHub
 
 from moshi_mlx import families, model_files, models, run_inference, utils
@@ -20,17 +19,7 @@ from moshi_mlx.engine import offline
 from weights_tools.make_demo import build_demo_repo
 from weights_tools.mimi_layout import MIMI_FILE
 
-RATE = 24000
-
-
-@pytest.fixture(autouse=True)
-def own_log_handlers():
-    """`run_inference.main` runs in this process: the log handler it adds on the captured
-    stderr of a test is removed after it, so later tests do not log to a closed stream."""
-    log = logging.getLogger("moshi_mlx")
-    before = list(log.handlers)
-    yield
-    log.handlers[:] = before
+pytestmark = pytest.mark.slow  # the app on demo models, Hibiki's and STT's
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +45,7 @@ def speech(tmp_path_factory) -> Path:
     t = np.arange(int(1.5 * RATE)) / RATE
     x = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
     x += 0.05 * np.random.default_rng(0).normal(size=t.size)
-    path = tmp_path_factory.mktemp("speech") / "in.wav"
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
-
-
-def read_wav(path: Path) -> np.ndarray:
-    with wave.open(str(path)) as w:
-        assert (w.getframerate(), w.getnchannels()) == (RATE, 1)
-        return np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768
+    return write_pcm16(tmp_path_factory.mktemp("speech") / "in.wav", x, RATE)
 
 
 def test_config_json_names_the_family(repos):
@@ -110,7 +87,7 @@ def test_stt_transcribes_with_word_times(hub, speech, tmp_path, capsys):
     # The same steps by hand: Mimi codes of the padded input into a greedy LmGen.
     files = model_files.resolve(run_inference.parse_args(argv))
     model, tokenizer, cfg = model_files.load_model(files, warmup=False)
-    pcm = np.concatenate([read_wav(speech).astype(np.float32),
+    pcm = np.concatenate([read_24k(speech, 1)[:, 0].astype(np.float32),
                           np.zeros(int(1.5 * RATE), np.float32)])
     pcm = np.concatenate([pcm, np.zeros(frames * FRAME_SIZE - len(pcm), np.float32)])
     mimi = rustymimi.Tokenizer(str(files.mimi_weight), num_codebooks=cfg.n_q)
@@ -146,7 +123,7 @@ def test_hibiki_translates_with_guidance(hub, speech, tmp_path, monkeypatch, cap
         steps = ceil(int(1.5 * RATE) / FRAME_SIZE) + 1 + 5
         assert report["model_type"] == "hibiki" and report["cfg_coef"] == float(coef)
         assert report["timing"]["steps"] == steps
-        pcm = read_wav(out)
+        pcm = read_24k(out, 1)[:, 0]
         assert len(pcm) == (steps - 2) * FRAME_SIZE
         assert np.sqrt(np.mean(pcm**2)) > 1e-3
         assert printed.strip()

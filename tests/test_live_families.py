@@ -15,6 +15,8 @@ from moshi_mlx.engine.worker import ModelWorker
 from weights_tools.make_demo import build_demo_repo
 from weights_tools.mimi_layout import MIMI_FILE
 
+pytestmark = pytest.mark.slow  # the live engine on demo models with Mimi processes
+
 SAMPLERS = (utils.Sampler(temp=0.7, top_k=25, top_p=1.0),
             utils.Sampler(temp=0.8, top_k=250, top_p=1.0))
 SEED = 4

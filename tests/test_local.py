@@ -8,11 +8,10 @@ import os
 import re
 import signal
 import threading
-import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FRAME, read_24k
 from fake_audio import EchoConversation, FakeAudio, FakeCanceller, FakeSoundDevice, frame
 
 from moshi_mlx import local
@@ -21,16 +20,6 @@ from moshi_mlx.engine.live import LiveConversation
 from moshi_mlx.engine.stages import Timings
 from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.local import Display, Presenter, converse, stop_on_sigint, too_slow_message
-
-FRAME = 1920
-
-
-def read_stereo(path: Path) -> np.ndarray:
-    """-> float [samples, 2]."""
-    with wave.open(str(path)) as w:
-        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (2, 2, 24000)
-        return np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2) / 32767
-
 
 MODEL_THREAD = ModelThread("test-model")
 
@@ -83,7 +72,7 @@ def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog):
     assert re.search(rf"latency text {n}/{n} ms, voice {n}/{n} ms \(p50/p95\) \| slowest "
                      rf"(-|\w+ \d+ ms) \| dropped \d+", caplog.text)
 
-    rec = read_stereo(tmp_path / "rec.wav")
+    rec = read_24k(tmp_path / "rec.wav", 2)
     assert rec.shape == (8 * FRAME, 2)  # every microphone frame, skipped ones included
     for k in range(1, 9):
         user_side, moshi_side = rec[(k - 1) * FRAME:k * FRAME].T
@@ -116,10 +105,8 @@ def test_with_echo_cancellation_both_sides_of_the_canceller_are_recorded(tmp_pat
     talking.join()
     assert conv.heard == [1, 2, 3, 4]
     assert re.search(r"queues mic \d+ speaker \d+ \| echo cancel on", caplog.text)
-    rec = read_stereo(tmp_path / "rec.wav")
-    with wave.open(str(tmp_path / "raw.wav")) as w:
-        assert (w.getnchannels(), w.getframerate()) == (1, 24000)
-        raw = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32767
+    rec = read_24k(tmp_path / "rec.wav", 2)
+    raw = read_24k(tmp_path / "raw.wav", 1)[:, 0]
     assert rec.shape == (4 * FRAME, 2) and raw.shape == (4 * FRAME,)
     for k in range(1, 5):
         frame_k = slice((k - 1) * FRAME, k * FRAME)
@@ -139,7 +126,7 @@ def test_ctrl_c_stops_the_conversation_cleanly(tmp_path):
     user.join()
     assert stop.is_set() and audio.closed.is_set()
     assert signal.getsignal(signal.SIGINT) is handler
-    assert read_stereo(tmp_path / "rec.wav").shape == (8 * FRAME, 2)
+    assert read_24k(tmp_path / "rec.wav", 2).shape == (8 * FRAME, 2)
 
 
 def test_a_second_ctrl_c_interrupts():
@@ -254,14 +241,6 @@ def test_too_slow_message_names_the_slowest_stage_and_what_to_do():
 
 # --- command line -------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def restore_log_handlers():
-    """main() gives the app's logger a stderr handler: remove it after each test (pytest
-    replaces stderr per test)."""
-    handlers = list(local.log.handlers)
-    yield
-    local.log.handlers[:] = handlers
-
 def test_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         local.parse_args(["--text-temp", "-1"])
@@ -275,13 +254,6 @@ def test_record_where_it_cannot_be_written(tmp_path, capsys, flag):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is not a directory" in err
     assert "Traceback" not in err
-
-
-def test_echo_flags():
-    default = local.parse_args([])
-    assert not default.no_echo_cancel and not default.noise_suppression
-    args = local.parse_args(["--no-echo-cancel", "--noise-suppression", "--record-raw", "r.wav"])
-    assert args.no_echo_cancel and args.noise_suppression and args.record_raw == Path("r.wav")
 
 
 def test_list_devices(monkeypatch, capsys):

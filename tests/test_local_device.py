@@ -8,13 +8,14 @@ import re
 import signal
 import subprocess
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_speech, require_tool
+from conftest import FRAME, RATE, make_speech, read_24k, require_tool, rms
 from virtual_audio import local, talk_to_app
+
+pytestmark = pytest.mark.slow  # the terminal app on PulseAudio devices, in real time
 
 ROUTE_APP = {"PULSE_SOURCE": "mic.monitor", "PULSE_SINK": "spk"}  # the app hears mic, plays to spk
 SPEECH = ("Hello Moshi, how are you today? I would like to talk about the weather. It rained "
@@ -25,10 +26,6 @@ SPEECH = ("Hello Moshi, how are you today? I would like to talk about the weathe
 def speech(tmp_path_factory) -> Path:
     """About 12 s of English speech, 24 kHz mono."""
     return make_speech(tmp_path_factory.mktemp("speech") / "speech.wav", SPEECH)
-
-
-def rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x)))) if len(x) else 0.0
 
 
 def test_a_live_conversation_on_virtual_devices(pulse, demo_env, speech, tmp_path):
@@ -62,11 +59,9 @@ def test_a_live_conversation_on_virtual_devices(pulse, demo_env, speech, tmp_pat
     played = np.fromfile(tmp_path / "heard.raw", "<i2") / 32768
     assert rms(played) > 1e-3, "nothing was heard on the virtual speaker"
 
-    with wave.open(str(tmp_path / "rec.wav")) as w:  # valid, complete, stereo
-        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (2, 2, 24000)
-        rec = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2) / 32768
-    assert len(rec) > 0 and len(rec) % 1920 == 0
-    assert f"recorded {tmp_path / 'rec.wav'}: {len(rec) / 24000:.1f} s" in log
+    rec = read_24k(tmp_path / "rec.wav", 2)  # valid, complete, stereo
+    assert len(rec) > 0 and len(rec) % FRAME == 0
+    assert f"recorded {tmp_path / 'rec.wav'}: {len(rec) / RATE:.1f} s" in log
     assert rms(rec[:, 0]) > 1e-3, "the user's side of the recording is silent"
     assert rms(rec[:, 1]) > 1e-3, "Moshi's side of the recording is silent"
 

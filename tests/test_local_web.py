@@ -27,6 +27,8 @@ from benchmarks.chat_client import (
 from moshi_mlx import local_web
 from moshi_mlx.audio.wav import read_wav
 
+pytestmark = pytest.mark.slow  # the app's server in subprocesses
+
 
 @pytest.fixture(scope="module")
 def server(demo_cache):

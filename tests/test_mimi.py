@@ -44,6 +44,7 @@ def test_gives_exactly_what_rustymimi_gives_frame_by_frame(mimi_path):
         mimi.close()
 
 
+@pytest.mark.slow  # several Mimi processes, one after another
 def test_runs_past_the_transformer_limit_with_at_most_one_spare(mimi_path):
     """rustymimi fails after max_seq_len / 2 frames; both directions move to the next process
     (loaded from half of the span on) before that, and the used one ends."""
@@ -72,6 +73,7 @@ def test_restarts_early_on_a_quiet_frame(mimi_path):
         mimi.close()
 
 
+@pytest.mark.slow  # several Mimi processes, one after another
 def test_each_stream_starts_on_a_fresh_mimi(mimi_path):
     """A stream after `prepare_next` and `reset` gives exactly what a fresh Mimi gives, and the
     used process has ended."""

@@ -23,14 +23,15 @@ def request(host: str, *origins: str, scheme: str = "http"):
     return make_mocked_request("GET", "/api/chat", headers=headers).clone(scheme=scheme)
 
 
-@pytest.mark.parametrize("bound, host, origins, allowed", [
-    ("localhost", "localhost:8998", ["http://localhost:8998", "http://localhost:8998"], False),
-    ("localhost", "localhost:8998", ["http://localhost:8998", "https://evil.example"], False),
-    ("0.0.0.0", "studio:8998", ["http://studio:8998", "http://evil.example"], False),
+@pytest.mark.parametrize("bound, host, origins", [
+    ("localhost", "localhost:8998", ["http://localhost:8998", "http://localhost:8998"]),
+    ("localhost", "localhost:8998", ["http://localhost:8998", "https://evil.example"]),
+    ("0.0.0.0", "studio:8998", ["http://studio:8998", "http://evil.example"]),
 ])
-def test_more_than_one_origin_header_is_refused(bound, host, origins, allowed):
-    assert OriginPolicy(bound, names=NAMES).allows(request(host, *origins)) is allowed
-    assert OriginPolicy(bound, names=NAMES).allows(request(host, origins[0]))
+def test_more_than_one_origin_header_is_refused(bound, host, origins):
+    policy = OriginPolicy(bound, names=NAMES)
+    assert policy.allows(request(host, origins[0]))  # the first header alone passes
+    assert not policy.allows(request(host, *origins))
 
 
 @pytest.mark.parametrize("bound, host, allowed", [
@@ -114,6 +115,7 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.slow
 def test_malformed_http_is_one_log_line(demo_cache):
     """The browser app's server: each malformed request gets a 400 and at most one log line."""
     from test_local_web import ServerProcess

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import sphn
+from conftest import FRAME
 
 from moshi_mlx.protocol import HANDSHAKE, BadAudio, Kind, OpusAudio, PcmAudio, Reframer, message
-
-FRAME = 1920
 
 
 def test_messages_start_with_their_kind():

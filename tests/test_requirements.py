@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # pytest in subprocesses
+
 TESTS = Path(__file__).parent
 BLOCK_PARITY = "import sys; sys.modules.update(torch=None, moshi=None); "
 

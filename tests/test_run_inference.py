@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_speech, require_tool
+from conftest import FRAME, make_speech, read_pcm16, require_tool, write_pcm16
 
-FRAME = 1920  # samples per 80 ms frame at 24 kHz
+pytestmark = pytest.mark.slow  # the app in subprocesses
 
 
 def run_cli(*args, env: dict, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
@@ -38,23 +38,6 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     return errors[0]
-
-
-def read_pcm16(path: Path) -> tuple[np.ndarray, int, int]:
-    """-> (samples float [n], sample rate, channels)."""
-    with wave.open(str(path)) as w:
-        assert w.getsampwidth() == 2
-        data = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768
-        return data, w.getframerate(), w.getnchannels()
-
-
-def write_pcm16(path: Path, samples: np.ndarray, rate: int) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((samples * 32767).astype("<i2").tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,8 @@ from benchmarks.probe_server import (
     waits_line,
 )
 
+pytestmark = pytest.mark.slow  # about eight servers; `make test-probes`
+
 HANDSHAKE = b"\x00\x00\x00"
 
 
@@ -292,16 +294,31 @@ def test_forged_origins_are_refused(server):
     assert not problems, "\n".join(problems)
 
 
+def logged_until_marker(server: ServerProcess, start: int, marker: str) -> tuple[list[str], int]:
+    """The server's log lines from line `start` up to the one that a websocket refused for its
+    Origin `marker` makes (the server writes its lines in order, so every line it wrote before
+    is in), and the index of the line after that one."""
+    asyncio.run(origin_probe(server.host, server.port, [marker]))
+    server.wait_for(re.escape(f"origin {marker} "), timeout=30, start=start)
+    lines = server.log_since(start)
+    end = next(k for k, line in enumerate(lines) if f"origin {marker} " in line)
+    return lines[:end], start + end + 1
+
+
 def test_malformed_http_is_one_log_line(server):
+    """Each request's lines are counted once the server has logged something after it, and every
+    line from the first request on is counted for one of them."""
     problems = []
-    for what, data in MALFORMED_HTTP.items():
-        start = len(server.lines)
+    start = len(server.lines)
+    for k, (what, data) in enumerate(MALFORMED_HTTP.items()):
         status = asyncio.run(http_probe(server.host, server.port, data))
-        time.sleep(0.3)  # the log line, if any, reaches the pipe
-        lines = server.log_since(start)
+        lines, start = logged_until_marker(server, start, f"http://marker-{k}.example")
         if not 400 <= status < 500:
             problems.append(f"{what}: answered {status}, not a 4xx")
         if len(lines) > 1 or any("Traceback" in line for line in lines):
             problems.append(f"{what}: {len(lines)} log lines: {lines[:3]}")
+    late, _ = logged_until_marker(server, start, "http://marker-last.example")
+    if late:
+        problems.append(f"{len(late)} log lines after the last request: {late[:3]}")
     assert asyncio.run(handshake_or_error(server.url)) == HANDSHAKE
     assert not problems, "\n".join(problems)

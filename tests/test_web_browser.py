@@ -8,17 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import demo_files, require_module, require_tool
+from conftest import FRAME, demo_files, require_module, require_tool
 
 from moshi_mlx.audio.wav import read_wav
 from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
 from moshi_mlx.engine.worker import ModelWorker
 from moshi_mlx.web.origin import OriginPolicy
 
+pytestmark = pytest.mark.slow  # a server and Chromium
+
 async_playwright = require_module("playwright.async_api",
                                   "pip install -e '.[dev]'").async_playwright
 
-FRAME = 1920
 SCREENSHOTS = Path(__file__).parents[1] / "out" / "screenshots"
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

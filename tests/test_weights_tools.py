@@ -89,6 +89,7 @@ def test_quantize_is_identical_to_nn_quantize(small_bf16, tmp_path, bits, group_
     quantized_model(demo_config(), q).load_weights(str(out), strict=True)
 
 
+@pytest.mark.slow
 def test_quantize_cli_group_size_and_default_output(small_bf16, tmp_path):
     src = tmp_path / "model.safetensors"
     src.write_bytes(small_bf16.read_bytes())
@@ -99,6 +100,7 @@ def test_quantize_cli_group_size_and_default_output(small_bf16, tmp_path):
     quantized_model(demo_config(), Quantization(4, 64)).load_weights(str(out), strict=True)
 
 
+@pytest.mark.slow
 def test_quantize_refuses_quantized_input(small_bf16, tmp_path):
     q4 = quantize_file(small_bf16, tmp_path / "model.q4.safetensors", progress=False)
     result = run_cli("quantize", q4, "--bits", "8", "--out", tmp_path / "again.safetensors")
@@ -106,6 +108,7 @@ def test_quantize_refuses_quantized_input(small_bf16, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.q4.safetensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "truncated"])
 def test_quantize_refuses_broken_input(small_bf16, tmp_path, kind):
     src = tmp_path / "model.safetensors"
@@ -118,6 +121,7 @@ def test_quantize_refuses_broken_input(small_bf16, tmp_path, kind):
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
+@pytest.mark.slow
 def test_quantize_needs_the_right_config(tmp_path):
     d = demo_config().to_config_dict() | {"num_layers": 2}
     src = write_random_lm(tmp_path / "model.safetensors", LmConfig.from_config_dict(d))
@@ -167,6 +171,7 @@ def test_quantize_plans_the_official_layout(tmp_path, bits, group_size):
     assert len(targets) == 25 + 337  # embeddings (text, 16 audio, 8 depformer); linears
 
 
+@pytest.mark.slow
 def test_quantize_peak_memory_is_a_fraction_of_the_files(tmp_path):
     # 7B widths of the depformer, a 1024-wide temporal transformer: 607 MB in bf16, 180 tensors.
     d = json.loads((DATA / "moshi_7b_4layers.json").read_text())
@@ -189,6 +194,7 @@ def test_quantize_peak_memory_is_a_fraction_of_the_files(tmp_path):
 
 # --- inspect ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_inspect_demo_files(demo_repo):
     cfg = demo_config()
     params = sum(math.prod(t.shape) for t in expected_tensors(cfg).values())
@@ -235,6 +241,7 @@ def test_inspect_recognises_the_1b_layouts(tmp_path, layout):
     assert (report["bits"], report["group_size"]) == (8, 64)
 
 
+@pytest.mark.slow
 def test_inspect_mismatched_config(demo_repo, tmp_path):
     three_layers = tmp_path / "config.json"
     three_layers.write_text(json.dumps(demo_config().to_config_dict() | {"num_layers": 3}))
@@ -271,6 +278,7 @@ def test_inspect_unknown_model_needs_its_config(tmp_path):
     assert report["memory"]["kv_cache_bytes"] == 2 * 2 * 3000 * 256 * 2
 
 
+@pytest.mark.slow
 def test_inspect_mimi_and_foreign_files(demo_repo, tmp_path):
     report = inspect_file(demo_repo / "tokenizer-e351c8d8-checkpoint125.safetensors")
     assert report["kind"] == "mimi" and report["num_params"] == mimi_num_params()
@@ -281,6 +289,7 @@ def test_inspect_mimi_and_foreign_files(demo_repo, tmp_path):
 
 # --- make_demo --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_demo_repo_is_deterministic(demo_repo, tmp_path):
     again = build_demo_repo(tmp_path / "again", seed=0)
     names = sorted(p.name for p in demo_repo.iterdir())
@@ -316,6 +325,7 @@ def test_demo_models_load_strict_and_run(demo_repo, name, quant):
     assert bool(mx.all(mx.isfinite(logits.astype(mx.float32))))
 
 
+@pytest.mark.slow
 def test_demo_mimi_round_trip(demo_repo):
     mimi = rustymimi.Tokenizer(str(demo_repo / "tokenizer-e351c8d8-checkpoint125.safetensors"),
                                num_codebooks=8)
@@ -352,6 +362,7 @@ def test_demo_tokenizer(demo_repo):
 
 # --- command lines ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", ["quantize", "inspect", "make_demo"])
 def test_help(tool):
     result = run_cli(tool, "--help")
@@ -360,6 +371,7 @@ def test_help(tool):
     assert len(result.stdout) > 300
 
 
+@pytest.mark.slow
 def test_make_demo_cli(tmp_path):
     result = run_cli("make_demo", tmp_path / "repo", "--seed", "3")
     assert result.returncode == 0, result.stderr
