@@ -207,7 +207,9 @@ def test_server_setting_helpers():
     assert local_web.page_url("0.0.0.0", 8998, False) == "http://localhost:8998/"
     assert local_web.page_url("::1", 8998, True) == "https://[::1]:8998/"
     assert local_web.page_url("localhost", 1234, False) == "http://localhost:1234/"
-    with pytest.raises(SystemExit):
-        local_web.parse_args(["--max-lag", "0"])
+    assert local_web.parse_args(["--idle-timeout", "90"]).idle_timeout == 90
+    for flags in (["--max-lag", "0"], ["--idle-timeout", "-1"], ["--idle-timeout", "inf"]):
+        with pytest.raises(SystemExit):
+            local_web.parse_args(flags)
     with pytest.raises(SystemExit):
         local_web.parse_args(["--text-top-k", "-3"])
