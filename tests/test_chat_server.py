@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer, make_mocked_request
 
-from benchmarks.chat_client import RawSocket
+from benchmarks.probe_server import gone_client
 from moshi_mlx import utils
 from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
 from moshi_mlx.engine.worker import ModelThread
@@ -348,9 +348,9 @@ async def receive_until_closed(ws) -> tuple[list[bytes], tuple]:
 
 
 def test_a_live_client_may_pause_and_only_the_idle_limit_ends_its_conversation():
-    """A client that answers pings but sends its first audio 3 s late (a permission prompt), then
-    pauses 10 s, keeps its conversation; once it sends no audio for `idle_timeout` it is closed with the
-    reason, and the next client has the model."""
+    """A client that answers pings but sends its first audio 3 s late (a permission prompt),
+    then pauses 10 s, keeps its conversation; once it sends no audio for `idle_timeout` it is
+    closed with the reason, and the next client has the model."""
 
     async def pause(server, http):
         async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as ws:
@@ -384,65 +384,22 @@ def test_a_live_client_may_pause_and_only_the_idle_limit_ends_its_conversation()
     assert handshake == b"\x00\x00\x00"
 
 
-async def open_raw(server) -> tuple[RawSocket, bytes]:
-    """A websocket opened by hand: (the socket, the server's first message)."""
-    raw = await RawSocket.connect(server.host, server.port)
-    request = RawSocket.upgrade_request(server.host, server.port, "/api/chat?audio=pcm")
-    await raw.send(request)
-    assert await raw.response_status() == 101
-    opcode, first = await raw.read_frame()
-    return raw, first
-
-
-async def answer_pings(raw: RawSocket, pongs: list[float]) -> None:
-    """Reads the server's frames and answers its pings, noting when each pong went."""
-    while (frame := await raw.read_frame())[0] != -1:
-        if frame[0] == 9:
-            await raw.send(RawSocket.frame(frame[1], opcode=10))
-            pongs.append(time.monotonic())
-
-
-async def handshake_when_free(server, http, timeout: float = 30) -> float:
-    """Connects until the server answers with a handshake, not busy: when it did."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        async with http.ws_connect(server.make_url("/api/chat")) as ws:
-            if await next_message(ws) == b"\x00\x00\x00":
-                return time.monotonic()
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the model was not free within {timeout} s")
-
-
 def test_a_client_that_answers_no_pings_frees_the_model_2_s_after_its_last_pong(caplog):
     """A client that sends a second of audio, then stops reading and answering pings with its
     socket open: 2 s after its last pong the model is free (the next client's handshake), with
     one log line; not before."""
 
     async def vanish(server, http):
-        raw, first = await open_raw(server)
-        assert first == b"\x00\x00\x00"
-        pongs: list[float] = []
-        reading = asyncio.create_task(answer_pings(raw, pongs))
-        for level in range(12):  # a second of audio at real-time pace, its pings answered
-            await raw.send(RawSocket.frame(b"\x01" + pcm_frames([level / 100])))
-            await asyncio.sleep(FRAME / 24000)
-        await asyncio.sleep(0.6)  # at least one ping after the audio
-        reading.cancel()  # gone: nothing read, no pong, the socket open
-        await asyncio.sleep(0.5)  # the next client comes while the model is held
-        async with http.ws_connect(server.make_url("/api/chat")) as early:
-            refused = await next_message(early)
-        free = await handshake_when_free(server, http)
-        await raw.close()
-        return pongs, refused, free - pongs[-1]
+        return await gone_client(server.host, server.port, frames=12)
 
     with caplog.at_level(logging.INFO, logger="moshi_mlx"):
-        pongs, refused, freed = serve(vanish)
-    print(f"\nthe model was free {freed:.2f} s after the client's last pong")
-    assert len(pongs) >= 2
-    assert refused.startswith(b"\x05busy")
-    assert 2.0 <= freed < 5.0  # the rule is 2 s; the rest is the clean-up on a loaded machine
-    gone = [r.message for r in caplog.records if "answered no ping" in r.message]
-    assert len(gone) == 1 and "answered no ping for 2.0 s (gone)" in gone[0], gone
+        gone = serve(vanish)
+    print(f"\nthe model was free {gone.freed_after:.2f} s after the client's last pong")
+    assert gone.first == b"\x00\x00\x00" and gone.pongs >= 2
+    assert gone.busy_meanwhile.startswith(b"\x05busy")
+    assert 2.0 <= gone.freed_after < 5.0  # the rule is 2 s; the rest: clean-up, a loaded machine
+    lines = [r.message for r in caplog.records if "answered no ping" in r.message]
+    assert len(lines) == 1 and "answered no ping for 2.0 s (gone)" in lines[0], lines
 
 
 def test_a_client_beyond_the_one_holding_the_model_is_always_told_busy():
