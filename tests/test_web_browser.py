@@ -7,6 +7,7 @@ phone's width are saved in out/screenshots/."""
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import time
@@ -340,3 +341,47 @@ def test_disconnect_during_the_permission_prompt_releases_the_microphone_in_fire
     assert result["tracks"] and set(result["tracks"]) == {"ended"}, result["tracks"]
     assert result["state"] == "Disconnected." and result["errors"] == []
     assert worker.conversations == []
+
+
+@pytest.fixture(scope="module")
+def kyutai_client() -> Path:
+    """A build of Kyutai's web client (`client/` of github.com/kyutai-labs/moshi), named by
+    KYUTAI_WEB_CLIENT; nothing here builds it (its code is not this project's), so without one
+    the test is skipped, in CI too."""
+    built = os.environ.get("KYUTAI_WEB_CLIENT")
+    if not built or not (Path(built) / "index.html").is_file():
+        pytest.skip("Kyutai's web client is not built: build client/ of kyutai-labs/moshi "
+                    "(npm ci && npx vite build) and set KYUTAI_WEB_CLIENT to its dist/")
+    return Path(built)
+
+
+async def talk_with_kyutais_client(worker: ModelWorker, client: Path, speech: Path) -> str:
+    """Kyutai's web client served by the chat server (`--static`) in Chromium: Connect, then
+    the fake microphone speaks until Moshi has said a dozen pieces; the page's text."""
+    chat = chat_server(worker)
+    async with TestServer(chat.app(client), host="127.0.0.1") as server:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=chromium(), headless=True,
+                args=CHROMIUM_FLAGS + [f"--use-file-for-fake-audio-capture={speech}"])
+            page = await browser.new_page()
+            await page.goto(str(server.make_url("/")))
+            await page.get_by_role("button", name="Connect").click()
+            deadline = time.monotonic() + 60
+            while not (worker.conversations and len(worker.conversations[0].said) >= 12):
+                assert time.monotonic() < deadline, "Moshi said nothing to Kyutai's client"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)  # the last pieces reach the page
+            text = await page.evaluate("() => document.body.innerText")
+            await browser.close()
+    return text
+
+
+def test_kyutais_web_client_still_talks_with_moshi(kyutai_client, worker, speech_24k):
+    text = asyncio.run(talk_with_kyutais_client(worker, kyutai_client, speech_24k))
+    (conversation,) = worker.conversations
+    assert len(conversation.heard) >= 12  # its Opus audio was decoded
+    words = [w for w in "".join(conversation.said).split() if len(w) >= 3]
+    shown = [w for w in words if w in text]
+    print(f"\nKyutai's web client showed {len(shown)} of Moshi's {len(words)} words")
+    assert words and len(shown) >= len(words) // 2, (words, text)  # Moshi's words, on its page
