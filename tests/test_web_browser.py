@@ -97,19 +97,24 @@ def chat_server(worker: ModelWorker) -> ChatServer:
     return ChatServer(worker, Sampling(0.7, 25, 0.8, 250), OriginPolicy("127.0.0.1"))
 
 
-# Stands for the browser's permission prompt: getUserMedia waits until `grantPermission()`;
-# the streams it gave are kept in `grantedStreams`.
-HOLD_PERMISSION = """
+# Keeps the streams getUserMedia gave in `grantedStreams`, to see that the page stops them.
+KEEP_STREAMS = """
 const ask = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
-let grant = null;
 window.grantedStreams = [];
+navigator.mediaDevices.getUserMedia = async (constraints) => {
+  const stream = await ask(constraints);
+  window.grantedStreams.push(stream);
+  return stream;
+};
+"""
+# Then stands for the browser's permission prompt: getUserMedia waits for `grantPermission()`.
+HOLD_PERMISSION = KEEP_STREAMS + """
+const keep = navigator.mediaDevices.getUserMedia;
+let grant = null;
 window.permissionAsked = () => grant !== null;
 window.grantPermission = () => grant();
 navigator.mediaDevices.getUserMedia = (constraints) => new Promise((resolve, reject) => {
-  grant = () => ask(constraints).then((stream) => {
-    window.grantedStreams.push(stream);
-    resolve(stream);
-  }, reject);
+  grant = () => keep(constraints).then(resolve, reject);
 });
 """
 TRACKS_STATES = "return grantedStreams.flatMap((s) => s.getTracks().map((t) => t.readyState))"
@@ -131,6 +136,7 @@ async def talk_in_the_browser(worker: ModelWorker, speech: Path) -> dict:
             problems = []
             page.on("pageerror", lambda error: problems.append(str(error)))
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            await page.add_init_script(KEEP_STREAMS)
             await page.goto(str(server.make_url("/")))
             await page.click("#connect")
             await page.wait_for_function("window.stats.state === 'live'", timeout=60_000)
@@ -143,6 +149,7 @@ async def talk_in_the_browser(worker: ModelWorker, speech: Path) -> dict:
             await page.click("#connect")
             await page.wait_for_function("window.stats.state === 'idle'")
             result = await page.evaluate(f"(() => {{ {RESULT} }})()")
+            result["tracks"] = await page.evaluate(f"(() => {{ {TRACKS_STATES} }})()")
             await browser.close()
     result["problems"] = problems
     return result
@@ -154,9 +161,10 @@ def frame_levels(frames) -> np.ndarray:
 
 def assert_talked(result: dict, conversation: RecordingConversation) -> None:
     """The page showed Moshi's text as it came, played its voice, showed the server's figures,
-    and ended as Disconnect ends it."""
+    and ended as Disconnect ends it, the microphone released."""
     stats = result["stats"]
     assert result["state"] == "Disconnected."
+    assert result["tracks"] and set(result["tracks"]) == {"ended"}, result["tracks"]
     assert result["transcript"].strip()
     assert "".join(conversation.said).lstrip().startswith(result["transcript"])
     assert stats["textPieces"] >= 12 and stats["receivedFrames"] >= 12
@@ -295,7 +303,7 @@ async def in_firefox(worker: ModelWorker, profile: Path, talk: bool) -> dict:
         with firefox(profile) as session:
             run = asyncio.to_thread
             await run(session.navigate, str(server.make_url("/")))
-            await page_script(session, CATCH_ERRORS + ("" if talk else HOLD_PERMISSION))
+            await page_script(session, CATCH_ERRORS + (KEEP_STREAMS if talk else HOLD_PERMISSION))
             connect = await run(session.find_element, "css selector", "#connect")
             await run(connect.click)
             if talk:
@@ -312,8 +320,7 @@ async def in_firefox(worker: ModelWorker, profile: Path, talk: bool) -> dict:
                 await asyncio.sleep(0.5)
             result = await page_script(session, RESULT)
             result["errors"] = await page_script(session, "return pageErrors")
-            if not talk:
-                result["tracks"] = await page_script(session, TRACKS_STATES)
+            result["tracks"] = await page_script(session, TRACKS_STATES)
     return result
 
 
