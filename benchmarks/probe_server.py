@@ -41,6 +41,7 @@ from .chat_client import (
     probe_signal,
     process_figures,
     receive_all,
+    receive_within,
     send_speech,
 )
 
@@ -226,7 +227,7 @@ async def answered(ws: aiohttp.ClientWebSocketResponse, reply: Reply, voice: boo
     heard = len(reply.audio) + (0 if voice else len(reply.text))
     while (left := deadline - time.monotonic()) > 0:
         try:
-            msg = await ws.receive(timeout=left)
+            msg = await receive_within(ws, left)
         except asyncio.TimeoutError:
             return False
         if msg.type != aiohttp.WSMsgType.BINARY:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer, make_mocked_request
 
+from benchmarks.chat_client import receive_within
 from benchmarks.probe_server import gone_client
 from moshi_mlx import utils
 from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
@@ -101,7 +102,7 @@ def pcm_frames(levels) -> bytes:
 
 
 async def next_message(ws) -> bytes:
-    msg = await ws.receive(timeout=10)
+    msg = await receive_within(ws, 10)
     assert msg.type == aiohttp.WSMsgType.BINARY, msg
     return msg.data
 
@@ -356,12 +357,11 @@ def test_a_live_client_may_pause_and_only_the_idle_limit_ends_its_conversation()
         async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as ws:
             assert await next_message(ws) == b"\x00\x00\x00"
             with pytest.raises(asyncio.TimeoutError):  # nothing to say for 3 s, no close
-                await asyncio.wait_for(ws.receive(), 3)  # (receive's own timeout restarts
-                # at each ping)
+                await receive_within(ws, 3)
             await ws.send_bytes(b"\x01" + pcm_frames([0.1]))
             first = await next_message(ws)
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(ws.receive(), 10)
+                await receive_within(ws, 10)
             await ws.send_bytes(b"\x01" + pcm_frames([0.2, 0.3]))
             return [first] + [await next_message(ws) for _ in range(4)]
 
