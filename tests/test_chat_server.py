@@ -400,6 +400,7 @@ def test_a_client_that_answers_no_pings_frees_the_model_2_s_after_its_last_pong(
     assert 2.0 <= gone.freed_after < 5.0  # the rule is 2 s; the rest: clean-up, a loaded machine
     lines = [r.message for r in caplog.records if "answered no ping" in r.message]
     assert len(lines) == 1 and "answered no ping for 2.0 s (gone)" in lines[0], lines
+    assert not [r.getMessage() for r in caplog.records if r.exc_info]  # no traceback
 
 
 def test_a_client_beyond_the_one_holding_the_model_is_always_told_busy():

@@ -252,6 +252,7 @@ def test_a_client_gone_without_a_close_frees_the_model_and_a_pause_does_not(serv
             problems.append(f"{what}: the model was free {freed} after its last pong, not "
                             f"2 s (plus the clean-up)")
     server.wait_for(r"answered no ping for 2\.\d s \(gone\)")
+    problems += traceback_problems(server)
     paused, answered_after = asyncio.run(live_pause(server.url, 10.0))
     if paused.close_code is not None or not answered_after:
         problems.append(f"a client silent for 10 s: closed {paused.close_code} "
