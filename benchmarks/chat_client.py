@@ -169,13 +169,19 @@ async def send_speech(ws: aiohttp.ClientWebSocketResponse, pcm: np.ndarray,
         await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SECONDS - loop.time()))
 
 
+async def receive_within(ws: aiohttp.ClientWebSocketResponse, seconds: float) -> aiohttp.WSMessage:
+    """The server's next message, or asyncio.TimeoutError after `seconds`. (aiohttp's own
+    receive timeout restarts at each ping the server sends, so it never sees a quiet server.)"""
+    return await asyncio.wait_for(ws.receive(), seconds)
+
+
 async def receive_all(ws: aiohttp.ClientWebSocketResponse, reply: Reply,
                       sending: asyncio.Task | None = None, idle: float = IDLE_SECONDS) -> Reply:
     """Collects the server's messages until it closes, or has sent nothing for `idle` seconds
     after the sending is done."""
     while True:
         try:
-            msg = await ws.receive(timeout=idle)
+            msg = await receive_within(ws, idle)
         except asyncio.TimeoutError:
             if sending is None or sending.done():
                 return reply
@@ -196,7 +202,7 @@ async def receive_all(ws: aiohttp.ClientWebSocketResponse, reply: Reply,
 async def first_message(ws: aiohttp.ClientWebSocketResponse, timeout: float = 60) -> Reply:
     """The server's first message on a new connection (a close counts as one)."""
     reply = Reply(b"")
-    msg = await ws.receive(timeout=timeout)
+    msg = await receive_within(ws, timeout)
     if msg.type == aiohttp.WSMsgType.BINARY:
         reply.first = msg.data
         if msg.data[:1] == b"\x05":
@@ -250,7 +256,7 @@ async def handshake_or_error(url: str) -> bytes:
     """The server's first message to a new connection."""
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(f"ws://{url}/api/chat") as ws:
-            return (await ws.receive(timeout=60)).data
+            return (await receive_within(ws, 60)).data
 
 
 class RawSocket:

@@ -5,8 +5,9 @@
 Starts `python -m moshi_mlx.local_web --demo --seed 1234` servers (the demo model is built once
 in the cache directory) and drives them from outside, through the websocket at /api/chat, its URL
 query and HTTP only: a fuzz of malformed messages and bad queries, abrupt disconnects,
-simultaneous clients, a silent client, many short conversations. Prints what the clients saw and
-the server process's memory, threads and open files (Linux /proc) as Markdown.
+simultaneous clients, a client gone without a close, a pause, many short conversations. Prints
+what the clients saw and the server process's memory, threads and open files (Linux /proc) as
+Markdown.
 
 `tests/test_server_probes.py` runs the same probes and asserts on what they return.
 """
@@ -40,6 +41,7 @@ from .chat_client import (
     probe_signal,
     process_figures,
     receive_all,
+    receive_within,
     send_speech,
 )
 
@@ -225,7 +227,7 @@ async def answered(ws: aiohttp.ClientWebSocketResponse, reply: Reply, voice: boo
     heard = len(reply.audio) + (0 if voice else len(reply.text))
     while (left := deadline - time.monotonic()) > 0:
         try:
-            msg = await ws.receive(timeout=left)
+            msg = await receive_within(ws, left)
         except asyncio.TimeoutError:
             return False
         if msg.type != aiohttp.WSMsgType.BINARY:
@@ -349,40 +351,70 @@ async def simultaneous(url: str, clients: int) -> list[Reply]:
 
 
 @dataclass
-class Silence:
-    """A client that went silent with its socket open, and the next client."""
+class Gone:
+    """A client that stopped reading and answering pings, its socket open, and the next one."""
 
-    silent: Reply  # what the silent client received
-    closed_after: float | None  # seconds from its last message to the server's close (None: open)
-    next_first: bytes  # the next client's first message, `after` seconds into the silence
-    next_waited: float  # seconds the next client waited for it
+    first: bytes  # the gone client's first message
+    pongs: int  # pings it answered while it was there
+    busy_meanwhile: bytes  # a client's first message 0.5 s after it went
+    freed_after: float | None  # seconds from its last pong to the next client's handshake
 
 
-async def silent_client(url: str, frames: int, after: float = 2.5) -> Silence:
-    """A client sends `frames` frames of audio then nothing, its socket open (it still answers
-    pings); `after` seconds later a second client connects once."""
+async def gone_client(host: str, port: int, frames: int) -> Gone:
+    """A client sends `frames` frames of audio at real-time pace and answers the server's pings,
+    then reads nothing more (no pong) with its socket open; other clients then connect every
+    50 ms until one gets the handshake (for up to BUSY_TIMEOUT seconds)."""
+    raw = await RawSocket.connect(host, port)
+    await raw.send(RawSocket.upgrade_request(host, port, "/api/chat?audio=pcm"))
+    status = await raw.response_status()
+    first = (await raw.read_frame())[1] if status == 101 else b""
+    pongs: list[float] = []
+
+    async def answer_pings() -> None:
+        while (frame := await raw.read_frame())[0] != -1:
+            if frame[0] == 9:
+                await raw.send(RawSocket.frame(frame[1], opcode=10))
+                pongs.append(time.monotonic())
+
+    reading = asyncio.create_task(answer_pings())
+    for i in range(frames):
+        await raw.send(RawSocket.frame(pcm_message(seed=i)))
+        await asyncio.sleep(FRAME / RATE)
+    await asyncio.sleep(0.6)  # a ping or more after the audio
+    reading.cancel()
+    await asyncio.gather(reading, return_exceptions=True)
+    went = time.monotonic()
+    await asyncio.sleep(0.5)
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(f"ws://{url}/api/chat?audio=pcm") as silent:
-            reply = await first_message(silent)
-            for i in range(frames):
-                await silent.send_bytes(pcm_message(seed=i))
-                await asyncio.sleep(FRAME / RATE)
-            quiet = time.monotonic()
+        async with http.ws_connect(f"ws://{host}:{port}/api/chat") as ws:
+            busy = (await first_message(ws)).first
+        ws, reply, _ = await connect_when_free(http, f"{host}:{port}", "",
+                                               BUSY_TIMEOUT - (time.monotonic() - went))
+        await ws.close()
+    freed = time.monotonic() if reply.first[:1] == b"\x00" else None
+    await raw.close()
+    last = pongs[-1] if pongs else went
+    return Gone(first, len(pongs), busy, None if freed is None else freed - last)
 
-            async def until_closed() -> float:
-                await receive_all(silent, reply, idle=after + 60)
-                return time.monotonic() - quiet
 
-            listening = asyncio.create_task(until_closed())
-            await asyncio.sleep(after)
-            start = time.monotonic()
-            async with http.ws_connect(f"ws://{url}/api/chat?audio=pcm") as other:
-                first = await first_message(other)
-                waited = time.monotonic() - start
-            await asyncio.wait([listening], timeout=0.5)
-            closed_after = listening.result() if listening.done() else None
-            listening.cancel()
-            return Silence(reply, closed_after, first.first, waited)
+async def live_pause(url: str, seconds: float) -> tuple[Reply, bool]:
+    """A client speaks REFERENCE's first frames, then sends nothing for `seconds` while it
+    reads (and so answers pings), then speaks again: (what it received, whether Moshi answered
+    the audio after the pause)."""
+    async with aiohttp.ClientSession() as http:
+        ws, reply, _ = await connect_when_free(http, url, "?audio=pcm", BUSY_TIMEOUT)
+        async with ws:
+            if reply.first[:1] != b"\x00":
+                return reply, False
+            await send_speech(ws, REFERENCE[: 4 * FRAME], "pcm")
+            try:
+                await asyncio.wait_for(receive_all(ws, reply, idle=seconds + 60), seconds)
+            except asyncio.TimeoutError:  # still open after the pause, as it should
+                pass
+            if reply.close_code is not None:
+                return reply, False
+            await send_speech(ws, REFERENCE[: 4 * FRAME], "pcm")
+            return reply, await answered(ws, reply)
 
 
 async def short_conversation(http: aiohttp.ClientSession, url: str, frames: int = 2) -> float:
@@ -397,13 +429,16 @@ async def short_conversation(http: aiohttp.ClientSession, url: str, frames: int 
     return waited
 
 
-def settled_figures(pid: int, fds: int, timeout: float = 5.0) -> ProcessFigures | None:
-    """The process's figures once it holds no more than `fds` open files (the sockets of ended
-    connections take a moment to close), or after `timeout` seconds."""
+def settled_figures(pid: int, before: ProcessFigures | None,
+                    timeout: float = 5.0) -> ProcessFigures | None:
+    """The process's figures once it holds no more open files and threads than `before` (the
+    sockets of ended connections take a moment to close, the threads of ended conversations to
+    finish), or after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         now = process_figures(pid)
-        if now is None or now.fds <= fds or time.monotonic() > deadline:
+        if (now is None or before is None or time.monotonic() > deadline
+                or (now.fds <= before.fds and now.threads <= before.threads)):
             return now
         time.sleep(0.1)
 
@@ -427,9 +462,9 @@ def memory_probe(server: ServerProcess, conversations: int) -> MemoryRun:
 
     start = process_figures(server.proc.pid)
     waits = asyncio.run(talk(1))
-    first = settled_figures(server.proc.pid, start.fds if start else 0)
+    first = settled_figures(server.proc.pid, start)
     waits += asyncio.run(talk(conversations - 1))
-    last = settled_figures(server.proc.pid, first.fds if first else 0)
+    last = settled_figures(server.proc.pid, first)
     return MemoryRun(start, first, last, conversations, waits)
 
 
@@ -516,7 +551,7 @@ def fuzz_report(reference: Reply) -> list[str]:
         queries = [q for q, *_ in BAD_QUERIES] + EDGE_QUERIES
         outcomes += [asyncio.run(query_probe(server.url, q)) for q in queries]
         after = asyncio.run(reference_conversation(server.url))
-        end = settled_figures(server.proc.pid, start.fds if start else 0)
+        end = settled_figures(server.proc.pid, start)
         internal = sum(any(e.startswith("internal error") for e in o.reply.errors)
                        for o in outcomes)
         tracebacks = sum("Traceback" in line for line in server.lines)
@@ -535,7 +570,7 @@ def disconnects_report(reference: Reply, count: int) -> list[str]:
                                                DISCONNECTS[i % len(DISCONNECTS)]))
                  for i in range(count)]
         after = asyncio.run(reference_conversation(server.url))
-        end = settled_figures(server.proc.pid, start.fds if start else 0)
+        end = settled_figures(server.proc.pid, start)
         tracebacks = sum("Traceback" in line for line in server.lines)
     return [waits_line(f"after {count} abrupt disconnects", [w for w in waits if w is not None])
             + f"; {tracebacks} tracebacks in the log; the next conversation equals a fresh "
@@ -545,13 +580,14 @@ def disconnects_report(reference: Reply, count: int) -> list[str]:
 
 def silence_report() -> list[str]:
     with fresh_server() as server:
-        silence = asyncio.run(silent_client(server.url, frames=4))
-    closed = ("still open" if silence.closed_after is None else
-              f"closed {silence.closed_after:.1f} s into the silence ({silence.silent.close_code} "
-              f"{silence.silent.close_reason!r})")
-    return [f"a silent client: the next client, 2.5 s into the silence, got "
-            f"{silence.next_first[:24]!r} after {silence.next_waited:.2f} s; the silent one: "
-            f"{closed}"]
+        gone = asyncio.run(gone_client(server.host, server.port, frames=12))
+        paused, answered_after = asyncio.run(live_pause(server.url, 10.0))
+    freed = ("not within the busy timeout" if gone.freed_after is None else
+             f"{gone.freed_after:.2f} s after its last pong")
+    return [f"a client gone after 1 s of audio (no reading, no pong, socket open): the model "
+            f"was free {freed}; a client 0.5 s after it went got {gone.busy_meanwhile[:24]!r}",
+            f"a live client silent for 10 s mid-conversation: closed: "
+            f"{paused.close_code is not None}; answered after the pause: {answered_after}"]
 
 
 def memory_report(conversations: int) -> list[str]:

@@ -2,13 +2,18 @@
 page that talks to it.
 
 Each connection is a fresh conversation: the model's state (KV cache, Mimi streams, sampler seed)
-is reset, nothing is loaded. While one runs, another client gets an error message ("busy") and a
-close. The conversation runs in the live engine (`engine.pipeline`): the client's audio is
-decoded, Mimi-encoded, stepped by Moshi, Mimi-decoded and coded for the client on threads of
-their own; this module only moves messages between the websocket and the engine. Moshi's text
-goes out as soon as a step has produced it, before its voice is decoded. When the engine falls
-behind real time, the oldest waiting input frames are dropped, so the lag stays under
-`max_lag`.
+is reset, nothing is loaded. While one runs (or waits for the previous one's clean-up), another
+client gets an error message ("busy") and a close. The conversation runs in the live engine
+(`engine.pipeline`): the client's audio is decoded, Mimi-encoded, stepped by Moshi, Mimi-decoded
+and coded for the client on threads of their own; this module only moves messages between the
+websocket and the engine. Moshi's text goes out as soon as a step has produced it, before its
+voice is decoded. When the engine falls behind real time, the oldest waiting input frames are
+dropped, so the lag stays under `max_lag`.
+
+A client is alive while it answers the websocket's pings: one that has answered none for
+PONG_TIMEOUT_SECONDS (a dead network, a frozen process) loses the model at once. A live client
+may send no audio for up to `idle_timeout` seconds (a permission prompt, a pause) before its
+conversation ends.
 """
 
 import asyncio
@@ -27,7 +32,7 @@ from .audio.mimi_process import MimiError
 from .engine.conversation import Conversation
 from .engine.pipeline import LiveEngine
 from .engine.stages import WAIT_SECONDS
-from .engine.worker import ModelWorker
+from .engine.worker import ModelThread, ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
 from .web.origin import OriginPolicy
 
@@ -35,8 +40,9 @@ log = logging.getLogger("moshi_mlx")
 
 STATIC_DIR = Path(__file__).parent / "static"  # the page shipped with the package
 MAX_MESSAGE_BYTES = 256 * 1024  # about a minute of Opus, or 5 s of 16-bit PCM
-HEARTBEAT_SECONDS = 10.0  # a client that stops answering pings is dropped after this
-INPUT_TIMEOUT_SECONDS = 1.5  # a conversation whose client sends no audio for this long ends
+PING_SECONDS = 0.5  # a ping to the client this often
+PONG_TIMEOUT_SECONDS = 2.0  # a client that answers no ping for this long is gone
+IDLE_TIMEOUT_SECONDS = 60.0  # by default, a conversation with no audio for this long ends
 STATUS_EVERY = 12  # frames between two status messages (about 1 s)
 MAX_WAITING_CHUNKS = 64  # audio messages waiting to be decoded: a client far ahead of real time
 MIMI_FAILED = "audio codec failed"  # the start of the 0x05 message, and the close reason
@@ -49,6 +55,14 @@ QUERY_SAMPLING = {  # the names Kyutai's web client uses in its URL query
     "audio_temperature": ("audio_temp", float),
     "audio_topk": ("audio_top_k", int),
 }
+
+
+async def quiet(coroutine) -> None:
+    """Awaits a send to the client; a client already gone is no error."""
+    try:
+        await coroutine
+    except ConnectionError:
+        pass
 
 
 async def refuse(ws: web.WebSocketResponse, text: str, code: int) -> None:
@@ -135,6 +149,7 @@ class Session:
         self.send_status = send_status
         self.ignored: Counter[str] = Counter()
         self.failure: tuple[str, BaseException] | None = None
+        self.last_pong = 0.0  # the event loop's time of the client's last pong
         self._loop = asyncio.get_running_loop()
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the engine failed
         self.engine = LiveEngine(
@@ -224,21 +239,36 @@ class ChatServer:
 
     `max_lag`: seconds of input audio that may wait for generation before the oldest is dropped.
     `seed`: every conversation starts from this seed (same input, same answer); None: a random
-    seed per conversation, logged.
+    seed per conversation, logged. `idle_timeout`: seconds a live client may send no audio
+    before its conversation ends.
     """
 
     def __init__(self, worker: ModelWorker, sampling: Sampling, origins: OriginPolicy,
                  max_lag: float = 0.5, seed: int | None = None,
-                 vocab: tuple[int | None, int | None] = (None, None)):
+                 vocab: tuple[int | None, int | None] = (None, None),
+                 idle_timeout: float = IDLE_TIMEOUT_SECONDS):
         self.worker = worker
         self.sampling = sampling
         self.vocab = vocab  # (text, audio) vocabulary sizes: top-k's upper bounds
         self.origins = origins
         self.max_queued = max(1, round(max_lag * FRAME_RATE))
         self.seed = seed
-        self.busy = False  # a client is in a conversation
+        self.idle_timeout = idle_timeout
+        # The connection that has the model (talking, or waiting for the previous clean-up):
+        # any other is refused. Only its own conversation lets it go.
+        self._holder: web.WebSocketResponse | None = None
         self._turn = asyncio.Lock()  # held by a conversation until its clean-up is done
+        self._cleaner = ModelThread("chat-cleanup")  # one thread for every clean-up
         self.sockets: set[web.WebSocketResponse] = set()
+
+    @property
+    def busy(self) -> bool:
+        return self._holder is not None
+
+    def _let_go(self, ws: web.WebSocketResponse) -> None:
+        """`ws`'s client no longer needs the model: the next client may take it."""
+        if self._holder is ws:
+            self._holder = None
 
     def app(self, static_dir: Path | None) -> web.Application:
         """The aiohttp application: the websocket, and the page in `static_dir` (none if None)."""
@@ -261,7 +291,10 @@ class ChatServer:
             log.warning("refused a websocket from %s: origin %s is not this server's (see "
                         "--allow-origin)", peer, request.headers.get("Origin"))
             raise web.HTTPForbidden(text="This page's origin may not use this server.\n")
-        ws = ChatSocket(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT_SECONDS)
+        # Pings are answered and pongs watched here (autoping off): aiohttp's heartbeat measures
+        # from the last message of any kind, not from the last pong.
+        ws = ChatSocket(max_msg_size=MAX_MESSAGE_BYTES, autoping=False,
+                        timeout=PONG_TIMEOUT_SECONDS)
         try:
             await ws.prepare(request)
         except ConnectionResetError:  # the client left before the upgrade was answered: the
@@ -293,16 +326,17 @@ class ChatServer:
             await refuse(ws, f"bad request: {e}", WSCloseCode.POLICY_VIOLATION)
             return
         seed = secrets.randbits(32) if self.seed is None else self.seed
-        self.busy = True  # before the first await: the next client is refused
+        self._holder = ws  # before the first await: the next client is refused
         try:
             async with self._turn:  # the previous conversation's clean-up first
                 await self._talk(ws, request, sampling, codec, send_status, seed)
         finally:
-            self.busy = False
+            self._let_go(ws)
 
     async def _talk(self, ws: web.WebSocketResponse, request: web.Request, sampling: Sampling,
                     codec: AudioCodec, send_status: bool, seed: int) -> None:
-        session = sending = None
+        session = None
+        tasks: list[asyncio.Task] = []
         try:
             conversation = await self.worker.run(self.worker.new_conversation,
                                                  *sampling.samplers(), seed)
@@ -315,51 +349,81 @@ class ChatServer:
                                          "max_lag_ms": round(1000 * self.max_queued / FRAME_RATE),
                                          **asdict(sampling)})
             session.engine.start()
-            sending = asyncio.create_task(session.send())
-            receiving = asyncio.create_task(self._receive(ws, session))
-            await asyncio.wait([sending, receiving], return_when=asyncio.FIRST_COMPLETED)
-            receiving.cancel()
+            tasks = [asyncio.create_task(session.send()),
+                     asyncio.create_task(self._receive(ws, session)),
+                     asyncio.create_task(self._watch(ws, session, request))]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except ConnectionResetError:
             pass
         except Exception:
             log.exception("conversation failed")
             await refuse(ws, INTERNAL_ERROR_MESSAGE, WSCloseCode.INTERNAL_ERROR)
         finally:
-            self.busy = False  # the client is gone: the next one waits for the clean-up
+            self._let_go(ws)  # the client is gone: the next one waits for the clean-up
             try:
-                if sending is not None:
-                    sending.cancel()
-                    await asyncio.gather(sending, return_exceptions=True)
-                if session is not None:  # the stages finish their frames, off the event loop
-                    await asyncio.to_thread(session.engine.stop)
-                    session.engine.conversation.prepare_next()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if session is not None:  # off the event loop: stopping the stages waits for
+                    await asyncio.wrap_future(  # their frames; Mimi's next streams start
+                        self._cleaner.submit(self._clean_up, session))
             finally:  # even when the server stops during the awaits
                 if session is not None:
                     self._log_end(session)
 
+    @staticmethod
+    def _clean_up(session: Session) -> None:
+        session.engine.stop()
+        session.engine.conversation.prepare_next()
+
+    async def _watch(self, ws: web.WebSocketResponse, session: Session,
+                     request: web.Request) -> None:
+        """Pings the client every PING_SECONDS; returns once it has answered none for
+        PONG_TIMEOUT_SECONDS (counted from its last pong, or from the handshake), having cut
+        the connection."""
+        loop = asyncio.get_running_loop()
+        session.last_pong = loop.time()
+        ping = None
+        try:
+            while (silent := loop.time() - session.last_pong) < PONG_TIMEOUT_SECONDS:
+                if ping is None or ping.done():  # a ping can wait on a client that reads nothing
+                    ping = asyncio.create_task(quiet(ws.ping()))
+                await asyncio.sleep(min(PING_SECONDS, PONG_TIMEOUT_SECONDS - silent))
+        finally:
+            if ping is not None:
+                ping.cancel()
+        log.warning("ended a conversation: %s answered no ping for %.1f s (gone)",
+                    request.remote, silent)
+        if request.transport is not None:  # no close handshake with a client that is gone
+            request.transport.abort()
+
     async def _receive(self, ws: web.WebSocketResponse, session: Session) -> None:
-        """Takes the client's messages until it closes, sends audio that cannot be decoded, or
-        sends no audio for INPUT_TIMEOUT_SECONDS once Moshi has answered all it heard (a silent
-        client must not keep the model)."""
+        """Takes the client's messages (answers its pings, notes its pongs) until it closes,
+        sends audio that cannot be decoded, or sends no audio for `idle_timeout` seconds once
+        Moshi has answered all it heard."""
         loop = asyncio.get_running_loop()
         last_audio = loop.time()
         while True:
-            timeout = last_audio + INPUT_TIMEOUT_SECONDS - loop.time()
-            if timeout <= 0 and not session.engine.pipeline.idle:
-                timeout = WAIT_SECONDS  # the frames already received are answered first
+            left = last_audio + self.idle_timeout - loop.time()
+            if left <= 0:
+                if session.engine.pipeline.idle:
+                    await session.flush()
+                    reason = f"no audio for {self.idle_timeout:g} s"
+                    log.info("ended a conversation: %s", reason)
+                    await ws.close(code=WSCloseCode.OK, message=reason.encode())
+                    return
+                left = WAIT_SECONDS  # the frames already received are answered first
             try:
-                msg = await ws.receive(timeout=max(timeout, 0.0))
+                msg = await ws.receive(timeout=left)
             except asyncio.TimeoutError:
-                if not session.engine.pipeline.idle:
-                    continue
-                await session.flush()
-                log.info("ended a conversation: no audio for %g s", INPUT_TIMEOUT_SECONDS)
-                await ws.close(code=WSCloseCode.OK,
-                               message=f"no audio for {INPUT_TIMEOUT_SECONDS:g} s".encode())
-                return
+                continue
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
-            if msg.type == WSMsgType.TEXT:
+            if msg.type == WSMsgType.PONG:
+                session.last_pong = loop.time()
+            elif msg.type == WSMsgType.PING:
+                await quiet(ws.pong(msg.data))
+            elif msg.type == WSMsgType.TEXT:
                 session.ignore("a text message (the protocol's messages are binary)")
             elif msg.type == WSMsgType.ERROR:
                 log.warning("connection error: %s", ws.exception())

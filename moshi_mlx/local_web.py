@@ -20,7 +20,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import cli, model_files
-from .chat_server import STATIC_DIR, ChatServer, Sampling
+from .chat_server import (
+    IDLE_TIMEOUT_SECONDS,
+    PONG_TIMEOUT_SECONDS,
+    STATIC_DIR,
+    ChatServer,
+    Sampling,
+)
 from .engine.worker import ModelWorker
 from .web.origin import OriginPolicy, is_loopback
 
@@ -70,9 +76,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--max-lag", type=float, default=0.5, metavar="SECONDS",
                         help="input audio that may wait for the model; older frames are dropped "
                              "when generation falls behind (default: 0.5)")
+    server.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_SECONDS,
+                        metavar="SECONDS",
+                        help="end a conversation whose client sends no audio for this long "
+                             f"(default: {IDLE_TIMEOUT_SECONDS:g}); a client that stops "
+                             f"answering the websocket's pings is dropped after "
+                             f"{PONG_TIMEOUT_SECONDS:g} s whatever this is")
     args = cli.parse_app_args(parser, argv)
-    if args.max_lag <= 0:
-        parser.error(f"--max-lag must be > 0, got {args.max_lag}")
+    for flag, value in (("--max-lag", args.max_lag), ("--idle-timeout", args.idle_timeout)):
+        if not 0 < value < float("inf"):
+            parser.error(f"{flag} must be a number of seconds > 0, got {value}")
     return args
 
 
@@ -132,7 +145,8 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
     sampling = Sampling(args.text_temp, args.text_top_k, args.audio_temp, args.audio_top_k)
     worker = ModelWorker(files, cli.make_samplers(args, cfg), cfg_coef=args.cfg_coef)
     server = ChatServer(worker, sampling, OriginPolicy(args.host, args.allow_origin),
-                        max_lag=args.max_lag, seed=args.seed, vocab=(cfg.text_card, cfg.card))
+                        max_lag=args.max_lag, seed=args.seed, vocab=(cfg.text_card, cfg.card),
+                        idle_timeout=args.idle_timeout)
     runner = web.AppRunner(server.app(static), access_log=None, handle_signals=False)
     await runner.setup()
     try:

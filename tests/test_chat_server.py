@@ -13,6 +13,8 @@ import pytest
 from aiohttp.test_utils import TestServer, make_mocked_request
 from conftest import FRAME
 
+from benchmarks.chat_client import receive_within
+from benchmarks.probe_server import gone_client
 from moshi_mlx import utils
 from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
 from moshi_mlx.engine.worker import ModelThread
@@ -25,15 +27,17 @@ DEFAULT_SAMPLING = Sampling(0.7, 25, 0.8, 250)
 class ScriptedConversation:
     """Says " w{n}" at step n and, from step 1, a voice frame of constant level n / 100.
     Records the mean of each frame it hears; Moshi's step can be slowed (`step_seconds`) or
-    made to raise (`fail_at`), the decoding held by a gate."""
+    made to raise (`fail_at`), the decoding held by a gate, the clean-up by another
+    (`cleanup_gate`)."""
 
     def __init__(self, text_sampler, audio_sampler, seed, step_seconds=0.0, gate=None,
-                 fail_at=None):
+                 fail_at=None, cleanup_gate=None):
         self.samplers = (text_sampler, audio_sampler)
         self.seed = seed
         self.step_seconds = step_seconds
         self.gate = gate
         self.fail_at = fail_at
+        self.cleanup_gate = cleanup_gate
         self.heard: list[float] = []
         self.ended = False
 
@@ -58,6 +62,8 @@ class ScriptedConversation:
         return 0.0
 
     def prepare_next(self):
+        if self.cleanup_gate is not None:
+            assert self.cleanup_gate.wait(timeout=30), "the clean-up was never let through"
         self.ended = True
 
 
@@ -99,7 +105,7 @@ def pcm_frames(levels) -> bytes:
 
 
 async def next_message(ws) -> bytes:
-    msg = await ws.receive(timeout=10)
+    msg = await receive_within(ws, 10)
     assert msg.type == aiohttp.WSMsgType.BINARY, msg
     return msg.data
 
@@ -336,25 +342,105 @@ def test_the_page_is_served_from_the_package():
     assert serve(no_page, static=None) == 404
 
 
-def test_a_silent_client_frees_the_model_within_two_seconds():
-    async def connect(server, http):
-        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as silent:
-            assert await next_message(silent) == b"\x00\x00\x00"
-            await silent.send_bytes(b"\x01" + pcm_frames([0.1]))
-            start = time.monotonic()
-            messages = []
-            while (msg := await silent.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
-                messages.append(msg.data)  # it keeps its socket open, sends nothing more
-            ended = time.monotonic() - start
-            reason = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None
-            async with http.ws_connect(server.make_url("/api/chat")) as next_client:
-                return messages, ended, (silent.close_code, reason), await next_message(
-                    next_client)
+async def receive_until_closed(ws) -> tuple[list[bytes], tuple]:
+    """The server's messages until it closes (the client answers its pings meanwhile):
+    (messages, (close code, reason))."""
+    messages = []
+    while (msg := await ws.receive(timeout=90)).type == aiohttp.WSMsgType.BINARY:
+        messages.append(msg.data)
+    return messages, (ws.close_code, msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None)
 
-    messages, ended, close, handshake = serve(connect)
+
+def test_a_live_client_may_pause_and_only_the_idle_limit_ends_its_conversation():
+    """A client that answers pings but sends its first audio 3 s late (a permission prompt),
+    then pauses 10 s, keeps its conversation; once it sends no audio for `idle_timeout` it is
+    closed with the reason, and the next client has the model."""
+
+    async def pause(server, http):
+        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as ws:
+            assert await next_message(ws) == b"\x00\x00\x00"
+            with pytest.raises(asyncio.TimeoutError):  # nothing to say for 3 s, no close
+                await receive_within(ws, 3)
+            await ws.send_bytes(b"\x01" + pcm_frames([0.1]))
+            first = await next_message(ws)
+            with pytest.raises(asyncio.TimeoutError):
+                await receive_within(ws, 10)
+            await ws.send_bytes(b"\x01" + pcm_frames([0.2, 0.3]))
+            return [first] + [await next_message(ws) for _ in range(4)]
+
+    received = serve(pause)
+    assert [m for m in received if m[:1] == b"\x02"] == [b"\x02 w0", b"\x02 w1", b"\x02 w2"]
+    assert [m for m in received if m[:1] == b"\x01"] == [
+        b"\x01" + PcmAudio().encode(np.full(FRAME, n / 100, np.float32)) for n in (1, 2)]
+
+    async def idle(server, http):
+        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as ws:
+            assert await next_message(ws) == b"\x00\x00\x00"
+            await ws.send_bytes(b"\x01" + pcm_frames([0.1]))
+            ended = await receive_until_closed(ws)
+        async with http.ws_connect(server.make_url("/api/chat")) as next_client:
+            return ended, await next_message(next_client)
+
+    (messages, close), handshake = serve(idle, idle_timeout=1.0)
     assert messages == [b"\x02 w0"]  # Moshi's text for the frame it heard, then the close
-    assert close == (aiohttp.WSCloseCode.OK, "no audio for 1.5 s")
-    assert ended < 10 and handshake == b"\x00\x00\x00"  # ends by itself (1.5 s, not timed here)
+    assert close == (aiohttp.WSCloseCode.OK, "no audio for 1 s")
+    assert handshake == b"\x00\x00\x00"
+
+
+def test_a_client_that_answers_no_pings_frees_the_model_2_s_after_its_last_pong(caplog):
+    """A client that sends a second of audio, then stops reading and answering pings with its
+    socket open: 2 s after its last pong the model is free (the next client's handshake), with
+    one log line; not before."""
+
+    async def vanish(server, http):
+        return await gone_client(server.host, server.port, frames=12)
+
+    with caplog.at_level(logging.INFO, logger="moshi_mlx"):
+        gone = serve(vanish)
+    print(f"\nthe model was free {gone.freed_after:.2f} s after the client's last pong")
+    assert gone.first == b"\x00\x00\x00" and gone.pongs >= 2
+    assert gone.busy_meanwhile.startswith(b"\x05busy")
+    assert 2.0 <= gone.freed_after < 5.0  # the rule is 2 s; the rest: clean-up, a loaded machine
+    lines = [r.message for r in caplog.records if "answered no ping" in r.message]
+    assert len(lines) == 1 and "answered no ping for 2.0 s (gone)" in lines[0], lines
+    assert not [r.getMessage() for r in caplog.records if r.exc_info]  # no traceback
+
+
+def test_a_client_beyond_the_one_holding_the_model_is_always_told_busy():
+    """While a conversation's clean-up is held, the next client is accepted and waits; a third
+    is refused. Once the clean-up is done and the second talks, a fourth is refused too (the
+    first conversation's end must not free the second's turn)."""
+    cleanup = threading.Event()
+    worker = ScriptedWorker(cleanup_gate=cleanup)
+
+    async def clients(server, http):
+        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as first:
+            assert await next_message(first) == b"\x00\x00\x00"
+            await first.send_bytes(b"\x01" + pcm_frames([0.1]))
+            assert await next_message(first) == b"\x02 w0"
+        await asyncio.sleep(0.3)  # the first conversation's clean-up has begun, and waits
+        async with http.ws_connect(server.make_url("/api/chat?audio=pcm")) as second:
+            waiting = asyncio.create_task(next_message(second))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # accepted: it waits for the clean-up
+            refused = []
+            async with http.ws_connect(server.make_url("/api/chat")) as third:
+                refused.append(await next_message(third))
+            cleanup.set()
+            assert await waiting == b"\x00\x00\x00"
+            for _ in range(3):
+                async with http.ws_connect(server.make_url("/api/chat")) as other:
+                    refused.append(await next_message(other))
+                    close = await other.receive(timeout=10)
+            await second.send_bytes(b"\x01" + pcm_frames([0.2]))
+            talked = await next_message(second)
+        return refused, close, talked
+
+    refused, close, talked = serve(clients, worker)
+    assert all(m.startswith(b"\x05busy") for m in refused), refused
+    assert close.type == aiohttp.WSMsgType.CLOSE
+    assert close.data == aiohttp.WSCloseCode.TRY_AGAIN_LATER
+    assert talked == b"\x02 w0"
 
 
 def test_closes_that_aiohttp_makes_itself_carry_a_reason():

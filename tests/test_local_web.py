@@ -14,6 +14,7 @@ import time
 import aiohttp
 import numpy as np
 import pytest
+from conftest import require_tool
 
 from benchmarks.chat_client import (
     RATE,
@@ -103,6 +104,75 @@ def test_a_killed_client_does_not_block_the_next(server):
         time.sleep(0.05)
     print(f"model free {time.monotonic() - killed:.2f} s after the client was killed")
     assert first == b"\x00\x00\x00"
+
+
+# Kyutai's `python -m moshi.client` as is, but its microphone opens 3 s after the stream starts
+# (as when a person grants it late): the input stream's first blocks are withheld for 3 s.
+LATE_MICROPHONE_CLIENT = """
+import sys, time
+import sounddevice
+from moshi import client
+
+class LateMicrophone(sounddevice.InputStream):
+    def __init__(self, *args, callback, **kwargs):
+        self.opens = float("inf")
+
+        def late(*block):
+            if time.monotonic() >= self.opens:
+                callback(*block)
+
+        super().__init__(*args, callback=late, **kwargs)
+
+    def start(self):
+        self.opens = time.monotonic() + 3.0
+        super().start()
+
+client.sd.InputStream = LateMicrophone
+sys.argv = ["moshi.client", "--host", sys.argv[1], "--port", sys.argv[2]]
+client.main()
+"""
+
+
+def test_kyutais_client_whose_microphone_opens_3_s_late_has_a_whole_conversation(
+        server, pulse, speech_24k, tmp_path):
+    """`python -m moshi.client` (moshi 0.2.13) on virtual devices: its first audio comes more
+    than 3 s after the handshake; the conversation goes on, Moshi's text is printed and its
+    voice played."""
+    paplay = require_tool("paplay", "pulseaudio-utils")
+    parecord = require_tool("parecord", "pulseaudio-utils")
+    pulse_env = dict(os.environ, **pulse)
+    client_env = dict(pulse_env, PULSE_SOURCE="mic.monitor", PULSE_SINK="spk")
+    start = len(server.lines)
+    heard = subprocess.Popen([parecord, "--raw", "--device=spk.monitor", "--rate=24000",
+                              "--channels=1", "--format=s16le", tmp_path / "heard.raw"],
+                             env=pulse_env)
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        client = subprocess.Popen([sys.executable, "-c", LATE_MICROPHONE_CLIENT, server.host,
+                                   str(server.port)], env=client_env, stdout=out, stderr=err)
+        try:
+            time.sleep(4)  # the microphone is open by now
+            for _ in range(2):  # about 6 s of speech, then Moshi may answer
+                subprocess.run([paplay, "--device=mic", speech_24k], env=pulse_env, check=True,
+                               timeout=60)
+            time.sleep(3)
+            still_running = client.poll() is None
+            log = (tmp_path / "err.txt").read_text()  # before Ctrl-C, which it reports too
+        finally:
+            client.send_signal(signal.SIGINT)
+            client.wait(timeout=30)
+            heard.send_signal(signal.SIGINT)
+            heard.wait(timeout=30)
+    text = (tmp_path / "out.txt").read_text()
+    assert still_running and "Lost connection" not in log and "Connection closed" not in log, log
+    assert text.strip(), "no text from Moshi"
+    ended = server.wait_for(r"conversation ended: (\d+) frames received, Moshi heard (\d+) frames",
+                            start=start)
+    # Seconds of its audio came and were answered (how many Moshi heard before Ctrl-C depends on
+    # how fast this machine is).
+    assert int(ended.group(1)) >= 24 and int(ended.group(2)) >= 12, ended.group(0)
+    assert not any("answered no ping" in line for line in server.log_since(start))
+    played = np.fromfile(tmp_path / "heard.raw", "<i2") / 32768
+    assert np.sqrt(np.mean(np.square(played))) > 1e-3, "Moshi's voice was not played"
 
 
 async def busy_while_talking(url: str, pcm: np.ndarray) -> tuple[Reply, Reply]:
@@ -209,7 +279,9 @@ def test_server_setting_helpers():
     assert local_web.page_url("0.0.0.0", 8998, False) == "http://localhost:8998/"
     assert local_web.page_url("::1", 8998, True) == "https://[::1]:8998/"
     assert local_web.page_url("localhost", 1234, False) == "http://localhost:1234/"
-    with pytest.raises(SystemExit):
-        local_web.parse_args(["--max-lag", "0"])
+    assert local_web.parse_args(["--idle-timeout", "90"]).idle_timeout == 90
+    for flags in (["--max-lag", "0"], ["--idle-timeout", "-1"], ["--idle-timeout", "inf"]):
+        with pytest.raises(SystemExit):
+            local_web.parse_args(flags)
     with pytest.raises(SystemExit):
         local_web.parse_args(["--text-top-k", "-3"])

@@ -1,8 +1,9 @@
 """The browser app's server (`python -m moshi_mlx.local_web --demo`) against hostile and unlucky
 clients, from outside only (the websocket at /api/chat, its URL query, HTTP): a fuzz of malformed
-messages and bad queries, abrupt disconnects, simultaneous clients, a silent client, many
-conversations, forged Origin headers and malformed HTTP. After each, the server must still hold
-a conversation equal to one on a freshly started server (same seed, same input).
+messages and bad queries, abrupt disconnects, simultaneous clients, a client gone without a
+close, a pause, many conversations, forged Origin headers and malformed HTTP. After each, the
+server must still hold a conversation equal to one on a freshly started server (same seed, same
+input).
 
 Each test collects every problem it sees and reports them all at once. The probes themselves
 are in `benchmarks/probe_server.py` (`python -m benchmarks.probe_server` prints their figures).
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -34,7 +36,9 @@ from benchmarks.probe_server import (
     figures_table,
     fresh_server,
     fuzz_plans,
+    gone_client,
     http_probe,
+    live_pause,
     memory_probe,
     origin_probe,
     query_probe,
@@ -42,7 +46,6 @@ from benchmarks.probe_server import (
     run_broken_frame,
     run_plan,
     same_conversation,
-    silent_client,
     simultaneous,
     waits_line,
 )
@@ -233,23 +236,29 @@ def test_simultaneous_clients_one_converses(server, reference):
     assert conversation_problems(server, reference) == []
 
 
-def test_a_silent_client_frees_the_model_within_2_s(server):
+def test_a_client_gone_without_a_close_frees_the_model_and_a_pause_does_not(server):
+    """A client that stops reading and answering pings (its socket open) loses the model 2 s
+    after its last pong; one that reads but sends no audio for 10 s keeps its conversation."""
     problems, figures = [], []
-    for frames in (4, 0):  # silent after some audio; silent from the start
-        silence = asyncio.run(silent_client(server.url, frames, after=2.5))
-        what = f"a client silent after {frames} frames"
-        figures.append(f"{what}: the next client, 2.5 s into the silence, got "
-                       f"{silence.next_first[:20]!r} after {silence.next_waited:.2f} s")
-        if silence.silent.first != HANDSHAKE:
-            problems.append(f"{what}: no handshake ({silence.silent.first[:40]!r})")
-        if silence.next_first != HANDSHAKE:
-            problems.append(f"{what}: a client 2.5 s into the silence got "
-                            f"{silence.next_first[:60]!r}, not a handshake")
-        if silence.closed_after is None or not silence.silent.close_reason:
-            problems.append(f"{what}: not closed with a reason 3 s into the silence (close "
-                            f"{silence.silent.close_code} {silence.silent.close_reason!r})")
-        # Let any conversation still held end before the next round.
-        asyncio.run(handshake_when_free(server.url))
+    for frames in (12, 0):  # gone after a second of audio; gone from the start
+        gone = asyncio.run(gone_client(server.host, server.port, frames))
+        what = f"a client gone after {frames} frames"
+        freed = "never" if gone.freed_after is None else f"{gone.freed_after:.2f} s"
+        figures.append(f"{what}: the model was free {freed} after its last pong")
+        if gone.first != HANDSHAKE:
+            problems.append(f"{what}: no handshake ({gone.first[:40]!r})")
+        if not gone.busy_meanwhile.startswith(b"\x05busy"):
+            problems.append(f"{what}: a client 0.5 s after it went got "
+                            f"{gone.busy_meanwhile[:60]!r}, not busy")
+        if gone.freed_after is None or not 2.0 <= gone.freed_after < 5.0:
+            problems.append(f"{what}: the model was free {freed} after its last pong, not "
+                            f"2 s (plus the clean-up)")
+    server.wait_for(r"answered no ping for 2\.\d s \(gone\)")
+    problems += traceback_problems(server)
+    paused, answered_after = asyncio.run(live_pause(server.url, 10.0))
+    if paused.close_code is not None or not answered_after:
+        problems.append(f"a client silent for 10 s: closed {paused.close_code} "
+                        f"{paused.close_reason!r}, answered after the pause: {answered_after}")
     print("\n" + "\n".join(figures))
     assert not problems, "\n".join(problems)
 
@@ -274,8 +283,12 @@ def test_memory_threads_and_fds_flat_over_100_conversations(server):
         problems.append(f"RSS grew by {run.last.rss_mb - run.first.rss_mb:.0f} MB from the first "
                         f"conversation to the 100th ({run.first.rss_mb:.0f} -> "
                         f"{run.last.rss_mb:.0f} MB)")
+    # The server's threads are the model's, the clean-up's and the loop's, made once, and each
+    # conversation's stages, joined when it ends: once settled, never more than after the first.
     if run.last.threads > run.first.threads or run.last.fds > run.first.fds:
-        problems.append(f"threads {run.first.threads} -> {run.last.threads}, open fds "
+        names = sorted(p.read_text().strip() for p in Path(f"/proc/{server.proc.pid}/task")
+                       .glob("*/comm"))
+        problems.append(f"threads {run.first.threads} -> {run.last.threads} ({names}), open fds "
                         f"{run.first.fds} -> {run.last.fds}")
     assert not problems, "\n".join(problems)
 

@@ -1,5 +1,9 @@
 // The page: one conversation with Moshi over the server's websocket (Kyutai's protocol), with
 // raw 16-bit PCM audio at 24 kHz both ways (`?audio=pcm`) and status messages (`?status=1`).
+// The audio graph runs at the device's rate; the worklets resample to and from 24 kHz. Written
+// for Chromium, Firefox and Safari (WebKit): the AudioContext is made in the click that starts
+// the call, and the microphone is released on every way out (Disconnect, even during the
+// permission prompt; an error; the server's close; the track ending; the page going away).
 
 const RATE = 24000;
 const FRAME = 1920; // samples per 80 ms frame
@@ -17,7 +21,7 @@ const ui = {
 // What the page has done so far, for a glance in the console (and for tests).
 const stats = {
   state: "idle", sentFrames: 0, receivedFrames: 0, playedSamples: 0, underruns: 0,
-  textPieces: 0, server: null, error: null,
+  textPieces: 0, server: null, error: null, sampleRate: null,
 };
 window.stats = stats;
 
@@ -99,13 +103,27 @@ class Call {
       throw new Error("this page needs https (start the server with --ssl) or localhost " +
         "to use the microphone");
     }
-    this.context = new AudioContext({ sampleRate: RATE, latencyHint: "interactive" });
+    if (!window.AudioWorkletNode) {
+      throw new Error("this browser has no AudioWorklet (Safari needs version 14.1 or later)");
+    }
+    // In the click itself (Safari lets only a user's gesture start audio), at the device's rate
+    // (Firefox connects no microphone to a context at another rate).
+    this.context = new AudioContext({ latencyHint: "interactive" });
+    stats.sampleRate = this.context.sampleRate;
     await this.context.audioWorklet.addModule("worklets.js");
-    this.stream = await navigator.mediaDevices.getUserMedia({
+    if (this.closed) return;
+    const stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true,
                channelCount: 1 },
     });
-    if (this.closed) return;
+    this.stream = stream;
+    if (this.closed) { // Disconnect was pressed during the permission prompt
+      this.releaseMicrophone();
+      return;
+    }
+    for (const track of stream.getAudioTracks()) {
+      track.addEventListener("ended", () => this.end("The microphone was turned off."));
+    }
     this.player = new AudioWorkletNode(this.context, "voice-player");
     this.player.connect(this.context.destination);
     this.player.port.onmessage = ({ data }) => {
@@ -115,9 +133,10 @@ class Call {
     };
     this.mic = new AudioWorkletNode(this.context, "mic-capture", { numberOfOutputs: 0 });
     this.mic.port.onmessage = ({ data }) => this.onMicFrame(data);
-    this.source = this.context.createMediaStreamSource(this.stream);
+    this.source = this.context.createMediaStreamSource(stream);
     this.source.connect(this.mic);
     await this.context.resume();
+    if (this.closed) return;
 
     setState("waiting", "Waiting for Moshi…");
     this.socket = new WebSocket(chatUrl());
@@ -168,6 +187,7 @@ class Call {
   }
 
   onClose(event) {
+    if (this.closed) return; // the page ended the call: its own words stand
     const wasLive = this.live;
     this.stop();
     if (stats.error?.startsWith("busy")) {
@@ -176,9 +196,21 @@ class Call {
       setState("error", `The server ended the conversation: ${stats.error}`);
     } else if (!wasLive && !event.wasClean) {
       setState("error", "Could not reach the server.");
+    } else if (event.reason) {
+      setState("idle", `The server ended the conversation: ${event.reason}.`);
     } else {
       setState("idle", "Disconnected.");
     }
+  }
+
+  // Ends the call from the page's side, saying why.
+  end(text) {
+    this.stop();
+    setState("idle", text);
+  }
+
+  releaseMicrophone() {
+    this.stream?.getTracks().forEach((track) => track.stop());
   }
 
   stop() {
@@ -186,8 +218,8 @@ class Call {
     this.closed = true;
     this.live = false;
     if (this.socket && this.socket.readyState <= WebSocket.OPEN) this.socket.close(1000);
-    this.stream?.getTracks().forEach((track) => track.stop());
-    this.context?.close();
+    this.releaseMicrophone();
+    this.context?.close().catch(() => {}); // already closed: nothing to do
     showLevel(0);
     if (call === this) call = null;
     showLag();
@@ -198,23 +230,27 @@ async function connect() {
   ui.transcript.textContent = "";
   Object.assign(stats, { sentFrames: 0, receivedFrames: 0, playedSamples: 0, underruns: 0,
                          textPieces: 0, server: null, error: null });
-  call = new Call();
+  const attempt = new Call();
+  call = attempt;
   setState("starting", "Asking for the microphone…");
   try {
-    await call.start();
+    await attempt.start();
   } catch (error) {
-    call?.stop();
-    setState("error", `Could not start: ${error.message}`);
+    const disconnected = attempt.closed; // then the failure is only the Disconnect's echo
+    attempt.stop();
+    if (!disconnected) setState("error", `Could not start: ${error.message}`);
   }
 }
 
 ui.button.addEventListener("click", () => {
   if (call) {
-    call.stop();
-    setState("idle", "Disconnected.");
+    call.end("Disconnected.");
   } else {
     connect();
   }
 });
+
+// Leaving the page (or putting it in the back-forward cache) ends the call.
+window.addEventListener("pagehide", () => call?.end("Disconnected."));
 
 setState("idle", "Press Connect and talk: Moshi listens and answers at the same time.");
