@@ -81,25 +81,31 @@ def server(demo_cache):
 
 
 async def talk_until_error(url: str, pcm: np.ndarray, server_pid: int, sig: int) -> tuple:
-    """A conversation whose Mimi process gets `sig` after 2 s: -> (what the server sent, seconds
-    from the signal to the error message)."""
+    """A conversation (read all along, as a client does: pings are answered) whose Mimi process
+    gets `sig` after 2 s: -> (what the server sent, seconds from the signal to the error message,
+    the Mimi process's pid)."""
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(f"ws://{url}/api/chat") as ws:
             reply = Reply((await ws.receive_bytes(timeout=60)))
+            error_at = []
+
+            async def read():
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        reply.take(msg.data)
+                        if reply.errors and not error_at:
+                            error_at.append(time.monotonic())
+                reply.close_code = ws.close_code
+
+            reading = asyncio.create_task(read())
             sending = asyncio.create_task(send_speech(ws, pcm))
             await asyncio.sleep(2.0)
             (pid,) = mimi_pids(server_pid)
             os.kill(pid, sig)
             signalled = time.monotonic()
-            waited = None
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    reply.take(msg.data)
-                    if reply.errors and waited is None:
-                        waited = time.monotonic() - signalled
-            reply.close_code = ws.close_code
+            await asyncio.wait_for(reading, 30)
             sending.cancel()
-            return reply, waited, pid
+            return reply, error_at[0] - signalled if error_at else None, pid
 
 
 @pytest.mark.parametrize("sig, what", [(signal.SIGSTOP, "stopped answering"),
