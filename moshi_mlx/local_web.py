@@ -9,8 +9,10 @@ client) work too. One conversation at a time; each connection starts a fresh one
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import ssl
 import sys
 import webbrowser
@@ -136,7 +138,12 @@ def open_browser(url: str) -> None:
 
 async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static: Path | None,
                 context: ssl.SSLContext | None) -> None:
-    """Listens, loads the model (clients wait for it), then serves until cancelled."""
+    """Listens, loads the model (clients wait for it), then serves until cancelled: Ctrl-C, or
+    SIGTERM (how service managers stop a server), which takes the same way out, so that Mimi's
+    processes are closed whatever their state."""
+    main = asyncio.current_task()
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' loops
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     if not is_loopback(args.host):
         log.warning("warning: listening on %s: other machines can reach this server and use the "
                     "model; browsers there need https (--ssl) to use the microphone", args.host)
@@ -172,7 +179,10 @@ def run(args: argparse.Namespace) -> None:
     static, context = static_dir(args.static), ssl_context(args.ssl)
     files = model_files.resolve(args)
     cli.make_samplers(args, files.lm_config)  # the flags are the conversations' defaults
-    asyncio.run(serve(args, files, static, context))
+    try:
+        asyncio.run(serve(args, files, static, context))
+    except asyncio.CancelledError:  # SIGTERM
+        log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

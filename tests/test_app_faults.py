@@ -229,3 +229,29 @@ def test_browser_ctrl_c_in_each_state(demo_cache, speech, when):
         else:
             client.join(60)
     interrupt_and_check(app, lines, log, 0)
+
+
+def test_browser_sigterm_ends_the_server_and_a_hung_mimi(demo_cache):
+    """SIGTERM (a service manager's stop) takes Ctrl-C's way out: Mimi's processes are closed,
+    also one that hangs (a stopped process would never read the end of its pipe)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache)}
+    app = subprocess.Popen(
+        [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--host", "127.0.0.1", "--port",
+         "0", "--no-browser", "--static", "none"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    lines, log = lines_of(app.stderr), []
+    try:
+        wait_lines(lines, log, "Moshi is ready")
+        (mimi,) = mimi_pids(app.pid)
+        os.kill(mimi, signal.SIGSTOP)
+        app.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        app.wait(timeout=30)
+        seconds = time.monotonic() - start
+    finally:
+        app.kill()
+    out = finish(app, lines, log)
+    assert app.returncode == 0 and "Traceback" not in out, out
+    assert seconds < CTRL_C_SECONDS + 1.0, out  # the hung process gets its second to exit
+    time.sleep(0.5)  # a kill takes effect
+    assert not alive(mimi), "the hung Mimi process outlived the server"
