@@ -7,7 +7,7 @@
 
 Input: espeak-ng speech, looped to --seconds. Printed per app: the share of real time kept
 (seconds of Moshi's voice back by the end of the input + 1 s, over the input's seconds), input
-frames skipped, each stage's ms (median, p95), latency from the user's audio to Moshi's text and
+frames dropped, each stage's ms (median, p95), latency from the user's audio to Moshi's text and
 to its voice (p50, p95), connect -> handshake and -> first voice (browser), and the longest gap
 between two voice frames (terminal; with --mimi-max-seq-len small, across Mimi's restarts).
 """
@@ -50,14 +50,14 @@ def stage_ms(stages: dict) -> str:
     return ", ".join(f"{name} {v['p50']}/{v['p95']}" for name, v in stages.items())
 
 
-def report(app: str, seconds: float, voice_back: float, received: int, skipped: int,
+def report(app: str, seconds: float, voice_back: float, received: int, dropped: int,
            stages: dict, text: dict, voice: dict, extra: str = "") -> dict:
     result = {"app": app, "input_s": seconds, "real_time_kept": round(voice_back / seconds, 3),
-              "frames": received, "skipped": skipped, "stages_ms": stages,
+              "frames": received, "dropped": dropped, "stages_ms": stages,
               "latency_text_ms": text, "latency_voice_ms": voice}
     print(f"{app}: kept {result['real_time_kept']:.2f} of real time ({voice_back:.1f} s of voice "
-          f"back for {seconds:.1f} s of input); skipped {skipped} of {received} input frames "
-          f"({100 * skipped / max(received, 1):.1f} %)\n"
+          f"back for {seconds:.1f} s of input); dropped {dropped} of {received} input frames "
+          f"({100 * dropped / max(received, 1):.1f} %)\n"
           f"  stages ms (p50/p95): {stage_ms(stages)}\n"
           f"  latency to text p50 {text['p50']} ms, p95 {text['p95']} ms; to voice p50 "
           f"{voice['p50']} ms, p95 {voice['p95']} ms{extra}", flush=True)
@@ -348,7 +348,7 @@ def bench_terminal(pcm: np.ndarray, files, mimi_max_seq_len: int | None) -> dict
     counters, times = live.counters, live.engine.times
     restarts = conversation.mimi_restarts
     return report("terminal (local, paced device)", len(pcm) / SAMPLE_RATE,
-                  played * FRAME_SECONDS, counters.received, counters.skipped,
+                  played * FRAME_SECONDS, counters.received, counters.dropped,
                   {name: t.summary_ms() for name, t in times.items()},
                   counters.latency_text.summary_ms(), counters.latency_voice.summary_ms(),
                   f"\n  longest gap between two voice frames {1000 * gaps.max():.0f} ms; Mimi "

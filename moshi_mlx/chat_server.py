@@ -4,7 +4,7 @@ page that talks to it.
 Each connection is a fresh conversation: the model's state (KV cache, Mimi streams, sampler seed)
 is reset, nothing is loaded. While one runs (or waits for the previous one's clean-up), another
 client gets an error message ("busy") and a close. The conversation runs in the live engine
-(`engine.pipeline`): the client's audio is decoded, Mimi-encoded, stepped by Moshi, Mimi-decoded
+(`engine.live_engine`): the client's audio is decoded, Mimi-encoded, stepped by Moshi, Mimi-decoded
 and coded for the client on threads of their own; this module only moves messages between the
 websocket and the engine. Moshi's text goes out as soon as a step has produced it, before its
 voice is decoded. When the engine falls behind real time, the oldest waiting input frames are
@@ -30,7 +30,7 @@ from . import utils
 from .audio.constants import FRAME_RATE
 from .audio.mimi_process import MimiError
 from .engine.conversation import Conversation
-from .engine.pipeline import LiveEngine
+from .engine.live_engine import LiveEngine
 from .engine.stages import WAIT_SECONDS
 from .engine.worker import ModelThread, ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
@@ -222,13 +222,9 @@ class Session:
             pass
 
     def status(self) -> dict:
-        counters = self.engine.counters
-        return {"type": "status", "received": counters.received, "processed": counters.heard,
-                "dropped": counters.skipped, "queued": self.engine.waiting(),
-                "latency_text_ms": counters.latency_text.summary_ms(),
-                "latency_voice_ms": counters.latency_voice.summary_ms(),
-                "stages_ms": {name: t.summary_ms() for name, t in self.engine.times.items()},
-                "budget_ms": counters.budget_ms()}
+        return {"type": "status", **self.engine.counters.status(),
+                "queued": self.engine.waiting(),
+                "stages_ms": {name: t.summary_ms() for name, t in self.engine.times.items()}}
 
     async def send_json(self, data: dict) -> None:
         await self.ws.send_bytes(message(Kind.METADATA, json.dumps(data).encode()))
@@ -446,13 +442,8 @@ class ChatServer:
 
     @staticmethod
     def _log_end(session: Session) -> None:
-        counters = session.engine.counters
         extra = f", {sum(session.ignored.values())} messages ignored" if session.ignored else ""
-        text, voice = counters.latency_text.summary_ms(), counters.latency_voice.summary_ms()
-        log.info("conversation ended: %d frames received, Moshi heard %d frames, dropped %d "
-                 "input frames; latency to text p50 %s ms, p95 %s ms; to voice p50 %s ms, "
-                 "p95 %s ms%s", counters.received, counters.heard, counters.skipped,
-                 text["p50"], text["p95"], voice["p50"], voice["p95"], extra)
+        log.info("conversation ended: %s%s", session.engine.counters.summary(), extra)
 
     async def _close_all(self, app: web.Application) -> None:
         for ws in list(self.sockets):

@@ -3,7 +3,7 @@
     python -m moshi_mlx.local -q 4 [--input-device D] [--output-device D] [--record FILE.wav]
 
 Moshi's words are printed as it speaks, above a status line (latency, slowest stage, frames
-skipped, queue sizes, echo canceller). Ctrl-C ends the conversation. The microphone's frames are
+dropped, queue sizes, echo canceller). Ctrl-C ends the conversation. The microphone's frames are
 cleaned of the speakers' echo (`moshi_mlx.audio.echo`), so that no headphones are needed. The
 audio path and the lag control are in `moshi_mlx.engine.live`, the devices in
 `moshi_mlx.audio.devices`.
@@ -36,7 +36,6 @@ from .audio.echo import METHODS, EchoCanceller
 from .audio.speex import SpeexUnavailable
 from .audio.wav import WavWriter, check_writable
 from .engine.live import Event, LiveConversation
-from .engine.pipeline import Counters
 from .engine.stages import WAIT_SECONDS, Timings
 from .engine.worker import ModelWorker
 
@@ -154,13 +153,6 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
 
-def latency_text(counters: Counters) -> str:
-    """Latency from the user's audio to Moshi's text and to its voice, p50/p95 in ms."""
-    text, voice = counters.latency_text, counters.latency_voice
-    return (f"latency text {ms(text.median)}/{ms(text.percentile(95))} ms, voice "
-            f"{ms(voice.median)}/{ms(voice.percentile(95))} ms (p50/p95)")
-
-
 def slowest_stage(times: dict[str, Timings]) -> tuple[str, float] | None:
     """(name, median seconds) of the slowest stage, None before the first frame."""
     medians = [(name, t.median) for name, t in times.items() if t.median is not None]
@@ -172,8 +164,8 @@ def status_line(live: LiveConversation) -> str:
     slowest = slowest_stage(live.engine.times)
     stage = "-" if slowest is None else f"{slowest[0]} {ms(slowest[1])} ms"
     mic, speakers = live.queue_sizes()
-    return (f"{latency_text(counters)} | slowest {stage} | dropped {counters.skipped} | voice "
-            f"dropped {speaker.voice_skipped} | silence {speaker.silence} | xruns "
+    return (f"{counters.latency_summary()} | slowest {stage} | dropped {counters.dropped} | "
+            f"voice dropped {speaker.voice_dropped} | silence {speaker.silence} | xruns "
             f"{live.audio.xruns} | queues mic {mic} speaker {speakers} | {echo_status(live.echo)}")
 
 
@@ -192,7 +184,7 @@ def too_slow_message(times: dict[str, Timings], quantized: int | None) -> str:
                      if t.median is not None)
     message = (f"Moshi cannot keep up in real time on this machine: {STAGE_NAMES.get(name, name)} "
                f"takes {ms(seconds)} ms for each {FRAME_SECONDS * 1000:.0f} ms of audio ({each}; "
-               "the stages run at the same time), so some of your speech is skipped to keep the "
+               "the stages run at the same time), so some of your speech is dropped to keep the "
                "delay bounded. ")
     if name == "moshi" and quantized != 4:
         return message + "Run with -q 4: 4-bit weights make Moshi's step the fastest."
@@ -216,7 +208,7 @@ class Presenter:
         self.recorder = recorder
         self.raw_recorder = raw_recorder
         self.quantized = quantized
-        self._skipping_said = False
+        self._dropping_said = False
         self._too_slow_said = False
         self._next = 0  # the next frame to record
         self._held: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -238,20 +230,20 @@ class Presenter:
             self.display.text(frame.text)
             return
         self._record(frame.index, frame.user, frame.voice)
-        if event.kind == "skipped" and not self._skipping_said:
-            self._skipping_said = True
+        if event.kind == "dropped" and not self._dropping_said:
+            self._dropping_said = True
             self.display.notice(
-                "Moshi fell behind real time: the oldest frames of your speech were skipped to "
+                "Moshi fell behind real time: the oldest frames of your speech were dropped to "
                 "keep the delay bounded (the status line counts the frames dropped).")
         if (event.kind == "done" and not self._too_slow_said
-                and self.live.counters.heard >= self.SLOW_AFTER):
+                and self.live.counters.processed >= self.SLOW_AFTER):
             slowest = slowest_stage(self.live.engine.times)
             if slowest is not None and slowest[1] > FRAME_SECONDS:
                 self._too_slow_said = True
                 self.display.notice(too_slow_message(self.live.engine.times, self.quantized))
 
     def _record(self, index: int, user: np.ndarray, voice: np.ndarray | None) -> None:
-        """Writes the frames in order (a skipped frame can be reported before earlier ones)."""
+        """Writes the frames in order (a dropped frame can be reported before earlier ones)."""
         if self.recorder is None and self.raw_recorder is None:
             return
         self._held[index] = (user, voice)
@@ -309,11 +301,9 @@ def stop_on_sigint(stop: threading.Event):
 
 def summary(seconds: float, live: LiveConversation) -> str:
     counters, speaker = live.counters, live.speaker_counters
-    return (f"conversation: {seconds:.1f} s, Moshi heard {counters.heard} frames; "
-            f"{latency_text(counters)}; dropped {counters.skipped} input frames and "
-            f"{speaker.voice_skipped} of Moshi's; {speaker.silence} blocks of silence played "
-            f"for want of Moshi's voice; {live.audio.xruns} blocks lost by the sound devices "
-            "(xruns)")
+    return (f"conversation: {seconds:.1f} s, {counters.summary()}; {speaker.voice_dropped} "
+            f"frames of Moshi's voice dropped, {speaker.silence} blocks of silence played for "
+            f"want of it; {live.audio.xruns} blocks lost by the sound devices (xruns)")
 
 
 def echo_summary(echo: EchoCanceller | None) -> str:

@@ -162,7 +162,7 @@ def test_terminal_a_mimi_that_hangs_or_dies_ends_with_one_error_line(pulse, demo
     out = finish(app, lines, log)
     assert code == 1, out
     assert len(re.findall(r"^error: ", out, re.M)) == 1 and what in out, out
-    assert re.search(r"^conversation: .* Moshi heard \d+ frames", out, re.M), out
+    assert re.search(r"^conversation: .* \d+ frames received, \d+ processed", out, re.M), out
     assert "Traceback" not in out, out
     assert waited < MESSAGE_SECONDS + 1.0, out  # and the app's own stop
     assert not alive(pid)

@@ -13,7 +13,7 @@ from conftest import demo_files
 from moshi_mlx import utils
 from moshi_mlx.audio.constants import FRAME_SIZE
 from moshi_mlx.engine.conversation import Conversation
-from moshi_mlx.engine.pipeline import LiveEngine
+from moshi_mlx.engine.live_engine import LiveEngine
 from moshi_mlx.engine.stages import Pipeline, Stage, Timings
 from moshi_mlx.engine.worker import ModelWorker
 from moshi_mlx.protocol import PcmAudio, Reframer
@@ -188,7 +188,7 @@ def test_the_pipeline_gives_exactly_what_the_serial_loop_gives(worker, mimi_max_
         engine.put(f)
     assert engine.wait_idle(120)
     engine.stop()
-    assert engine.counters.skipped == 0 and len(done) == len(reference) == 40
+    assert engine.counters.dropped == 0 and len(done) == len(reference) == 40
     assert [f.token for f in done] == [r.token for r in reference]
     assert [f.text for f in done] == [r.text for r in reference]
     assert done[0].voice is None and reference[0].voice is None

@@ -79,7 +79,7 @@ def test_frames_in_voice_and_text_out(running):
     assert running.finish() == []
     assert running.error is None and running.audio.closed.is_set()
     c, s = running.live.counters, running.live.speaker_counters
-    assert (c.received, c.heard, c.skipped, s.voice_skipped, s.silence) == (5, 5, 0, 0, 0)
+    assert (c.received, c.processed, c.dropped, s.voice_dropped, s.silence) == (5, 5, 0, 0, 0)
     assert c.latency_text.count == c.latency_voice.count == 5
     assert running.conv.threads == {"test-model"}  # Moshi's steps ran on the model's thread
 
@@ -109,7 +109,7 @@ def test_a_backlog_within_the_bound_is_kept(running):
         running.audio.speak(frame(k))
     running.conv.release()
     assert [number(running.next().user) for _ in range(4)] == [0, 1, 2, 3]
-    assert running.conv.heard == [0, 1, 2, 3] and running.live.counters.skipped == 0
+    assert running.conv.heard == [0, 1, 2, 3] and running.live.counters.dropped == 0
 
 
 def test_lag_skips_the_oldest_frames(running):
@@ -118,16 +118,16 @@ def test_lag_skips_the_oldest_frames(running):
     running.conv.wait_for(0, "encode")
     for k in range(1, 8):  # 1 to 7 wait behind frame 0: the oldest are dropped as 5, 6, 7 come
         running.audio.speak(frame(k))
-    skipped = [running.next("skipped") for _ in range(4)]
-    assert [f.index for f in skipped] == [1, 2, 3, 4]
+    dropped = [running.next("dropped") for _ in range(4)]
+    assert [f.index for f in dropped] == [1, 2, 3, 4]
     running.conv.release()
     done = [running.next() for _ in range(4)]
     assert [f.index for f in done] == [0, 5, 6, 7]
     assert running.conv.heard == [0, 5, 6, 7]  # Moshi never heard frames 1 to 4
     c = running.live.counters
-    assert (c.received, c.heard, c.skipped) == (8, 4, 4)
+    assert (c.received, c.processed, c.dropped) == (8, 4, 4)
     assert number(running.say(8).user) == 8  # and it goes on in real time
-    assert running.live.counters.skipped == 4
+    assert running.live.counters.dropped == 4
 
 
 def test_backpressure_leaves_the_backlog_in_front_of_the_encoder(running):
@@ -139,21 +139,21 @@ def test_backpressure_leaves_the_backlog_in_front_of_the_encoder(running):
     for k in range(1, 20):
         running.audio.speak(frame(k))
     running.conv.release()
-    frames = [running.next() for _ in range(20 - running.live.counters.skipped)]
+    frames = [running.next() for _ in range(20 - running.live.counters.dropped)]
     c = running.live.counters
-    assert c.received == 20 and c.heard + c.skipped == 20
+    assert c.received == 20 and c.processed + c.dropped == 20
     # Moshi's frame, one in its queue, one in the encoder's hands, 3 waiting in front of it
-    assert 2 <= c.heard <= 6
+    assert 2 <= c.processed <= 6
     assert running.conv.heard == sorted(running.conv.heard) == [f.index for f in frames]
     assert frames[0].index == 0 and frames[-1].index == 19  # the newest is never dropped
 
 
-def test_voice_is_skipped_when_the_speakers_lag(running):
+def test_voice_is_dropped_when_the_speakers_lag(running):
     for k in range(1, 7):  # nothing is played: the speaker queue grows
         running.say(k)
     # voices 1-4 were queued; 5 found more than max_behind (3) waiting: the oldest, 1, was
-    # skipped; 6 likewise skipped 2; the rest play in order
-    assert running.live.speaker_counters.voice_skipped == 2
+    # dropped; 6 likewise dropped 2; the rest play in order
+    assert running.live.speaker_counters.voice_dropped == 2
     assert [number(running.audio.play() * 2) for _ in range(4)] == [3, 4, 5, 6]
     assert running.live.queue_sizes() == (0, 0)
 

@@ -10,7 +10,7 @@ import pytest
 
 from moshi_mlx import families, model_files, models, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
-from moshi_mlx.engine.pipeline import LiveEngine
+from moshi_mlx.engine.live_engine import LiveEngine
 from moshi_mlx.engine.worker import ModelWorker
 from weights_tools.make_demo import build_demo_repo
 from weights_tools.mimi_layout import MIMI_FILE

@@ -66,7 +66,7 @@ def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog):
     assert audio.closed.is_set()
     assert out.getvalue() == " w1 w2 w3 w6 w7 w8\n"
     assert conv.heard == [1, 2, 3, 6, 7, 8]
-    assert (live.counters.heard, live.counters.skipped) == (6, 2)
+    assert (live.counters.processed, live.counters.dropped) == (6, 2)
     assert "listening" in caplog.text and "Moshi fell behind real time" in caplog.text
     n = r"(-|\d+)"
     assert re.search(rf"latency text {n}/{n} ms, voice {n}/{n} ms \(p50/p95\) \| slowest "

@@ -52,7 +52,8 @@ def test_a_live_conversation_on_virtual_devices(pulse, demo_env, speech, tmp_pat
     assert "Traceback" not in log
     assert re.search(r"latency text \d+/\d+ ms, voice \d+/\d+ ms \(p50/p95\) \| slowest \w+ "
                      r"\d+ ms \| dropped \d+ .* queues mic \d+", log)
-    assert re.search(r"conversation: .* Moshi heard \d+ frames; latency text \d+/\d+ ms", log)
+    assert re.search(r"conversation: .* \d+ frames received, \d+ processed, \d+ dropped; "
+                     r"latency text \d+/\d+ ms", log)
     text = (tmp_path / "stdout.txt").read_text()
     assert text.strip(), "Moshi's text was not printed"
 

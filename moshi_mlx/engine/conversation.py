@@ -1,7 +1,7 @@
 """A conversation with Moshi, one 80 ms frame at a time, in three parts: Mimi encodes the user's
 frame, Moshi steps (its text token, and the codes of its voice), Mimi decodes Moshi's voice.
 `step` runs them one after the other (the serial reference, used offline: `engine.offline`); the
-live engine (`engine.pipeline`) runs the same three parts on three threads. Both fill in one
+live engine (`engine.live_engine`) runs the same three parts on three threads. Both fill in one
 `Frame` record per step."""
 
 import time

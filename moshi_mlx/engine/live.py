@@ -25,7 +25,7 @@ import numpy as np
 from ..audio.devices import AudioBackend, AudioDeviceError
 from ..audio.echo import EchoCanceller, Playback
 from .conversation import Conversation
-from .pipeline import Frame, LiveEngine
+from .live_engine import Frame, LiveEngine
 from .stages import WAIT_SECONDS
 
 DRAIN_SECONDS = 1.0  # at the end, the frames already heard may finish for this long
@@ -35,13 +35,13 @@ class Event:
     """What the app is told: Moshi's text of a frame (as soon as its step is done), a frame done
     (its voice, if any, is queued for the speakers), a frame skipped by lag control."""
 
-    kind: Literal["text", "done", "skipped"]
+    kind: Literal["text", "done", "dropped"]
     frame: Frame
 
 
 @dataclass
 class SpeakerCounters:
-    voice_skipped: int = 0  # frames of Moshi's voice skipped because the speakers lagged
+    voice_dropped: int = 0  # frames of Moshi's voice dropped because the speakers lagged
     silence: int = 0  # speaker blocks played as silence for want of Moshi's voice
 
 
@@ -69,7 +69,7 @@ class LiveConversation:
         self._failed = threading.Event()
         self.engine = LiveEngine(
             conversation, model_thread, on_text=self._on_text, on_output=self._on_output,
-            on_skip=lambda f: self._events.put(Event("skipped", f)),
+            on_drop=lambda f: self._events.put(Event("dropped", f)),
             on_error=lambda stage, e: self._failed.set(),
             prepare_input=None if echo is None else self._clean, max_waiting=max_behind)
 
@@ -146,12 +146,12 @@ class LiveConversation:
 
     def _on_output(self, frame: Frame) -> None:
         if frame.voice is not None:
-            while self._speaker.qsize() > self.max_behind:  # the oldest are skipped
+            while self._speaker.qsize() > self.max_behind:  # the oldest are dropped
                 try:
                     self._speaker.get_nowait()
                 except queue.Empty:
                     break
-                self.speaker_counters.voice_skipped += 1
+                self.speaker_counters.voice_dropped += 1
             self._speaker.put_nowait(frame.voice)
         self._events.put(Event("done", frame))
 

@@ -17,7 +17,7 @@ Where each stage's state lives, and who may touch it:
 Frames go one way, each `Frame` record owned by the stage holding it. The conversation's state is
 reset (on the model's thread) only while no pipeline runs. Lag control: at most `max_waiting`
 frames wait in front of Mimi's encoder; when the stages fall behind real time the oldest are
-dropped (`on_skip`), so the delay stays bounded.
+dropped (`on_drop`), so the delay stays bounded.
 """
 
 import time
@@ -43,16 +43,41 @@ BUDGET = ("wait input", "input", "wait encode", "encode IPC", "encode Mimi", "wa
 
 @dataclass
 class Counters:
+    """A conversation's frames and latencies. The same words everywhere: in the code, on screen
+    and in the browser's status messages."""
+
     received: int = 0  # input frames
-    heard: int = 0  # frames Moshi stepped on
-    skipped: int = 0  # input frames dropped to keep the delay bounded
-    latency_text: Timings = field(default_factory=Timings)
-    latency_voice: Timings = field(default_factory=Timings)
+    processed: int = 0  # frames Moshi stepped on
+    dropped: int = 0  # input frames dropped to keep the delay bounded
+    latency_text: Timings = field(default_factory=Timings)  # the user's audio -> Moshi's text
+    latency_voice: Timings = field(default_factory=Timings)  # -> Moshi's voice leaving
     budget: dict[str, Timings] = field(default_factory=lambda: {k: Timings() for k in BUDGET})
 
     def budget_ms(self) -> dict[str, dict]:
         """{segment: {'p50': ms, 'p95': ms}} of the segments measured (see BUDGET)."""
         return {k: t.summary_ms() for k, t in self.budget.items() if t.count}
+
+    def latency_summary(self) -> str:
+        """'latency text 74/104 ms, voice 130/168 ms (p50/p95)'."""
+        text, voice = self.latency_text.summary_ms(), self.latency_voice.summary_ms()
+        return (f"latency text {_ms(text['p50'])}/{_ms(text['p95'])} ms, voice "
+                f"{_ms(voice['p50'])}/{_ms(voice['p95'])} ms (p50/p95)")
+
+    def summary(self) -> str:
+        """The conversation's figures in a line (the terminal's summary, the server's log)."""
+        return (f"{self.received} frames received, {self.processed} processed, {self.dropped} "
+                f"dropped; {self.latency_summary()}")
+
+    def status(self) -> dict:
+        """The figures of a browser status message (`status=1`)."""
+        return {"received": self.received, "processed": self.processed,
+                "dropped": self.dropped, "latency_text_ms": self.latency_text.summary_ms(),
+                "latency_voice_ms": self.latency_voice.summary_ms(),
+                "budget_ms": self.budget_ms()}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _ignore(*args) -> None:
@@ -64,7 +89,7 @@ class LiveEngine:
     float32 [FRAME_SIZE] frames, or chunks for its `decode_input` (chunk -> frames). Callbacks,
     on the stages' threads: `on_text(frame)` when Moshi's step is done, `on_output(frame)` for
     every frame at the end (`frame.voice`/`frame.payload` None while delays fill),
-    `on_skip(frame)` for a frame dropped by lag control, `on_error(stage, exception)` once if a
+    `on_drop(frame)` for a frame dropped by lag control, `on_error(stage, exception)` once if a
     stage raises (the engine has then stopped).
 
     The input stage, if any, either decodes the app's chunks into frames (`decode_input`: the
@@ -75,7 +100,7 @@ class LiveEngine:
     def __init__(self, conversation: Conversation, model_thread: Executor, *,
                  on_text: Callable[[Frame], None] = _ignore,
                  on_output: Callable[[Frame], None] = _ignore,
-                 on_skip: Callable[[Frame], None] = _ignore,
+                 on_drop: Callable[[Frame], None] = _ignore,
                  on_error: Callable[[str, BaseException], None] = _ignore,
                  decode_input: Callable[[Any], Iterable[np.ndarray]] | None = None,
                  prepare_input: Callable[[Frame], None] | None = None,
@@ -84,7 +109,7 @@ class LiveEngine:
         if decode_input is not None and prepare_input is not None:
             raise ValueError("an engine's input stage either decodes chunks or prepares frames")
         self.conversation = conversation
-        self.on_text, self.on_output, self.on_skip = on_text, on_output, on_skip
+        self.on_text, self.on_output, self.on_drop = on_text, on_output, on_drop
         self.decode_input, self.prepare_input = decode_input, prepare_input
         self.encode_output = encode_output
         self.counters = Counters()
@@ -99,7 +124,7 @@ class LiveEngine:
             stages.insert(0, Stage("input", self._prepare, max_waiting=max_waiting))
         if encode_output is not None:
             stages.append(Stage("output", self._encode_output))
-        self.pipeline = Pipeline(stages, on_drop=self._skip, on_error=on_error)
+        self.pipeline = Pipeline(stages, on_drop=self._drop, on_error=on_error)
 
     @property
     def times(self) -> dict[str, Timings]:
@@ -168,7 +193,7 @@ class LiveEngine:
     def _moshi_step(self, frame: Frame) -> list[Frame]:
         start = time.perf_counter()
         frame.token, frame.text, frame.moshi_codes = self.conversation.moshi_step(frame.codes)
-        self.counters.heard += 1
+        self.counters.processed += 1
         end = time.perf_counter()
         frame.marks["moshi"] = (start, end)
         frame.text_latency = end - frame.arrived
@@ -218,6 +243,6 @@ class LiveEngine:
                 budget[name].add(end - start)
             previous = end
 
-    def _skip(self, frame: Frame) -> None:
-        self.counters.skipped += 1
-        self.on_skip(frame)
+    def _drop(self, frame: Frame) -> None:
+        self.counters.dropped += 1
+        self.on_drop(frame)
