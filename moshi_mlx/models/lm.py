@@ -224,9 +224,14 @@ class Lm(nn.Module):
         """Softmax of each extra head (e.g. voice activity) on `hidden` [B, T, dim]."""
         return [mx.softmax(head(hidden).astype(mx.float32), axis=-1) for head in self.extra_heads]
 
-    def make_cache(self):
-        """Sliding-window KV caches of the temporal transformer: memory stays flat at `context`."""
-        return self.transformer.make_cache()
+    def make_cache(self, context: int | None = None, kv_bits: int | None = None):
+        """Sliding-window KV caches of the temporal transformer: memory stays flat at `context`
+        steps (default: the model's, `cfg.context`), quantized to `kv_bits` (4, 8) or not (None).
+        Raises ValueError for a context or bits the model cannot take."""
+        if context is not None and not 1 <= context <= self.cfg.context:
+            raise ValueError(f"the context must be from 1 to the model's {self.cfg.context} "
+                             f"steps, got {context}")
+        return self.transformer.make_cache(context, kv_bits)
 
     def warmup(self, ct: ConditionTensor | None = None) -> None:
         """Runs one step (greedy) so kernels are built before a conversation starts."""
