@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> None:
         raise families.FamilyError("--cfg-coef needs a conditioned model (Hibiki); "
                                    "this one has none")
     text_sampler, audio_sampler = cli.make_samplers(args, files.lm_config)
-    model, tokenizer, cfg = model_files.load_model(files)
+    model, tokenizer, cfg = model_files.load_model(files, options=cli.memory_options(args))
     seed = cli.seed_random(args.seed)
     if kind == "moshi":
         conversation = Conversation(model, tokenizer, files.mimi_weight, text_sampler,

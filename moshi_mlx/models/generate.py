@@ -50,9 +50,9 @@ class LmGen:
         """`max_steps` is accepted for compatibility and is not a limit: conversations can run
         for any number of steps; so is `check` (inputs are always built from sampled tokens).
         `on_text_hook(text [B])` and `on_audio_hook(audio [B, dep_q])` see each step's tokens.
-        `compile` compiles the depformer's per-step sampling. `context` (steps, default the
-        model's) and `kv_bits` (4 or 8; None keeps the activation dtype) shape the temporal
-        transformer's KV cache, see `Lm.make_cache`."""
+        `compile` compiles the depformer's per-step sampling. `context` (steps) and `kv_bits`
+        (4 or 8) shape the temporal transformer's KV cache; None: the model's defaults, see
+        `Lm.make_cache`."""
         cfg = model.cfg
         self.model = model
         self.max_steps = max_steps
