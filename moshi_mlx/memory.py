@@ -136,10 +136,11 @@ def check_setup(cfg: LmConfig, kv_bits: int | None, context: int | None) -> None
 def candidates(sizes: ModelSizes, chosen: Setup, weights: Quantization | None,
                fixed_kv: bool, fixed_context: bool) -> list[Setup]:
     """Setups with the weights `weights`, from the most exact to the smallest: the KV cache
-    unquantized, at 8 then 4 bits, then at 4 bits over half and a quarter of the context. A
-    value the user gave (`fixed_*`) is kept."""
+    unquantized, at 8 bits, at 8 bits over half then a quarter of the context, then at 4 bits
+    over a quarter (4 bits cost more accuracy than 8: BENCHMARKS.md, "KV cache"). A value the
+    user gave (`fixed_*`) is kept."""
     full = sizes.cfg.context
-    options = [(None, None), (8, None), (4, None), (4, full // 2), (4, full // 4)]
+    options = [(None, None), (8, None), (8, full // 2), (8, full // 4), (4, full // 4)]
     out = []
     for kv_bits, context in options:
         setup = Setup(weights, chosen.kv_bits if fixed_kv else kv_bits,
@@ -220,9 +221,9 @@ def choose(sizes: ModelSizes, kv_bits: int | None = None, context: int | None = 
            limits: list[MemoryLimit] | None = None, force: bool = False) -> Setup:
     """The setup to load: the user's `kv_bits` and `context` (None: not given) for the file's
     weights when it fits every limit (default: `memory_limits()`); else the most exact KV cache
-    that fits (8 then 4 bits, then a shorter context: what the user gave is kept), said in the
-    log. When none fits, raises `NotEnoughMemory` naming the smaller weights (`-q`) that would
-    fit, or saying nothing does; with `force` it warns instead and loads the user's setup."""
+    that fits (`candidates`: what the user gave is kept), said in the log. When none fits,
+    raises `NotEnoughMemory` naming the smaller weights (`-q`) that would fit, or saying
+    nothing does; with `force` it warns instead and loads the user's setup."""
     limits = memory_limits() if limits is None else limits
     chosen = Setup(sizes.quantization, kv_bits, context)
     est = sizes.estimate(chosen)

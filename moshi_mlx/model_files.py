@@ -336,6 +336,8 @@ def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | 
                           force=options.ignore_memory)
     model = models.Lm(cfg)
     model.kv_bits, model.kv_context = setup.kv_bits, setup.context
+    log.info("KV cache: %s, %d steps", f"{setup.kv_bits}-bit" if setup.kv_bits else "unquantized",
+             setup.context or cfg.context)
     model.set_dtype(mx.bfloat16)
     if files.quantization is not None:  # each module as the file holds it (mixed precision too)
         found = read_header(files.moshi_weight).tensors

@@ -94,15 +94,16 @@ def test_a_model_that_fits_keeps_its_setup(metal, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_q8_on_a_16_gb_mac_with_a_browser_gets_a_4_bit_cache(metal, caplog):
-    """7B q8 needs 11.0 GB, 10.3 GB with an 8-bit cache, 9.9 GB with a 4-bit one (weights 8.2,
-    cache 1.57 / 0.84 / 0.44, Mimi 0.77, runtime 0.5): with 10 GB available the 4-bit cache is
-    chosen, and said."""
+def test_q8_on_a_16_gb_mac_with_a_browser_gets_a_smaller_cache(metal, caplog):
+    """7B q8 needs 11.0 GB, 10.3 GB with an 8-bit cache, 9.9 GB with an 8-bit one over 1500
+    steps (weights 8.2, cache 1.57 / 0.84 / 0.42, Mimi 0.77, runtime 0.5): with 10 GB available
+    the last is chosen, and said."""
     with caplog.at_level(logging.INFO, logger="moshi_mlx"):
         setup = memory.choose(sizes_7b("q8", Q8), limits=machine(10.7, 10))
-    assert setup == memory.Setup(Q8, kv_bits=4)
+    assert setup == memory.Setup(Q8, kv_bits=8, context=1500)
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "only 10.0 GB of memory is available: using --kv-bits 4 (about 9.9 GB)" in warning
+    assert "only 10.0 GB of memory is available: using --kv-bits 8 --context 1500 (about 9.9 GB)" \
+        in warning
 
 
 def test_on_metal_the_working_set_counts_weights_and_cache_only(metal):
@@ -120,13 +121,14 @@ def test_given_flags_are_kept_and_the_context_shortened(metal):
 
 
 def test_when_these_weights_cannot_fit_the_smaller_ones_are_named(metal):
-    """bf16 needs at least 16.8 GB; with 12 GB available q8 fits with a 4-bit cache (9.9 GB)
-    and q4 with an unquantized one (7.7 GB)."""
+    """bf16 needs at least 16.8 GB; with 10 GB available q8 fits with an 8-bit cache over 1500
+    steps (9.9 GB) and q4 with an unquantized one (7.7 GB)."""
     with pytest.raises(memory.NotEnoughMemory) as e:
         memory.choose(sizes_7b("bf16", None), limits=machine(None, 10))
     message = str(e.value)
     assert "only 10.0 GB of memory is available" in message
-    assert "What fits: -q 8 --kv-bits 4 (about 9.9 GB) or -q 4 (about 7.7 GB)." in message
+    assert "What fits: -q 8 --kv-bits 8 --context 1500 (about 9.9 GB) or -q 4 (about 7.7 GB)." \
+        in message
     assert message.endswith("Pass --ignore-memory to load anyway.")
 
 
