@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PARITY_STAMP := $(VENV)/.installed-parity
 
-.PHONY: install demo test bench bench-live lint clean
+.PHONY: install demo test bench bench-live bench-memory lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(PARITY_STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_lm
 	$(PY) -m benchmarks.bench_quantize --layers 4 --bits 4 8
+	$(PY) -m benchmarks.bench_kv_cache
+
+# The app's memory with the KV cache full, every weight format and KV cache (7B widths, 4 layers).
+bench-memory: $(STAMP)
+	$(PY) -m benchmarks.bench_memory --config moshi_7b_4layers --fill direct
 
 # The live path at real-time pace, both apps, demo model (needs espeak-ng).
 bench-live: $(STAMP)

@@ -1,4 +1,4 @@
-"""Numeric cost of the quantized KV cache and of a shorter context (`make bench`).
+"""Numeric and speed cost of the quantized KV cache and of a shorter context (`make bench`).
 
 A float32 model with random weights (matrices uniform with variance 1 / columns, norms at 1,
 as `weights_tools.random_weights` writes them) is fed the same random tokens, in chunks of
@@ -7,11 +7,17 @@ step, the text logits' relative error is max |difference| / max |logit|, and the
 token is compared. Only the temporal transformer and the text head run (the depformer's weights
 are never materialised), so the 7B widths fit in memory in float32 with a few layers.
 
-    python -m benchmarks.bench_kv_cache --config moshi_7b_4layers --steps 500
+Speed: the model as the apps build it (`--speed-format` weights, random), its cache filled to
+the context (keys and values written straight in, see `bench_memory.fill_cache`), then the
+temporal transformer's step time (median of `--speed-steps`) with each cache.
+
+    python -m benchmarks.bench_kv_cache --configs moshi_7b_4layers --steps 500
 """
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +25,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx import models
+
+from .bench_lm import build
+from .bench_memory import fill_cache
 
 CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "data"
 CHUNK = 50  # steps per call
@@ -79,6 +88,27 @@ def compare(config: str, steps: int, contexts: list[int | None]) -> list[str]:
     return rows
 
 
+def speed(config: str, fmt: str, steps: int) -> None:
+    model = build(config, fmt)
+    cfg = model.cfg
+    text = mx.full((1, 1), cfg.text_initial_token, mx.int32)
+    audio = mx.full((1, cfg.n_q, 1), cfg.audio_padding_token, mx.int32)
+    print(f"\nTemporal step with a full cache: {config} {fmt}, device {mx.default_device()}\n\n"
+          "| KV cache | context | step ms median (min-max) |\n|---|---|---|")
+    for context, bits in ((None, None), (None, 8), (None, 4), (cfg.context // 2, 8)):
+        cache = model.make_cache(context, bits)
+        fill_cache(model, cache, "direct")
+        times = []
+        for _ in range(steps + 2):  # 2 warm-up steps
+            start = time.perf_counter()
+            mx.eval(model(text, audio, cache=cache))
+            times.append(1000 * (time.perf_counter() - start))
+        times = times[2:]
+        kv = "unquantized" if bits is None else f"{bits}-bit"
+        print(f"| {kv} | {context or cfg.context} | {statistics.median(times):.1f} "
+              f"({min(times):.1f}-{max(times):.1f}) |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,11 +116,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--contexts", nargs="+", type=int, default=[],
                         help="shorter contexts to compare too (steps)")
+    parser.add_argument("--speed-config", default="moshi_7b_4layers")
+    parser.add_argument("--speed-format", default="q4", choices=("bf16", "q8", "q4"))
+    parser.add_argument("--speed-steps", type=int, default=20, help="0: skip the speed part")
     args = parser.parse_args()
     print("| config | KV cache | context | steps | median relative error | max relative error "
           "| same greedy text token |\n|---|---|---|---|---|---|---|")
     for config in args.configs:
         compare(config, args.steps, [None, *args.contexts])
+    if args.speed_steps:
+        speed(args.speed_config, args.speed_format, args.speed_steps)
 
 
 if __name__ == "__main__":

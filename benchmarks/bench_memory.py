@@ -31,10 +31,13 @@ from moshi_mlx.engine.worker import ModelWorker
 from moshi_mlx.models.checkpoint import Quantization, TensorInfo
 from weights_tools.common import expected_tensors
 from weights_tools.mimi_layout import mimi_tensors
+from weights_tools.quantize import recipe_layout
 from weights_tools.safetensors_writer import write_sparse
 
 CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "data"
-FORMATS = {"bf16": None, "q8": Quantization(8, 64), "q4": Quantization(4, 32)}
+# name -> (quantization, `weights_tools.quantize` recipe)
+FORMATS = {"bf16": (None, None), "q8": (Quantization(8, 64), "uniform"),
+           "q4": (Quantization(4, 32), "uniform"), "q4-mixed": (Quantization(4, 32), "mixed")}
 FILL_CHUNK = 250  # steps per prefill call
 STEPS = 3  # conversation steps after the fill
 
@@ -43,11 +46,13 @@ def load_cfg(config: str) -> models.LmConfig:
     return models.LmConfig.from_config_dict(json.loads((CONFIGS / f"{config}.json").read_text()))
 
 
-def sparse_files(cfg: models.LmConfig, quant: Quantization | None,
-                 directory: Path) -> model_files.ModelFiles:
-    """Sparse Moshi and Mimi checkpoints of the real layouts in `directory`."""
+def sparse_files(cfg: models.LmConfig, fmt: str, directory: Path) -> model_files.ModelFiles:
+    """Sparse Moshi (`fmt` of `FORMATS`) and Mimi checkpoints of the real layouts in
+    `directory`."""
+    quant, recipe = FORMATS[fmt]
+    layout = None if quant is None else recipe_layout(cfg, recipe, quant)
     moshi = write_sparse(directory / "moshi.safetensors",
-                         sorted(expected_tensors(cfg, quant).items()))
+                         sorted(expected_tensors(cfg, quant, layout).items()))
     mimi_layout = [(name, TensorInfo("float32", shape))
                    for name, shape in sorted(mimi_tensors(cfg.mimi_codebooks).items())]
     mimi = write_sparse(directory / "mimi.safetensors", mimi_layout)
@@ -91,10 +96,10 @@ def children(pid: int) -> list[int]:
 def measure_child(args: argparse.Namespace) -> dict:
     """One setup, in this process: load, fill, step, measure."""
     cfg = load_cfg(args.config)
-    quant = FORMATS[args.format]
+    quant = FORMATS[args.format][0]
     model_files.load_text_tokenizer = lambda path, cfg: None  # no 32k-piece tokenizer here
     with tempfile.TemporaryDirectory() as tmp:
-        files = sparse_files(cfg, quant, Path(tmp))
+        files = sparse_files(cfg, args.format, Path(tmp))
         options = model_files.MemoryOptions(args.kv_bits, args.context, ignore_memory=True)
         sizes = memory.ModelSizes.of(files)
         est = sizes.estimate(memory.Setup(quant, args.kv_bits, args.context))
@@ -168,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="moshi_7b_4layers",
                         help="a config of tests/data (default: the 7B widths with 4 layers)")
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS),
+                        help="weights: bf16, q8, q4, q4-mixed (quantize --bits 4 --recipe mixed)")
     parser.add_argument("--kv-bits", nargs="+", choices=("none", "8", "4"),
                         default=["none", "8", "4"], help="KV caches to measure (default: all)")
     parser.add_argument("--context", type=int, default=None)

@@ -25,10 +25,9 @@ GB = 1e9
 SMALLER = (Quantization(8, 64), Quantization(4, 32))  # what -q 8 and -q 4 load
 MIMI_INSTANCES = 2  # Mimi in use and a spare loading before a restart, each with its weights
 # Measured (BENCHMARKS.md, "Memory footprint", benchmarks/bench_memory.py): what the app's
-# processes hold besides the model's weights, its KV cache and Mimi's float32 weights.
-APP_BYTES = 330_000_000  # Python, MLX, NumPy and the app: the main process at its smallest
-MIMI_PROCESS_BYTES = 60_000_000  # Python, NumPy and rustymimi: each Mimi process
-ACTIVATION_BYTES_PER_DIM = 40_000  # MLX's buffers of a step (its cache included), per model dim
+# processes hold (PSS) besides Moshi's weights, its KV cache and Mimi's float32 weights.
+APP_BYTES = 320_000_000  # the main process: Python, MLX (its buffers of a step), the app (255-360)
+MIMI_PROCESS_BYTES = 46_000_000  # each Mimi process: Python, NumPy, rustymimi (45-46)
 
 
 class NotEnoughMemory(Exception):
@@ -59,8 +58,8 @@ class Setup:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes needed by a running app: the Moshi `weights`, its `kv_cache` when full, Mimi's
-    (`MIMI_INSTANCES` processes, float32 weights) and the `runtime` (the processes themselves and
-    MLX's buffers of a step), for `setup`."""
+    (`MIMI_INSTANCES` processes, float32 weights) and the `runtime` (the main process itself,
+    MLX's buffers of a step included), for `setup`."""
 
     weights: int
     kv_cache: int
@@ -100,9 +99,8 @@ class ModelSizes:
     def estimate(self, setup: Setup) -> MemoryEstimate:
         ratio = bits_per_weight(setup.quantization) / bits_per_weight(self.quantization)
         mimi = MIMI_INSTANCES * (4 * self.mimi_params + MIMI_PROCESS_BYTES)
-        runtime = APP_BYTES + ACTIVATION_BYTES_PER_DIM * self.cfg.dim
         return MemoryEstimate(round(self.weight_bytes * ratio), kv_cache_bytes(self.cfg, setup),
-                              mimi, runtime, setup)
+                              mimi, APP_BYTES, setup)
 
 
 def bits_per_weight(q: Quantization | None) -> float:

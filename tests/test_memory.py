@@ -95,14 +95,14 @@ def test_a_model_that_fits_keeps_its_setup(metal, caplog):
 
 
 def test_q8_on_a_16_gb_mac_with_a_browser_gets_a_smaller_cache(metal, caplog):
-    """7B q8 needs 11.0 GB, 10.3 GB with an 8-bit cache, 9.9 GB with an 8-bit one over 1500
-    steps (weights 8.2, cache 1.57 / 0.84 / 0.42, Mimi 0.77, runtime 0.5): with 10 GB available
-    the last is chosen, and said."""
+    """7B q8 needs 10.8 GB, 10.1 GB with an 8-bit cache, 9.7 GB with an 8-bit one over 1500
+    steps (weights 8.2, cache 1.57 / 0.84 / 0.42, Mimi 0.76, runtime 0.32): with 10 GB
+    available the last is chosen, and said."""
     with caplog.at_level(logging.INFO, logger="moshi_mlx"):
         setup = memory.choose(sizes_7b("q8", Q8), limits=machine(10.7, 10))
     assert setup == memory.Setup(Q8, kv_bits=8, context=1500)
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "only 10.0 GB of memory is available: using --kv-bits 8 --context 1500 (about 9.9 GB)" \
+    assert "only 10.0 GB of memory is available: using --kv-bits 8 --context 1500 (about 9.7 GB)" \
         in warning
 
 
@@ -121,23 +121,24 @@ def test_given_flags_are_kept_and_the_context_shortened(metal):
 
 
 def test_when_these_weights_cannot_fit_the_smaller_ones_are_named(metal):
-    """bf16 needs at least 16.8 GB; with 10 GB available q8 fits with an 8-bit cache over 1500
-    steps (9.9 GB) and q4 with an unquantized one (7.7 GB)."""
+    """bf16 needs at least 16.6 GB; with 10 GB available q8 fits with an 8-bit cache over 1500
+    steps (9.7 GB) and q4 with an unquantized one (7.5 GB)."""
     with pytest.raises(memory.NotEnoughMemory) as e:
         memory.choose(sizes_7b("bf16", None), limits=machine(None, 10))
     message = str(e.value)
     assert "only 10.0 GB of memory is available" in message
-    assert "What fits: -q 8 --kv-bits 8 --context 1500 (about 9.9 GB) or -q 4 (about 7.7 GB)." \
+    assert "What fits: -q 8 --kv-bits 8 --context 1500 (about 9.7 GB) or -q 4 (about 7.5 GB)." \
         in message
     assert message.endswith("Pass --ignore-memory to load anyway.")
 
 
 def test_an_8_gb_mac_is_refused_with_what_it_lacks(metal, caplog):
-    """q4 needs 6.2 GB at the least (4-bit cache over 750 steps): 5.5 GB available is not
-    enough for anything; --ignore-memory loads the chosen setup with a warning."""
+    """q4 needs 6.0 GB at the least (4-bit cache over 750 steps; 4.9 GB in MLX): 5.5 GB
+    available is not enough for anything; --ignore-memory loads the chosen setup with a
+    warning."""
     sizes = sizes_7b("q4", Q4)
     with pytest.raises(memory.NotEnoughMemory,
-                       match=r"Nothing fits: even --kv-bits 4 --context 750 needs about 6\.2 GB"):
+                       match=r"Nothing fits: even --kv-bits 4 --context 750 needs about 6\.0 GB"):
         memory.choose(sizes, limits=machine(5.3, 5.5))
     with caplog.at_level(logging.INFO, logger="moshi_mlx"):
         assert memory.choose(sizes, limits=machine(5.3, 5.5), force=True) == memory.Setup(Q4)
