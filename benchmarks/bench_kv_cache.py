@@ -64,8 +64,11 @@ def text_logits(model: models.Lm, text: mx.array, audio: mx.array, cache) -> np.
     return np.concatenate(out)
 
 
-def compare(config: str, steps: int, contexts: list[int | None]) -> list[str]:
-    cfg = models.LmConfig.from_config_dict(json.loads((CONFIGS / f"{config}.json").read_text()))
+def compare(config: str, steps: int, contexts: list[int | None],
+            layers: int | None = None) -> list[str]:
+    raw = json.loads((CONFIGS / f"{config}.json").read_text())
+    cfg = models.LmConfig.from_config_dict({**raw, "num_layers": layers or raw["num_layers"]})
+    config = f"{config}, {cfg.num_layers} layers"
     model = temporal_model(cfg)
     model.activation_dtype = mx.float32
     rng = np.random.default_rng(1)
@@ -116,6 +119,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--contexts", nargs="+", type=int, default=[],
                         help="shorter contexts to compare too (steps)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="temporal layers (default: the config's)")
     parser.add_argument("--speed-config", default="moshi_7b_4layers")
     parser.add_argument("--speed-format", default="q4", choices=("bf16", "q8", "q4"))
     parser.add_argument("--speed-steps", type=int, default=20, help="0: skip the speed part")
@@ -123,7 +128,7 @@ def main() -> None:
     print("| config | KV cache | context | steps | median relative error | max relative error "
           "| same greedy text token |\n|---|---|---|---|---|---|---|")
     for config in args.configs:
-        compare(config, args.steps, [None, *args.contexts])
+        compare(config, args.steps, [None, *args.contexts], args.layers)
     if args.speed_steps:
         speed(args.speed_config, args.speed_format, args.speed_steps)
 

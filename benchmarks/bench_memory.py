@@ -30,9 +30,9 @@ from moshi_mlx import memory, model_files, models, utils
 from moshi_mlx.engine.worker import ModelWorker
 from moshi_mlx.models.checkpoint import Quantization, TensorInfo
 from weights_tools.common import expected_tensors
-from weights_tools.mimi_layout import mimi_tensors
+from weights_tools.mimi_layout import mimi_num_params, mimi_tensors
 from weights_tools.quantize import recipe_layout
-from weights_tools.safetensors_writer import write_sparse
+from weights_tools.safetensors_writer import nbytes, write_sparse
 
 CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "data"
 # name -> (quantization, `weights_tools.quantize` recipe)
@@ -145,7 +145,8 @@ def run_setup(config: str, fmt: str, kv_bits: int | None, context: int | None,
         cmd += ["--context", str(context)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed (exit code {out.returncode}; -9: killed, e.g. "
+                         f"out of memory):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -164,6 +165,24 @@ HEADER = ("| config | weights | KV cache | context | weights GB | KV GB | MLX ac
           "| estimate vs PSS |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def estimates(config: str, contexts: list[int | None]) -> None:
+    """The preflight's estimate for every format, KV cache and context, as on Metal (bf16
+    activations, so an unquantized cache is bf16); nothing is loaded."""
+    cfg = load_cfg(config)
+    print("| weights | KV cache | context | weights GB | KV GB | weights + KV GB (MLX) | app GB |"
+          "\n|---|---|---|---|---|---|---|")
+    for fmt, (quant, recipe) in FORMATS.items():
+        layout = None if quant is None else recipe_layout(cfg, recipe, quant)
+        weights = sum(nbytes(t) for t in expected_tensors(cfg, quant, layout).values())
+        sizes = memory.ModelSizes(cfg, weights, quant, mimi_num_params(cfg.mimi_codebooks))
+        for bits in (None, 8, 4):
+            for context in contexts:
+                e = sizes.estimate(memory.Setup(quant, bits, context), mx.bfloat16)
+                kv = "bf16" if bits is None else f"{bits}-bit"
+                print(f"| {fmt} | {kv} | {context or cfg.context} | {e.weights / 1e9:.2f} "
+                      f"| {e.kv_cache / 1e9:.3f} | {e.mlx / 1e9:.2f} | {e.total / 1e9:.2f} |")
+
+
 def kv_bits(value: str) -> int | None:
     return None if value == "none" else int(value)
 
@@ -179,8 +198,15 @@ def main(argv: list[str] | None = None) -> None:
                         default=["none", "8", "4"], help="KV caches to measure (default: all)")
     parser.add_argument("--context", type=int, default=None)
     parser.add_argument("--fill", choices=("model", "direct"), default="model")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="print the preflight's estimates as on Metal (for --context and "
+                        "half and a quarter of it) and measure nothing")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.estimate_only:
+        full = args.context or load_cfg(args.config).context
+        estimates(args.config, [full, full // 2, full // 4])
+        return
     if args.child:
         args.format = args.formats[0]
         args.kv_bits = kv_bits(args.kv_bits[0])

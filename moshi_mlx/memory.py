@@ -96,11 +96,13 @@ class ModelSizes:
         return cls(files.lm_config, read_header(files.moshi_weight).data_bytes,
                    files.quantization, sum(prod(t.shape) for n, t in mimi.items() if n in read))
 
-    def estimate(self, setup: Setup) -> MemoryEstimate:
+    def estimate(self, setup: Setup, activation_dtype: mx.Dtype | None = None) -> MemoryEstimate:
+        """`activation_dtype`: the KV cache's when unquantized, its scales' when quantized
+        (default: this backend's, `activation_dtype_for`)."""
         ratio = bits_per_weight(setup.quantization) / bits_per_weight(self.quantization)
         mimi = MIMI_INSTANCES * (4 * self.mimi_params + MIMI_PROCESS_BYTES)
-        return MemoryEstimate(round(self.weight_bytes * ratio), kv_cache_bytes(self.cfg, setup),
-                              mimi, APP_BYTES, setup)
+        kv_cache = kv_cache_bytes(self.cfg, setup, activation_dtype=activation_dtype)
+        return MemoryEstimate(round(self.weight_bytes * ratio), kv_cache, mimi, APP_BYTES, setup)
 
 
 def bits_per_weight(q: Quantization | None) -> float:
@@ -108,10 +110,12 @@ def bits_per_weight(q: Quantization | None) -> float:
     return 16.0 if q is None else q.bits + 32 / q.group_size
 
 
-def kv_cache_bytes(cfg: LmConfig, setup: Setup, batch_size: int = 1) -> int:
-    """Keys and values of every temporal layer over the context: in the activation dtype, or
-    `kv_bits` per value plus a scale and a bias (activation dtype) per group."""
-    dtype = activation_dtype_for(setup.quantization is not None)
+def kv_cache_bytes(cfg: LmConfig, setup: Setup, batch_size: int = 1,
+                   activation_dtype: mx.Dtype | None = None) -> int:
+    """Keys and values of every temporal layer over the context: in the activation dtype
+    (default: this backend's), or `kv_bits` per value plus a scale and a bias (activation
+    dtype) per group."""
+    dtype = activation_dtype or activation_dtype_for(setup.quantization is not None)
     values = 2 * cfg.num_layers * (setup.context or cfg.context) * cfg.dim * batch_size
     if setup.kv_bits is None:
         return values * dtype.size
