@@ -47,17 +47,20 @@ def test_a_context_beyond_the_models_is_one_error_line(tmp_path, demo_env):
         "error: --context must be from 1 to this model's 3000 steps (240 s), got 3001")
 
 
-def test_a_model_that_does_not_fit_is_refused_unless_ignored(demo_cache, monkeypatch, capsys):
+def test_a_model_that_does_not_fit_is_refused_unless_ignored(demo_cache, monkeypatch):
     """A machine with 100 MB available: even the demo model (about 1 GB with its Mimi processes)
-    does not fit, whatever its cache: one error line naming --ignore-memory, nothing loaded."""
+    does not fit, whatever its cache: a user error (one `error:` line from the apps' `run_main`)
+    naming --ignore-memory, and nothing loaded."""
     files = demo_files(demo_cache)
     monkeypatch.setattr(memory, "memory_limits",
                         lambda: [memory.MemoryLimit(10**8, "of memory is available")])
     built = []
     monkeypatch.setattr(model_files.models, "Lm", lambda cfg: built.append(cfg))
-    assert cli.run_main(lambda: model_files.load_model(files)) == 1
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error: this model needs about ") and "only 0.1 GB" in error
+    with pytest.raises(memory.NotEnoughMemory) as e:
+        model_files.load_model(files)
+    assert memory.NotEnoughMemory in cli.USER_ERRORS
+    error = str(e.value)
+    assert error.startswith("this model needs about ") and "only 0.1 GB" in error
     assert "Nothing fits" in error and error.endswith("Pass --ignore-memory to load anyway.")
     assert built == []
     monkeypatch.undo()

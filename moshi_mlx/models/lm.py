@@ -245,8 +245,8 @@ class Lm(nn.Module):
         steps, quantized to `kv_bits` (4, 8); by default `kv_context` (else `cfg.context`) and
         `kv_bits` (None: unquantized). Raises ValueError for a context or bits the model cannot
         take."""
-        context = context or self.kv_context
-        kv_bits = kv_bits or self.kv_bits
+        context = self.kv_context if context is None else context
+        kv_bits = self.kv_bits if kv_bits is None else kv_bits
         if context is not None and not 1 <= context <= self.cfg.context:
             raise ValueError(f"the context must be from 1 to the model's {self.cfg.context} "
                              f"steps, got {context}")

@@ -125,7 +125,7 @@ class Transformer(nn.Module):
                    kv_bits: int | None = None) -> list[RotatingKVCache]:
         """One sliding-window cache per layer, holding the last `context` steps (default: the
         model's), quantized to `kv_bits` (4 or 8) or kept in the activation dtype (None)."""
-        context = context or self.args.context
+        context = self.args.context if context is None else context
         if kv_bits is None:
             return [RotatingKVCache(max_size=context) for _ in self.layers]
         group_size = kv_group_size(self.args.head_dim, kv_bits)
