@@ -55,8 +55,8 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
         "has a table of the flags for each Mac.")
     group.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
                        help="quantize the attention's KV cache to 4 or 8 bits (default: the "
-                            "activation dtype). 8 bits halve it (bf16) with a logit error "
-                            "under about 1 %%; 4 bits quarter it but cost up to 20 %%")
+                            "activation dtype). 8 bits halve it (bf16) for a logit error of "
+                            "about 1 %%; 4 bits quarter it but cost up to 20 %%")
     group.add_argument("--context", type=positive_int, default=None, metavar="STEPS",
                        help="attend to the last STEPS steps of 80 ms (default: the model's, "
                             "3000 = 4 min for Moshi 7B); fewer use less memory")
