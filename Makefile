@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PARITY_STAMP := $(VENV)/.installed-parity
 
-.PHONY: install demo test test-fast test-probes bench bench-live lint clean
+.PHONY: install demo test test-fast test-probes bench bench-live bench-memory lint clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ test-probes: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_lm
 	$(PY) -m benchmarks.bench_quantize --layers 4 --bits 4 8
+	$(PY) -m benchmarks.bench_kv_cache
+
+# The app's memory with the KV cache full, every weight format and KV cache (7B widths, 4 layers).
+bench-memory: $(STAMP)
+	$(PY) -m benchmarks.bench_memory --config moshi_7b_4layers --fill direct
 
 # Kyutai's moshi_mlx 0.3.0, the yardstick of bench-live, in a venv of its own (never imported by
 # the project): --no-deps, since it pins an older mlx; what it imports is installed beside it.

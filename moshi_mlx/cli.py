@@ -11,17 +11,18 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from . import model_files, models, utils
+from . import memory, model_files, models, utils
 from .audio.mimi_process import MimiError
 from .audio.wav import AudioFileError
 from .families import FamilyError
+from .models.transformer import KV_BITS
 from .utils.files import OutputFileError
 
 log = logging.getLogger("moshi_mlx")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     model_files.ModelFilesError, models.CheckpointError, models.ConfigError, AudioFileError,
-    OutputFileError, utils.SamplingError, FamilyError, MimiError)
+    OutputFileError, utils.SamplingError, FamilyError, MimiError, memory.NotEnoughMemory)
 SAMPLING_DEFAULTS = {"text": (0.7, 25), "audio": (0.8, 250)}  # stream: (temperature, top-k)
 VOCABULARY = {"text": "text vocabulary (32000 for Moshi 7B)",
               "audio": "codebook size (2048 for Moshi 7B)"}
@@ -44,6 +45,38 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cfg-coef", type=float, default=1.0,
                        help="classifier-free guidance for conditioned models (Hibiki: 3); 1 (the "
                             "default) for none")
+
+
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    """Registers --kv-bits, --context and --ignore-memory; see `memory_options`."""
+    group = parser.add_argument_group(
+        "memory", "Before loading, the app estimates the memory the model needs. When it does not "
+        "fit, it picks a smaller KV cache (8 bits, then a shorter context, then 4 bits) unless "
+        "these flags set it, and refuses when nothing fits, naming the -q that would. README.md "
+        "has a table of the flags for each Mac.")
+    group.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                       help="quantize the attention's KV cache to 4 or 8 bits (default: the "
+                            "activation dtype). 8 bits halve it (bf16) for a logit error of "
+                            "about 1 %%; 4 bits quarter it but cost up to 20 %%")
+    group.add_argument("--context", type=positive_int, default=None, metavar="STEPS",
+                       help="attend to the last STEPS steps of 80 ms (default: the model's, "
+                            "3000 = 4 min for Moshi 7B); fewer use less memory")
+    group.add_argument("--ignore-memory", action="store_true",
+                       help="load even when the model does not fit the memory available")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def memory_options(args: argparse.Namespace) -> model_files.MemoryOptions:
+    return model_files.MemoryOptions(args.kv_bits, args.context, args.ignore_memory)
 
 
 def flag(stream: str, what: str) -> str:
@@ -83,10 +116,12 @@ def choose_seed(seed: int | None) -> int:
 
 def parse_app_args(parser: argparse.ArgumentParser,
                    argv: list[str] | None) -> argparse.Namespace:
-    """Adds the flags every app shares (sampling, seed, model files) to the app's own `parser`
-    and parses `argv`; sampling values are checked against a model by `make_samplers`."""
+    """Adds the flags every app shares (sampling, seed, model files, memory) to the app's own
+    `parser` and parses `argv`; sampling values are checked against a model by `make_samplers`,
+    memory ones by the preflight (`model_files.load_model`)."""
     add_sampling_args(parser)
     model_files.add_model_args(parser)
+    add_memory_args(parser)
     args = parser.parse_args(argv)
     check_sampling_args(parser, args)
     return args

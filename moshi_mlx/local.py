@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> None:
     files = model_files.resolve(args)
     samplers = cli.make_samplers(args, files.lm_config)
     # The model's thread: loads Moshi and Mimi and warms them up, then runs Moshi's steps.
-    worker = ModelWorker(files, samplers, cfg_coef=args.cfg_coef)
+    worker = ModelWorker(files, samplers, cfg_coef=args.cfg_coef, memory=cli.memory_options(args))
     worker.load().result()
     seed = cli.choose_seed(args.seed)  # new_conversation seeds MLX on the model's thread
     conversation = worker.submit(worker.new_conversation, *samplers, seed).result()

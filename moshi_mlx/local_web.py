@@ -150,7 +150,8 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
     logging.getLogger("aiohttp.server").addFilter(ONE_LINE_HTTP_ERRORS)
     cfg = files.lm_config
     sampling = Sampling(args.text_temp, args.text_top_k, args.audio_temp, args.audio_top_k)
-    worker = ModelWorker(files, cli.make_samplers(args, cfg), cfg_coef=args.cfg_coef)
+    worker = ModelWorker(files, cli.make_samplers(args, cfg), cfg_coef=args.cfg_coef,
+                         memory=cli.memory_options(args))
     server = ChatServer(worker, sampling, OriginPolicy(args.host, args.allow_origin),
                         max_lag=args.max_lag, seed=args.seed, vocab=(cfg.text_card, cfg.card),
                         idle_timeout=args.idle_timeout)

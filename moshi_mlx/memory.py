@@ -1,4 +1,5 @@
-"""Estimating the memory a model needs before loading it, and warning when the machine lacks it."""
+"""The memory a model needs, checked before loading: the preflight chooses a KV cache (`--kv-bits`,
+`--context`) that fits the machine, or refuses with the setups that would fit."""
 
 import logging
 import re
@@ -11,34 +12,97 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+from weights_tools.mimi_layout import mimi_tensors
+
 from .models.checkpoint import Quantization, read_header
-from .models.config import LmConfig
+from .models.config import ConfigError, LmConfig
 from .models.lm import activation_dtype_for
+from .models.transformer import kv_group_size
 
 log = logging.getLogger(__name__)
 
 GB = 1e9
 SMALLER = (Quantization(8, 64), Quantization(4, 32))  # what -q 8 and -q 4 load
+MIMI_INSTANCES = 2  # Mimi in use and a spare loading before a restart, each with its weights
+# Measured (BENCHMARKS.md, "Memory footprint", benchmarks/bench_memory.py): what the app's
+# processes hold (PSS) besides Moshi's weights, its KV cache and Mimi's float32 weights.
+APP_BYTES = 320_000_000  # the main process: Python, MLX (its buffers of a step), the app (255-360)
+MIMI_PROCESS_BYTES = 46_000_000  # each Mimi process: Python, NumPy, rustymimi (45-46)
+
+
+class NotEnoughMemory(Exception):
+    """The model does not fit the machine's memory; the message says what would."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What sets the memory of a run: the weights' quantization (None: bf16), the KV cache's bits
+    (None: the activation dtype) and its context in steps (None: the model's)."""
+
+    quantization: Quantization | None
+    kv_bits: int | None = None
+    context: int | None = None
+
+    def flags(self, weights: Quantization | None) -> str:
+        """The command-line flags of this setup for a model whose file holds `weights`
+        ('' when it is the default one)."""
+        parts = [] if self.quantization == weights else [
+            f"-q {self.quantization.bits}" if self.quantization else "bf16 weights (no -q)"]
+        if self.kv_bits is not None:
+            parts.append(f"--kv-bits {self.kv_bits}")
+        if self.context is not None:
+            parts.append(f"--context {self.context}")
+        return " ".join(parts)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes needed by a running model: `weights` as stored in the file, the temporal
-    transformer's `kv_cache` at full context, and Mimi's weights (`mimi`, float32)."""
+    """Bytes needed by a running app: the Moshi `weights`, its `kv_cache` when full, Mimi's
+    (`MIMI_INSTANCES` processes, float32 weights) and the `runtime` (the main process itself,
+    MLX's buffers of a step included), for `setup`."""
 
     weights: int
     kv_cache: int
     mimi: int
-    quantization: Quantization | None
+    runtime: int
+    setup: Setup
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.mimi
+        return self.weights + self.kv_cache + self.mimi + self.runtime
 
-    def with_quantization(self, q: Quantization) -> "MemoryEstimate":
-        """The same model with its weights quantized as `q` (approximately)."""
-        ratio = bits_per_weight(q) / bits_per_weight(self.quantization)
-        return MemoryEstimate(round(self.weights * ratio), self.kv_cache, self.mimi, q)
+    @property
+    def mlx(self) -> int:
+        """What MLX holds (on a Mac, in the GPU's working set): weights and KV cache."""
+        return self.weights + self.kv_cache
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the estimate is made from: the config, the weight file's bytes and quantization, and
+    the number of Mimi's weights that Mimi reads (its file has 32 codebook levels; the model's
+    `mimi_codebooks` are read)."""
+
+    cfg: LmConfig
+    weight_bytes: int
+    quantization: Quantization | None
+    mimi_params: int
+
+    @classmethod
+    def of(cls, files) -> "ModelSizes":
+        """`files`: a `model_files.ModelFiles`. Reads the two weight files' headers only."""
+        read = mimi_tensors(files.lm_config.mimi_codebooks)
+        mimi = read_header(files.mimi_weight).tensors
+        return cls(files.lm_config, read_header(files.moshi_weight).data_bytes,
+                   files.quantization, sum(prod(t.shape) for n, t in mimi.items() if n in read))
+
+    def estimate(self, setup: Setup, activation_dtype: mx.Dtype | None = None) -> MemoryEstimate:
+        """`activation_dtype`: the KV cache's when unquantized, its scales' when quantized
+        (default: this backend's, `activation_dtype_for`)."""
+        ratio = bits_per_weight(setup.quantization) / bits_per_weight(self.quantization)
+        mimi = MIMI_INSTANCES * (4 * self.mimi_params + MIMI_PROCESS_BYTES)
+        kv_cache = kv_cache_bytes(self.cfg, setup, activation_dtype=activation_dtype)
+        return MemoryEstimate(round(self.weight_bytes * ratio), kv_cache, mimi, APP_BYTES, setup)
 
 
 def bits_per_weight(q: Quantization | None) -> float:
@@ -46,21 +110,46 @@ def bits_per_weight(q: Quantization | None) -> float:
     return 16.0 if q is None else q.bits + 32 / q.group_size
 
 
-def kv_cache_bytes(cfg: LmConfig, quantization: Quantization | None, batch_size: int = 1) -> int:
-    """Keys and values of every temporal layer over `context` steps, in the activation dtype."""
-    dtype = activation_dtype_for(quantization is not None)
-    return 2 * cfg.num_layers * cfg.context * cfg.dim * batch_size * dtype.size
+def kv_cache_bytes(cfg: LmConfig, setup: Setup, batch_size: int = 1,
+                   activation_dtype: mx.Dtype | None = None) -> int:
+    """Keys and values of every temporal layer over the context: in the activation dtype
+    (default: this backend's), or `kv_bits` per value plus a scale and a bias (activation
+    dtype) per group."""
+    dtype = activation_dtype or activation_dtype_for(setup.quantization is not None)
+    values = 2 * cfg.num_layers * (setup.context or cfg.context) * cfg.dim * batch_size
+    if setup.kv_bits is None:
+        return values * dtype.size
+    group_size = kv_group_size(cfg.dim // cfg.num_heads, setup.kv_bits)
+    return values * setup.kv_bits // 8 + values // group_size * 2 * dtype.size
 
 
-def estimate(files) -> MemoryEstimate:
-    """`files`: a `model_files.ModelFiles`. Reads the two weight files' headers only."""
-    mimi = read_header(files.mimi_weight)
-    return MemoryEstimate(
-        weights=read_header(files.moshi_weight).data_bytes,
-        kv_cache=kv_cache_bytes(files.lm_config, files.quantization),
-        mimi=4 * sum(prod(t.shape) for t in mimi.tensors.values()),
-        quantization=files.quantization,
-    )
+def check_setup(cfg: LmConfig, kv_bits: int | None, context: int | None) -> None:
+    """Raises `ConfigError`, naming the flag, for a KV cache the model cannot have."""
+    if context is not None and not 1 <= context <= cfg.context:
+        raise ConfigError(f"--context must be from 1 to this model's {cfg.context} steps "
+                          f"({cfg.context / 12.5:.0f} s), got {context}")
+    if kv_bits is not None:
+        try:
+            kv_group_size(cfg.dim // cfg.num_heads, kv_bits)
+        except ValueError as e:
+            raise ConfigError(f"--kv-bits: {e}") from None
+
+
+def candidates(sizes: ModelSizes, chosen: Setup, weights: Quantization | None,
+               fixed_kv: bool, fixed_context: bool) -> list[Setup]:
+    """Setups with the weights `weights`, from the most exact to the smallest: the KV cache
+    unquantized, at 8 bits, at 8 bits over half then a quarter of the context, then at 4 bits
+    over a quarter (4 bits cost more accuracy than 8: BENCHMARKS.md, "KV cache"). A value the
+    user gave (`fixed_*`) is kept."""
+    full = sizes.cfg.context
+    options = [(None, None), (8, None), (8, full // 2), (8, full // 4), (4, full // 4)]
+    out = []
+    for kv_bits, context in options:
+        setup = Setup(weights, chosen.kv_bits if fixed_kv else kv_bits,
+                      chosen.context if fixed_context else context)
+        if setup not in out:
+            out.append(setup)
+    return out
 
 
 def available_memory() -> int | None:
@@ -82,22 +171,26 @@ def available_memory() -> int | None:
 
 
 def describe(est: MemoryEstimate) -> str:
-    return (f"about {est.total / GB:.1f} GB (weights {est.weights / GB:.1f} GB, KV cache at full "
-            f"context {est.kv_cache / GB:.1f} GB, Mimi {est.mimi / GB:.1f} GB)")
+    return (f"about {est.total / GB:.1f} GB (weights {est.weights / GB:.1f} GB, KV cache "
+            f"{est.kv_cache / GB:.1f} GB, Mimi {est.mimi / GB:.1f} GB, runtime "
+            f"{est.runtime / GB:.1f} GB)")
 
 
 @dataclass(frozen=True)
 class MemoryLimit:
     """What a model's memory is checked against: `size` bytes, said as "only {size} GB
-    {description}"; `mlx_only`: counts what MLX holds (weights, KV cache) but not Mimi, which
-    runs outside MLX."""
+    {description}"; `mlx_only`: counts what MLX holds (weights, KV cache) but not Mimi and the
+    processes, which are outside MLX."""
 
     size: int
     description: str
     mlx_only: bool = False
 
     def needed(self, est: MemoryEstimate) -> int:
-        return est.weights + est.kv_cache if self.mlx_only else est.total
+        return est.mlx if self.mlx_only else est.total
+
+    def fits(self, est: MemoryEstimate) -> bool:
+        return self.needed(est) <= self.size
 
 
 def recommended_working_set() -> int | None:
@@ -120,31 +213,56 @@ def memory_limits() -> list[MemoryLimit]:
     return limits
 
 
-def shortage_message(est: MemoryEstimate, limit: MemoryLimit) -> str | None:
-    """A warning when `est` exceeds `limit`, suggesting a smaller quantization."""
-    if limit.needed(est) <= limit.size:
-        return None
-    smaller = [(q, est.with_quantization(q)) for q in SMALLER
-               if bits_per_weight(q) < bits_per_weight(est.quantization)]
-    if smaller:
-        advice = "Try " + " or ".join(
-            f"-q {q.bits} (about {limit.needed(e) / GB:.1f} GB)" for q, e in smaller) + "."
-    else:
-        advice = "Close other applications, or use a machine with more memory."
+def shortage(est: MemoryEstimate, limit: MemoryLimit) -> str:
     needs = describe(est) if not limit.mlx_only else (
         f"about {limit.needed(est) / GB:.1f} GB in MLX (weights and KV cache)")
-    return (f"this model needs {needs} but only {limit.size / GB:.1f} GB {limit.description}: "
-            f"it may swap heavily or be killed. {advice}")
+    return f"needs {needs} but only {limit.size / GB:.1f} GB {limit.description}"
 
 
-def warn_if_short(est: MemoryEstimate) -> None:
-    """Logs what the model needs, and a warning for the first limit it exceeds."""
+def choose(sizes: ModelSizes, kv_bits: int | None = None, context: int | None = None,
+           limits: list[MemoryLimit] | None = None, force: bool = False) -> Setup:
+    """The setup to load: the user's `kv_bits` and `context` (None: not given) for the file's
+    weights when it fits every limit (default: `memory_limits()`); else the most exact KV cache
+    that fits (`candidates`: what the user gave is kept), said in the log. When none fits,
+    raises `NotEnoughMemory` naming the smaller weights (`-q`) that would fit, or saying
+    nothing does; with `force` it warns instead and loads the user's setup."""
+    limits = memory_limits() if limits is None else limits
+    chosen = Setup(sizes.quantization, kv_bits, context)
+    est = sizes.estimate(chosen)
     log.info("memory needed: %s", describe(est))
-    for limit in memory_limits():
-        message = shortage_message(est, limit)
-        if message:
-            log.warning("warning: %s", message)
-            return
+    fixed = (kv_bits is not None, context is not None)
+
+    def first_fit(weights: Quantization | None) -> MemoryEstimate | None:
+        for setup in candidates(sizes, chosen, weights, *fixed):
+            e = sizes.estimate(setup)
+            if all(limit.fits(e) for limit in limits):
+                return e
+        return None
+
+    short = next((limit for limit in limits if not limit.fits(est)), None)
+    if short is None:
+        return chosen
+    fit = first_fit(sizes.quantization)
+    if fit is not None:
+        log.warning("this model %s: using %s (about %.1f GB)", shortage(est, short),
+                    fit.setup.flags(sizes.quantization), fit.total / GB)
+        return fit.setup
+    smaller = [e for q in SMALLER if bits_per_weight(q) < bits_per_weight(sizes.quantization)
+               if (e := first_fit(q)) is not None]
+    if smaller:
+        advice = "What fits: " + " or ".join(
+            f"{e.setup.flags(sizes.quantization)} (about {e.total / GB:.1f} GB)"
+            for e in smaller) + "."
+    else:
+        least = sizes.estimate(candidates(sizes, chosen, SMALLER[-1], *fixed)[-1])
+        advice = (f"Nothing fits: even {least.setup.flags(sizes.quantization)} needs about "
+                  f"{least.total / GB:.1f} GB. Close other applications, or use a machine with "
+                  "more memory.")
+    message = f"this model {shortage(est, short)}: it would swap heavily or be killed. {advice}"
+    if force:
+        log.warning("warning: %s Loading anyway (--ignore-memory).", message)
+        return chosen
+    raise NotEnoughMemory(f"{message} Pass --ignore-memory to load anyway.")
 
 
 def wire_model_memory() -> None:

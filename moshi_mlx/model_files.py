@@ -22,7 +22,14 @@ import sentencepiece
 from huggingface_hub import errors as hub_errors
 
 from . import __version__, memory, models
-from .models.checkpoint import Quantization, describe, quantization_of, read_header
+from .models.checkpoint import (
+    Quantization,
+    describe,
+    model_tensors,
+    module_quantization,
+    quantization_of,
+    read_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -306,17 +313,35 @@ def load_text_tokenizer(path: Path, cfg: models.LmConfig) -> sentencepiece.Sente
     return sp
 
 
-def load_model(files: ModelFiles, warmup: bool = True):
-    """Builds and loads Moshi: -> (model `models.Lm`, text tokenizer, config). Warns first when
-    the estimated memory exceeds what the machine has available."""
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The user's memory flags: `kv_bits` (4, 8; None: an unquantized KV cache), `context`
+    (steps; None: the model's), `ignore_memory`: load even when the preflight finds that the
+    model does not fit."""
+
+    kv_bits: int | None = None
+    context: int | None = None
+    ignore_memory: bool = False
+
+
+def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | None = None):
+    """Builds and loads Moshi: -> (model `models.Lm`, text tokenizer, config). First the memory
+    preflight (`memory.choose`) picks the KV cache the model's steps will use (the model's
+    `kv_bits` and `kv_context`), or raises `memory.NotEnoughMemory`."""
     cfg = files.lm_config
+    options = options or MemoryOptions()
     text_tokenizer = load_text_tokenizer(files.tokenizer, cfg)
-    memory.warn_if_short(memory.estimate(files))
+    memory.check_setup(cfg, options.kv_bits, options.context)
+    setup = memory.choose(memory.ModelSizes.of(files), options.kv_bits, options.context,
+                          force=options.ignore_memory)
     model = models.Lm(cfg)
+    model.kv_bits, model.kv_context = setup.kv_bits, setup.context
+    log.info("KV cache: %s, %d steps", f"{setup.kv_bits}-bit" if setup.kv_bits else "unquantized",
+             setup.context or cfg.context)
     model.set_dtype(mx.bfloat16)
-    q = files.quantization
-    if q is not None:
-        models.quantize(model, bits=q.bits, group_size=q.group_size)
+    if files.quantization is not None:  # each module as the file holds it (mixed precision too)
+        found = read_header(files.moshi_weight).tensors
+        models.quantize(model, layout=module_quantization(found, model_tensors(model)))
     memory.wire_model_memory()
     log.info("loading %s", files.moshi_weight)
     model.load_weights(str(files.moshi_weight), strict=True)

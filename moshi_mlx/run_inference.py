@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
         raise families.FamilyError(f"this model ({kind}) speaks: give an OUTPUT wav")
     families.check_cfg_coef(files.lm_config, args.cfg_coef)
     text_sampler, audio_sampler = cli.make_samplers(args, files.lm_config)
-    model, tokenizer, cfg = model_files.load_model(files)
+    model, tokenizer, cfg = model_files.load_model(files, options=cli.memory_options(args))
     seed = cli.choose_seed(args.seed)
     mx.random.seed(seed)  # this loop runs the model on this thread
     conversation = families.conversation(model, tokenizer, files.mimi_weight, text_sampler,

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import wave
 from pathlib import Path
@@ -22,6 +21,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx import model_files, models
+from moshi_mlx.models.checkpoint import ST_DTYPES, TensorInfo
+from weights_tools.safetensors_writer import write_sparse
 
 DATA = Path(__file__).parent / "data"
 # Kyutai's audio format, written here rather than imported from moshi_mlx so that the tests
@@ -165,20 +166,9 @@ def demo_env(demo_cache, monkeypatch) -> dict:
 def write_sparse_checkpoint(manifest: Path, out: Path) -> Path:
     """A safetensors file with the tensor layout of a `tests/data` manifest: a real header
     followed by a hole as large as the data (all zeros, no disk used)."""
-    st_sizes = {"BF16": 2, "F32": 4, "U32": 4}
-    header, offset = {}, 0
-    for name, t in sorted(json.loads(manifest.read_text())["tensors"].items()):
-        size = st_sizes[t["st_dtype"]]
-        for s in t["shape"]:
-            size *= s
-        header[name] = {"dtype": t["st_dtype"], "shape": t["shape"],
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with out.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return out
+    tensors = json.loads(manifest.read_text())["tensors"]
+    return write_sparse(out, [(name, TensorInfo(ST_DTYPES[t["st_dtype"]], tuple(t["shape"])))
+                              for name, t in sorted(tensors.items())])
 
 
 def missing(what: str) -> NoReturn:

@@ -1,99 +1,181 @@
+"""The memory preflight: the estimate, and the setup it chooses on mocked machines."""
+
+import json
 import logging
+import math
+import re
 import sys
 
 import mlx.core as mx
 import pytest
-from conftest import DATA, write_sparse_checkpoint
+from conftest import DATA, random_model, tiny_config, write_sparse_checkpoint
 
 from moshi_mlx import memory, models
 from moshi_mlx.model_files import ModelFiles
 from moshi_mlx.models.checkpoint import Quantization, read_header
 
 GB = 10**9
+Q8, Q4 = Quantization(8, 64), Quantization(4, 32)
+MIMI_READ = 83_519_305  # Mimi's float32 weights read for 8 codebooks, from the manifest below
+
+
+def manifest_bytes(name: str) -> int:
+    sizes = {"BF16": 2, "F32": 4, "U32": 4}
+    tensors = json.loads((DATA / name).read_text())["tensors"].values()
+    return sum(sizes[t["st_dtype"]] * math.prod(t["shape"]) for t in tensors)
+
+
+def test_mimi_weights_read_are_those_of_8_codebooks():
+    """rustymimi reads the first level's quantizer and 7 of the 31 others' (weights_tools'
+    mimi_layout); counted here from the release file's manifest."""
+    tensors = json.loads((DATA / "mimi-tokenizer-e351c8d8-checkpoint125.json").read_text())
+    rest = re.compile(r"^quantizer\.rvq_rest\.vq\.layers\.(\d+)\.")
+    read = [t["shape"] for name, t in tensors["tensors"].items()
+            if not (m := rest.match(name)) or int(m.group(1)) < 7]
+    assert sum(math.prod(s) for s in read) == MIMI_READ
 
 
 def test_estimate_of_moshi_7b_q4(tmp_path):
-    weights = read_header(write_sparse_checkpoint(DATA / "moshi-7b-v0.1.q4.json",
-                                                  tmp_path / "model.q4.safetensors")).data_bytes
-    write_sparse_checkpoint(DATA / "mimi-tokenizer-e351c8d8-checkpoint125.json",
-                            tmp_path / "mimi.st")
-    files = ModelFiles(models.config_v0_1(), tmp_path / "model.q4.safetensors",
-                       tmp_path / "mimi.st", tmp_path / "spm.model", Quantization(4, 32))
-    est = memory.estimate(files)
-    assert est.weights == weights == 4805385728
+    weights = write_sparse_checkpoint(DATA / "moshi-7b-v0.1.q4.json", tmp_path / "m.safetensors")
+    mimi = write_sparse_checkpoint(DATA / "mimi-tokenizer-e351c8d8-checkpoint125.json",
+                                   tmp_path / "mimi.safetensors")
+    files = ModelFiles(models.config_v0_1(), weights, mimi, tmp_path / "spm.model", Q4)
+    sizes = memory.ModelSizes.of(files)
+    assert sizes.mimi_params == MIMI_READ
+    est = sizes.estimate(memory.Setup(Q4))
+    assert est.weights == read_header(weights).data_bytes == 4805385728
     act = models.lm.activation_dtype_for(quantized=True).size
     assert est.kv_cache == 2 * 32 * 3000 * 4096 * act
-    assert est.mimi == 4 * 96151393
-    assert est.total == est.weights + est.kv_cache + est.mimi
+    assert est.mimi == 2 * (4 * MIMI_READ + memory.MIMI_PROCESS_BYTES)
+    assert est.total == est.weights + est.kv_cache + est.mimi + est.runtime
+    # 8 bits per value plus a scale and a bias (activation dtype) per 64 values; 750 steps.
+    small = sizes.estimate(memory.Setup(Q4, kv_bits=8, context=750))
+    assert small.kv_cache == 2 * 32 * 750 * 4096 * (1 + 2 * act / 64)
 
 
-def available(size: float) -> memory.MemoryLimit:
-    return memory.MemoryLimit(size, "of memory is available")
-
-
-def test_smaller_quantizations_are_suggested_when_memory_is_short():
-    bf16 = memory.MemoryEstimate(weights=16 * GB, kv_cache=2 * GB, mimi=GB // 2, quantization=None)
-    message = memory.shortage_message(bf16, available(8 * GB))
-    assert "only 8.0 GB of memory is available" in message
-    # q8 weights: 8.5 bits per weight instead of 16; q4: 5 bits.
-    assert "-q 8 (about 11.0 GB) or -q 4 (about 7.5 GB)" in message
-    q8 = bf16.with_quantization(Quantization(8, 64))
-    assert "Try -q 4 (about 7.5 GB)." in memory.shortage_message(q8, available(8 * GB))
-    q4 = bf16.with_quantization(Quantization(4, 32))
-    assert "Close other applications" in memory.shortage_message(q4, available(4 * GB))
-    assert memory.shortage_message(q4, available(8 * GB)) is None
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_kv_cache_estimate_is_the_bytes_of_a_full_cache(bits):
+    """The formula against the arrays of a real cache filled past its context (float32 model)."""
+    cfg = tiny_config(dim=256, num_heads=4, context=40)
+    model = random_model(cfg)
+    cache = model.make_cache(context=30, kv_bits=bits)
+    text = mx.zeros((1, 50), mx.int32)
+    model(text, mx.zeros((1, cfg.n_q, 50), mx.int32), cache=cache)
+    model(text[:, :1], mx.zeros((1, cfg.n_q, 1), mx.int32), cache=cache)  # trims to 30 steps
+    # quantized=True: float32 activations on the CPU, as this float32 model's
+    setup = memory.Setup(Q4 if mx.default_device().type == mx.DeviceType.cpu else None,
+                         bits, 30)
+    assert memory.kv_cache_bytes(cfg, setup) == sum(c.nbytes for c in cache)
 
 
 @pytest.fixture
 def metal(monkeypatch):
-    """A GPU whose recommended working set is 10 GB (as MLX reports on Metal), with 30 GB of
-    memory available; -> the wired limits MLX was asked to set."""
+    """Estimates as on Metal (bf16 activations, also for quantized weights)."""
+    monkeypatch.setattr(memory, "activation_dtype_for", lambda quantized: mx.bfloat16)
+
+
+def sizes_7b(fmt: str, q: Quantization | None) -> memory.ModelSizes:
+    return memory.ModelSizes(models.config_v0_1(), manifest_bytes(f"moshi-7b-v0.1.{fmt}.json"),
+                             q, MIMI_READ)
+
+
+def machine(working_set: float | None, available: float) -> list[memory.MemoryLimit]:
+    limits = [memory.MemoryLimit(round(available * GB), "of memory is available")]
+    if working_set is None:
+        return limits
+    return [memory.MemoryLimit(round(working_set * GB), "is MLX's working set", mlx_only=True),
+            *limits]
+
+
+def test_a_model_that_fits_keeps_its_setup(metal, caplog):
+    with caplog.at_level(logging.INFO, logger="moshi_mlx"):
+        setup = memory.choose(sizes_7b("q4", Q4), limits=machine(21, 20))
+    assert setup == memory.Setup(Q4)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_q8_on_a_16_gb_mac_with_a_browser_gets_a_smaller_cache(metal, caplog):
+    """7B q8 needs 10.8 GB, 10.1 GB with an 8-bit cache, 9.7 GB with an 8-bit one over 1500
+    steps (weights 8.2, cache 1.57 / 0.84 / 0.42, Mimi 0.76, runtime 0.32): with 10 GB
+    available the last is chosen, and said."""
+    with caplog.at_level(logging.INFO, logger="moshi_mlx"):
+        setup = memory.choose(sizes_7b("q8", Q8), limits=machine(10.7, 10))
+    assert setup == memory.Setup(Q8, kv_bits=8, context=1500)
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "only 10.0 GB of memory is available: using --kv-bits 8 --context 1500 (about 9.7 GB)" \
+        in warning
+
+
+def test_on_metal_the_working_set_counts_weights_and_cache_only(metal):
+    """bf16 (15.4 GB of weights, 1.57 of cache) in a 16.5 GB working set: an 8-bit cache fits
+    (16.2 GB); the 20 GB available hold the whole app (17.5 GB)."""
+    assert memory.choose(sizes_7b("bf16", None), limits=machine(16.5, 20)) == \
+        memory.Setup(None, kv_bits=8)
+
+
+def test_given_flags_are_kept_and_the_context_shortened(metal):
+    """With --kv-bits 8 given, only shorter contexts are tried: q4, 8-bit cache: 6.9 GB at 3000
+    steps, 6.5 at 1500; with 6.6 GB available -> 1500 steps."""
+    setup = memory.choose(sizes_7b("q4", Q4), kv_bits=8, limits=machine(None, 6.6))
+    assert setup == memory.Setup(Q4, kv_bits=8, context=1500)
+
+
+def test_when_these_weights_cannot_fit_the_smaller_ones_are_named(metal):
+    """bf16 needs at least 16.6 GB; with 10 GB available q8 fits with an 8-bit cache over 1500
+    steps (9.7 GB) and q4 with an unquantized one (7.5 GB)."""
+    with pytest.raises(memory.NotEnoughMemory) as e:
+        memory.choose(sizes_7b("bf16", None), limits=machine(None, 10))
+    message = str(e.value)
+    assert "only 10.0 GB of memory is available" in message
+    assert "What fits: -q 8 --kv-bits 8 --context 1500 (about 9.7 GB) or -q 4 (about 7.5 GB)." \
+        in message
+    assert message.endswith("Pass --ignore-memory to load anyway.")
+
+
+def test_an_8_gb_mac_is_refused_with_what_it_lacks(metal, caplog):
+    """q4 needs 6.0 GB at the least (4-bit cache over 750 steps; 4.9 GB in MLX): 5.5 GB
+    available is not enough for anything; --ignore-memory loads the chosen setup with a
+    warning."""
+    sizes = sizes_7b("q4", Q4)
+    with pytest.raises(memory.NotEnoughMemory,
+                       match=r"Nothing fits: even --kv-bits 4 --context 750 needs about 6\.0 GB"):
+        memory.choose(sizes, limits=machine(5.3, 5.5))
+    with caplog.at_level(logging.INFO, logger="moshi_mlx"):
+        assert memory.choose(sizes, limits=machine(5.3, 5.5), force=True) == memory.Setup(Q4)
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "Loading anyway (--ignore-memory)" in warning
+
+
+def test_flags_the_model_cannot_take_are_refused():
+    with pytest.raises(models.ConfigError, match="--context must be from 1 to this model's 3000"):
+        memory.check_setup(models.config_v0_1(), None, 3001)
+    with pytest.raises(models.ConfigError, match="--kv-bits: .* 16 channels"):
+        memory.check_setup(tiny_config(), 8, None)
+    memory.check_setup(models.config_v0_1(), 4, 1)
+
+
+def test_limits_on_metal_and_elsewhere(monkeypatch):
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 10 * GB})
+    monkeypatch.setattr(memory, "available_memory", lambda: 30 * GB)
+    assert [(limit.size, limit.mlx_only) for limit in memory.memory_limits()] == [
+        (10 * GB, True), (30 * GB, False)]
+    monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "a CPU"})
+    assert [limit.size for limit in memory.memory_limits()] == [30 * GB]
+
+
+def test_on_metal_the_model_may_keep_the_working_set_wired(monkeypatch):
     wired = []
     monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 10 * GB,
                                                      "memory_size": 16 * GB})
     monkeypatch.setattr(mx, "set_wired_limit", lambda size: wired.append(size) or 0)
-    monkeypatch.setattr(memory, "available_memory", lambda: 30 * GB)
-    return wired
-
-
-def test_on_metal_the_check_is_against_the_recommended_working_set(metal, caplog):
-    """Only what MLX holds counts there (Mimi runs outside MLX); bf16 does not fit, q8 does."""
-    bf16 = memory.MemoryEstimate(weights=15 * GB, kv_cache=2 * GB, mimi=GB, quantization=None)
-    limits = memory.memory_limits()
-    assert [(limit.size, limit.mlx_only) for limit in limits] == [(10 * GB, True),
-                                                                  (30 * GB, False)]
-    message = memory.shortage_message(bf16, limits[0])
-    assert message.startswith("this model needs about 17.0 GB in MLX (weights and KV cache) but "
-                              "only 10.0 GB is MLX's recommended working set on this GPU")
-    assert "-q 8 (about 10.0 GB) or -q 4 (about 6.7 GB)" in message
-    assert memory.shortage_message(bf16.with_quantization(Quantization(8, 64)), limits[0]) is None
-    with caplog.at_level(logging.INFO, logger="moshi_mlx"):
-        memory.warn_if_short(bf16)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "recommended working set" in warnings[0]
-
-
-def test_on_metal_the_model_may_keep_the_working_set_wired(metal):
     memory.wire_model_memory()
-    assert metal == [10 * GB]
+    assert wired == [10 * GB]
 
 
 def test_without_a_recommended_working_set_nothing_is_wired(monkeypatch):
     monkeypatch.setattr(mx, "device_info", lambda: {"device_name": "a CPU"})
     monkeypatch.setattr(mx, "set_wired_limit", lambda size: pytest.fail("wired on a CPU"))
-    monkeypatch.setattr(memory, "available_memory", lambda: 30 * GB)
     memory.wire_model_memory()
-    assert [limit.size for limit in memory.memory_limits()] == [30 * GB]
-
-
-def test_warning_is_logged_when_memory_is_short(monkeypatch, caplog):
-    est = memory.MemoryEstimate(weights=5 * GB, kv_cache=GB, mimi=0, quantization=None)
-    monkeypatch.setattr(memory, "recommended_working_set", lambda: None)
-    monkeypatch.setattr(memory, "available_memory", lambda: 2 * GB)
-    with caplog.at_level(logging.INFO, logger="moshi_mlx"):
-        memory.warn_if_short(est)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "-q 8" in warnings[0]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo")

@@ -112,13 +112,15 @@ def quantization(bits: int, group_size: int | None = None) -> Quantization:
     return Quantization(bits, group_size or DEFAULT_GROUP_SIZE[bits])
 
 
-def lazy_model(cfg: LmConfig, quant: Quantization | None = None) -> Lm:
-    """`Lm(cfg)` cast to bf16 and, with `quant`, quantized as the app does it; never evaluated."""
+def lazy_model(cfg: LmConfig, quant: Quantization | None = None,
+               layout: dict[str, Quantization] | None = None) -> Lm:
+    """`Lm(cfg)` cast to bf16 and, with `quant`, quantized as the app does it (each module as
+    `layout` says, when given: see `models.quantize`); never evaluated."""
     model = Lm(cfg)
     model.set_dtype(mx.bfloat16)
     if quant is not None:
         try:
-            quantize(model, bits=quant.bits, group_size=quant.group_size)
+            quantize(model, bits=quant.bits, group_size=quant.group_size, layout=layout)
         except ValueError as e:
             hint = ""
             if quant.group_size != DEFAULT_GROUP_SIZE.get(quant.bits, quant.group_size):
@@ -134,9 +136,10 @@ def quantizable_weights(model: nn.Module) -> set[str]:
     return {f"{path}.weight" for path, module in leaves if quantizes(path, module)}
 
 
-def expected_tensors(cfg: LmConfig, quant: Quantization | None = None) -> dict[str, TensorInfo]:
+def expected_tensors(cfg: LmConfig, quant: Quantization | None = None,
+                     layout: dict[str, Quantization] | None = None) -> dict[str, TensorInfo]:
     """Every tensor (name -> dtype, shape) of a checkpoint for `cfg`, as the app loads it."""
-    return model_tensors(lazy_model(cfg, quant))
+    return model_tensors(lazy_model(cfg, quant, layout))
 
 
 def num_elements(shape: tuple[int, ...]) -> int:

@@ -4,7 +4,10 @@ The output holds exactly what `moshi_mlx.models.quantize(model, bits, group_size
 `nn.quantize`) followed by saving the parameters gives (same tensors, bit for bit), but only one
 tensor is in memory at a time: the input is read lazily and the output written as it goes, so the
 15.4 GB bf16 7B file converts on a 16 GB machine. Which weights are quantized comes from the
-model itself: those of its Linear and Embedding modules but the conditioners'.
+model itself: those of its Linear and Embedding modules but the conditioners'. A recipe may mix
+precisions (`--recipe mixed`: the temporal transformer's layers at `--bits`, the embeddings, text
+head and depformer at 8 bits, as community mixed-precision repositories publish); the app reads
+each module's quantization from the file.
 """
 
 import argparse
@@ -18,6 +21,7 @@ from moshi_mlx.models import LmConfig
 from moshi_mlx.models.checkpoint import (
     FLOAT_DTYPES,
     Header,
+    Quantization,
     TensorInfo,
     load,
     quantization_of,
@@ -42,6 +46,8 @@ from .safetensors_writer import SafetensorsWriter, nbytes
 
 PROG = "python -m weights_tools.quantize"
 QUANT_PARTS = ("weight", "scales", "biases")  # what mx.quantize returns for one weight
+RECIPES = ("uniform", "mixed")
+OUTSIDE_LAYERS = Quantization(8, 64)  # the `mixed` recipe's embeddings, text head and depformer
 
 
 def default_output(src: Path, bits: int) -> Path:
@@ -83,6 +89,16 @@ def resolve_config(header: Header, config: str | Path | None) -> LmConfig:
     return candidates[names[0]]
 
 
+def recipe_layout(cfg: LmConfig, recipe: str, quant: Quantization) -> dict[str, Quantization]:
+    """Module path -> quantization of each module `models.quantize` would quantize: all at
+    `quant` (`uniform`), or the temporal transformer's layers at `quant` and the others at
+    `OUTSIDE_LAYERS` (`mixed`)."""
+    modules = {name.removesuffix(".weight") for name in quantizable_weights(lazy_model(cfg))}
+    if recipe == "uniform":
+        return dict.fromkeys(modules, quant)
+    return {m: quant if m.startswith("transformer.layers.") else OUTSIDE_LAYERS for m in modules}
+
+
 def plan_layout(header: Header, targets: set[str], quantized: dict[str, TensorInfo]
                 ) -> list[tuple[str, TensorInfo]]:
     """Output tensors in data order: the input's order (sorted), each quantized weight expanded
@@ -101,11 +117,12 @@ def plan_layout(header: Header, targets: set[str], quantized: dict[str, TensorIn
 
 def quantize_file(src: str | Path, dst: str | Path | None = None, bits: int = 4,
                   group_size: int | None = None, config: str | Path | None = None,
-                  progress: bool | None = None) -> Path:
+                  progress: bool | None = None, recipe: str = "uniform") -> Path:
     """Writes the `bits`-bit quantization of the bf16 checkpoint `src` to `dst` (default:
-    `<name>.q<bits>.safetensors` beside it) and returns its path. Float tensors that stay
-    unquantized (norms) are stored in bf16, as in Kyutai's files. `progress`: None shows a bar
-    on a terminal only. Raises `ToolError` / `CheckpointError` for a file it cannot convert."""
+    `<name>.q<bits>.safetensors` beside it) and returns its path; `recipe` (`RECIPES`) says
+    which modules get `bits`, see `recipe_layout`. Float tensors that stay unquantized (norms)
+    are stored in bf16, as in Kyutai's files. `progress`: None shows a bar on a terminal only.
+    Raises `ToolError` / `CheckpointError` for a file it cannot convert."""
     src = Path(src)
     quant = quantization(bits, group_size)
     dst = Path(dst) if dst is not None else default_output(src, bits)
@@ -115,9 +132,10 @@ def quantize_file(src: str | Path, dst: str | Path | None = None, bits: int = 4,
         raise ToolError(f"{dst}: the output would overwrite the input; choose another --out.")
     cfg = resolve_config(header, config)
     targets = quantizable_weights(lazy_model(cfg))
-    layout = plan_layout(header, targets, expected_tensors(cfg, quant))
+    modules = recipe_layout(cfg, recipe, quant)
+    layout = plan_layout(header, targets, expected_tensors(cfg, quant, modules))
     metadata = {**header.metadata, "quantization_bits": str(quant.bits),
-                "quantization_group_size": str(quant.group_size)}
+                "quantization_group_size": str(quant.group_size), "quantization_recipe": recipe}
 
     source = load(src)  # lazy: each tensor is read from disk when evaluated
     bar = tqdm(total=header.data_bytes, unit="B", unit_scale=True, desc=f"q{bits} {src.name}",
@@ -131,7 +149,8 @@ def quantize_file(src: str | Path, dst: str | Path | None = None, bits: int = 4,
             try:
                 if name in targets:
                     prefix = name.removesuffix("weight")
-                    parts = mx.quantize(array, group_size=quant.group_size, bits=quant.bits)
+                    q = modules[prefix.removesuffix(".")]
+                    parts = mx.quantize(array, group_size=q.group_size, bits=q.bits)
                     mx.eval(parts)
                     for part, value in zip(QUANT_PARTS, parts, strict=True):
                         writer.write(prefix + part, value)
@@ -162,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
                    help="weights sharing one scale and bias (default: 32 for 4 bits, "
                    "64 for 8 bits, as in Kyutai's q4/q8 files)")
+    p.add_argument("--recipe", choices=RECIPES, default="uniform",
+                   help="which weights get --bits: all (uniform, the default), or the temporal "
+                   "transformer's layers only, the embeddings, text head and depformer getting "
+                   "8 bits (mixed: e.g. --bits 4 --recipe mixed)")
     p.add_argument("--out", type=Path, default=None,
                    help="output file (default: INPUT's name with .q4/.q8 before .safetensors)")
     p.add_argument("--config", type=Path, default=None,
@@ -176,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def action():
         out = quantize_file(args.input, args.out, bits=args.bits, group_size=args.group_size,
-                            config=args.config, progress=False if args.no_progress else None)
+                            config=args.config, progress=False if args.no_progress else None,
+                            recipe=args.recipe)
         print(f"wrote {out}")
 
     return run_tool(PROG, action)

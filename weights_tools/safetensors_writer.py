@@ -66,3 +66,14 @@ class SafetensorsWriter:
             raise ValueError(f"only {self.position} of {len(self.layout)} tensors written "
                              f"(next: '{missing}')")
         self.file.flush()
+
+
+def write_sparse(path, layout: list[tuple[str, TensorInfo]],
+                 metadata: dict[str, str] | None = None):
+    """A safetensors file with `layout`'s header and all-zero data left as a hole (no disk used):
+    a checkpoint of any size for what does not depend on the values (tests, memory benchmarks).
+    Returns `path`."""
+    with open(path, "wb") as f:
+        SafetensorsWriter(f, layout, metadata)
+        f.truncate(f.tell() + sum(nbytes(info) for _, info in layout))
+    return path

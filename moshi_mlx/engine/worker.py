@@ -73,12 +73,14 @@ class ModelWorker:
 
     def __init__(self, files: model_files.ModelFiles,
                  samplers: tuple[utils.Sampler, utils.Sampler] | None = None,
-                 mimi_max_seq_len: int = 8192, cfg_coef: float = 1.0):
+                 mimi_max_seq_len: int = 8192, cfg_coef: float = 1.0,
+                 memory: model_files.MemoryOptions | None = None):
         """`samplers`: (text, audio) that conversations will mostly use: warmed up at load.
         `mimi_max_seq_len`: Mimi's span (see `audio.mimi.Mimi`); Mimi's deadline is the live
-        one (`LIVE_REPLY_SECONDS`). `cfg_coef`: guidance
-        for a conditioned model (Hibiki)."""
+        one (`LIVE_REPLY_SECONDS`). `cfg_coef`: guidance for a conditioned model (Hibiki).
+        `memory`: the KV cache flags and the preflight's."""
         self.files = files
+        self.memory = memory
         self.mimi_max_seq_len = mimi_max_seq_len
         self.cfg_coef = cfg_coef
         self.samplers = samplers or (utils.Sampler(), utils.Sampler())
@@ -92,7 +94,7 @@ class ModelWorker:
         return self.loaded
 
     def _load(self) -> None:
-        model, tokenizer, _ = model_files.load_model(self.files)
+        model, tokenizer, _ = model_files.load_model(self.files, options=self.memory)
         conversation = Conversation(
             model, tokenizer, self.files.mimi_weight, *self.samplers,
             mimi_max_seq_len=self.mimi_max_seq_len, cfg_coef=self.cfg_coef,

@@ -98,15 +98,44 @@ def read_header(path: str | Path) -> Header:
     return Header(path, tensors, metadata, end)
 
 
+BULK = ("transformer.layers.0.self_attn.in_proj", "text_linear")  # where -q is read, in order
+
+
 def quantization_of(tensors: dict[str, TensorInfo]) -> Quantization | None:
-    """Bits and group size of a Moshi checkpoint, read off the text head's packed shapes
-    (`out_norm.weight` gives the model width); None for an unquantized file."""
-    w, s = tensors.get("text_linear.weight"), tensors.get("text_linear.scales")
+    """Bits and group size of a Moshi checkpoint (what `-q` names): those of its bulk, the
+    temporal transformer (else the text head), read off the packed shapes (`out_norm.weight`
+    gives the model width); None for an unquantized file. A mixed-precision file may quantize
+    other modules otherwise: see `module_quantization`."""
     norm = tensors.get("out_norm.weight")
-    if w is None or s is None or norm is None or w.dtype != "uint32":
-        return None
-    dim = norm.shape[-1]
-    return Quantization(bits=32 * w.shape[-1] // dim, group_size=dim // s.shape[-1])
+    for module in BULK:
+        w, s = tensors.get(f"{module}.weight"), tensors.get(f"{module}.scales")
+        if w is not None and s is not None and norm is not None and w.dtype == "uint32":
+            dim = norm.shape[-1]
+            return Quantization(bits=32 * w.shape[-1] // dim, group_size=dim // s.shape[-1])
+    return None
+
+
+def module_quantization(found: dict[str, TensorInfo],
+                        plain: dict[str, TensorInfo]) -> dict[str, Quantization]:
+    """Module path -> quantization of every weight a file (`found`) holds packed, read off its
+    shapes against the unquantized model's (`plain`): a row of `columns` values is packed into
+    `columns * bits / 32` uint32 words with `columns / group_size` scales. Weights the model
+    lacks are left out (`check_tensors` names them); packed shapes that fit no quantization
+    raise `CheckpointError`."""
+    layout = {}
+    for name, scales in found.items():
+        module = name.removesuffix(".scales")
+        packed, weight = found.get(f"{module}.weight"), plain.get(f"{module}.weight")
+        if module == name or packed is None or weight is None or packed.dtype != "uint32":
+            continue
+        columns = weight.shape[-1]
+        bits, group_size = 32 * packed.shape[-1] / columns, columns / max(scales.shape[-1], 1)
+        if bits not in (2, 3, 4, 5, 6, 8) or group_size not in (32, 64, 128):
+            raise CheckpointError(
+                f"'{module}' is packed as {list(packed.shape)} with {list(scales.shape)} scales, "
+                f"which no quantization of its {columns} columns gives.")
+        layout[module] = Quantization(int(bits), int(group_size))
+    return layout
 
 
 def describe(tensors: dict[str, TensorInfo]) -> str:

@@ -44,11 +44,15 @@ class LmGen:
         on_text_hook=None,
         on_audio_hook=None,
         compile: bool = True,
+        context: int | None = None,
+        kv_bits: int | None = None,
     ):
         """`max_steps` is accepted for compatibility and is not a limit: conversations can run
         for any number of steps; so is `check` (inputs are always built from sampled tokens).
         `on_text_hook(text [B])` and `on_audio_hook(audio [B, dep_q])` see each step's tokens.
-        `compile` compiles the depformer's per-step sampling."""
+        `compile` compiles the depformer's per-step sampling. `context` (steps) and `kv_bits`
+        (4 or 8) shape the temporal transformer's KV cache; None: the model's defaults, see
+        `Lm.make_cache`."""
         cfg = model.cfg
         self.model = model
         self.max_steps = max_steps
@@ -57,6 +61,8 @@ class LmGen:
         self.on_text_hook = on_text_hook
         self.on_audio_hook = on_audio_hook
         self.compile = compile
+        self.context = context
+        self.kv_bits = kv_bits
         self.dep_q = cfg.dep_q
         self.num_user_codebooks = cfg.n_q - cfg.dep_q
         self.audio_delays = cfg.audio_delays
@@ -72,7 +78,7 @@ class LmGen:
         self.text_sampler = text_sampler or self.text_sampler
         self.audio_sampler = audio_sampler or self.audio_sampler
         self.step_idx = 0
-        self.cache = self.model.make_cache()
+        self.cache = self.model.make_cache(self.context, self.kv_bits)
         self._text: mx.array | None = None  # [B] text token of the previous step
         self._sampled: deque[mx.array] = deque(maxlen=self.max_delay + 1)  # [B, dep_q] per step
         self._user: deque[mx.array] = deque(maxlen=self.max_delay + 1)  # [B, n_user] per step

@@ -41,9 +41,23 @@ def quantizes(path: str, module: nn.Module) -> bool:
     return hasattr(module, "to_quantized") and not path.startswith("condition_provider.")
 
 
-def quantize(model: nn.Module, bits: int, group_size: int) -> None:
-    """Quantizes `model` in place, as Kyutai's quantized MLX checkpoints are laid out."""
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=quantizes)
+def quantize(model: nn.Module, bits: int | None = None, group_size: int | None = None,
+             layout: dict[str, checkpoint.Quantization] | None = None) -> None:
+    """Quantizes `model` in place, as Kyutai's quantized MLX checkpoints are laid out: every
+    module `quantizes` selects, at `bits` and `group_size`; or, with `layout` (module path ->
+    quantization, e.g. a file's from `checkpoint.module_quantization`), those it names, each at
+    its own (mixed precision), the others left unquantized."""
+    if layout is None:
+        nn.quantize(model, group_size=group_size, bits=bits, class_predicate=quantizes)
+        return
+
+    def params(path: str, module: nn.Module) -> dict | bool:
+        q = layout.get(path)
+        if q is None or not quantizes(path, module):
+            return False
+        return {"bits": q.bits, "group_size": q.group_size}
+
+    nn.quantize(model, class_predicate=params)
 
 
 def embed(emb: nn.Module, tokens: mx.array) -> mx.array:
@@ -193,6 +207,8 @@ class Lm(nn.Module):
         self.condition_provider = (
             ConditionProvider(cfg.dim, cfg.conditioners) if cfg.conditioners else None)
         self.activation_dtype: mx.Dtype | None = None  # None: `pick_activation_dtype`
+        self.kv_context: int | None = None  # `make_cache`'s defaults (None: the config's context,
+        self.kv_bits: int | None = None  # an unquantized cache), set by the apps' flags
 
     def embed(self, text_tokens: mx.array, audio_tokens: mx.array,
               condition: ConditionTensor | None = None) -> mx.array:
@@ -224,9 +240,17 @@ class Lm(nn.Module):
         """Softmax of each extra head (e.g. voice activity) on `hidden` [B, T, dim]."""
         return [mx.softmax(head(hidden).astype(mx.float32), axis=-1) for head in self.extra_heads]
 
-    def make_cache(self):
-        """Sliding-window KV caches of the temporal transformer: memory stays flat at `context`."""
-        return self.transformer.make_cache()
+    def make_cache(self, context: int | None = None, kv_bits: int | None = None):
+        """Sliding-window KV caches of the temporal transformer: memory stays flat at `context`
+        steps, quantized to `kv_bits` (4, 8); by default `kv_context` (else `cfg.context`) and
+        `kv_bits` (None: unquantized). Raises ValueError for a context or bits the model cannot
+        take."""
+        context = self.kv_context if context is None else context
+        kv_bits = self.kv_bits if kv_bits is None else kv_bits
+        if context is not None and not 1 <= context <= self.cfg.context:
+            raise ValueError(f"the context must be from 1 to the model's {self.cfg.context} "
+                             f"steps, got {context}")
+        return self.transformer.make_cache(context, kv_bits)
 
     def warmup(self, ct: ConditionTensor | None = None) -> None:
         """Runs one step (greedy) so kernels are built before a conversation starts."""

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
+from mlx.utils import tree_map
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import RotatingKVCache
+
+KV_BITS = (4, 8)  # what a quantized KV cache may hold (mx.quantize also has 2, 3, 6: untested)
 
 
 @dataclass
@@ -68,7 +71,8 @@ class Attention(nn.Module):
             k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        # mlx_lm's dispatch: a quantized cache (one with `bits`) attends with quantized matmuls.
+        out = scaled_dot_product_attention(q, k, v, cache, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
@@ -111,12 +115,116 @@ class Transformer(nn.Module):
         cache = cache or [None] * len(self.layers)
         mask = None
         if x.shape[1] > 1:
-            mask = create_attention_mask(x, cache[0], window_size=self.args.context)
+            window = self.args.context if cache[0] is None else cache[0].max_size
+            mask = create_attention_mask(x, cache[0], window_size=window)
         for layer, c in zip(self.layers, cache):
             x = layer(x, cache=c, mask=mask)
         return x
 
-    def make_cache(self) -> list[RotatingKVCache]:
-        """One sliding-window cache per layer, holding the last `context` steps."""
-        return [RotatingKVCache(max_size=self.args.context) for _ in self.layers]
+    def make_cache(self, context: int | None = None,
+                   kv_bits: int | None = None) -> list[RotatingKVCache]:
+        """One sliding-window cache per layer, holding the last `context` steps (default: the
+        model's), quantized to `kv_bits` (4 or 8) or kept in the activation dtype (None)."""
+        context = self.args.context if context is None else context
+        if kv_bits is None:
+            return [RotatingKVCache(max_size=context) for _ in self.layers]
+        group_size = kv_group_size(self.args.head_dim, kv_bits)
+        return [QuantizedRotatingKVCache(context, kv_bits, group_size) for _ in self.layers]
+
+
+def kv_group_size(head_dim: int, bits: int) -> int:
+    """The group size a `bits`-bit KV cache quantizes heads of `head_dim` channels with: 64 (as
+    mlx_lm's quantized KV cache), or 32 for 32-channel heads; raises ValueError otherwise."""
+    if bits not in KV_BITS:
+        raise ValueError(f"a quantized KV cache holds {' or '.join(map(str, KV_BITS))} bits, "
+                         f"not {bits}")
+    for group_size in (64, 32):
+        if head_dim % group_size == 0:
+            return group_size
+    raise ValueError(f"this model's attention heads have {head_dim} channels: a quantized KV "
+                     "cache needs a multiple of 32 (run without --kv-bits)")
+
+
+def _steps(parts: tuple[mx.array, ...]) -> int:
+    return parts[0].shape[2]
+
+
+class QuantizedRotatingKVCache(RotatingKVCache):
+    """`RotatingKVCache` (the last `max_size` steps) holding keys and values as mlx_lm's
+    `QuantizedKVCache` does: `mx.quantize`'s (packed uint32, scales, biases), each
+    [B, heads, steps, ...], that `scaled_dot_product_attention` reads with quantized matmuls.
+
+    mlx_lm's quantized cache only grows and its rotating cache refuses to quantize
+    (`to_quantized` raises), hence this rotation over the three parts, following
+    `RotatingKVCache`'s layout (with `keep` 0): one step is written in place, at the oldest slot
+    once full; several steps are appended to the last `max_size - 1` in temporal order, so that
+    the window mask (`make_mask`, inherited) lets each see `max_size` steps.
+    """
+
+    def __init__(self, max_size: int, bits: int, group_size: int):
+        super().__init__(max_size)
+        self.bits = bits
+        self.group_size = group_size
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """keys, values: [B, heads, steps, head_dim] -> the cached ones, quantized."""
+        new = tuple(tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+                    for x in (keys, values))
+        if keys.shape[2] == 1:
+            self._write_one(new)
+        else:
+            self._append(new)
+        self.offset += keys.shape[2]
+        return self.keys_and_values()
+
+    def _in_order(self, part: mx.array) -> mx.array:
+        """The cached steps of `part` from the oldest to the newest."""
+        if self._idx < min(self.offset, part.shape[2]):  # wrapped: the oldest is at `_idx`
+            return mx.concatenate([part[..., self._idx:, :], part[..., :self._idx, :]], axis=2)
+        return part[..., :self._idx, :]
+
+    def _append(self, new) -> None:
+        if self.keys is not None:
+            def append(part, n):
+                part = self._in_order(part)
+                keep = min(part.shape[2], self.max_size - 1)
+                return mx.concatenate([part[..., part.shape[2] - keep:, :], n], axis=2)
+
+            new = tree_map(append, (self.keys, self.values), new)
+        self.keys, self.values = new
+        self._idx = _steps(self.keys)
+
+    def _write_one(self, new) -> None:
+        size = 0 if self.keys is None else _steps(self.keys)
+        if self.offset >= size and size < self.max_size:  # grow by `step` slots
+            grow = min(self.step, self.max_size - self.offset)
+
+            def zeros(n):
+                return mx.zeros((*n.shape[:2], grow, n.shape[3]), n.dtype)
+
+            if self.keys is None:
+                self.keys, self.values = tree_map(zeros, new)
+            else:
+                self.keys, self.values = tree_map(
+                    lambda part, n: mx.concatenate([part, zeros(n)], axis=2),
+                    (self.keys, self.values), new)
+            self._idx = self.offset
+        trim = _steps(self.keys) - self.max_size
+        if trim > 0:  # after several steps were appended: drop the oldest, in temporal order
+            self.keys, self.values = tree_map(lambda c: c[..., trim:, :], (self.keys, self.values))
+            self._idx = self.max_size
+        if self._idx == self.max_size:
+            self._idx = 0
+        for cached, written in zip(self.keys + self.values, new[0] + new[1]):
+            cached[..., self._idx:self._idx + 1, :] = written
+        self._idx += 1
+
+    def keys_and_values(self):
+        if self.offset < _steps(self.keys):
+            return tree_map(lambda c: c[..., :self.offset, :], (self.keys, self.values))
+        return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.keys + self.values)
 
