@@ -116,6 +116,10 @@ def measure_child(args: argparse.Namespace) -> dict:
             return sum(c.nbytes for c in conversation.gen.cache)
 
         kv_bytes = worker.submit(fill_and_step).result()
+        mimi = worker.conversation.mimi  # the worst moment: the next Mimi loaded before a restart
+        mimi.load_next()
+        for process in mimi.processes:
+            process.wait_ready()
         processes = {"main": smaps(os.getpid())}
         for i, pid in enumerate(children(os.getpid())):
             processes[f"child{i}"] = smaps(pid)

@@ -118,11 +118,19 @@ class Mimi:
         frames = self._frames[direction]
         if frames >= self.max_frames or (frames >= self.quiet_restart_after and quiet):
             return self._move_on(direction)
+        if frames >= self.prepare_after:
+            self.load_next()
         with self._lock:
-            if frames >= self.prepare_after and len(self._processes) == 1:
-                self._processes[max(self._processes) + 1] = self._load()
             self._frames[direction] += 1
             return self._processes[self._generation[direction]]
+
+    def load_next(self) -> None:
+        """Starts loading the process the directions move to at their restart, unless one is
+        already there (done from `prepare_after` frames on; also what a memory measure of the
+        worst moment calls)."""
+        with self._lock:
+            if len(self._processes) == 1:
+                self._processes[max(self._processes) + 1] = self._load()
 
     def _move_on(self, direction: str) -> MimiProcess:
         """`direction` moves to the next process (loading it if it is not yet); the previous
