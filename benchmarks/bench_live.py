@@ -343,17 +343,27 @@ def bench_terminal(pcm: np.ndarray, files, mimi_max_seq_len: int | None) -> dict
         if device.done.is_set():
             stop.set()
     thread.join()
-    played = sum(1 for _, block in device.played if block.any())
+    voiced = [block.any() for _, block in device.played]
+    played = sum(voiced)
     gaps = np.diff(voice_times) if len(voice_times) > 1 else np.zeros(1)
+    first, last = voiced.index(True), len(voiced) - 1 - voiced[::-1].index(True)
+    silent_run = longest = 0  # silent blocks played between Moshi's first and last voice
+    for v in voiced[first:last + 1]:
+        silent_run = 0 if v else silent_run + 1
+        longest = max(longest, silent_run)
     counters, times = live.counters, live.engine.times
     restarts = conversation.mimi_restarts
     return report("terminal (local, paced device)", len(pcm) / SAMPLE_RATE,
                   played * FRAME_SECONDS, counters.received, counters.dropped,
                   {name: t.summary_ms() for name, t in times.items()},
                   counters.latency_text.summary_ms(), counters.latency_voice.summary_ms(),
-                  f"\n  longest gap between two voice frames {1000 * gaps.max():.0f} ms; Mimi "
-                  f"restarts {restarts}") | {"longest_voice_gap_ms": round(1000 * gaps.max()),
-                                             "mimi_restarts": restarts}
+                  f"\n  longest gap between two voice frames leaving the engine "
+                  f"{1000 * gaps.max():.0f} ms; played: longest silence inside Moshi's voice "
+                  f"{longest * FRAME_SECONDS * 1000:.0f} ms ({longest} blocks); Mimi restarts "
+                  f"{restarts}") | {"longest_voice_gap_ms": round(1000 * gaps.max()),
+                                    "longest_played_silence_ms": round(
+                                        longest * FRAME_SECONDS * 1000),
+                                    "mimi_restarts": restarts}
 
 
 def main(argv: list[str] | None = None) -> None:
