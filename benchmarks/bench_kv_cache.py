@@ -1,7 +1,7 @@
 """Numeric and speed cost of the quantized KV cache and of a shorter context (`make bench`).
 
 A float32 model with random weights (matrices uniform with variance 1 / columns, norms at 1,
-as `weights_tools.random_weights` writes them) is fed the same random tokens, in chunks of
+as `moshi_mlx.weights.random_weights` writes them) is fed the same random tokens, in chunks of
 steps with the causal mask, through an unquantized cache and through each quantized one; per
 step, the text logits' relative error is max |difference| / max |logit|, and the greedy text
 token is compared. Only the temporal transformer and the text head run (the depformer's weights

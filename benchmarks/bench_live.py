@@ -322,12 +322,13 @@ class PacedDevice:
 
 
 def bench_terminal(pcm: np.ndarray, files, mimi_max_seq_len: int | None) -> dict:
-    from moshi_mlx import utils
+    from moshi_mlx import families, utils
     from moshi_mlx.engine.live import LiveConversation
     from moshi_mlx.engine.worker import ModelWorker
 
     samplers = (utils.Sampler(temp=0.7, top_k=25), utils.Sampler(temp=0.8, top_k=250))
-    worker = ModelWorker(files, samplers, mimi_max_seq_len or 8192)
+    worker = ModelWorker(families.live_loader(files, samplers,
+                                              mimi_max_seq_len=mimi_max_seq_len or 8192))
     worker.load().result()
     conversation = worker.submit(worker.new_conversation, *samplers, 1234).result()
     device = PacedDevice(pcm)

@@ -26,13 +26,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from moshi_mlx import memory, model_files, models, utils
+from moshi_mlx import families, memory, model_files, models, utils
 from moshi_mlx.engine.worker import ModelWorker
 from moshi_mlx.models.checkpoint import Quantization, TensorInfo
-from weights_tools.common import expected_tensors
-from weights_tools.mimi_layout import mimi_num_params, mimi_tensors
-from weights_tools.quantize import recipe_layout
-from weights_tools.safetensors_writer import nbytes, write_sparse
+from moshi_mlx.weights.common import expected_tensors
+from moshi_mlx.weights.mimi_layout import mimi_num_params, mimi_tensors
+from moshi_mlx.weights.quantize import recipe_layout
+from moshi_mlx.weights.safetensors_writer import nbytes, write_sparse
 
 CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "data"
 # name -> (quantization, `weights_tools.quantize` recipe)
@@ -103,7 +103,8 @@ def measure_child(args: argparse.Namespace) -> dict:
         options = model_files.MemoryOptions(args.kv_bits, args.context, ignore_memory=True)
         sizes = memory.ModelSizes.of(files)
         est = sizes.estimate(memory.Setup(quant, args.kv_bits, args.context))
-        worker = ModelWorker(files, (utils.Sampler(temp=0),) * 2, memory=options)
+        worker = ModelWorker(families.live_loader(files, (utils.Sampler(temp=0),) * 2,
+                                                  memory=options))
         worker.load().result()
 
         def fill_and_step():

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from moshi_mlx.models import LmConfig, config_v0_1
+from moshi_mlx.weights.random_weights import write_random_lm
 from weights_tools.peak_memory import run_module_measured
-from weights_tools.random_weights import write_random_lm
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ from .chat_client import (
 SERVER_ARGS = ("--seed", "1234", "--max-lag", "30")  # long lag: no input dropped, repeatable
 BUSY_TIMEOUT = 10.0  # seconds a probe waits for a busy server to take a new conversation
 MAX_MESSAGE_BYTES = 256 * 1024  # the server's documented limit on one message
-DEMO_CONFIG = json.loads(resources.files("weights_tools").joinpath("data", "demo_config.json")
+DEMO_CONFIG = json.loads(resources.files("moshi_mlx.weights").joinpath("data", "demo_config.json")
                          .read_text(encoding="utf-8"))  # the served model's (make_demo builds it)
 TEXT_VOCABULARY, AUDIO_VOCABULARY = DEMO_CONFIG["text_card"], DEMO_CONFIG["card"]
 REFERENCE_FRAMES = 12

@@ -8,12 +8,14 @@ The family comes from config.json: `model_type` when given, else text-only model
 are STT and conditioned ones Hibiki.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import sentencepiece
 
-from . import models, utils
+from . import model_files, models, utils
 from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from .audio.mimi_process import LIVE_REPLY_SECONDS
 from .engine.conversation import Conversation
 from .engine.offline import Plan
 from .models.conditioner import ConditionTensor
@@ -78,11 +80,32 @@ def conversation_condition(model: models.Lm, cfg_coef: float) -> ConditionTensor
 
 def conversation(model: models.Lm, text_tokenizer: sentencepiece.SentencePieceProcessor,
                  mimi_weight: str | Path, text_sampler: utils.Sampler,
-                 audio_sampler: utils.Sampler, cfg_coef: float = 1.0) -> Conversation:
+                 audio_sampler: utils.Sampler, cfg_coef: float = 1.0,
+                 **options) -> Conversation:
     """A conversation with `model`, conditioned as its family needs (Hibiki, with guidance when
-    `cfg_coef` is not 1)."""
+    `cfg_coef` is not 1); `options`: `Conversation`'s (Mimi's span and deadline)."""
     return Conversation(model, text_tokenizer, mimi_weight, text_sampler, audio_sampler,
-                        cfg_coef=cfg_coef, condition=conversation_condition(model, cfg_coef))
+                        cfg_coef=cfg_coef, condition=conversation_condition(model, cfg_coef),
+                        **options)
+
+
+def live_loader(files: model_files.ModelFiles,
+                samplers: tuple[utils.Sampler, utils.Sampler] | None = None,
+                cfg_coef: float = 1.0, memory: model_files.MemoryOptions | None = None,
+                mimi_max_seq_len: int = 8192) -> Callable[[], Conversation]:
+    """What `engine.worker.ModelWorker` runs on the model's thread: loads the model in `files`
+    (with the memory preflight, `memory`) and makes the conversation its family needs, with
+    Mimi's live deadline. `samplers`: (text, audio) that conversations will mostly use, warmed
+    up at load; `mimi_max_seq_len`: Mimi's span (see `audio.mimi.Mimi`)."""
+
+    def load() -> Conversation:
+        model, tokenizer, _ = model_files.load_model(files, options=memory)
+        return conversation(model, tokenizer, files.mimi_weight,
+                            *(samplers or (utils.Sampler(), utils.Sampler())), cfg_coef,
+                            mimi_max_seq_len=mimi_max_seq_len,
+                            mimi_reply_seconds=LIVE_REPLY_SECONDS)
+
+    return load
 
 
 def offline_plan(conversation: Conversation) -> Plan:

@@ -23,7 +23,7 @@ from typing import TextIO
 
 import numpy as np
 
-from . import cli, model_files
+from . import cli, families, model_files
 from .audio.constants import FRAME_SECONDS, FRAME_SIZE, SAMPLE_RATE
 from .audio.devices import (
     AudioDeviceError,
@@ -328,7 +328,8 @@ def run(args: argparse.Namespace) -> None:
     files = model_files.resolve(args)
     samplers = cli.make_samplers(args, files.lm_config)
     # The model's thread: loads Moshi and Mimi and warms them up, then runs Moshi's steps.
-    worker = ModelWorker(files, samplers, cfg_coef=args.cfg_coef, memory=cli.memory_options(args))
+    worker = ModelWorker(families.live_loader(files, samplers, args.cfg_coef,
+                                              cli.memory_options(args)))
     worker.load().result()
     seed = cli.choose_seed(args.seed)  # new_conversation seeds MLX on the model's thread
     conversation = worker.submit(worker.new_conversation, *samplers, seed).result()

@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import cli, model_files
+from . import cli, families, model_files
 from .chat_server import (
     IDLE_TIMEOUT_SECONDS,
     PONG_TIMEOUT_SECONDS,
@@ -150,8 +150,8 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
     logging.getLogger("aiohttp.server").addFilter(ONE_LINE_HTTP_ERRORS)
     cfg = files.lm_config
     sampling = Sampling(args.text_temp, args.text_top_k, args.audio_temp, args.audio_top_k)
-    worker = ModelWorker(files, cli.make_samplers(args, cfg), cfg_coef=args.cfg_coef,
-                         memory=cli.memory_options(args))
+    worker = ModelWorker(families.live_loader(files, cli.make_samplers(args, cfg),
+                                              args.cfg_coef, cli.memory_options(args)))
     server = ChatServer(worker, sampling, OriginPolicy(args.host, args.allow_origin),
                         max_lag=args.max_lag, seed=args.seed, vocab=(cfg.text_card, cfg.card),
                         idle_timeout=args.idle_timeout)

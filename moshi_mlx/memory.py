@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from weights_tools.mimi_layout import mimi_tensors
+from moshi_mlx.weights.mimi_layout import mimi_tensors
 
 from .models.checkpoint import Quantization, read_header
 from .models.config import ConfigError, LmConfig

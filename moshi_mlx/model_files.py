@@ -148,7 +148,7 @@ def demo_repo() -> Path:
     target = cache_dir() / f"demo-{DEMO_VERSION}"
     if target.is_dir():
         return target
-    from weights_tools.make_demo import build_demo_repo
+    from moshi_mlx.weights.demo import build_demo_repo
 
     def cannot_build(e: OSError) -> ModelFilesError:
         return ModelFilesError(f"cannot build the demo model in {target.parent} "

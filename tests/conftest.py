@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx import model_files, models
 from moshi_mlx.models.checkpoint import ST_DTYPES, TensorInfo
-from weights_tools.safetensors_writer import write_sparse
+from moshi_mlx.weights.safetensors_writer import write_sparse
 
 DATA = Path(__file__).parent / "data"
 # Kyutai's audio format, written here rather than imported from moshi_mlx so that the tests

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import demo_files
 
-from moshi_mlx import utils
+from moshi_mlx import families, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
 from moshi_mlx.engine.conversation import Conversation
 from moshi_mlx.engine.live_engine import LiveEngine
@@ -124,7 +124,7 @@ SEED = 11
 
 @pytest.fixture(scope="module")
 def worker(demo_cache):
-    worker = ModelWorker(demo_files(demo_cache, "-q", "8"), SAMPLERS)
+    worker = ModelWorker(families.live_loader(demo_files(demo_cache, "-q", "8"), SAMPLERS))
     worker.load().result()
     yield worker
     worker.close()
@@ -135,7 +135,7 @@ def fresh_conversation(worker: ModelWorker, mimi_max_seq_len: int = 8192) -> Con
 
     def make():
         c = worker.conversation
-        conversation = Conversation(c.gen.model, c.text_tokenizer, worker.files.mimi_weight,
+        conversation = Conversation(c.gen.model, c.text_tokenizer, c.mimi.path,
                                     *SAMPLERS, mimi_max_seq_len=mimi_max_seq_len)
         mx.random.seed(SEED)
         return conversation

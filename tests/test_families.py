@@ -16,8 +16,8 @@ from test_model_files import FakeHub
 from moshi_mlx import families, model_files, models, run_inference, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
 from moshi_mlx.engine import offline
-from weights_tools.make_demo import build_demo_repo
-from weights_tools.mimi_layout import MIMI_FILE
+from moshi_mlx.weights.demo import build_demo_repo
+from moshi_mlx.weights.mimi_layout import MIMI_FILE
 
 pytestmark = pytest.mark.slow  # the app on demo models, Hibiki's and STT's
 

@@ -12,8 +12,8 @@ from moshi_mlx import families, model_files, models, utils
 from moshi_mlx.audio.constants import FRAME_SIZE
 from moshi_mlx.engine.live_engine import LiveEngine
 from moshi_mlx.engine.worker import ModelWorker
-from weights_tools.make_demo import build_demo_repo
-from weights_tools.mimi_layout import MIMI_FILE
+from moshi_mlx.weights.demo import build_demo_repo
+from moshi_mlx.weights.mimi_layout import MIMI_FILE
 
 pytestmark = pytest.mark.slow  # the live engine on demo models with Mimi processes
 
@@ -33,7 +33,7 @@ def family(request, tmp_path_factory):
     root = build_demo_repo(tmp_path_factory.mktemp(request.param) / "repo", seed=5,
                            kind=request.param)
     cfg_coef = 3.0 if request.param == "hibiki" else 1.0
-    worker = ModelWorker(repo_files(root), SAMPLERS, cfg_coef=cfg_coef)
+    worker = ModelWorker(families.live_loader(repo_files(root), SAMPLERS, cfg_coef))
     worker.load().result()
     yield request.param, worker, cfg_coef
     worker.close()
@@ -46,7 +46,8 @@ def test_the_live_engine_runs_them_as_their_serial_loop(family):
     def serial():
         model = worker.conversation.gen.model
         conversation = families.conversation(model, worker.conversation.text_tokenizer,
-                                             worker.files.mimi_weight, *SAMPLERS, cfg_coef)
+                                             worker.conversation.mimi.path, *SAMPLERS,
+                                             cfg_coef)
         mx.random.seed(SEED)
         return [conversation.step(f) for f in pcm]
 

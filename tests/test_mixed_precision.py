@@ -10,8 +10,8 @@ from conftest import DATA, demo_files, load_config, write_sparse_checkpoint
 from moshi_mlx import model_files, models
 from moshi_mlx.models import checkpoint
 from moshi_mlx.models.checkpoint import Quantization, read_header
-from weights_tools.common import lazy_model
-from weights_tools.quantize import OUTSIDE_LAYERS, quantize_file, recipe_layout
+from moshi_mlx.weights.common import lazy_model
+from moshi_mlx.weights.quantize import OUTSIDE_LAYERS, quantize_file, recipe_layout
 
 Q4 = Quantization(4, 32)
 

@@ -285,9 +285,9 @@ def test_demo_and_hf_repo_are_exclusive(capsys):
 
 @pytest.fixture
 def fake_make_demo(monkeypatch, tmp_path):
-    """Replaces weights_tools.make_demo with a recorder; `fail` makes the build raise."""
+    """Replaces moshi_mlx.weights.demo with a recorder; `fail` makes the build raise."""
     builds = []
-    module = types.ModuleType("weights_tools.make_demo")
+    module = types.ModuleType("moshi_mlx.weights.demo")
 
     def build_demo_repo(outdir: Path, seed: int = 0) -> Path:
         builds.append(outdir)
@@ -298,7 +298,7 @@ def fake_make_demo(monkeypatch, tmp_path):
 
     module.build_demo_repo = build_demo_repo
     module.fail = False
-    monkeypatch.setitem(sys.modules, "weights_tools.make_demo", module)
+    monkeypatch.setitem(sys.modules, "moshi_mlx.weights.demo", module)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return module, builds
 

@@ -20,6 +20,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import FRAME, demo_files, require_module, require_tool
 
+from moshi_mlx import families
 from moshi_mlx.audio.wav import read_wav
 from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
 from moshi_mlx.engine.worker import ModelWorker
@@ -74,7 +75,7 @@ class RecordingConversation:
 
 class RecordingWorker(ModelWorker):
     def __init__(self, files):
-        super().__init__(files)
+        super().__init__(families.live_loader(files))
         self.conversations: list[RecordingConversation] = []
 
     def new_conversation(self, *args):

@@ -18,20 +18,20 @@ from mlx.utils import tree_flatten
 
 from moshi_mlx.models import Lm, LmConfig, config_v0_1
 from moshi_mlx.models.checkpoint import Quantization, quantization_of, read_header
-from weights_tools import quantize as quantize_module
-from weights_tools.common import (
+from moshi_mlx.weights import quantize as quantize_module
+from moshi_mlx.weights.common import (
     demo_config,
     expected_tensors,
     lazy_model,
     package_data,
     quantizable_weights,
 )
+from moshi_mlx.weights.demo import build_demo_repo
+from moshi_mlx.weights.mimi_layout import FRAME_SAMPLES, SAMPLE_RATE, mimi_num_params, mimi_tensors
+from moshi_mlx.weights.quantize import quantize_file
+from moshi_mlx.weights.random_weights import write_random_lm
 from weights_tools.inspect import inspect_file
-from weights_tools.make_demo import build_demo_repo
-from weights_tools.mimi_layout import FRAME_SAMPLES, SAMPLE_RATE, mimi_num_params, mimi_tensors
 from weights_tools.peak_memory import run_module_measured
-from weights_tools.quantize import quantize_file
-from weights_tools.random_weights import write_random_lm
 
 
 def run_cli(tool: str, *args) -> subprocess.CompletedProcess:

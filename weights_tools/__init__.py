@@ -1,4 +1,5 @@
-"""Tools for Moshi weight files, each runnable as `python -m weights_tools.<tool> --help`:
+"""Command lines for Moshi weight files (thin: the work is `moshi_mlx.weights`'), each runnable
+as `python -m weights_tools.<tool> --help`:
 
 - `quantize`: bf16 checkpoint -> q4 / q8, tensor by tensor (low memory).
 - `inspect`: what a checkpoint is (dtype, quantization, config, memory needed) from its header.

@@ -26,8 +26,7 @@ from tqdm import tqdm
 
 from moshi_mlx.models import CheckpointError, LmConfig, checkpoint, config_v0_1
 from moshi_mlx.models.checkpoint import FLOAT_DTYPES, Quantization, TensorInfo
-
-from .common import (
+from moshi_mlx.weights.common import (
     DEFAULT_GROUP_SIZE,
     ToolError,
     atomic_output,
@@ -36,7 +35,7 @@ from .common import (
     quantization,
     run_tool,
 )
-from .safetensors_writer import SafetensorsWriter
+from moshi_mlx.weights.safetensors_writer import SafetensorsWriter
 
 
 @dataclass(frozen=True)

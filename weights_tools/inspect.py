@@ -11,8 +11,7 @@ from pathlib import Path
 
 from moshi_mlx.models import LmConfig
 from moshi_mlx.models.checkpoint import Header, Quantization, quantization_of, read_header
-
-from .common import (
+from moshi_mlx.weights.common import (
     ToolError,
     diff_tensors,
     expected_tensors,
@@ -22,7 +21,7 @@ from .common import (
     num_elements,
     run_tool,
 )
-from .mimi_layout import is_mimi, mimi_num_params
+from moshi_mlx.weights.mimi_layout import is_mimi, mimi_num_params
 
 PROG = "python -m weights_tools.inspect"
 ACTIVATION_BYTES = {"bfloat16": 2, "float32": 4}

@@ -15,8 +15,7 @@ from typing import TypeVar
 import mlx.core as mx
 import numpy as np
 
-from .. import families, model_files, utils
-from ..audio.mimi_process import LIVE_REPLY_SECONDS
+from .. import utils
 from .conversation import Conversation
 
 T = TypeVar("T")
@@ -67,23 +66,14 @@ WARMUP_STEPS = 4  # Moshi's steps run at load: MLX compiles what the steps need
 
 
 class ModelWorker:
-    """Owns the model's thread. `load()` loads there, once per process, everything a
-    conversation needs (Moshi, its tokenizer, Mimi) and warms it up; each conversation then
-    only resets that state (`new_conversation`)."""
+    """Owns the model's thread. `load()` runs the loader it is handed there, once per process
+    (it builds everything a conversation needs: Moshi, its tokenizer, Mimi), and warms the model
+    up; each conversation then only resets that state (`new_conversation`). The engine knows
+    nothing of files or model families: the apps hand it the loader
+    (`families.live_loader`)."""
 
-    def __init__(self, files: model_files.ModelFiles,
-                 samplers: tuple[utils.Sampler, utils.Sampler] | None = None,
-                 mimi_max_seq_len: int = 8192, cfg_coef: float = 1.0,
-                 memory: model_files.MemoryOptions | None = None):
-        """`samplers`: (text, audio) that conversations will mostly use: warmed up at load.
-        `mimi_max_seq_len`: Mimi's span (see `audio.mimi.Mimi`); Mimi's deadline is the live
-        one (`LIVE_REPLY_SECONDS`). `cfg_coef`: guidance for a conditioned model (Hibiki).
-        `memory`: the KV cache flags and the preflight's."""
-        self.files = files
-        self.memory = memory
-        self.mimi_max_seq_len = mimi_max_seq_len
-        self.cfg_coef = cfg_coef
-        self.samplers = samplers or (utils.Sampler(), utils.Sampler())
+    def __init__(self, load: Callable[[], Conversation]):
+        self._loader = load
         self.executor = ModelThread("moshi-model")
         self.loaded: Future | None = None
         self.conversation: Conversation | None = None
@@ -94,12 +84,7 @@ class ModelWorker:
         return self.loaded
 
     def _load(self) -> None:
-        model, tokenizer, _ = model_files.load_model(self.files, options=self.memory)
-        conversation = Conversation(
-            model, tokenizer, self.files.mimi_weight, *self.samplers,
-            mimi_max_seq_len=self.mimi_max_seq_len, cfg_coef=self.cfg_coef,
-            condition=families.conversation_condition(model, self.cfg_coef),
-            mimi_reply_seconds=LIVE_REPLY_SECONDS)
+        conversation = self._loader()
         silence = np.zeros(conversation.num_user_codebooks, np.int32)
         for _ in range(WARMUP_STEPS):  # Mimi is left untouched, as a conversation expects it
             conversation.moshi_step(silence)

@@ -74,8 +74,8 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 
 def package_data(name: str) -> str:
-    """Text of a file shipped in `weights_tools/data/`."""
-    return resources.files("weights_tools").joinpath("data", name).read_text(encoding="utf-8")
+    """Text of a file shipped in `moshi_mlx/weights/data/`."""
+    return resources.files(__package__).joinpath("data", name).read_text(encoding="utf-8")
 
 
 def demo_config() -> LmConfig:
