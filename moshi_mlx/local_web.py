@@ -22,13 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import cli, model_files
-from .chat_server import (
-    IDLE_TIMEOUT_SECONDS,
-    PONG_TIMEOUT_SECONDS,
-    STATIC_DIR,
-    ChatServer,
-    Sampling,
-)
+from .chat_server import IDLE_TIMEOUT_SECONDS, PONG_TIMEOUT_SECONDS, STATIC_DIR, ChatServer
 from .engine.worker import ModelWorker
 from .web.origin import OriginPolicy, is_loopback
 
@@ -149,7 +143,7 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
                     "model; browsers there need https (--ssl) to use the microphone", args.host)
     logging.getLogger("aiohttp.server").addFilter(ONE_LINE_HTTP_ERRORS)
     cfg = files.lm_config
-    sampling = Sampling(args.text_temp, args.text_top_k, args.audio_temp, args.audio_top_k)
+    sampling = cli.sampling_settings(args)
     worker = ModelWorker(files, cli.make_samplers(args, cfg), cfg_coef=args.cfg_coef,
                          memory=cli.memory_options(args))
     server = ChatServer(worker, sampling, OriginPolicy(args.host, args.allow_origin),
