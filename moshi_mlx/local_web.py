@@ -22,7 +22,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import cli, model_files
-from .chat_server import IDLE_TIMEOUT_SECONDS, PONG_TIMEOUT_SECONDS, STATIC_DIR, ChatServer
+from .chat_server import (
+    IDLE_TIMEOUT_SECONDS,
+    PONG_TIMEOUT_SECONDS,
+    STATIC_DIR,
+    ChatServer,
+)
 from .engine.worker import ModelWorker
 from .web.origin import OriginPolicy, is_loopback
 
