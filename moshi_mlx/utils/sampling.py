@@ -88,8 +88,9 @@ def check_top_k(value: int, vocab: int | None, name: str = "top_k") -> int:
 
 
 Vocab = tuple[int | None, int | None]  # (text, audio) vocabulary sizes; None: not known yet
-QUERY_NAMES = {"text_temp": "text_temperature", "text_top_k": "text_topk",  # Kyutai's web
-               "audio_temp": "audio_temperature", "audio_top_k": "audio_topk"}  # client's
+QUERY_NAMES = {  # SamplingSettings' field -> its name in the URL query of Kyutai's web client
+    "text_temp": "text_temperature", "text_top_k": "text_topk",
+    "audio_temp": "audio_temperature", "audio_top_k": "audio_topk"}
 
 
 @dataclass(frozen=True)
