@@ -21,12 +21,11 @@ import json
 import logging
 import secrets
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import utils
 from .audio.constants import FRAME_RATE
 from .audio.mimi_process import MimiError
 from .engine.conversation import Conversation
@@ -34,6 +33,7 @@ from .engine.live_engine import LiveEngine
 from .engine.stages import WAIT_SECONDS
 from .engine.worker import ModelThread, ModelWorker
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
+from .utils.sampling import SamplingSettings
 from .web.origin import OriginPolicy
 
 log = logging.getLogger("moshi_mlx")
@@ -48,13 +48,6 @@ MAX_WAITING_CHUNKS = 64  # audio messages waiting to be decoded: a client far ah
 MIMI_FAILED = "audio codec failed"  # the start of the 0x05 message, and the close reason
 BUSY_MESSAGE = "busy: Moshi is in another conversation; try again when it ends"
 INTERNAL_ERROR_MESSAGE = "internal error: the conversation failed (see the server's log)"
-QUERY_NAMES = (("text_temperature", "text_topk"), ("audio_temperature", "audio_topk"))
-QUERY_SAMPLING = {  # the names Kyutai's web client uses in its URL query
-    "text_temperature": ("text_temp", float),
-    "text_topk": ("text_top_k", int),
-    "audio_temperature": ("audio_temp", float),
-    "audio_topk": ("audio_top_k", int),
-}
 
 
 async def quiet(coroutine) -> None:
@@ -73,43 +66,6 @@ async def refuse(ws: web.WebSocketResponse, text: str, code: int) -> None:
         await ws.close(code=code, message=text.split(":")[0].encode())
     except ConnectionResetError:
         pass
-
-
-@dataclass(frozen=True)
-class Sampling:
-    text_temp: float
-    text_top_k: int
-    audio_temp: float
-    audio_top_k: int
-
-    def with_query(self, query, vocab: tuple[int | None, int | None]) -> "Sampling":
-        """These settings, overridden by those in a URL query (Kyutai's names); ValueError
-        naming the parameter (and its valid range) for a value that is not a number or out of
-        range for the model's vocabularies `vocab` (text, audio)."""
-        changes = {}
-        for name, (field, kind) in QUERY_SAMPLING.items():
-            if name in query:
-                try:
-                    changes[field] = kind(query[name])
-                except ValueError:
-                    bound = vocab[0 if name.startswith("text") else 1]
-                    valid = ("0 (greedy) or a finite number above 0" if kind is float
-                             else "an integer >= 0" if bound is None
-                             else f"an integer from 0 to {bound}")
-                    raise ValueError(f"{name}={query[name]!r} is not a number: it must be "
-                                     f"{valid}") from None
-        updated = replace(self, **changes)
-        updated.samplers(vocab, QUERY_NAMES)
-        return updated
-
-    def samplers(self, vocab: tuple[int | None, int | None] = (None, None),
-                 names: tuple[tuple[str, str], tuple[str, str]] = (
-                     ("temperature", "top_k"), ("temperature", "top_k")),
-                 ) -> tuple[utils.Sampler, utils.Sampler]:
-        """(text sampler, audio sampler), top-k checked against `vocab` (text, audio; None: no
-        upper bound); `utils.SamplingError` (a ValueError) names the value by `names`."""
-        return (utils.stream_sampler(self.text_temp, self.text_top_k, vocab[0], names[0]),
-                utils.stream_sampler(self.audio_temp, self.audio_top_k, vocab[1], names[1]))
 
 
 CLOSE_REASONS = {  # for the closes aiohttp makes itself, with no reason
@@ -239,7 +195,7 @@ class ChatServer:
     before its conversation ends.
     """
 
-    def __init__(self, worker: ModelWorker, sampling: Sampling, origins: OriginPolicy,
+    def __init__(self, worker: ModelWorker, sampling: SamplingSettings, origins: OriginPolicy,
                  max_lag: float = 0.5, seed: int | None = None,
                  vocab: tuple[int | None, int | None] = (None, None),
                  idle_timeout: float = IDLE_TIMEOUT_SECONDS):
@@ -306,7 +262,7 @@ class ChatServer:
             self.sockets.discard(ws)
         return ws
 
-    def _options(self, query) -> tuple[Sampling, AudioCodec, bool]:
+    def _options(self, query) -> tuple[SamplingSettings, AudioCodec, bool]:
         """(sampling, audio codec, whether to send status messages) asked for by a connection's
         URL query; ValueError for a bad value. Other parameters are ignored."""
         sampling = self.sampling.with_query(query, self.vocab)
@@ -329,13 +285,14 @@ class ChatServer:
         finally:
             self._let_go(ws)
 
-    async def _talk(self, ws: web.WebSocketResponse, request: web.Request, sampling: Sampling,
-                    codec: AudioCodec, send_status: bool, seed: int) -> None:
+    async def _talk(self, ws: web.WebSocketResponse, request: web.Request,
+                    sampling: SamplingSettings, codec: AudioCodec, send_status: bool,
+                    seed: int) -> None:
         session = None
         tasks: list[asyncio.Task] = []
         try:
             conversation = await self.worker.run(self.worker.new_conversation,
-                                                 *sampling.samplers(), seed)
+                                                 *sampling.samplers(self.vocab), seed)
             session = Session(ws, self.worker, conversation, codec, self.max_queued, send_status)
             log.info("conversation with %s (seed %d, %s audio)", request.remote, seed, codec.name)
             await ws.send_bytes(HANDSHAKE)

@@ -3,6 +3,7 @@ error handling (a user error is one `error:` line and exit code 1, never a trace
 value that no model can take is a usage error, exit code 2)."""
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -23,9 +24,10 @@ log = logging.getLogger("moshi_mlx")
 USER_ERRORS: tuple[type[Exception], ...] = (
     model_files.ModelFilesError, models.CheckpointError, models.ConfigError, AudioFileError,
     OutputFileError, utils.SamplingError, FamilyError, MimiError, memory.NotEnoughMemory)
-SAMPLING_DEFAULTS = {"text": (0.7, 25), "audio": (0.8, 250)}  # stream: (temperature, top-k)
 VOCABULARY = {"text": "text vocabulary (32000 for Moshi 7B)",
               "audio": "codebook size (2048 for Moshi 7B)"}
+SAMPLING_FLAGS = {field.name: f"--{field.name.replace('_', '-')}"  # e.g. --text-top-k
+                  for field in dataclasses.fields(utils.SamplingSettings)}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +37,12 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
         "sampling", "as Kyutai's Moshi samples: at the temperature, among the top-k most likely "
                     "tokens (no top-p)")
     group.add_argument("--seed", type=int, help="random seed (default: a random one, logged)")
-    for stream, (temp, top_k) in SAMPLING_DEFAULTS.items():
-        vocab = VOCABULARY[stream]
-        group.add_argument(flag(stream, "temp"), type=float, default=temp,
+    defaults = utils.SamplingSettings()
+    for stream, vocab in VOCABULARY.items():
+        temp, top_k = getattr(defaults, f"{stream}_temp"), getattr(defaults, f"{stream}_top_k")
+        group.add_argument(SAMPLING_FLAGS[f"{stream}_temp"], type=float, default=temp,
                            help=f"{stream} sampling temperature, 0 for greedy (default: {temp})")
-        group.add_argument(flag(stream, "top_k"), type=int, default=top_k,
+        group.add_argument(SAMPLING_FLAGS[f"{stream}_top_k"], type=int, default=top_k,
                            help=f"{stream} sampling top-k, from 0 to the {vocab}; 0 and the "
                                 f"maximum keep every token (default: {top_k})")
     group.add_argument("--cfg-coef", type=float, default=1.0,
@@ -79,17 +82,15 @@ def memory_options(args: argparse.Namespace) -> model_files.MemoryOptions:
     return model_files.MemoryOptions(args.kv_bits, args.context, args.ignore_memory)
 
 
-def flag(stream: str, what: str) -> str:
-    """The command-line name of a sampling value: ('audio', 'top_k') -> '--audio-top-k'."""
-    return f"--{stream}-{what.replace('_', '-')}"
+def sampling_settings(args: argparse.Namespace) -> utils.SamplingSettings:
+    """The sampling flags' values (the flags' destinations are the settings' fields)."""
+    return utils.SamplingSettings(**{field: getattr(args, field) for field in SAMPLING_FLAGS})
 
 
 def check_sampling_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuses, as usage errors, the sampling values no model can take (negative, nan, inf)."""
     try:
-        for stream in SAMPLING_DEFAULTS:
-            utils.check_temperature(getattr(args, f"{stream}_temp"), flag(stream, "temp"))
-            utils.check_top_k(getattr(args, f"{stream}_top_k"), None, flag(stream, "top_k"))
+        sampling_settings(args).check(names=SAMPLING_FLAGS)
     except utils.SamplingError as e:
         parser.error(str(e))
     if not math.isfinite(args.cfg_coef) or args.cfg_coef <= 0:
@@ -100,10 +101,7 @@ def make_samplers(args: argparse.Namespace,
                   cfg: models.LmConfig) -> tuple[utils.Sampler, utils.Sampler]:
     """(text sampler, audio sampler) from the sampling flags, checked against the model's
     vocabularies (`text_card`, `card`): `utils.SamplingError` names the flag and its range."""
-    return tuple(
-        utils.stream_sampler(getattr(args, f"{stream}_temp"), getattr(args, f"{stream}_top_k"),
-                             vocab, (flag(stream, "temp"), flag(stream, "top_k")))
-        for stream, vocab in (("text", cfg.text_card), ("audio", cfg.card)))
+    return sampling_settings(args).samplers((cfg.text_card, cfg.card), SAMPLING_FLAGS)
 
 
 def choose_seed(seed: int | None) -> int:

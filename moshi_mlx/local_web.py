@@ -27,7 +27,6 @@ from .chat_server import (
     PONG_TIMEOUT_SECONDS,
     STATIC_DIR,
     ChatServer,
-    Sampling,
 )
 from .engine.worker import ModelWorker
 from .web.origin import OriginPolicy, is_loopback
@@ -149,7 +148,7 @@ async def serve(args: argparse.Namespace, files: model_files.ModelFiles, static:
                     "model; browsers there need https (--ssl) to use the microphone", args.host)
     logging.getLogger("aiohttp.server").addFilter(ONE_LINE_HTTP_ERRORS)
     cfg = files.lm_config
-    sampling = Sampling(args.text_temp, args.text_top_k, args.audio_temp, args.audio_top_k)
+    sampling = cli.sampling_settings(args)
     worker = ModelWorker(families.live_loader(files, cli.make_samplers(args, cfg),
                                               args.cfg_coef, cli.memory_options(args)))
     server = ChatServer(worker, sampling, OriginPolicy(args.host, args.allow_origin),

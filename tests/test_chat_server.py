@@ -16,12 +16,13 @@ from conftest import FRAME
 from benchmarks.chat_client import receive_within
 from benchmarks.probe_server import gone_client
 from moshi_mlx import utils
-from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
+from moshi_mlx.chat_server import STATIC_DIR, ChatServer
 from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.protocol import PcmAudio
+from moshi_mlx.utils.sampling import SamplingSettings
 from moshi_mlx.web.origin import OriginPolicy
 
-DEFAULT_SAMPLING = Sampling(0.7, 25, 0.8, 250)
+DEFAULT_SAMPLING = SamplingSettings(0.7, 25, 0.8, 250)
 
 
 class ScriptedConversation:

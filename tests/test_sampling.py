@@ -89,3 +89,81 @@ def test_log_probabilities_are_at_temperature_one(logits):
 def test_invalid_settings_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         utils.Sampler(**kwargs)
+
+
+KYUTAI = utils.SamplingSettings()
+VOCAB = (32000, 2048)
+
+
+def test_settings_default_to_kyutais_and_build_top_k_samplers():
+    assert KYUTAI == utils.SamplingSettings(text_temp=0.7, text_top_k=25, audio_temp=0.8,
+                                            audio_top_k=250)
+    assert KYUTAI.samplers(VOCAB) == (utils.Sampler(temp=0.7, top_k=25, top_p=1.0),
+                                      utils.Sampler(temp=0.8, top_k=250, top_p=1.0))
+
+
+@pytest.mark.parametrize("changes, vocab, message", [
+    (dict(text_temp=float("nan")), (None, None),
+     "text_temp must be 0 (greedy) or a finite number above 0, got nan"),
+    (dict(audio_temp=-0.5), VOCAB, "audio_temp must be 0 (greedy) or a finite number above 0"),
+    (dict(audio_temp=float("inf")), VOCAB, "audio_temp must be 0 (greedy)"),
+    (dict(text_top_k=-1), (None, None),
+     "text_top_k must be an integer >= 0 (0 keeps every token), got -1"),
+    (dict(audio_top_k=2049), VOCAB,
+     "audio_top_k must be an integer from 0 to 2048 (0 or 2048 keeps every token), got 2049"),
+    (dict(text_top_k=32001), (32000, None), "text_top_k must be an integer from 0 to 32000"),
+])
+def test_settings_refuse_values_naming_the_field_and_its_range(changes, vocab, message):
+    settings = utils.SamplingSettings(**changes)
+    for check in (settings.check, settings.samplers):
+        with pytest.raises(utils.SamplingError) as error:
+            check(vocab)
+        assert str(error.value).startswith(message)
+
+
+def test_a_top_k_beyond_the_vocabulary_passes_while_the_vocabulary_is_unknown():
+    settings = utils.SamplingSettings(audio_top_k=5000, text_top_k=0)
+    assert settings.check() is settings
+    assert settings.check((32000, 5000)) is settings
+    with pytest.raises(utils.SamplingError, match="from 0 to 2048"):
+        settings.check(VOCAB)
+
+
+def test_errors_name_the_values_as_the_caller_names_them():
+    with pytest.raises(utils.SamplingError, match=r"^--text-top-k must be an integer from 0 to 9"):
+        utils.SamplingSettings(text_top_k=10).check((9, 9), {"text_top_k": "--text-top-k"})
+
+
+def test_a_query_overrides_only_the_values_it_names_with_kyutais_names():
+    query = {"text_temperature": "0", "audio_topk": "2048", "text_seed": "9", "audio": "pcm"}
+    assert KYUTAI.with_query(query, VOCAB) == utils.SamplingSettings(
+        text_temp=0.0, text_top_k=25, audio_temp=0.8, audio_top_k=2048)
+    assert KYUTAI.with_query({}, VOCAB) == KYUTAI
+    assert KYUTAI.with_query({"text_topk": "7", "audio_temperature": "1.5"}) == (
+        utils.SamplingSettings(text_temp=0.7, text_top_k=7, audio_temp=1.5, audio_top_k=250))
+
+
+@pytest.mark.parametrize("query, vocab, message", [
+    ({"audio_topk": "2049"}, VOCAB, "audio_topk must be an integer from 0 to 2048 (0 or 2048 "
+                                    "keeps every token), got 2049"),
+    ({"text_topk": "-1"}, (None, None), "text_topk must be an integer >= 0 (0 keeps every "
+                                        "token), got -1"),
+    ({"text_temperature": "nan"}, VOCAB,
+     "text_temperature must be 0 (greedy) or a finite number above 0, got nan"),
+    ({"audio_temperature": "warm"}, VOCAB,
+     "audio_temperature='warm' is not a number: it must be 0 (greedy) or a finite number above 0"),
+    ({"text_topk": "1.5"}, VOCAB,
+     "text_topk='1.5' is not a number: it must be an integer from 0 to 32000"),
+    ({"audio_topk": "many"}, (None, None),
+     "audio_topk='many' is not a number: it must be an integer >= 0"),
+])
+def test_a_bad_query_value_is_a_value_error_naming_the_parameter_and_its_range(query, vocab,
+                                                                               message):
+    with pytest.raises(ValueError) as error:
+        KYUTAI.with_query(query, vocab)
+    assert str(error.value) == message
+
+
+def test_the_default_settings_are_checked_against_the_vocabulary_even_with_an_empty_query():
+    with pytest.raises(ValueError, match="^text_topk must be an integer from 0 to 10"):
+        KYUTAI.with_query({}, (10, 2048))

@@ -22,8 +22,9 @@ from conftest import FRAME, demo_files, require_module, require_tool
 
 from moshi_mlx import families
 from moshi_mlx.audio.wav import read_wav
-from moshi_mlx.chat_server import STATIC_DIR, ChatServer, Sampling
+from moshi_mlx.chat_server import STATIC_DIR, ChatServer
 from moshi_mlx.engine.worker import ModelWorker
+from moshi_mlx.utils.sampling import SamplingSettings
 from moshi_mlx.web.origin import OriginPolicy
 
 pytestmark = pytest.mark.slow  # a server and Chromium
@@ -99,7 +100,7 @@ def worker(loaded_worker):
 
 
 def chat_server(worker: ModelWorker) -> ChatServer:
-    return ChatServer(worker, Sampling(0.7, 25, 0.8, 250), OriginPolicy("127.0.0.1"))
+    return ChatServer(worker, SamplingSettings(0.7, 25, 0.8, 250), OriginPolicy("127.0.0.1"))
 
 
 # Keeps the streams getUserMedia gave in `grantedStreams`, to see that the page stops them.

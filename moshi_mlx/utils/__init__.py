@@ -1,10 +1,10 @@
-"""Pieces the apps share: sampling (`Sampler` and its checks, on MLX) and file writing (`files`,
-no MLX). The sampling names are imported on first use, so that modules which only move audio or
-bytes can use `utils.files` without importing MLX."""
+"""Pieces the apps share: sampling (`Sampler`, `SamplingSettings` and their checks, on MLX) and
+file writing (`files`, no MLX). The sampling names are imported on first use, so that modules
+which only move audio or bytes can use `utils.files` without importing MLX."""
 
 from importlib import import_module
 
-__all__ = ["Sampler", "SamplingError", "check_temperature", "check_top_k", "stream_sampler"]
+__all__ = ["Sampler", "SamplingError", "SamplingSettings", "check_temperature", "check_top_k"]
 
 
 def __getattr__(name: str):

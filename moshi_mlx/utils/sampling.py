@@ -1,7 +1,8 @@
 """Token sampling as Kyutai's Moshi samples, with `mlx_lm`'s filters."""
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, categorical_sampling
@@ -60,30 +61,85 @@ class Sampler:
         return tokens.astype(mx.int32), logprobs
 
 
+TEMPERATURE_RANGE = "0 (greedy) or a finite number above 0"
+
+
+def top_k_range(vocab: int | None) -> str:
+    """The valid top-k values for a vocabulary of `vocab` tokens (None: not known yet)."""
+    return "an integer >= 0" if vocab is None else f"an integer from 0 to {vocab}"
+
+
 def check_temperature(value: float, name: str = "temperature") -> float:
     """`value` when it is 0 (greedy) or a finite positive number; else SamplingError naming
     `name` (nan and inf included)."""
     if not (math.isfinite(value) and value >= 0):
-        raise SamplingError(f"{name} must be 0 (greedy) or a finite number above 0, got {value}")
+        raise SamplingError(f"{name} must be {TEMPERATURE_RANGE}, got {value}")
     return value
 
 
 def check_top_k(value: int, vocab: int | None, name: str = "top_k") -> int:
     """`value` when it is from 0 to `vocab` (both keep every token; None: no upper bound yet);
     else SamplingError naming `name` and the range."""
-    if vocab is None and value < 0:
-        raise SamplingError(f"{name} must be an integer >= 0 (0 keeps every token), got {value}")
-    if vocab is not None and not 0 <= value <= vocab:
-        raise SamplingError(f"{name} must be an integer from 0 to {vocab} (0 or {vocab} keeps "
-                            f"every token), got {value}")
+    if not (0 <= value and (vocab is None or value <= vocab)):
+        keeps = "0" if vocab is None else f"0 or {vocab}"
+        raise SamplingError(f"{name} must be {top_k_range(vocab)} ({keeps} keeps every token), "
+                            f"got {value}")
     return value
 
 
-def stream_sampler(temp: float, top_k: int, vocab: int,
-                   names: tuple[str, str] = ("temperature", "top_k")) -> Sampler:
-    """The sampler of one of Moshi's streams, whose logits have `vocab` entries (text:
-    `text_card`, audio: `card`), sampling as Kyutai's Moshi does: top-k, no top-p. The values
-    are checked first: SamplingError names the value (`names`: the temperature's, the top-k's
-    name where the user gave them) and its valid range."""
-    return Sampler(temp=check_temperature(temp, names[0]),
-                   top_k=check_top_k(top_k, vocab, names[1]), top_p=1.0)
+Vocab = tuple[int | None, int | None]  # (text, audio) vocabulary sizes; None: not known yet
+QUERY_NAMES = {  # SamplingSettings' field -> its name in the URL query of Kyutai's web client
+    "text_temp": "text_temperature", "text_top_k": "text_topk",
+    "audio_temp": "audio_temperature", "audio_top_k": "audio_topk"}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How Moshi samples its two streams, as Kyutai's Moshi does: at a temperature (0: greedy),
+    among the top-k most likely tokens (0 or the vocabulary size: all), no top-p; the defaults
+    are Kyutai's. The apps name the values their own way (`names`: field -> the user's name,
+    e.g. a flag), so that every error names what the user typed."""
+
+    text_temp: float = 0.7
+    text_top_k: int = 25
+    audio_temp: float = 0.8
+    audio_top_k: int = 250
+
+    def check(self, vocab: Vocab = (None, None),
+              names: dict[str, str] | None = None) -> "SamplingSettings":
+        """These settings when valid for the vocabularies `vocab` (text: `text_card`, audio:
+        `card`); else SamplingError naming the value by `names` and its valid range."""
+        self.samplers(vocab, names)
+        return self
+
+    def samplers(self, vocab: Vocab = (None, None),
+                 names: dict[str, str] | None = None) -> tuple[Sampler, Sampler]:
+        """(text sampler, audio sampler), checked as `check` does."""
+        names = names or {}
+        return tuple(
+            Sampler(temp=check_temperature(getattr(self, f"{stream}_temp"),
+                                           names.get(f"{stream}_temp", f"{stream}_temp")),
+                    top_k=check_top_k(getattr(self, f"{stream}_top_k"), size,
+                                      names.get(f"{stream}_top_k", f"{stream}_top_k")),
+                    top_p=1.0)
+            for stream, size in zip(("text", "audio"), vocab))
+
+    def with_query(self, query: Mapping[str, str], vocab: Vocab = (None, None)
+                   ) -> "SamplingSettings":
+        """These settings, overridden by those in a URL query (`QUERY_NAMES`: Kyutai's web
+        client's) and checked against `vocab`; ValueError (SamplingError) naming the parameter
+        and its valid range for a value that is not a number or out of range. Other
+        parameters are ignored."""
+        changes = {}
+        for field, name in QUERY_NAMES.items():
+            if name not in query:
+                continue
+            is_temp = field.endswith("_temp")
+            try:
+                changes[field] = (float if is_temp else int)(query[name])
+            except ValueError:
+                size = vocab[0 if field.startswith("text") else 1]
+                valid = TEMPERATURE_RANGE if is_temp else top_k_range(size)
+                raise SamplingError(f"{name}={query[name]!r} is not a number: it must be "
+                                    f"{valid}") from None
+        return replace(self, **changes).check(vocab, QUERY_NAMES)
