@@ -107,6 +107,25 @@ def test_stop_from_a_callback_on_a_stage_thread_does_not_deadlock():
     assert isinstance(pipeline.error[1], ZeroDivisionError)
 
 
+def test_a_stop_waits_for_a_stage_no_longer_than_its_deadline_and_names_it():
+    gate, started = threading.Event(), threading.Event()
+
+    def stuck(x):
+        started.set()
+        gate.wait(10)
+        return []
+
+    pipeline = Pipeline([Stage("quick", lambda x: [x]), Stage("stuck", stuck)])
+    pipeline.start()
+    pipeline.put(1)
+    assert started.wait(10)
+    start = time.monotonic()
+    busy = pipeline.stop(timeout=0.3)
+    assert busy == ["stuck"] and time.monotonic() - start < 2.0
+    gate.set()
+    assert pipeline.stop(timeout=10) == []  # once free, it ends
+
+
 def test_timings_percentiles():
     t = Timings(window=100)
     assert t.median is None and t.summary_ms() == {"p50": None, "p95": None}
