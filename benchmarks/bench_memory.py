@@ -26,8 +26,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from moshi_mlx import families, memory, model_files, models, utils
+from moshi_mlx import families, model_files, models, utils
 from moshi_mlx.engine.worker import ModelWorker
+from moshi_mlx.files import load as files_load
+from moshi_mlx.files import memory
 from moshi_mlx.models.checkpoint import Quantization, TensorInfo
 from moshi_mlx.weights.common import expected_tensors
 from moshi_mlx.weights.mimi_layout import mimi_num_params, mimi_tensors
@@ -97,7 +99,7 @@ def measure_child(args: argparse.Namespace) -> dict:
     """One setup, in this process: load, fill, step, measure."""
     cfg = load_cfg(args.config)
     quant = FORMATS[args.format][0]
-    model_files.load_text_tokenizer = lambda path, cfg: None  # no 32k-piece tokenizer here
+    files_load.load_text_tokenizer = lambda path, cfg: None  # no 32k-piece tokenizer here
     with tempfile.TemporaryDirectory() as tmp:
         files = sparse_files(cfg, args.format, Path(tmp))
         options = model_files.MemoryOptions(args.kv_bits, args.context, ignore_memory=True)

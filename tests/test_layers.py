@@ -15,7 +15,7 @@ LAYERS = [  # from the bottom; a module may import its own layer and those below
     ("models", ["models"]),
     ("audio", ["audio"]),
     ("engine", ["engine"]),
-    ("files and families", ["families", "model_files", "memory", "weights"]),
+    ("files and families", ["families", "model_files", "files", "weights"]),
     ("apps", ["cli", "local", "local_web", "run_inference", "chat_server", "protocol", "web"]),
 ]
 LEVEL = {name: level for level, (_, names) in enumerate(LAYERS) for name in names}

@@ -10,7 +10,8 @@ import mlx.core as mx
 import pytest
 from conftest import DATA, random_model, tiny_config, write_sparse_checkpoint
 
-from moshi_mlx import memory, models
+from moshi_mlx import models
+from moshi_mlx.files import memory
 from moshi_mlx.model_files import ModelFiles
 from moshi_mlx.models.checkpoint import Quantization, read_header
 

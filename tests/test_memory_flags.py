@@ -9,7 +9,8 @@ import pytest
 from conftest import demo_files
 from test_run_inference import one_error_line, write_pcm16
 
-from moshi_mlx import cli, memory, model_files
+from moshi_mlx import cli, model_files, models
+from moshi_mlx.files import memory
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -55,7 +56,7 @@ def test_a_model_that_does_not_fit_is_refused_unless_ignored(demo_cache, monkeyp
     monkeypatch.setattr(memory, "memory_limits",
                         lambda: [memory.MemoryLimit(10**8, "of memory is available")])
     built = []
-    monkeypatch.setattr(model_files.models, "Lm", lambda cfg: built.append(cfg))
+    monkeypatch.setattr(models, "Lm", lambda cfg: built.append(cfg))
     with pytest.raises(memory.NotEnoughMemory) as e:
         model_files.load_model(files)
     assert memory.NotEnoughMemory in cli.USER_ERRORS

@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 from huggingface_hub import errors as hub_errors
 
-from moshi_mlx import model_files
+from moshi_mlx import cli, model_files, models
 from moshi_mlx.model_files import ModelFilesError
 from moshi_mlx.models.checkpoint import Quantization
 
@@ -102,7 +102,7 @@ def hub(tmp_path, monkeypatch) -> FakeHub:
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    model_files.add_model_args(parser)
+    cli.add_model_args(parser)
     return parser.parse_args(list(argv))
 
 
@@ -357,7 +357,7 @@ def test_a_named_quantized_file_loads_without_q(demo_env, demo_dir, hub, bits):
 
 
 def test_tokenizer_must_match_the_text_vocabulary(demo_dir):
-    cfg = model_files.models.config_v0_1()  # 32000 text tokens; the demo tokenizer has fewer
+    cfg = models.config_v0_1()  # 32000 text tokens; the demo tokenizer has fewer
     tokenizer = json.loads((demo_dir / "config.json").read_text())["tokenizer_name"]
     with pytest.raises(ModelFilesError, match="do not belong to the same model"):
         model_files.load_text_tokenizer(demo_dir / tokenizer, cfg)
@@ -367,7 +367,7 @@ def test_not_a_tokenizer(tmp_path):
     path = tmp_path / "spm.model"
     path.write_text("not a model")
     with pytest.raises(ModelFilesError, match="not a sentencepiece model"):
-        model_files.load_text_tokenizer(path, model_files.models.config_v0_1())
+        model_files.load_text_tokenizer(path, models.config_v0_1())
 
 
 

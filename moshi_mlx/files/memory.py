@@ -12,12 +12,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from moshi_mlx.weights.mimi_layout import mimi_tensors
-
-from .models.checkpoint import Quantization, read_header
-from .models.config import ConfigError, LmConfig
-from .models.lm import activation_dtype_for
-from .models.transformer import kv_group_size
+from ..models.checkpoint import Quantization, read_header
+from ..models.config import ConfigError, LmConfig
+from ..models.lm import activation_dtype_for
+from ..models.transformer import kv_group_size
+from ..weights.mimi_layout import mimi_tensors
 
 log = logging.getLogger(__name__)
 

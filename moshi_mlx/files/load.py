@@ -1,0 +1,68 @@
+"""Loading Moshi from its files, as `mlx_lm.utils.load` does for a language model: the text
+tokenizer, the memory preflight (which KV cache fits), the model quantized as the file holds it,
+its weights checked strictly."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import sentencepiece
+
+from .. import models
+from ..models.checkpoint import model_tensors, module_quantization, read_header
+from . import memory
+from .errors import ModelFilesError
+from .resolve import ModelFiles
+
+log = logging.getLogger(__name__)
+
+
+def load_text_tokenizer(path: Path, cfg: models.LmConfig) -> sentencepiece.SentencePieceProcessor:
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise ModelFilesError(f"{path}: not a sentencepiece model ({e}).") from None
+    if sp.vocab_size() != cfg.text_card:
+        raise ModelFilesError(
+            f"{path}: the text tokenizer has {sp.vocab_size()} pieces but the model's text "
+            f"vocabulary has {cfg.text_card} (text_card): the tokenizer and the config do not "
+            "belong to the same model.")
+    return sp
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The user's memory flags: `kv_bits` (4, 8; None: an unquantized KV cache), `context`
+    (steps; None: the model's), `ignore_memory`: load even when the preflight finds that the
+    model does not fit."""
+
+    kv_bits: int | None = None
+    context: int | None = None
+    ignore_memory: bool = False
+
+
+def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | None = None):
+    """Builds and loads Moshi: -> (model `models.Lm`, text tokenizer, config). First the memory
+    preflight (`memory.choose`) picks the KV cache the model's steps will use (the model's
+    `kv_bits` and `kv_context`), or raises `memory.NotEnoughMemory`."""
+    cfg = files.lm_config
+    options = options or MemoryOptions()
+    text_tokenizer = load_text_tokenizer(files.tokenizer, cfg)
+    memory.check_setup(cfg, options.kv_bits, options.context)
+    setup = memory.choose(memory.ModelSizes.of(files), options.kv_bits, options.context,
+                          force=options.ignore_memory)
+    model = models.Lm(cfg)
+    model.kv_bits, model.kv_context = setup.kv_bits, setup.context
+    log.info("KV cache: %s, %d steps", f"{setup.kv_bits}-bit" if setup.kv_bits else "unquantized",
+             setup.context or cfg.context)
+    model.set_dtype(mx.bfloat16)
+    if files.quantization is not None:  # each module as the file holds it (mixed precision too)
+        found = read_header(files.moshi_weight).tensors
+        models.quantize(model, layout=module_quantization(found, model_tensors(model)))
+    memory.wire_model_memory()
+    log.info("loading %s", files.moshi_weight)
+    model.load_weights(str(files.moshi_weight), strict=True)
+    if warmup:
+        model.warmup()
+    return model, text_tokenizer, cfg
