@@ -384,10 +384,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the figures there")
     args = parser.parse_args(argv)
 
-    from moshi_mlx import cli, model_files
+    from moshi_mlx import model_files
 
     model_args = argparse.ArgumentParser()
-    cli.add_model_args(model_args)
+    model_files.add_model_args(model_args)
     files = model_files.resolve(model_args.parse_args(["--demo"]))
     pcm = speech(args.seconds)
     print(f"{args.seconds:.0f} s of speech at real-time pace, demo model, {os.cpu_count()} CPUs",

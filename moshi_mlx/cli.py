@@ -17,7 +17,6 @@ from .audio.mimi_process import MimiError
 from .audio.wav import AudioFileError
 from .families import FamilyError
 from .files import memory
-from .files.resolve import DEFAULT_REPOS
 from .models.transformer import KV_BITS
 from .utils.files import OutputFileError
 
@@ -114,35 +113,13 @@ def choose_seed(seed: int | None) -> int:
     return seed
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Registers the model-file flags shared by every app."""
-    group = parser.add_argument_group("model files")
-    group.add_argument(
-        "-q", "--quantized", type=int, choices=[4, 8], default=None,
-        help="weights quantized to 4 or 8 bits (default: bf16); picks Kyutai's matching "
-             "repository and file name")
-    where = group.add_mutually_exclusive_group()
-    where.add_argument(
-        "--hf-repo", metavar="OWNER/REPO",
-        help="Hugging Face repository to take the files from (default: "
-             f"{DEFAULT_REPOS[None]}, or its -q8/-q4 sibling with -q)")
-    where.add_argument(
-        "--demo", action="store_true",
-        help="use a small random demo model, built once in the cache directory: no download")
-    for flag, what in (("--moshi-weight", "Moshi's weights (.safetensors)"),
-                       ("--mimi-weight", "Mimi's weights (.safetensors)"),
-                       ("--tokenizer", "the text tokenizer (sentencepiece .model)"),
-                       ("--lm-config", "the model's config.json")):
-        group.add_argument(flag, metavar="PATH", help=f"{what}: a local path or hf://owner/repo/file")
-
-
 def parse_app_args(parser: argparse.ArgumentParser,
                    argv: list[str] | None) -> argparse.Namespace:
     """Adds the flags every app shares (sampling, seed, model files, memory) to the app's own
     `parser` and parses `argv`; sampling values are checked against a model by `make_samplers`,
     memory ones by the preflight (`model_files.load_model`)."""
     add_sampling_args(parser)
-    add_model_args(parser)
+    model_files.add_model_args(parser)
     add_memory_args(parser)
     args = parser.parse_args(argv)
     check_sampling_args(parser, args)

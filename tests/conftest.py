@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from moshi_mlx import cli, model_files, models
+from moshi_mlx import model_files, models
 from moshi_mlx.models.checkpoint import ST_DTYPES, TensorInfo
 from moshi_mlx.weights.safetensors_writer import write_sparse
 
@@ -150,7 +150,7 @@ def demo_dir(demo_cache) -> Path:
 def demo_files(demo_cache: Path, *flags: str) -> model_files.ModelFiles:
     """The demo repository's files, as the apps resolve them from `--demo` and `flags`."""
     parser = argparse.ArgumentParser()
-    cli.add_model_args(parser)
+    model_files.add_model_args(parser)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(demo_cache))
         return model_files.resolve(parser.parse_args(["--demo", *flags]))

@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 from huggingface_hub import errors as hub_errors
 
-from moshi_mlx import cli, model_files, models
+from moshi_mlx import model_files, models
 from moshi_mlx.model_files import ModelFilesError
 from moshi_mlx.models.checkpoint import Quantization
 
@@ -102,7 +102,7 @@ def hub(tmp_path, monkeypatch) -> FakeHub:
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli.add_model_args(parser)
+    model_files.add_model_args(parser)
     return parser.parse_args(list(argv))
 
 

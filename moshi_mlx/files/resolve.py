@@ -41,6 +41,28 @@ class ModelFiles:
     quantization: Quantization | None
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Registers the model-file flags shared by every app."""
+    group = parser.add_argument_group("model files")
+    group.add_argument(
+        "-q", "--quantized", type=int, choices=[4, 8], default=None,
+        help="weights quantized to 4 or 8 bits (default: bf16); picks Kyutai's matching "
+             "repository and file name")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument(
+        "--hf-repo", metavar="OWNER/REPO",
+        help="Hugging Face repository to take the files from (default: "
+             f"{DEFAULT_REPOS[None]}, or its -q8/-q4 sibling with -q)")
+    where.add_argument(
+        "--demo", action="store_true",
+        help="use a small random demo model, built once in the cache directory: no download")
+    for flag, what in (("--moshi-weight", "Moshi's weights (.safetensors)"),
+                       ("--mimi-weight", "Mimi's weights (.safetensors)"),
+                       ("--tokenizer", "the text tokenizer (sentencepiece .model)"),
+                       ("--lm-config", "the model's config.json")):
+        group.add_argument(flag, metavar="PATH", help=f"{what}: a local path or hf://owner/repo/file")
+
+
 class _Source:
     """Where file names from a config are looked up: a local directory or a Hub repository."""
 
