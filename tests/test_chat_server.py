@@ -352,6 +352,7 @@ async def receive_until_closed(ws) -> tuple[list[bytes], tuple]:
     return messages, (ws.close_code, msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None)
 
 
+@pytest.mark.slow  # a 10 s pause, in real time
 def test_a_live_client_may_pause_and_only_the_idle_limit_ends_its_conversation():
     """A client that answers pings but sends its first audio 3 s late (a permission prompt),
     then pauses 10 s, keeps its conversation; once it sends no audio for `idle_timeout` it is
@@ -388,6 +389,7 @@ def test_a_live_client_may_pause_and_only_the_idle_limit_ends_its_conversation()
     assert handshake == b"\x00\x00\x00"
 
 
+@pytest.mark.slow  # the 2 s rule, in real time
 def test_a_client_that_answers_no_pings_frees_the_model_2_s_after_its_last_pong(caplog):
     """A client that sends a second of audio, then stops reading and answering pings with its
     socket open: 2 s after its last pong the model is free (the next client's handshake), with

@@ -26,6 +26,7 @@ def talk(demo, frames, seed=3):
     return conv, [conv.step(f) for f in frames]
 
 
+@pytest.mark.slow  # the demo model and Mimi, frame by frame
 def test_frames_in_voice_out(demo):
     rng = np.random.default_rng(0)
     frames = (0.1 * rng.standard_normal((6, FRAME_SIZE))).astype(np.float32)
@@ -47,6 +48,7 @@ def test_frame_size_is_checked(demo):
         conv.step(np.zeros(100, np.float32))
 
 
+@pytest.mark.slow  # the demo model and Mimi, frame by frame
 def test_the_three_parts_chained_are_step(demo):
     """Mimi's encoding, Moshi's step then Mimi's decoding give the text, then the same voice as
     `step`."""

@@ -23,6 +23,7 @@ def test_a_direct_fill_holds_what_a_prefill_holds(bits):
     assert [c.offset for c in caches["model"]] == [c.offset for c in caches["direct"]] == [70] * 2
 
 
+@pytest.mark.slow  # a model and three processes loaded in a fresh process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/*/smaps_rollup")
 @pytest.mark.parametrize("layout, fmt, bits", [("test_small", "q4", None),
                                                 ("small_16rvq", "q8", 8)])

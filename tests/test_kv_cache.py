@@ -102,6 +102,7 @@ def relative_error(rounded: np.ndarray, exact: np.ndarray) -> np.ndarray:
     return np.abs(rounded - exact).max(-1) / np.abs(exact).max(-1)
 
 
+@pytest.mark.slow  # 500 steps of three models, twice
 @pytest.mark.parametrize("layout", ["small_16rvq", "test_small", "small_stt"])
 @pytest.mark.parametrize("bits, bound, agreement", [(8, 0.01, 0.98), (4, 0.1, 0.9)])
 def test_quantized_cache_error_is_bounded(layout, bits, bound, agreement):

@@ -110,6 +110,7 @@ def quantized(model, cfg, bits, group_size, path):
     return fresh
 
 
+@pytest.mark.slow  # saves, reloads and quantizes a model
 def test_save_reload_strict_and_quantized_logits_close(tmp_path):
     # test_small has widths (256, 128) that the q4/q8 group sizes divide, like the 7B.
     from conftest import load_config

@@ -34,6 +34,7 @@ def run_inference(tmp_path, env, *flags) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow  # the app in a subprocess
 def test_the_app_runs_with_a_quantized_shorter_cache(tmp_path, demo_env):
     result = run_inference(tmp_path, demo_env, "--kv-bits", "4", "--context", "2")
     assert result.returncode == 0, result.stderr
@@ -41,6 +42,7 @@ def test_the_app_runs_with_a_quantized_shorter_cache(tmp_path, demo_env):
     assert (tmp_path / "out.wav").exists()
 
 
+@pytest.mark.slow  # the app in a subprocess
 def test_a_context_beyond_the_models_is_one_error_line(tmp_path, demo_env):
     result = run_inference(tmp_path, demo_env, "--context", "3001")
     assert result.returncode == 1

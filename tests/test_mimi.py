@@ -101,6 +101,7 @@ def test_not_a_mimi_file(demo_dir, tmp_path):
         Mimi(tmp_path / "nope.safetensors")
 
 
+@pytest.mark.slow  # waits for the deadline, then a fresh Mimi
 @pytest.mark.parametrize("sig, message", [
     (signal.SIGSTOP, "stopped answering"), (signal.SIGKILL, "killed by signal 9")])
 def test_a_child_that_hangs_or_dies_is_named_at_its_deadline_and_the_next_stream_works(
@@ -126,6 +127,7 @@ def test_a_child_that_hangs_or_dies_is_named_at_its_deadline_and_the_next_stream
         mimi.close()
 
 
+@pytest.mark.slow  # waits for the close deadline
 def test_closing_a_hung_child_is_bounded(mimi_path):
     process = MimiProcess(str(mimi_path), 8, 8192)
     process.wait_ready()
