@@ -171,12 +171,13 @@ def test_terminal_a_mimi_that_hangs_or_dies_ends_with_one_error_line(pulse, demo
 CTRL_C_SECONDS = 2.0
 
 
-def interrupt_and_check(app: subprocess.Popen, lines, log: list[str], code: int) -> None:
-    """Ctrl-C: the app exits with `code` within CTRL_C_SECONDS, with no traceback from any of
-    its processes and no Mimi process left behind."""
+def interrupt_and_check(app: subprocess.Popen, lines, log: list[str], code: int,
+                        sig: int = signal.SIGINT, within: float = CTRL_C_SECONDS) -> None:
+    """Ctrl-C (or `sig`): the app exits with `code` within `within` seconds, with no traceback
+    from any of its processes and no Mimi process left behind."""
     mimis = mimi_pids(app.pid)
     try:
-        app.send_signal(signal.SIGINT)
+        app.send_signal(sig)
         start = time.monotonic()
         app.wait(timeout=30)
         seconds = time.monotonic() - start
@@ -185,9 +186,26 @@ def interrupt_and_check(app: subprocess.Popen, lines, log: list[str], code: int)
     out = finish(app, lines, log)
     assert "Traceback" not in out and "Error" not in out, out
     assert app.returncode == code, out
-    assert seconds < CTRL_C_SECONDS, out
+    assert seconds < within, out
     time.sleep(0.5)  # a kill takes effect
     assert not any(alive(p) for p in mimis), "a Mimi process outlived the app"
+
+
+def browser_app(demo_cache: Path, ready: str = "Moshi is ready") -> tuple:
+    """`python -m moshi_mlx.local_web --demo` once its log says `ready`: (process, its log's
+    lines as they come, the lines read so far)."""
+    app = subprocess.Popen(
+        [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--host", "127.0.0.1", "--port",
+         "0", "--no-browser", "--static", "none"],
+        env={**os.environ, "XDG_CACHE_HOME": str(demo_cache)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    lines, log = lines_of(app.stderr), []
+    try:
+        wait_lines(lines, log, ready)
+    except BaseException:
+        app.kill()
+        raise
+    return app, lines, log
 
 
 @pytest.mark.parametrize("when", ["loading", "talking"])
@@ -208,17 +226,8 @@ def test_terminal_ctrl_c_in_each_state(pulse, demo_env, when):
 
 @pytest.mark.parametrize("when", ["loading", "talking", "after a conversation"])
 def test_browser_ctrl_c_in_each_state(demo_cache, speech, when):
-    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache)}
-    app = subprocess.Popen(
-        [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--host", "127.0.0.1", "--port",
-         "0", "--no-browser", "--static", "none"], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-    lines, log = lines_of(app.stderr), []
-    try:
-        wait_lines(lines, log, "loading the model" if when == "loading" else "Moshi is ready")
-    except BaseException:
-        app.kill()
-        raise
+    app, lines, log = browser_app(demo_cache,
+                                  "loading the model" if when == "loading" else "Moshi is ready")
     if when != "loading":
         url = re.search(r"Moshi is ready: https?://(\S+)/", "".join(log)).group(1)
         client = threading.Thread(
@@ -234,24 +243,8 @@ def test_browser_ctrl_c_in_each_state(demo_cache, speech, when):
 def test_browser_sigterm_ends_the_server_and_a_hung_mimi(demo_cache):
     """SIGTERM (a service manager's stop) takes Ctrl-C's way out: Mimi's processes are closed,
     also one that hangs (a stopped process would never read the end of its pipe)."""
-    env = {**os.environ, "XDG_CACHE_HOME": str(demo_cache)}
-    app = subprocess.Popen(
-        [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--host", "127.0.0.1", "--port",
-         "0", "--no-browser", "--static", "none"], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-    lines, log = lines_of(app.stderr), []
-    try:
-        wait_lines(lines, log, "Moshi is ready")
-        (mimi,) = mimi_pids(app.pid)
-        os.kill(mimi, signal.SIGSTOP)
-        app.send_signal(signal.SIGTERM)
-        start = time.monotonic()
-        app.wait(timeout=30)
-        seconds = time.monotonic() - start
-    finally:
-        app.kill()
-    out = finish(app, lines, log)
-    assert app.returncode == 0 and "Traceback" not in out, out
-    assert seconds < CTRL_C_SECONDS + 1.0, out  # the hung process gets its second to exit
-    time.sleep(0.5)  # a kill takes effect
-    assert not alive(mimi), "the hung Mimi process outlived the server"
+    app, lines, log = browser_app(demo_cache)
+    (mimi,) = mimi_pids(app.pid)
+    os.kill(mimi, signal.SIGSTOP)
+    # the hung process gets its second to exit, then is killed
+    interrupt_and_check(app, lines, log, 0, signal.SIGTERM, CTRL_C_SECONDS + 1.0)
