@@ -43,3 +43,23 @@ def test_make_samplers_takes_the_vocabularies_from_the_config(tiny_cfg):
     text, audio = cli.make_samplers(args, tiny_cfg)
     assert (text.temp, text.top_k, text.top_p) == (0.7, tiny_cfg.text_card, 1.0)
     assert (audio.temp, audio.top_k, audio.top_p) == (0.0, 0, 1.0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--text-temp", "nan"], "--text-temp must be 0 (greedy) or a finite number above 0, got nan"),
+    (["--audio-temp", "inf"], "--audio-temp must be 0 (greedy) or a finite number above 0"),
+    (["--audio-temp", "1e309"], "--audio-temp must be 0 (greedy) or a finite number above 0"),
+    (["--audio-temp", "-0.5"], "--audio-temp must be 0 (greedy) or a finite number above 0"),
+    (["--text-top-k", "-1"], "--text-top-k must be an integer >= 0 (0 keeps every token)"),
+    (["--audio-top-k", "1e3"], "argument --audio-top-k: invalid int value: '1e3'"),
+    (["--kv-bits", "3"], "argument --kv-bits: invalid choice: 3 (choose from 4, 8)"),
+    (["--context", "0"], "argument --context: must be at least 1, got 0"),
+    (["--context", "2.5"], "argument --context: not a whole number: '2.5'"),
+])
+def test_each_usage_error_names_its_flag_and_range(capsys, flags, message):
+    """Sampling and memory flags: one `error:` line with the exact message, exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        run_inference.parse_args(["in.wav", "out.wav", *flags])
+    assert e.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors

@@ -13,20 +13,6 @@ from moshi_mlx import cli, model_files, models
 from moshi_mlx.files import memory
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--kv-bits", "3"], "argument --kv-bits: invalid choice: 3 (choose from 4, 8)"),
-    (["--context", "0"], "argument --context: must be at least 1, got 0"),
-    (["--context", "2.5"], "argument --context: not a whole number: '2.5'"),
-])
-def test_values_no_model_takes_are_usage_errors(capsys, flags, message):
-    from moshi_mlx.run_inference import parse_args
-
-    with pytest.raises(SystemExit) as e:
-        parse_args(["in.wav", "out.wav", *flags])
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
-
-
 def run_inference(tmp_path, env, *flags) -> subprocess.CompletedProcess:
     write_pcm16(tmp_path / "in.wav", np.zeros(4800), 24000)
     return subprocess.run([sys.executable, "-m", "moshi_mlx.run_inference", tmp_path / "in.wav",
