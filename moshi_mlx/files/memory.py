@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from ..models.checkpoint import Quantization, read_header
+from ..models.checkpoint import Quantization, quantization_of, read_header
 from ..models.config import ConfigError, LmConfig
 from ..models.lm import activation_dtype_for
 from ..models.transformer import kv_group_size
@@ -170,9 +170,9 @@ def available_memory() -> int | None:
 
 
 def describe(est: MemoryEstimate) -> str:
+    mimi = f"Mimi {est.mimi / GB:.1f} GB, " if est.mimi else ""
     return (f"about {est.total / GB:.1f} GB (weights {est.weights / GB:.1f} GB, KV cache "
-            f"{est.kv_cache / GB:.1f} GB, Mimi {est.mimi / GB:.1f} GB, runtime "
-            f"{est.runtime / GB:.1f} GB)")
+            f"{est.kv_cache / GB:.1f} GB, {mimi}runtime {est.runtime / GB:.1f} GB)")
 
 
 @dataclass(frozen=True)
@@ -262,6 +262,29 @@ def choose(sizes: ModelSizes, kv_bits: int | None = None, context: int | None = 
         log.warning("warning: %s Loading anyway (--ignore-memory).", message)
         return chosen
     raise NotEnoughMemory(f"{message} Pass --ignore-memory to load anyway.")
+
+
+def estimate_text_model(cfg, weight_path: Path, bits: int | None = None) -> MemoryEstimate:
+    """What a text model alone (Helium: `cfg` has `num_layers`, `dim`, `num_heads`, `context`)
+    needs: its weight file as loaded (quantizing to `bits` at load time keeps the file's weights
+    until they are replaced, hence the file's size), its KV cache full, the runtime."""
+    header = read_header(weight_path)
+    setup = Setup(Quantization(bits, 64) if bits else quantization_of(header.tensors))
+    return MemoryEstimate(header.data_bytes, kv_cache_bytes(cfg, setup), 0, APP_BYTES, setup)
+
+
+def check_fits(est: MemoryEstimate, force: bool = False,
+               limits: list[MemoryLimit] | None = None) -> None:
+    """Raises `NotEnoughMemory` when `est` exceeds a limit (default: `memory_limits()`); with
+    `force`, warns instead."""
+    log.info("memory needed: %s", describe(est))
+    for limit in memory_limits() if limits is None else limits:
+        if not limit.fits(est):
+            message = f"this model {shortage(est, limit)}: it would swap heavily or be killed."
+            if force:
+                log.warning("warning: %s Loading anyway (--ignore-memory).", message)
+                return
+            raise NotEnoughMemory(f"{message} Pass --ignore-memory to load anyway.")
 
 
 def wire_model_memory() -> None:

@@ -1,9 +1,10 @@
-"""Random bf16 Moshi checkpoints, generated and written one tensor at a time (for demos, tests
-and benchmarks: files of any size without holding them in memory)."""
+"""Random bf16 checkpoints (Moshi, Helium), generated and written one tensor at a time (for
+demos, tests and benchmarks: files of any size without holding them in memory)."""
 
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -24,12 +25,16 @@ def scaled_uniform(rng: np.random.Generator, shape: tuple[int, ...], std: float)
 
 
 def write_random_lm(path: str | Path, cfg: LmConfig, seed: int = 0) -> Path:
-    """Writes a bf16 checkpoint of `Lm(cfg)` to `path`: every matrix (Linear and Embedding
-    weights, conditioners' paddings) uniform with variance 1 / last dimension, from numpy's
-    PCG64 seeded by `seed` (the same bytes on every platform), every vector (the norms' scales)
-    at the model's initial value."""
+    """Writes a bf16 checkpoint of `Lm(cfg)` to `path` (see `write_random_model`)."""
+    return write_random_model(path, lazy_model(cfg), seed)
+
+
+def write_random_model(path: str | Path, model: nn.Module, seed: int = 0) -> Path:
+    """Writes a bf16 checkpoint of `model` (built lazily, in bf16) to `path`: every matrix
+    (Linear and Embedding weights, conditioners' paddings) uniform with variance 1 / last
+    dimension, from numpy's PCG64 seeded by `seed` (the same bytes on every platform), every
+    vector (the norms' scales) at the model's initial value."""
     path = Path(path)
-    model = lazy_model(cfg)
     tensors = model_tensors(model)
     random_names = {name for name, info in tensors.items() if len(info.shape) >= 2}
     initial = dict(tree_flatten(model.parameters()))

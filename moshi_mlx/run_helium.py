@@ -1,0 +1,239 @@
+"""Helium, Kyutai's text model: continues a prompt, printing the text as it is generated.
+
+    python -m moshi_mlx.run_helium --prompt "Aujourd'hui, il est temps" --nsteps 100
+    python -m moshi_mlx.run_helium --quantize-bits 4 --save-quantized helium.q4.safetensors
+    python -m moshi_mlx.run_helium --weights helium.q4.safetensors
+
+A drop-in for Kyutai's `moshi_mlx.run_helium` (its flags, their meaning and defaults), with a
+causal prompt prefill, a stop at the tokenizer's end of sequence, pre-quantized files and the
+sampling flags of mlx_lm's `generate` (`--temp`, `--top-p`, `--top-k`, `--seed`).
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import sentencepiece
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
+
+from . import cli, models, utils
+from .files import memory
+from .files.errors import HubUnreachable, ModelFilesError
+from .files.hub import HF_PREFIX, hub_download, parse_hf_uri
+from .models.checkpoint import model_tensors, module_quantization, read_header
+from .models.helium import Helium, HeliumConfig, generate, helium_1_preview_2b
+from .utils.files import atomic_write, check_writable
+
+log = logging.getLogger("moshi_mlx")
+
+DEFAULT_REPO = "kyutai/helium-1-preview-2b-mlx"
+WEIGHTS_NAME = "helium-1-preview-2b-bf16.safetensors"
+TOKENIZER_NAME = "tokenizer_spm_48k_multi6_2.model"
+QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
+GROUP_SIZES = (32, 64, 128)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m moshi_mlx.run_helium",
+        description="Continue a text prompt with Helium, Kyutai's text language model (by "
+                    f"default {DEFAULT_REPO}), printing the text as it is generated. Generation "
+                    "stops after --nsteps tokens or at the end of sequence.")
+    parser.add_argument("--prompt", default="Aujourd'hui, il est temps",
+                        help="the text to continue (default: %(default)r)")
+    parser.add_argument("--nsteps", type=cli.positive_int, default=20,
+                        help="tokens to generate at most (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="one line per token: step, token id, text")
+    files = parser.add_argument_group("model files")
+    files.add_argument("--hf-repo", default=DEFAULT_REPO, metavar="OWNER/REPO",
+                       help="Hugging Face repository of the weights and tokenizer (default: "
+                            f"%(default)s, files {WEIGHTS_NAME} and {TOKENIZER_NAME})")
+    files.add_argument("--weights", metavar="PATH",
+                       help="Helium's weights in Kyutai's MLX layout (.safetensors; bf16 or "
+                            "quantized, as --save-quantized writes): a path or hf://owner/repo/file")
+    files.add_argument("--tokenizer", metavar="PATH",
+                       help="the sentencepiece tokenizer (.model): a path or hf://owner/repo/file")
+    files.add_argument("--config", metavar="CONFIG_JSON",
+                       help="the model's config.json in transformers' Helium format (a path or "
+                            "hf://owner/repo/file; default: helium-1-preview-2b)")
+    files.add_argument("--ignore-memory", action="store_true",
+                       help="load even when the model does not fit the memory available")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--quantize-bits", type=int, choices=QUANT_BITS,
+                       help="quantize the bf16 weights to this many bits after loading")
+    quant.add_argument("--quantize-group-size", type=int, choices=GROUP_SIZES, default=64,
+                       help="quantization group size (default: %(default)s)")
+    quant.add_argument("--save-quantized", metavar="PATH",
+                       help="with --quantize-bits: also save the quantized weights there "
+                            "(.safetensors), to load later with --weights")
+    sampling = parser.add_argument_group(
+        "sampling", "at the temperature, among the top-k most likely tokens when --top-k is set, "
+                    "else within the top-p probability mass (Kyutai's defaults)")
+    sampling.add_argument("--temp", type=float, default=0.8,
+                          help="sampling temperature, 0 for greedy (default: %(default)s)")
+    sampling.add_argument("--top-p", type=float, default=0.95,
+                          help="nucleus sampling mass, 1 to keep every token (default: "
+                               "%(default)s)")
+    sampling.add_argument("--top-k", type=int, default=0,
+                          help="sample among the top-k tokens (replaces --top-p); 0 for none "
+                               "(default: %(default)s)")
+    sampling.add_argument("--seed", type=int, help="random seed (default: a random one, logged)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with the usage errors (exit code 2) of values no model takes."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.prompt.strip():
+        parser.error("--prompt is empty: give the text to continue")
+    try:
+        utils.check_temperature(args.temp, "--temp")
+        utils.check_top_k(args.top_k, None, "--top-k")
+    except utils.SamplingError as e:
+        parser.error(str(e))
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be above 0 and at most 1, got {args.top_p}")
+    if args.save_quantized and args.quantize_bits is None:
+        parser.error("--save-quantized needs --quantize-bits (the weights to save are the "
+                     "quantized ones)")
+    return args
+
+
+def fetch(value: str | None, repo: str, default_name: str) -> Path:
+    """A file flag's value (a local path or hf://owner/repo/file), else `default_name` of
+    `repo`, downloaded through huggingface_hub."""
+    try:
+        if value is None:
+            return hub_download(repo, default_name)
+        if value.startswith(HF_PREFIX):
+            return hub_download(*parse_hf_uri(value))
+    except HubUnreachable:
+        where = value or f"{repo}/{default_name}"
+        raise ModelFilesError(f"cannot reach the Hugging Face Hub to download {where}, and it "
+                              "is not in the local cache. Check your connection, or pass local "
+                              "files with --weights, --tokenizer (and --config).") from None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModelFilesError(f"{path}: no such file.")
+    return path
+
+
+def read_config(args: argparse.Namespace) -> HeliumConfig:
+    if args.config is None:
+        return helium_1_preview_2b()
+    path = fetch(args.config, args.hf_repo, "config.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelFilesError(f"{path}: not a readable JSON config ({e}).") from None
+    try:
+        return HeliumConfig.from_hf_config(data)
+    except models.ConfigError as e:
+        raise models.ConfigError(f"{path}: {e}") from None
+
+
+def load_tokenizer(path: Path, cfg: HeliumConfig) -> sentencepiece.SentencePieceProcessor:
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise ModelFilesError(f"{path}: not a sentencepiece model ({e}).") from None
+    if sp.vocab_size() != cfg.vocab:
+        raise ModelFilesError(f"{path}: the tokenizer has {sp.vocab_size()} pieces but the model's "
+                              f"vocabulary has {cfg.vocab}: they do not belong to the same model "
+                              "(--config gives another model's shape).")
+    return sp
+
+
+def load_model(weights: Path, cfg: HeliumConfig, bits: int | None, group_size: int) -> Helium:
+    """Helium with the weights of `weights`, quantized as the file holds them (read off its
+    header), then to `bits` when given; checked strictly (names, shapes)."""
+    model = Helium(cfg)
+    model.set_dtype(mx.bfloat16)
+    found = read_header(weights).tensors
+    layout = module_quantization(found, model_tensors(model))
+    if layout:
+        if bits is not None:
+            raise ModelFilesError(f"{weights} holds quantized weights already: run without "
+                                  "--quantize-bits.")
+        models.quantize(model, layout=layout)
+    models.checkpoint.check_file_matches_model(weights, model)
+    log.info("loading %s", weights)
+    model.load_weights(list(models.checkpoint.load(weights).items()), strict=True)
+    if bits is not None:
+        models.quantize(model, bits=bits, group_size=group_size)
+    mx.eval(model.parameters())
+    return model
+
+
+class Pieces:
+    """A sentencepiece model as `SPMStreamingDetokenizer` reads a tokenizer: its pieces by id,
+    control pieces (`<s>`, `</s>`, `<pad>`) as no text."""
+
+    def __init__(self, sp: sentencepiece.SentencePieceProcessor):
+        self.sp = sp
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return ["" if self.sp.is_control(i) else self.sp.id_to_piece(i) for i in ids]
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = read_config(args)
+    weights = fetch(args.weights, args.hf_repo, WEIGHTS_NAME)
+    sp = load_tokenizer(fetch(args.tokenizer, args.hf_repo, TOKENIZER_NAME), cfg)
+    prompt = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(args.prompt)
+    sampler = utils.Sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k)
+    utils.check_top_k(args.top_k, cfg.vocab, "--top-k")
+    if args.save_quantized:
+        check_writable(args.save_quantized)
+    memory.check_fits(memory.estimate_text_model(cfg, weights, args.quantize_bits),
+                      force=args.ignore_memory)
+    memory.wire_model_memory()
+    model = load_model(weights, cfg, args.quantize_bits, args.quantize_group_size)
+    if args.save_quantized:
+        log.info("saving the quantized weights in %s", args.save_quantized)
+        with atomic_write(args.save_quantized) as f:
+            mx.save_safetensors(f, dict(tree_flatten(model.parameters())), {"format": "mlx"})
+    mx.random.seed(cli.choose_seed(args.seed))
+
+    detokenizer = SPMStreamingDetokenizer(Pieces(sp), trim_space=False)
+    if args.verbose:
+        print("prompt", args.prompt, flush=True)
+    else:
+        print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for count, token in enumerate(generate(model, prompt, sampler, args.nsteps, sp.eos_id()), 1):
+        first = first or time.perf_counter()
+        detokenizer.add_token(token)
+        text = detokenizer.last_segment
+        if args.verbose:
+            print(count - 1, token, repr(text), flush=True)
+        else:
+            print(text, end="", flush=True)
+    detokenizer.finalize()
+    print(detokenizer.last_segment if not args.verbose else "", flush=True)
+    end = time.perf_counter()
+    reason = "end of sequence" if count < args.nsteps else f"{args.nsteps} steps"
+    log.info("%d tokens (%s); prompt %d tokens in %.2f s; %.1f tokens/s after the first",
+             count, reason, len(prompt), (first or end) - start,
+             (count - 1) / (end - first) if first and count > 1 and end > first else 0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return cli.run_main(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
