@@ -163,11 +163,16 @@ def load_model(weights: Path, cfg: HeliumConfig, bits: int | None, group_size: i
             raise ModelFilesError(f"{weights} holds quantized weights already: run without "
                                   "--quantize-bits.")
         models.quantize(model, layout=layout)
-    models.checkpoint.check_file_matches_model(weights, model)
+    models.checkpoint.check_file_matches_model(
+        weights, model, "Check that the file and the config (--config) belong to the same model.")
     log.info("loading %s", weights)
     model.load_weights(list(models.checkpoint.load(weights).items()), strict=True)
     if bits is not None:
-        models.quantize(model, bits=bits, group_size=group_size)
+        try:
+            models.quantize(model, bits=bits, group_size=group_size)
+        except ValueError as e:  # a width the group size does not divide
+            raise models.ConfigError(f"cannot quantize this model with --quantize-group-size "
+                                     f"{group_size}: {e}") from None
     mx.eval(model.parameters())
     return model
 

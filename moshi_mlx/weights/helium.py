@@ -10,6 +10,7 @@ transformers' `HeliumForCausalLM` names (`model.embed_tokens`, `model.layers.N.s
 """
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -160,8 +161,14 @@ def check_source(found: dict[str, TensorInfo], wanted: dict[str, tuple[int, ...]
 def _converted(rules: list[Rule], arrays: dict[str, mx.array], expected: dict[str, TensorInfo],
                quant: Quantization | None, progress: bool) -> Iterator[tuple[str, mx.array]]:
     """(name, array) of the output in the order of `rules`, one source tensor loaded at a time."""
+    uses = Counter(s for rule in rules for s in rule.sources)  # a tied embedding is used twice
+
+    def take(source: str) -> mx.array:
+        uses[source] -= 1
+        return arrays.pop(source) if uses[source] == 0 else arrays[source]
+
     for rule in tqdm(rules, desc="converting", unit="tensor", disable=not progress):
-        value = mx.concatenate([arrays.pop(s) for s in rule.sources]).astype(mx.bfloat16)
+        value = mx.concatenate([take(s) for s in rule.sources]).astype(mx.bfloat16)
         base = rule.target.removesuffix(".weight")
         if f"{base}.scales" in expected:
             parts = mx.quantize(value, group_size=quant.group_size, bits=quant.bits)
