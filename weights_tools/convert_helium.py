@@ -14,8 +14,9 @@ import argparse
 import sys
 
 from moshi_mlx.models import checkpoint
-from moshi_mlx.weights.common import DEFAULT_GROUP_SIZE, ToolError, quantization, run_tool
+from moshi_mlx.weights.common import run_tool
 from moshi_mlx.weights.helium import convert_hf
+from weights_tools.convert_pytorch import add_output_args, output_quantization
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,19 +26,11 @@ def main(argv: list[str] | None = None) -> int:
                     "safetensors files) to the MLX layout of Kyutai's helium-1-preview-2b-mlx, "
                     "in bf16 or quantized, for python -m moshi_mlx.run_helium --weights.")
     parser.add_argument("src", help="the checkpoint's directory (config.json, *.safetensors)")
-    parser.add_argument("--out", required=True,
-                        help="output .safetensors (written atomically: nothing is left on failure)")
-    parser.add_argument("--bits", type=int, choices=sorted(DEFAULT_GROUP_SIZE),
-                        help="quantize Linear and Embedding weights to this many bits "
-                             "(default: no quantization, bf16)")
-    parser.add_argument("--group-size", type=int, choices=(32, 64, 128),
-                        help="quantization group size (default: 32 for 4 bits, 64 for 8)")
+    add_output_args(parser)
     args = parser.parse_args(argv)
 
     def action():
-        if args.group_size is not None and args.bits is None:
-            raise ToolError("--group-size only applies with --bits")
-        quant = None if args.bits is None else quantization(args.bits, args.group_size)
+        quant = output_quantization(args.bits, args.group_size)
         cfg = convert_hf(args.src, args.out, quant, progress=True)
         info = checkpoint.read_header(args.out)
         print(f"wrote {args.out}: {len(info.tensors)} tensors, "

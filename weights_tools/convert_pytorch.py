@@ -25,7 +25,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from moshi_mlx.models import CheckpointError, LmConfig, checkpoint, config_v0_1
-from moshi_mlx.models.checkpoint import FLOAT_DTYPES, Quantization, TensorInfo
+from moshi_mlx.models.checkpoint import Quantization, TensorInfo
 from moshi_mlx.weights.common import (
     DEFAULT_GROUP_SIZE,
     ToolError,
@@ -34,6 +34,7 @@ from moshi_mlx.weights.common import (
     load_config,
     quantization,
     run_tool,
+    source_problems,
 )
 from moshi_mlx.weights.safetensors_writer import SafetensorsWriter
 
@@ -165,21 +166,7 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
     """Raises `CheckpointError` listing every missing, unexpected, misshapen or non-float
     tensor of the source file."""
     found = header.tensors
-    wanted = {r.source: r.source_shape(plain) for r in rules}
-    missing = [f"'{n}' (expected shape {list(s)})" for n, s in wanted.items() if n not in found]
-    extra = [f"'{n}' (shape {list(found[n].shape)})" for n in sorted(found.keys() - wanted.keys())]
-    wrong = [f"'{n}': expected shape {list(s)}, found {list(found[n].shape)}"
-             for n, s in wanted.items() if n in found and found[n].shape != s]
-    wrong += [f"'{n}': expected a floating-point tensor, found {found[n].dtype}"
-              for n in wanted if n in found and found[n].dtype not in FLOAT_DTYPES]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing:" + checkpoint.format_listing(missing))
-    if extra:
-        problems.append(f"{len(extra)} unknown tensor(s):" + checkpoint.format_listing(extra))
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type:"
-                        + checkpoint.format_listing(wrong))
+    problems = source_problems(found, {r.source: r.source_shape(plain) for r in rules})
     if problems:
         hint = "Pass the language model's file (not Mimi's) and the --config that matches it."
         if "audio_embs.0.weight" in found:
@@ -189,7 +176,7 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
             + "\n".join(problems) + "\n" + hint)
 
 
-def _quantization(bits: int | None, group_size: int | None) -> Quantization | None:
+def output_quantization(bits: int | None, group_size: int | None) -> Quantization | None:
     """The quantization the options ask for (None: bf16); checks them."""
     if bits is None:
         if group_size is not None:
@@ -232,7 +219,7 @@ def output_tensors(cfg: LmConfig, bits: int | None = None,
                    group_size: int | None = None) -> dict[str, TensorInfo]:
     """The tensors `convert` writes for `cfg`, in file order: the parameters of `Lm(cfg)` in
     bf16, after `nn.quantize(model, bits, group_size)` when `bits` is given."""
-    expected = expected_tensors(cfg, _quantization(bits, group_size))
+    expected = expected_tensors(cfg, output_quantization(bits, group_size))
     return dict(_output_layout(conversion_rules(cfg), expected))
 
 
@@ -250,7 +237,7 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     cfg = config or config_v0_1()
     config_name = (f"the given config (dim {cfg.dim}, {cfg.num_layers} layers)" if config
                    else "Moshi 7B v0.1 (the default without --config)")
-    quant = _quantization(bits, group_size)
+    quant = output_quantization(bits, group_size)
     with atomic_output(dst) as tmp:
         if dst.exists() and src.exists() and dst.samefile(src):
             raise ToolError(f"{dst}: the output would overwrite the source; choose another path")
@@ -270,6 +257,17 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     return dst
 
 
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--out, --bits and --group-size, for `output_quantization`."""
+    parser.add_argument("--out", required=True,
+                        help="output .safetensors (written atomically: nothing is left on failure)")
+    parser.add_argument("--bits", type=int, choices=sorted(DEFAULT_GROUP_SIZE),
+                        help="quantize Linear and Embedding weights to this many bits "
+                             "(default: no quantization, bf16)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128),
+                        help="quantization group size (default: 32 for 4 bits, 64 for 8)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m weights_tools.convert_pytorch",
@@ -280,13 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             "nn.quantize(model, bits, group_size) when --bits is given."),
     )
     parser.add_argument("src", help="PyTorch Moshi LM weights (safetensors)")
-    parser.add_argument("--out", required=True,
-                        help="output .safetensors (written atomically: nothing is left on failure)")
-    parser.add_argument("--bits", type=int, choices=sorted(DEFAULT_GROUP_SIZE),
-                        help="quantize Linear and Embedding weights to this many bits "
-                             "(default: no quantization, bf16)")
-    parser.add_argument("--group-size", type=int, choices=(32, 64, 128),
-                        help="quantization group size (default: 32 for 4 bits, 64 for 8)")
+    add_output_args(parser)
     parser.add_argument("--config", metavar="CONFIG_JSON",
                         help="the model's config.json in Kyutai's format "
                              "(default: Moshi 7B v0.1, as moshiko/moshika)")

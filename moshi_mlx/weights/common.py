@@ -26,7 +26,13 @@ from moshi_mlx.models import (
     config_v0_1,
     quantize,
 )
-from moshi_mlx.models.checkpoint import Quantization, TensorInfo, model_tensors
+from moshi_mlx.models.checkpoint import (
+    FLOAT_DTYPES,
+    Quantization,
+    TensorInfo,
+    format_listing,
+    model_tensors,
+)
 from moshi_mlx.models.lm import quantizes
 
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
@@ -198,3 +204,26 @@ def matching_configs(tensors: dict[str, TensorInfo], quant: Quantization | None,
         except ToolError:  # this config's widths cannot take the file's group size
             continue
     return matches
+
+
+def source_problems(found: dict[str, TensorInfo], wanted: dict[str, tuple[int, ...]],
+                    unused: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """What makes a conversion's source tensors `found` unlike the shapes `wanted`: the missing,
+    unknown (but those `unused` accepts), misshapen and non-float tensors, each a paragraph that
+    lists them; empty when they match."""
+    missing = [f"'{n}' (expected shape {list(s)})" for n, s in wanted.items() if n not in found]
+    extra = [f"'{n}' (shape {list(found[n].shape)})" for n in sorted(found.keys() - wanted.keys())
+             if not unused(n)]
+    wrong = [f"'{n}': expected shape {list(s)}, found {list(found[n].shape)}"
+             for n, s in wanted.items() if n in found and found[n].shape != s]
+    wrong += [f"'{n}': expected a floating-point tensor, found {found[n].dtype}"
+              for n in wanted if n in found and found[n].dtype not in FLOAT_DTYPES]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing:" + format_listing(missing))
+    if extra:
+        problems.append(f"{len(extra)} unknown tensor(s):" + format_listing(extra))
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type:"
+                        + format_listing(wrong))
+    return problems

@@ -20,11 +20,11 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from moshi_mlx.models import checkpoint, quantize
-from moshi_mlx.models.checkpoint import FLOAT_DTYPES, CheckpointError, Quantization, TensorInfo
+from moshi_mlx.models.checkpoint import CheckpointError, Quantization, TensorInfo
 from moshi_mlx.models.config import ConfigError
 from moshi_mlx.models.helium import Helium, HeliumConfig
 
-from .common import ToolError, atomic_output
+from .common import ToolError, atomic_output, source_problems
 from .random_weights import write_random_model
 from .safetensors_writer import SafetensorsWriter
 
@@ -135,21 +135,7 @@ def hf_weight_files(directory: Path) -> list[Path]:
 def check_source(found: dict[str, TensorInfo], wanted: dict[str, tuple[int, ...]],
                  where: Path) -> None:
     """Raises `CheckpointError` listing every missing, unknown, misshapen or non-float tensor."""
-    missing = [f"'{n}' (expected shape {list(s)})" for n, s in wanted.items() if n not in found]
-    extra = [f"'{n}' (shape {list(found[n].shape)})" for n in sorted(found.keys() - wanted.keys())
-             if not n.endswith("rotary_emb.inv_freq")]  # a buffer older files saved
-    wrong = [f"'{n}': expected shape {list(s)}, found {list(found[n].shape)}"
-             for n, s in wanted.items() if n in found and found[n].shape != s]
-    wrong += [f"'{n}': expected a floating-point tensor, found {found[n].dtype}"
-              for n in wanted if n in found and found[n].dtype not in FLOAT_DTYPES]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing:" + checkpoint.format_listing(missing))
-    if extra:
-        problems.append(f"{len(extra)} unknown tensor(s):" + checkpoint.format_listing(extra))
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type:"
-                        + checkpoint.format_listing(wrong))
+    problems = source_problems(found, wanted, lambda n: n.endswith("rotary_emb.inv_freq"))
     if problems:
         hint = "Pass the directory of a transformers Helium checkpoint and its own config.json."
         if "text_emb.weight" in found:
