@@ -10,6 +10,7 @@ it saved itself.
 import json
 from pathlib import Path
 
+import kyutai_layout
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -144,20 +145,20 @@ def prompt_tokens(tokenizer: Path, text: str = PROMPT) -> list[int]:
 
 # --- the model ---------------------------------------------------------------------------------
 
-def test_kyutai_2b_shape():
-    """Kyutai's config_helium_1_preview_2b: dim 2560, 20 heads, 24 layers, MLP 11 * dim / 4
-    (transformers: intermediate_size 7040), RoPE base 100000, context 4096, 48000 tokens."""
+def test_kyutai_2b_layout():
+    """The tensors of Kyutai's `Lm(config_helium_1_preview_2b())` (moshi_mlx 0.3.0: its temporal
+    layers as tests/kyutai_layout.py derives them, MLP 11 * dim / 4 = transformers'
+    intermediate_size 7040; 48000-token embedding and head; no audio, no depformer): the names
+    and shapes of kyutai/helium-1-preview-2b-mlx's file."""
     cfg = helium_1_preview_2b()
-    tensors = helium_tensors(cfg)
-    assert tensors["text_emb.weight"].shape == (48000, 2560)
-    assert tensors["text_linear.weight"].shape == (48000, 2560)
-    assert tensors["transformer.layers.23.self_attn.in_proj.weight"].shape == (3 * 2560, 2560)
-    assert tensors["transformer.layers.0.gating.linear_in.weight"].shape == (2 * 7040, 2560)
-    assert len(tensors) == 3 + 24 * 6
+    expected = {"text_emb.weight": [48000, 2560], "text_linear.weight": [48000, 2560],
+                "out_norm.weight": [2560]}
+    for i in range(24):
+        expected |= {n: shape for n, (_, shape) in
+                     kyutai_layout._layer(f"transformer.layers.{i}", 2560, 7040).items()}
+    assert {n: list(t.shape) for n, t in helium_tensors(cfg).items()} == expected
+    assert (cfg.num_heads, cfg.context, cfg.max_period) == (20, 4096, 100000)
     assert HeliumConfig.from_hf_config(cfg.to_hf_config()) == cfg
-    layer = 4 * 2560**2 + 3 * 2560 * 7040 + 2 * 2560
-    params = 2 * 48000 * 2560 + 24 * layer + 2560  # 2.17 billion
-    assert sum(int(np.prod(t.shape)) for t in tensors.values()) == params
 
 
 def test_prompt_logits_match_mlx_lm(reference, converted, tokenizer):
@@ -343,6 +344,12 @@ def test_run_helium_prints_the_greedy_continuation(reference, converted, tokeniz
     tokens = reference_greedy(reference, prompt_tokens(tokenizer), 12)
     assert out == PROMPT + expected_text(tokenizer, tokens) + "\n"
     assert "12 tokens (12 steps)" in err and "tokens/s" in err
+    assert run_helium.main(cli_args(converted, tokenizer, config_json, "--nsteps", "3",
+                                    "--verbose")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"prompt {PROMPT}"
+    assert [line.split()[:2] for line in lines[1:4]] == [[str(i), str(t)]
+                                                         for i, t in enumerate(tokens[:3])]
 
 
 @pytest.mark.slow
@@ -437,6 +444,14 @@ def test_bad_flags_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as exit:
         run_helium.main(flags)
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_converter_help(capsys):
+    with pytest.raises(SystemExit) as exit:
+        convert_helium.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and "transformers Helium checkpoint" in out
+    assert all(flag in out for flag in ("--out", "--bits", "--group-size"))
 
 
 def test_help_explains_the_flags(capsys):
