@@ -204,6 +204,11 @@ def test_sliding_window_past_the_context(reference, converted):
     scale = float(mx.abs(expected).max())
     np.testing.assert_allclose(steps, expected, atol=1e-4 * scale)
     np.testing.assert_allclose(ours(tokens), expected, atol=1e-4 * scale)
+    cache = ours.make_cache()  # a prompt longer than the context, prefilled in one pass
+    np.testing.assert_allclose(ours(tokens[:, :-1], cache=cache), expected[:, :-1],
+                               atol=1e-4 * scale)
+    np.testing.assert_allclose(ours(tokens[:, -1:], cache=cache), expected[:, -1:],
+                               atol=1e-4 * scale)
     unbounded = reference(tokens)[0, -1]
     assert mx.abs(unbounded - expected[0, -1]).max().item() > 0.1 * scale  # the window matters
 
