@@ -25,7 +25,13 @@ from . import cli, models, utils
 from .files import memory
 from .files.errors import HubUnreachable, ModelFilesError
 from .files.hub import HF_PREFIX, hub_download, parse_hf_uri
-from .models.checkpoint import model_tensors, module_quantization, read_header
+from .models.checkpoint import (
+    check_file_matches_model,
+    model_tensors,
+    module_quantization,
+    read_header,
+)
+from .models.checkpoint import load as load_checkpoint
 from .models.helium import Helium, HeliumConfig, generate, helium_1_preview_2b
 from .utils.files import atomic_write, check_writable
 
@@ -163,10 +169,10 @@ def load_model(weights: Path, cfg: HeliumConfig, bits: int | None, group_size: i
             raise ModelFilesError(f"{weights} holds quantized weights already: run without "
                                   "--quantize-bits.")
         models.quantize(model, layout=layout)
-    models.checkpoint.check_file_matches_model(
+    check_file_matches_model(
         weights, model, "Check that the file and the config (--config) belong to the same model.")
     log.info("loading %s", weights)
-    model.load_weights(list(models.checkpoint.load(weights).items()), strict=True)
+    model.load_weights(list(load_checkpoint(weights).items()), strict=True)
     if bits is not None:
         try:
             models.quantize(model, bits=bits, group_size=group_size)
@@ -191,13 +197,39 @@ class Pieces:
         return ["" if self.sp.is_control(i) else self.sp.id_to_piece(i) for i in ids]
 
 
+def print_continuation(model: Helium, sp: sentencepiece.SentencePieceProcessor,
+                       prompt: list[int], sampler: utils.Sampler, args: argparse.Namespace) -> None:
+    """Prints the prompt, then each token's text as soon as it is sampled (`--verbose`: one line
+    per token), then logs the count and speeds."""
+    detokenizer = SPMStreamingDetokenizer(Pieces(sp), trim_space=False)
+    if args.verbose:
+        print("prompt", args.prompt, flush=True)
+    else:
+        print(args.prompt, end="", flush=True)
+    times = [time.perf_counter()]
+    for step, token in enumerate(generate(model, prompt, sampler, args.nsteps, sp.eos_id())):
+        times.append(time.perf_counter())
+        detokenizer.add_token(token)
+        if args.verbose:
+            print(step, token, repr(detokenizer.last_segment), flush=True)
+        else:
+            print(detokenizer.last_segment, end="", flush=True)
+    detokenizer.finalize()
+    print("" if args.verbose else detokenizer.last_segment, flush=True)
+    count = len(times) - 1
+    speed = f", then {(count - 1) / (times[-1] - times[1]):.1f} tokens/s" if count > 1 else ""
+    log.info("%d tokens (%s); the prompt's %d tokens and the first in %.2f s%s", count,
+             "end of sequence" if count < args.nsteps else f"{args.nsteps} steps", len(prompt),
+             times[min(count, 1)] - times[0], speed)
+
+
 def run(args: argparse.Namespace) -> None:
     cfg = read_config(args)
     weights = fetch(args.weights, args.hf_repo, WEIGHTS_NAME)
     sp = load_tokenizer(fetch(args.tokenizer, args.hf_repo, TOKENIZER_NAME), cfg)
     prompt = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(args.prompt)
-    sampler = utils.Sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k)
     utils.check_top_k(args.top_k, cfg.vocab, "--top-k")
+    sampler = utils.Sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k)
     if args.save_quantized:
         check_writable(args.save_quantized)
     memory.check_fits(memory.estimate_text_model(cfg, weights, args.quantize_bits),
@@ -209,30 +241,7 @@ def run(args: argparse.Namespace) -> None:
         with atomic_write(args.save_quantized) as f:
             mx.save_safetensors(f, dict(tree_flatten(model.parameters())), {"format": "mlx"})
     mx.random.seed(cli.choose_seed(args.seed))
-
-    detokenizer = SPMStreamingDetokenizer(Pieces(sp), trim_space=False)
-    if args.verbose:
-        print("prompt", args.prompt, flush=True)
-    else:
-        print(args.prompt, end="", flush=True)
-    start = time.perf_counter()
-    first = None
-    count = 0
-    for count, token in enumerate(generate(model, prompt, sampler, args.nsteps, sp.eos_id()), 1):
-        first = first or time.perf_counter()
-        detokenizer.add_token(token)
-        text = detokenizer.last_segment
-        if args.verbose:
-            print(count - 1, token, repr(text), flush=True)
-        else:
-            print(text, end="", flush=True)
-    detokenizer.finalize()
-    print(detokenizer.last_segment if not args.verbose else "", flush=True)
-    end = time.perf_counter()
-    reason = "end of sequence" if count < args.nsteps else f"{args.nsteps} steps"
-    log.info("%d tokens (%s); prompt %d tokens in %.2f s; %.1f tokens/s after the first",
-             count, reason, len(prompt), (first or end) - start,
-             (count - 1) / (end - first) if first and count > 1 and end > first else 0.0)
+    print_continuation(model, sp, prompt, sampler, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -348,7 +348,9 @@ def test_run_helium_prints_the_greedy_continuation(reference, converted, tokeniz
     out, err = capsys.readouterr()
     tokens = reference_greedy(reference, prompt_tokens(tokenizer), 12)
     assert out == PROMPT + expected_text(tokenizer, tokens) + "\n"
-    assert "12 tokens (12 steps)" in err and "tokens/s" in err
+    prompt = len(prompt_tokens(tokenizer))
+    assert f"12 tokens (12 steps); the prompt's {prompt} tokens and the first in" in err
+    assert "tokens/s" in err
     assert run_helium.main(cli_args(converted, tokenizer, config_json, "--nsteps", "3",
                                     "--verbose")) == 0
     lines = capsys.readouterr().out.splitlines()
