@@ -1,9 +1,12 @@
 """The page in real browsers talking to the chat server on the demo model: headless Chromium
 (Debian's package, driven by Playwright) whose fake microphone plays speech, and headless Firefox
 (Debian's firefox-esr, driven through Marionette) whose fake microphone plays a 1 kHz tone; in
-both, the page's audio runs at the browser's own rate. Also: Disconnect pressed while the
-browser asks for the microphone leaves it released. Screenshots of the page at a laptop's and a
-phone's width are saved in out/screenshots/."""
+both, the page's audio runs at the browser's own rate, through a private sound server the tests
+start (the `pulse` fixture), so they pass whether or not the machine runs one. Also: Disconnect
+pressed while the browser asks for the microphone leaves it released; each wait of the page
+(its audio code, the browser's audio, the server's handshake) gives up at its deadline with a
+message, in Chromium, and in Firefox with no sound server at all. Screenshots of the page at a
+laptop's and a phone's width are saved in out/screenshots/."""
 
 import asyncio
 import json
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import FRAME, demo_files, require_module, require_tool
 
@@ -128,15 +132,16 @@ RESULT = ("return {stats: window.stats, transcript: document.getElementById('tra
           ".textContent, state: document.getElementById('state').textContent}")
 
 
-async def talk_in_the_browser(worker: ModelWorker, speech: Path) -> dict:
+async def talk_in_the_browser(worker: ModelWorker, speech: Path, sound: dict) -> dict:
     """Opens the page, connects, lets the fake microphone speak until Moshi has said a few
-    words and played a second of voice, takes the screenshots, disconnects."""
+    words and played a second of voice, takes the screenshots, disconnects. The browser plays
+    through the sound server that the environment variables `sound` name."""
     chat = chat_server(worker)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     async with TestServer(chat.app(STATIC_DIR), host="127.0.0.1") as server:
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(
-                executable_path=chromium(), headless=True,
+                executable_path=chromium(), headless=True, env=dict(os.environ, **sound),
                 args=CHROMIUM_FLAGS + [f"--use-file-for-fake-audio-capture={speech}"])
             page = await browser.new_page(viewport={"width": 1100, "height": 760})
             problems = []
@@ -179,8 +184,8 @@ def assert_talked(result: dict, conversation: RecordingConversation) -> None:
         stats["server"])
 
 
-def test_the_page_talks_with_moshi_in_chromium(worker, speech_24k):
-    result = asyncio.run(talk_in_the_browser(worker, speech_24k))
+def test_the_page_talks_with_moshi_in_chromium(worker, speech_24k, pulse):
+    result = asyncio.run(talk_in_the_browser(worker, speech_24k, pulse))
     stats = result["stats"]
     print(f"\nChromium: the page's audio ran at {stats['sampleRate']} Hz")
     assert result["problems"] == [], result["problems"]
@@ -224,6 +229,68 @@ def test_disconnect_during_the_permission_prompt_releases_the_microphone_in_chro
     assert worker.conversations == []  # no conversation was opened
 
 
+# What stands in for each wait that never ends, in Chromium: the page's worklets never arrive,
+# the AudioContext never starts (as Firefox's without a sound server), the server never answers.
+NEVER = {
+    "worklets": "AudioWorklet.prototype.addModule = () => new Promise(() => {});",
+    "audio": "AudioContext.prototype.resume = () => new Promise(() => {});",
+    "handshake": "",  # the server's part: silent_chat
+}
+
+
+async def silent_chat(request: web.Request) -> web.WebSocketResponse:
+    """A chat endpoint that accepts the websocket and never sends the handshake."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for _ in ws:
+        pass
+    return ws
+
+
+async def a_wait_that_never_ends(worker: ModelWorker, step: str) -> tuple[dict, float]:
+    """Connects with deadlines of 2 s while `step` never ends; -> the page's state and tracks
+    once it gave up, and the seconds it took."""
+    if step == "handshake":
+        app = web.Application()
+        app.router.add_get("/api/chat", silent_chat)
+        app.router.add_get("/", lambda _: web.FileResponse(STATIC_DIR / "index.html"))
+        app.router.add_static("/", STATIC_DIR)
+    else:
+        app = chat_server(worker).app(STATIC_DIR)
+    async with TestServer(app, host="127.0.0.1") as server:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=chromium(), headless=True, args=CHROMIUM_FLAGS)
+            page = await browser.new_page()
+            await page.add_init_script(KEEP_STREAMS + NEVER[step])
+            await page.goto(str(server.make_url("/")))
+            await page.evaluate("() => { for (const k in deadlines) deadlines[k] = 2000; }")
+            started = time.monotonic()
+            await page.click("#connect")
+            await page.wait_for_function("window.stats.state === 'error'", timeout=30_000)
+            took = time.monotonic() - started
+            result = await page.evaluate(f"(() => {{ {RESULT} }})()")
+            result["tracks"] = await page.evaluate(f"(() => {{ {TRACKS_STATES} }})()")
+            result["button"] = await page.text_content("#connect")
+            await browser.close()
+    return result, took
+
+
+@pytest.mark.parametrize("step, says", [
+    ("worklets", "the page's audio code did not load"),
+    ("audio", "the browser's audio did not start"),
+    ("handshake", "Moshi did not answer"),
+])
+def test_each_wait_of_the_page_has_a_deadline_in_chromium(worker, step, says):
+    result, took = asyncio.run(a_wait_that_never_ends(worker, step))
+    assert result["state"].startswith(f"Could not start: {says}"), result
+    assert 1.5 < took < 15, took
+    assert result["button"] == "Connect"
+    if step != "worklets":  # the microphone is asked for after the worklets load
+        assert result["tracks"] and set(result["tracks"]) == {"ended"}, result["tracks"]
+    assert worker.conversations == []
+
+
 # Firefox: Debian's firefox-esr, headless, driven through its Marionette port (Playwright's own
 # Firefox build cannot be installed without its download).
 FIREFOX_PREFS = {
@@ -231,7 +298,6 @@ FIREFOX_PREFS = {
     "media.navigator.audio.fake_frequency": 1000,
     "media.navigator.permission.disabled": True,  # no permission prompt
     "media.autoplay.default": 0,  # audio may play
-    "media.cubeb.force_mock_context": True,  # an audio device that runs with no sound card
     "media.autoplay.block-webaudio": False,
     "app.update.enabled": False,
     "app.normandy.enabled": False,
@@ -250,8 +316,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def firefox(profile: Path) -> Iterator:
-    """A headless Firefox with a fresh profile in `profile`: its Marionette session."""
+def firefox(profile: Path, sound: dict) -> Iterator:
+    """A headless Firefox with a fresh profile in `profile`, its audio through the sound server
+    that the environment variables `sound` name (the `pulse` fixture's, or one that is not
+    there): its Marionette session."""
     marionette = require_module("marionette_driver.marionette",
                                 "pip install -e '.[dev]'").Marionette
     binary = require_tool("firefox-esr")
@@ -261,7 +329,7 @@ def firefox(profile: Path) -> Iterator:
     (profile / "user.js").write_text("".join(
         f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in prefs.items()))
     browser = subprocess.Popen([binary, "--headless", "--marionette", "--no-remote",
-                                "--profile", str(profile)],
+                                "--profile", str(profile)], env=dict(os.environ, **sound),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         session = marionette(host="127.0.0.1", port=port)
@@ -300,38 +368,44 @@ async def until(session, condition: str, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.2)
 
 
-async def in_firefox(worker: ModelWorker, profile: Path, talk: bool) -> dict:
-    """Opens the page in Firefox and connects; with `talk`, lets the fake microphone play until
-    Moshi has said a few words and played a second of voice, then disconnects; otherwise
-    presses Disconnect while the browser asks for the microphone, then grants it."""
+async def in_firefox(worker: ModelWorker, profile: Path, sound: dict, scenario: str) -> dict:
+    """Opens the page in Firefox and connects, then plays one scenario:
+    - "talk": the fake microphone plays until Moshi has said a few words and played a second of
+      voice, then Disconnect;
+    - "prompt": Disconnect while the browser asks for the microphone, then permission given;
+    - "no audio": the browser's audio cannot start (no sound server); the page gives up at its
+      deadline, shortened here to 3 s."""
     chat = chat_server(worker)
     async with TestServer(chat.app(STATIC_DIR), host="127.0.0.1") as server:
-        with firefox(profile) as session:
+        with firefox(profile, sound) as session:
             run = asyncio.to_thread
             await run(session.navigate, str(server.make_url("/")))
-            await page_script(session, CATCH_ERRORS + (KEEP_STREAMS if talk else HOLD_PERMISSION))
+            setup = HOLD_PERMISSION if scenario == "prompt" else KEEP_STREAMS
+            await page_script(session, CATCH_ERRORS + setup + "deadlines.audio = 3000;")
             connect = await run(session.find_element, "css selector", "#connect")
             await run(connect.click)
-            if talk:
+            if scenario == "talk":
                 await until(session, "window.stats.state === 'live'")
                 await until(session, "stats.textPieces >= 12 && stats.playedSamples >= 24000 "
                                      "&& stats.server")
                 await run(connect.click)
                 await until(session, "window.stats.state === 'idle'")
-            else:
+            elif scenario == "prompt":
                 await until(session, "permissionAsked()")
                 await run(connect.click)
                 await page_script(session, "grantPermission()")
                 await until(session, "grantedStreams.length === 1")
                 await asyncio.sleep(0.5)
+            else:
+                await until(session, "window.stats.state === 'error'", timeout=30)
             result = await page_script(session, RESULT)
             result["errors"] = await page_script(session, "return pageErrors")
             result["tracks"] = await page_script(session, TRACKS_STATES)
     return result
 
 
-def test_the_page_talks_with_moshi_in_firefox(worker, tmp_path):
-    result = asyncio.run(in_firefox(worker, tmp_path / "profile", talk=True))
+def test_the_page_talks_with_moshi_in_firefox(worker, pulse, tmp_path):
+    result = asyncio.run(in_firefox(worker, tmp_path / "profile", pulse, "talk"))
     stats = result["stats"]
     print(f"\nFirefox: the page's audio ran at {stats['sampleRate']} Hz")
     assert result["errors"] == [] and stats["error"] is None, result
@@ -349,10 +423,24 @@ def test_the_page_talks_with_moshi_in_firefox(worker, tmp_path):
 
 
 def test_disconnect_during_the_permission_prompt_releases_the_microphone_in_firefox(
-        worker, tmp_path):
-    result = asyncio.run(in_firefox(worker, tmp_path / "profile", talk=False))
+        worker, pulse, tmp_path):
+    result = asyncio.run(in_firefox(worker, tmp_path / "profile", pulse, "prompt"))
     assert result["tracks"] and set(result["tracks"]) == {"ended"}, result["tracks"]
     assert result["state"] == "Disconnected." and result["errors"] == []
+    assert worker.conversations == []
+
+
+def test_firefox_without_a_sound_server_says_so_and_releases_the_microphone(worker, tmp_path):
+    """No sound server: Firefox's AudioContext never starts (resume() never settles). The page
+    says what to do at its deadline and releases the microphone; no conversation opens."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    nowhere = {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SERVER": f"unix:{runtime}/no-server"}
+    result = asyncio.run(in_firefox(worker, tmp_path / "profile", nowhere, "no audio"))
+    assert result["state"].startswith("Could not start: the browser's audio did not start"), result
+    assert "sound server" in result["state"]
+    assert result["tracks"] and set(result["tracks"]) == {"ended"}, result["tracks"]
+    assert result["errors"] == []
     assert worker.conversations == []
 
 

@@ -9,6 +9,31 @@ const RATE = 24000;
 const FRAME = 1920; // samples per 80 ms frame
 const KIND = { handshake: 0, audio: 1, text: 2, metadata: 4, error: 5 };
 
+// Every wait before the call is live has a deadline (ms) and a message that says what to do; a
+// live call has none. The handshake's outlasts the server's own deadlines (Mimi's load: 60 s).
+// The permission prompt has none: the user decides. Tests may shorten them (window.deadlines).
+const deadlines = { worklets: 10000, audio: 5000, microphone: 5000, handshake: 75000 };
+window.deadlines = deadlines;
+const TOO_LATE = {
+  worklets: "the page's audio code did not load. Reload the page and try again.",
+  audio: "the browser's audio did not start. Check that a speaker or headphones are " +
+    "connected (on Linux: that a sound server such as PulseAudio or PipeWire runs), " +
+    "then try again.",
+  microphone: "the microphone gives no sound. Check that it is connected and not in use " +
+    "by another application, then try again.",
+  handshake: "Moshi did not answer. The server may be overloaded or stuck: look at its " +
+    "log, then try again.",
+};
+
+// `promise`, or a rejection with TOO_LATE[step] once deadlines[step] has passed.
+function within(step, promise) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(TOO_LATE[step])), deadlines[step]);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
 const ui = {
   button: document.getElementById("connect"),
   state: document.getElementById("state"),
@@ -110,7 +135,7 @@ class Call {
     // (Firefox connects no microphone to a context at another rate).
     this.context = new AudioContext({ latencyHint: "interactive" });
     stats.sampleRate = this.context.sampleRate;
-    await this.context.audioWorklet.addModule("worklets.js");
+    await within("worklets", this.context.audioWorklet.addModule("worklets.js"));
     if (this.closed) return;
     const stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true,
@@ -132,10 +157,13 @@ class Call {
       stats.underruns = data.underruns;
     };
     this.mic = new AudioWorkletNode(this.context, "mic-capture", { numberOfOutputs: 0 });
+    const heard = new Promise((resolve) => { this.heard = resolve; });
     this.mic.port.onmessage = ({ data }) => this.onMicFrame(data);
     this.source = this.context.createMediaStreamSource(stream);
     this.source.connect(this.mic);
-    await this.context.resume();
+    await within("audio", this.context.resume());
+    if (this.closed) return;
+    await within("microphone", heard);
     if (this.closed) return;
 
     setState("waiting", "Waiting for Moshi…");
@@ -143,9 +171,11 @@ class Call {
     this.socket.binaryType = "arraybuffer";
     this.socket.onmessage = (event) => this.onMessage(new DataView(event.data));
     this.socket.onclose = (event) => this.onClose(event);
+    this.handshakeTimer = setTimeout(() => this.fail(TOO_LATE.handshake), deadlines.handshake);
   }
 
   onMicFrame({ frame, level }) {
+    this.heard();
     showLevel(level);
     if (this.live && this.socket.readyState === WebSocket.OPEN) {
       this.socket.send(encodeAudio(frame));
@@ -158,6 +188,7 @@ class Call {
     const payload = () => new Uint8Array(view.buffer, 1);
     switch (view.getUint8(0)) {
       case KIND.handshake:
+        clearTimeout(this.handshakeTimer);
         this.live = true;
         setState("live", "Live: talk to Moshi");
         break;
@@ -209,6 +240,12 @@ class Call {
     setState("idle", text);
   }
 
+  // Ends the call from the page's side on a failure to start.
+  fail(reason) {
+    this.stop();
+    setState("error", `Could not start: ${reason}`);
+  }
+
   releaseMicrophone() {
     this.stream?.getTracks().forEach((track) => track.stop());
   }
@@ -217,6 +254,7 @@ class Call {
     if (this.closed) return;
     this.closed = true;
     this.live = false;
+    clearTimeout(this.handshakeTimer);
     if (this.socket && this.socket.readyState <= WebSocket.OPEN) this.socket.close(1000);
     this.releaseMicrophone();
     this.context?.close().catch(() => {}); // already closed: nothing to do
@@ -236,9 +274,8 @@ async function connect() {
   try {
     await attempt.start();
   } catch (error) {
-    const disconnected = attempt.closed; // then the failure is only the Disconnect's echo
-    attempt.stop();
-    if (!disconnected) setState("error", `Could not start: ${error.message}`);
+    // Once closed (Disconnect), the failure is only the Disconnect's echo.
+    if (!attempt.closed) attempt.fail(error.message);
   }
 }
 
