@@ -5,6 +5,10 @@ whole for whoever asks for it."""
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # fresh interpreters
+
 APPS = ["moshi_mlx.local", "moshi_mlx.local_web", "moshi_mlx.run_inference"]
 
 
