@@ -226,6 +226,7 @@ class ChatServer:
         """The aiohttp application: the websocket, and the page in `static_dir` (none if None)."""
         app = web.Application()
         app.router.add_get("/api/chat", self.handle_chat)
+        app.router.add_get("/api/sampling", self.handle_sampling)
         if static_dir is not None:
             index = static_dir / "index.html"
 
@@ -236,6 +237,10 @@ class ChatServer:
             app.router.add_static("/", static_dir)
         app.on_shutdown.append(self._close_all)
         return app
+
+    async def handle_sampling(self, request: web.Request) -> web.Response:
+        """The sampling settings a client may send in /api/chat's query: defaults and ranges."""
+        return web.json_response(self.sampling.query_ranges(self.vocab))
 
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         peer = request.remote
