@@ -1,5 +1,5 @@
 """Helium's speed (`python -m benchmarks.bench_helium`): the prompt's prefill and the tokens per
-second of generation, as `run_helium` generates (`models.helium.generate`: mlx_lm's
+second of generation, as `run_helium` generates (`models.helium.generate`, the loop of mlx_lm's
 `generate_step`, greedy), on random weights (speed does not depend on the values).
 
 Shapes: `tiny` (dim 256, 4 layers, the demo tokenizer's 1000 tokens) and `2b-LAYERS` (Helium

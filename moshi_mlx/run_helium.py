@@ -10,6 +10,7 @@ sampling flags of mlx_lm's `generate` (`--temp`, `--top-p`, `--top-k`, `--seed`)
 """
 
 import argparse
+import codecs
 import json
 import logging
 import sys
@@ -19,7 +20,6 @@ from pathlib import Path
 import mlx.core as mx
 import sentencepiece
 from mlx.utils import tree_flatten
-from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
 
 from . import cli, models, utils
 from .files import memory
@@ -183,25 +183,37 @@ def load_model(weights: Path, cfg: HeliumConfig, bits: int | None, group_size: i
     return model
 
 
-class Pieces:
-    """A sentencepiece model as `SPMStreamingDetokenizer` reads a tokenizer: its pieces by id,
-    control pieces (`<s>`, `</s>`, `<pad>`) as no text."""
+class TextStream:
+    """The text of sentencepiece tokens given one at a time, each part as soon as it is whole:
+    pieces with '\u2581' for spaces, byte pieces (`<0xNN>`) joined into UTF-8 characters,
+    control pieces (`<s>`, `</s>`) as no text. mlx_lm's `SPMStreamingDetokenizer` does this but
+    its module imports `transformers`; sentencepiece itself decodes whole sequences only."""
 
     def __init__(self, sp: sentencepiece.SentencePieceProcessor):
         self.sp = sp
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
-    def __len__(self) -> int:
-        return self.sp.get_piece_size()
+    def add(self, token: int) -> str:
+        """The text `token` completes ('' while a character's bytes are incomplete)."""
+        piece = self.sp.id_to_piece(token)
+        if self.sp.is_control(token):
+            data = b""
+        elif self.sp.is_byte(token):
+            data = bytes([int(piece[3:5], 16)])
+        else:
+            data = piece.replace("\u2581", " ").encode()
+        return self.utf8.decode(data)
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return ["" if self.sp.is_control(i) else self.sp.id_to_piece(i) for i in ids]
+    def finish(self) -> str:
+        """What is left: an incomplete character, as U+FFFD."""
+        return self.utf8.decode(b"", final=True)
 
 
 def print_continuation(model: Helium, sp: sentencepiece.SentencePieceProcessor,
                        prompt: list[int], sampler: utils.Sampler, args: argparse.Namespace) -> None:
     """Prints the prompt, then each token's text as soon as it is sampled (`--verbose`: one line
     per token), then logs the count and speeds."""
-    detokenizer = SPMStreamingDetokenizer(Pieces(sp), trim_space=False)
+    stream = TextStream(sp)
     if args.verbose:
         print("prompt", args.prompt, flush=True)
     else:
@@ -209,13 +221,12 @@ def print_continuation(model: Helium, sp: sentencepiece.SentencePieceProcessor,
     times = [time.perf_counter()]
     for step, token in enumerate(generate(model, prompt, sampler, args.nsteps, sp.eos_id())):
         times.append(time.perf_counter())
-        detokenizer.add_token(token)
+        text = stream.add(token)
         if args.verbose:
-            print(step, token, repr(detokenizer.last_segment), flush=True)
+            print(step, token, repr(text), flush=True)
         else:
-            print(detokenizer.last_segment, end="", flush=True)
-    detokenizer.finalize()
-    print("" if args.verbose else detokenizer.last_segment, flush=True)
+            print(text, end="", flush=True)
+    print("" if args.verbose else stream.finish(), flush=True)
     count = len(times) - 1
     speed = f", then {(count - 1) / (times[-1] - times[1]):.1f} tokens/s" if count > 1 else ""
     log.info("%d tokens (%s); the prompt's %d tokens and the first in %.2f s%s", count,

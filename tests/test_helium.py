@@ -7,6 +7,7 @@ lossless). transformers' own `HeliumForCausalLM` (PyTorch) checks the conversion
 it saved itself.
 """
 
+import io
 import json
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from moshi_mlx.models import CheckpointError, ConfigError, quantize
 from moshi_mlx.models.checkpoint import Quantization, read_header
 from moshi_mlx.models.helium import Helium, HeliumConfig, generate, helium_1_preview_2b
 from moshi_mlx.utils import Sampler
-from moshi_mlx.weights.common import ToolError
+from moshi_mlx.weights.common import ToolError, package_data
 from moshi_mlx.weights.demo_text import train_tokenizer
 from moshi_mlx.weights.helium import (
     convert_hf,
@@ -451,6 +452,26 @@ def test_bad_flags_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as exit:
         run_helium.main(flags)
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_text_streams_whole_characters(tmp_path):
+    """Token by token, the text is sentencepiece's decoding of the whole sequence, characters
+    outside the vocabulary (byte pieces) included, each printed once its last byte comes."""
+    model = io.BytesIO()
+    corpus = package_data("demo_corpus.txt").splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model,
+                                   vocab_size=600, byte_fallback=True, num_threads=1,
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    text = "Hello \u65e5\u672c, caf\u00e9 \U0001f600 done"
+    tokens = sp.encode(text)
+    assert sum(sp.is_byte(t) for t in tokens) >= 10  # the CJK, accented and emoji characters
+    stream = run_helium.TextStream(sp)
+    parts = [stream.add(t) for t in [sp.bos_id(), *tokens, sp.eos_id()]] + [stream.finish()]
+    assert "".join(parts) == " " + sp.decode(tokens)
+    assert "\ufffd" not in "".join(parts) and "" in parts  # held back while incomplete
+    stream.add(tokens[[sp.is_byte(t) for t in tokens].index(True)])  # a character's first byte
+    assert stream.finish() == "\ufffd"
 
 
 def test_converter_help(capsys):

@@ -9,7 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.slow  # fresh interpreters
 
-APPS = ["moshi_mlx.local", "moshi_mlx.local_web", "moshi_mlx.run_inference"]
+APPS = ["moshi_mlx.local", "moshi_mlx.local_web", "moshi_mlx.run_inference",
+        "moshi_mlx.run_helium"]
 
 
 def python(code: str) -> str:

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import RotatingKVCache
 
 from ..utils.sampling import Sampler
@@ -138,11 +137,22 @@ class Helium(nn.Module):
 def generate(model: Helium, prompt: list[int], sampler: Sampler, max_tokens: int,
              eos: int | None = None) -> Iterator[int]:
     """The tokens that continue `prompt` (token ids, BOS included), one at a time as they are
-    sampled, at most `max_tokens`, ending before `eos`. The prompt is prefilled causally in one
-    pass (mlx_lm's `generate_step`, which also overlaps each step with the next)."""
-    steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens,
-                          sampler=lambda logprobs: sampler(logprobs)[0])
-    for token, _ in steps:
-        if token == eos:
+    sampled, at most `max_tokens`, ending before `eos`. The prompt is prefilled in one causal
+    pass; each step is queued (`mx.async_eval`) before the previous token is read, so that the
+    caller's work overlaps the model's. This is mlx_lm's `generate_step` loop, written out
+    because its module imports `transformers` (seconds of start-up, torch where installed)."""
+    cache = model.make_cache()
+
+    def step(tokens: mx.array) -> mx.array:
+        token = sampler(model(tokens[None], cache=cache)[:, -1])[0]
+        mx.async_eval(token)
+        return token
+
+    token = step(mx.array(prompt))
+    for n in range(max_tokens):
+        upcoming = step(token) if n + 1 < max_tokens else None
+        value = token.item()
+        if value == eos:
             return
-        yield token
+        yield value
+        token = upcoming
