@@ -108,7 +108,7 @@ def probe_signal(seconds: float, seed: int = 0) -> np.ndarray:
 
 def pcm_bytes(pcm: np.ndarray) -> bytes:
     """float32 samples -> the 16-bit little-endian PCM of `?audio=pcm` (as the README specifies
-    it; written here rather than taken from moshi_mlx.protocol, so the client is not the
+    it; written here rather than taken from moshi_mlx.web.protocol, so the client is not the
     server's own code)."""
     return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 
