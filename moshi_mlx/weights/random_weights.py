@@ -10,7 +10,8 @@ from mlx.utils import tree_flatten
 from moshi_mlx.models import LmConfig
 from moshi_mlx.models.checkpoint import model_tensors
 
-from .common import atomic_output, lazy_model
+from ..utils.files import atomic_path
+from .common import lazy_model
 from .safetensors_writer import SafetensorsWriter
 
 
@@ -35,7 +36,7 @@ def write_random_lm(path: str | Path, cfg: LmConfig, seed: int = 0) -> Path:
     initial = dict(tree_flatten(model.parameters()))
     layout = sorted(tensors.items())
     rng = np.random.default_rng(seed)
-    with atomic_output(path) as tmp, tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         writer = SafetensorsWriter(f, layout)
         for name, info in layout:
             if name in random_names:
