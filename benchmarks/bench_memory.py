@@ -28,8 +28,8 @@ import numpy as np
 
 from moshi_mlx import families, model_files, models, utils
 from moshi_mlx.engine.worker import ModelWorker
-from moshi_mlx.files import load as files_load
-from moshi_mlx.files import memory
+from moshi_mlx.model_files import load as files_load
+from moshi_mlx.model_files import memory
 from moshi_mlx.models.checkpoint import Quantization, TensorInfo
 from moshi_mlx.weights.common import expected_tensors
 from moshi_mlx.weights.mimi_layout import mimi_num_params, mimi_tensors

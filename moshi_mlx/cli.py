@@ -17,9 +17,9 @@ from . import model_files, models, utils
 from .audio.mimi_process import MimiError
 from .audio.wav import AudioFileError
 from .families import FamilyError
-from .files import memory
+from .model_files import memory
 from .models.transformer import KV_BITS
-from .utils.files import OutputFileError
+from .utils.output import OutputFileError
 from .weights.common import ToolError
 
 log = logging.getLogger("moshi_mlx")

@@ -5,7 +5,7 @@
 Moshi's words are printed as it speaks, above a status line (latency, slowest stage, frames
 dropped, queue sizes, echo canceller). Ctrl-C ends the conversation. The microphone's frames are
 cleaned of the speakers' echo (`moshi_mlx.audio.echo`), so that no headphones are needed. The
-audio path and the lag control are in `moshi_mlx.engine.live`, the devices in
+audio path and the lag control are in `moshi_mlx.engine.sound_devices`, the devices in
 `moshi_mlx.audio.devices`.
 """
 
@@ -35,7 +35,7 @@ from .audio.devices import (
 from .audio.echo import METHODS, EchoCanceller
 from .audio.speex import SpeexUnavailable
 from .audio.wav import WavWriter, check_writable
-from .engine.live import Event, LiveConversation
+from .engine.sound_devices import Event, LiveConversation
 from .engine.stages import WAIT_SECONDS, Timings
 from .engine.worker import ModelWorker
 

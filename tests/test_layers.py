@@ -15,7 +15,7 @@ LAYERS = [  # from the bottom; a module may import its own layer and those below
     ("models", ["models"]),
     ("audio", ["audio"]),
     ("engine", ["engine"]),
-    ("files and families", ["families", "model_files", "files", "weights"]),
+    ("files and families", ["families", "model_files", "weights"]),
     ("the apps' parts", ["cli", "web"]),  # the flags they share; the browser app's server
     ("apps", ["local", "local_web", "run_inference"]),
 ]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from moshi_mlx.models import CheckpointError, LmConfig, checkpoint, config_v0_1
 from moshi_mlx.models.checkpoint import FLOAT_DTYPES, Quantization, TensorInfo
-from moshi_mlx.utils.files import atomic_path
+from moshi_mlx.utils.output import atomic_path
 from moshi_mlx.weights.common import (
     DEFAULT_GROUP_SIZE,
     ToolError,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from moshi_mlx.models import LmConfig
 
-from ..utils.files import atomic_path
+from ..utils.output import atomic_path
 from .common import ToolError, demo_config
 from .demo_mimi import write_random_mimi
 from .demo_text import train_tokenizer

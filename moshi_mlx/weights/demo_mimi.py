@@ -18,7 +18,7 @@ import numpy as np
 
 from moshi_mlx.models.checkpoint import TensorInfo
 
-from ..utils.files import atomic_path
+from ..utils.output import atomic_path
 from .common import num_elements
 from .mimi_layout import mimi_tensors
 from .random_weights import scaled_uniform

@@ -26,7 +26,7 @@ from moshi_mlx.models.checkpoint import (
     read_header,
 )
 
-from ..utils.files import atomic_path
+from ..utils.output import atomic_path
 from .common import (
     ToolError,
     diff_tensors,

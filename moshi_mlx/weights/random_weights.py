@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from moshi_mlx.models import LmConfig
 from moshi_mlx.models.checkpoint import model_tensors
 
-from ..utils.files import atomic_path
+from ..utils.output import atomic_path
 from .common import lazy_model
 from .safetensors_writer import SafetensorsWriter
 
