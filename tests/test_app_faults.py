@@ -230,13 +230,19 @@ def test_browser_ctrl_c_in_each_state(demo_cache, speech, when):
                                   "loading the model" if when == "loading" else "Moshi is ready")
     if when != "loading":
         url = re.search(r"Moshi is ready: https?://(\S+)/", "".join(log)).group(1)
+        replies = []
         client = threading.Thread(
-            target=lambda: asyncio.run(converse(url, speech[: 4 * RATE])), daemon=True)
+            target=lambda: replies.append(asyncio.run(converse(url, speech[: 4 * RATE]))),
+            daemon=True)
         client.start()
         if when == "talking":
             time.sleep(2)
         else:
             client.join(60)
+            assert not client.is_alive(), "the conversation did not end within 60 s"
+            (reply,) = replies
+            assert reply.first == b"\x00\x00\x00" and reply.errors == [], reply
+            assert reply.audio, "Moshi said nothing"
     interrupt_and_check(app, lines, log, 0)
 
 
