@@ -15,10 +15,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+from chat_client import RATE, Reply, ServerProcess, converse, send_speech
 from conftest import require_tool
 from virtual_audio import lines_of, local
 
-from benchmarks.chat_client import RATE, Reply, ServerProcess, converse, send_speech
 from moshi_mlx.audio.mimi_process import LIVE_REPLY_SECONDS
 from moshi_mlx.audio.wav import read_wav
 

@@ -11,10 +11,10 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
+from chat_client import receive_within
 from conftest import FRAME
+from server_probes import gone_client
 
-from benchmarks.chat_client import receive_within
-from benchmarks.probe_server import gone_client
 from moshi_mlx import utils
 from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.utils.sampling import SamplingSettings

@@ -14,9 +14,7 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from conftest import require_tool
-
-from benchmarks.chat_client import (
+from chat_client import (
     RATE,
     Reply,
     ServerProcess,
@@ -25,6 +23,8 @@ from benchmarks.chat_client import (
     receive_all,
     send_speech,
 )
+from conftest import require_tool
+
 from moshi_mlx import local_web
 from moshi_mlx.audio.wav import read_wav
 
