@@ -41,8 +41,10 @@ from .engine.worker import ModelWorker
 
 log = cli.log
 
-TTY_STATUS_SECONDS = 0.25  # status line redraws on a terminal, at most every
-PLAIN_STATUS_SECONDS = 5.0  # status log lines when stdout is not a terminal, every
+# How often the status shows: on a terminal its line is redrawn at most every TTY_STATUS_SECONDS;
+# when stdout is not a terminal, a status line is logged every PLAIN_STATUS_SECONDS.
+TTY_STATUS_SECONDS = 0.25
+PLAIN_STATUS_SECONDS = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
