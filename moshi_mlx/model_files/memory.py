@@ -10,7 +10,6 @@ from math import prod
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from ..models.checkpoint import Quantization, read_header
 from ..models.config import ConfigError, LmConfig
@@ -267,5 +266,8 @@ def choose(sizes: ModelSizes, kv_bits: int | None = None, context: int | None = 
 def wire_model_memory() -> None:
     """Lets MLX keep up to its recommended working set resident, as `mlx_lm` does while it
     generates, so that the model's weights are not paged out between steps (a no-op where the
-    device recommends no working set)."""
-    maybe_set_recommended_wired_limit()
+    device recommends no working set). mlx_lm.utils' function of the same name, in two lines:
+    that module imports `transformers`."""
+    working_set = mx.device_info().get("max_recommended_working_set_size")
+    if working_set is not None:
+        mx.set_wired_limit(working_set)

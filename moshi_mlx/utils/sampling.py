@@ -157,6 +157,19 @@ class SamplingSettings:
                     top_p=1.0)
             for stream, size in zip(("text", "audio"), vocab))
 
+    def query_ranges(self, vocab: Vocab = (None, None)) -> dict[str, dict]:
+        """What a URL query may set (`QUERY_NAMES`), for a page's settings: name -> {"default":
+        this value, "min": its least, "max": its most (top-k, where the vocabulary is known),
+        "integer": whether it is a whole number}."""
+        ranges = {}
+        for field, name in QUERY_NAMES.items():
+            is_temp = field.endswith("_temp")
+            size = vocab[0 if field.startswith("text") else 1]
+            ranges[name] = {"default": getattr(self, field), "min": 0, "integer": not is_temp}
+            if not is_temp and size is not None:
+                ranges[name]["max"] = size
+        return ranges
+
     def with_query(self, query: Mapping[str, str], vocab: Vocab = (None, None)
                    ) -> "SamplingSettings":
         """These settings, overridden by those in a URL query (`QUERY_NAMES`: Kyutai's web

@@ -19,7 +19,8 @@ STATIC_DIR = Path(__file__).parent / "static"  # the page shipped with the packa
 
 class ChatServer:
     """The routes: `/api/chat` for pages that `origins` allows (and clients that are not
-    browsers), the page's files at `/`. The other arguments are `Chat`'s."""
+    browsers), `/api/sampling` (the query's defaults and ranges), the page's files at `/`. The
+    other arguments are `Chat`'s."""
 
     def __init__(self, worker: ModelWorker, sampling: SamplingSettings, origins: OriginPolicy,
                  **chat_options):
@@ -30,6 +31,7 @@ class ChatServer:
         """The aiohttp application: the websocket, and the page in `static_dir` (none if None)."""
         app = web.Application()
         app.router.add_get("/api/chat", self.handle_chat)
+        app.router.add_get("/api/sampling", self.handle_sampling)
         if static_dir is not None:
             index = static_dir / "index.html"
 
@@ -40,6 +42,10 @@ class ChatServer:
             app.router.add_static("/", static_dir)
         app.on_shutdown.append(self._close_all)
         return app
+
+    async def handle_sampling(self, request: web.Request) -> web.Response:
+        """The sampling settings a client may send in /api/chat's query: defaults and ranges."""
+        return web.json_response(self.chat.sampling.query_ranges(self.chat.vocab))
 
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         if not self.origins.allows(request):

@@ -1,14 +1,43 @@
 // The page: one conversation with Moshi over the server's websocket (Kyutai's protocol), with
-// raw 16-bit PCM audio at 24 kHz both ways (`?audio=pcm`) and status messages (`?status=1`).
-// The audio graph runs at the device's rate; the worklets resample to and from 24 kHz. Written
-// for Chromium, Firefox and Safari (WebKit): the AudioContext is made in the click that starts
-// the call, and the microphone is released on every way out (Disconnect, even during the
-// permission prompt; an error; the server's close; the track ending; the page going away).
+// raw 16-bit PCM audio at 24 kHz both ways (`?audio=pcm`), status messages (`?status=1`) and the
+// user's sampling settings (Kyutai's query names). The audio graph runs at the device's rate;
+// the worklets resample to and from 24 kHz. Written for Chromium, Firefox and Safari (WebKit):
+// the AudioContext is made in the click that starts the call, each wait before the call is
+// live has a deadline, the microphone is released on every way out (Disconnect, even during
+// the permission prompt; an error; a deadline; the server's close; the track ending; the page
+// going away), and the conversation's recording is offered for download once it ends.
 
 const RATE = 24000;
 const FRAME = 1920; // samples per 80 ms frame
 // The protocol's message kinds, as moshi_mlx/web/protocol.py's Kind (tests/test_protocol.py checks).
 const KIND = { handshake: 0, audio: 1, text: 2, metadata: 4, error: 5 };
+
+// Every wait before the call is live has a deadline (ms) and a message that says what to do; a
+// live call has none. The handshake's outlasts the server's own deadlines (Mimi's load: 60 s).
+// The permission prompt has none: the user decides. Tests may shorten them (window.deadlines).
+const deadlines = {
+  worklets: 10000, audio: 5000, microphone: 5000, handshake: 75000, settings: 5000,
+};
+window.deadlines = deadlines;
+const TOO_LATE = {
+  worklets: "the page's audio code did not load. Reload the page and try again.",
+  audio: "the browser's audio did not start. Check that a speaker or headphones are " +
+    "connected (on Linux: that a sound server such as PulseAudio or PipeWire runs), " +
+    "then try again.",
+  microphone: "the microphone gives no sound. Check that it is connected and not in use " +
+    "by another application, then try again.",
+  handshake: "Moshi did not answer. The server may be overloaded or stuck: look at its " +
+    "log, then try again.",
+};
+
+// `promise`, or a rejection with TOO_LATE[step] once deadlines[step] has passed.
+function within(step, promise) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(TOO_LATE[step])), deadlines[step]);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
 
 const ui = {
   button: document.getElementById("connect"),
@@ -17,6 +46,12 @@ const ui = {
   transcript: document.getElementById("transcript"),
   latency: document.getElementById("latency"),
   dropped: document.getElementById("dropped"),
+  settings: document.getElementById("settings"),
+  settingsReset: document.getElementById("settings-reset"),
+  settingsNote: document.getElementById("settings-note"),
+  recordingBox: document.getElementById("recording-box"),
+  recording: document.getElementById("recording"),
+  recordingAbout: document.getElementById("recording-about"),
 };
 
 // What the page has done so far, for a glance in the console (and for tests).
@@ -37,27 +72,175 @@ function setState(state, text) {
   ui.button.setAttribute("aria-pressed", String(busy));
 }
 
-function chatUrl() {
+// The sampling settings: the server's defaults and ranges (api/sampling), the user's values
+// kept in localStorage for the next visit, sent as the URL query of Kyutai's web client.
+const SETTINGS_KEY = "moshi.sampling";
+const LABELS = {
+  text_temperature: "Text temperature", text_topk: "Text top-k",
+  audio_temperature: "Audio temperature", audio_topk: "Audio top-k",
+};
+let ranges = null; // query name -> {default, min, max?, integer}
+
+function savedSettings() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) ?? "{}");
+    return saved && typeof saved === "object" ? saved : {};
+  } catch {
+    return {}; // unreadable: the server's defaults
+  }
+}
+
+async function loadSettings() {
+  try {
+    const response = await fetch("api/sampling", { signal: AbortSignal.timeout(deadlines.settings) });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    ranges = await response.json();
+  } catch (error) {
+    ui.settings.querySelectorAll("input, button").forEach((input) => { input.disabled = true; });
+    ui.settingsNote.textContent =
+      `The server's settings could not be read (${error.message}): its defaults apply.`;
+    return;
+  }
+  const saved = savedSettings();
+  for (const [name, range] of Object.entries(ranges)) {
+    const input = ui.settings.elements[name];
+    input.min = range.min;
+    if (range.max !== undefined) input.max = range.max;
+    input.value = name in saved ? saved[name] : range.default;
+  }
+  checkSettings();
+}
+
+// "" when `range` allows `text`, else what it must be.
+function problemWith(text, range) {
+  const value = Number(text);
+  const whole = range.integer ? "a whole number" : "a number";
+  const valid = range.max !== undefined
+    ? `${whole} from ${range.min} to ${range.max}` : `${whole} of ${range.min} or more`;
+  const ok = text.trim() !== "" && Number.isFinite(value) && value >= range.min
+    && (range.max === undefined || value <= range.max) && (!range.integer || Number.isInteger(value));
+  return ok ? "" : `must be ${valid}`;
+}
+
+// Checks the form: the query to send, or null (the problems are shown). Valid values are kept.
+function checkSettings() {
+  if (!ranges) return new URLSearchParams();
+  const query = new URLSearchParams();
+  const problems = [];
+  for (const [name, range] of Object.entries(ranges)) {
+    const input = ui.settings.elements[name];
+    const problem = problemWith(input.value, range);
+    input.setAttribute("aria-invalid", String(problem !== ""));
+    if (problem) problems.push(`${LABELS[name]} ${problem}.`);
+    else query.set(name, String(Number(input.value)));
+  }
+  const values = Object.fromEntries(query);
+  try {
+    localStorage.setItem(SETTINGS_KEY, JSON.stringify({ ...savedSettings(), ...values }));
+  } catch {
+    // storage refused (private browsing): the values apply to this visit only
+  }
+  ui.settingsNote.dataset.problem = String(problems.length > 0);
+  ui.settingsNote.textContent = problems.length ? problems.join(" ")
+    : "Kept for your next visit; a change applies at the next Connect.";
+  return problems.length ? null : query;
+}
+
+ui.settings.addEventListener("input", () => checkSettings());
+ui.settingsReset.addEventListener("click", () => {
+  if (!ranges) return;
+  for (const [name, range] of Object.entries(ranges)) ui.settings.elements[name].value = range.default;
+  checkSettings();
+});
+
+function chatUrl(settings) {
   const url = new URL("api/chat", window.location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  url.search = "?audio=pcm&status=1";
+  url.search = `?audio=pcm&status=1&${settings}`;
   return url;
 }
 
-function encodeAudio(frame) {
-  const message = new DataView(new ArrayBuffer(1 + 2 * frame.length));
-  message.setUint8(0, KIND.audio);
+function toInt16(frame) {
+  const pcm = new Int16Array(frame.length);
   for (let i = 0; i < frame.length; i++) {
-    const s = Math.max(-1, Math.min(1, frame[i]));
-    message.setInt16(1 + 2 * i, Math.round(s * 32767), true);
+    pcm[i] = Math.round(Math.max(-1, Math.min(1, frame[i])) * 32767);
   }
+  return pcm;
+}
+
+function encodeAudio(pcm) {
+  const message = new DataView(new ArrayBuffer(1 + 2 * pcm.length));
+  message.setUint8(0, KIND.audio);
+  for (let i = 0; i < pcm.length; i++) message.setInt16(1 + 2 * i, pcm[i], true);
   return message.buffer;
 }
 
 function decodeAudio(view) {
-  const pcm = new Float32Array((view.byteLength - 1) >> 1);
-  for (let i = 0; i < pcm.length; i++) pcm[i] = view.getInt16(1 + 2 * i, true) / 32768;
+  const pcm = new Int16Array((view.byteLength - 1) >> 1);
+  for (let i = 0; i < pcm.length; i++) pcm[i] = view.getInt16(1 + 2 * i, true);
   return pcm;
+}
+
+// Both voices of a conversation at 24 kHz, 16 bits: left the user as sent, right Moshi as
+// received, each frame of Moshi placed where the user's audio stood when it arrived (or right
+// after the previous one), so the two line up as they were heard.
+class Recording {
+  constructor() {
+    this.user = [];
+    this.userLength = 0;
+    this.moshi = []; // [offset in samples, Int16Array]
+    this.moshiEnd = 0;
+  }
+
+  addUser(pcm) {
+    this.user.push(pcm);
+    this.userLength += pcm.length;
+  }
+
+  addMoshi(pcm) {
+    const at = Math.max(this.userLength, this.moshiEnd);
+    this.moshi.push([at, pcm]);
+    this.moshiEnd = at + pcm.length;
+  }
+
+  get length() {
+    return Math.max(this.userLength, this.moshiEnd);
+  }
+
+  // A stereo WAV file (RIFF, PCM 16-bit little-endian).
+  wav() {
+    const frames = this.length;
+    const left = new Int16Array(frames);
+    let at = 0;
+    for (const pcm of this.user) { left.set(pcm, at); at += pcm.length; }
+    const right = new Int16Array(frames);
+    for (const [offset, pcm] of this.moshi) right.set(pcm, offset);
+    const view = new DataView(new ArrayBuffer(44 + 4 * frames));
+    const text = (offset, chars) => [...chars].forEach((c, i) => view.setUint8(offset + i, c.charCodeAt(0)));
+    text(0, "RIFF"); view.setUint32(4, 36 + 4 * frames, true); text(8, "WAVE");
+    text(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true);
+    view.setUint16(22, 2, true); view.setUint32(24, RATE, true); view.setUint32(28, 4 * RATE, true);
+    view.setUint16(32, 4, true); view.setUint16(34, 16, true);
+    text(36, "data"); view.setUint32(40, 4 * frames, true);
+    for (let i = 0; i < frames; i++) {
+      view.setInt16(44 + 4 * i, left[i], true);
+      view.setInt16(46 + 4 * i, right[i], true);
+    }
+    return new Blob([view.buffer], { type: "audio/wav" });
+  }
+}
+
+// Offers the last conversation's recording for download (replacing the one before).
+function offerRecording(recording) {
+  if (ui.recording.href.startsWith("blob:")) URL.revokeObjectURL(ui.recording.href);
+  ui.recordingBox.hidden = recording.length === 0;
+  if (recording.length === 0) return;
+  const seconds = Math.round(recording.length / RATE);
+  const stamp = new Date().toISOString().slice(0, 19).replace(/[T:]/g, "-");
+  ui.recording.href = URL.createObjectURL(recording.wav());
+  ui.recording.download = `moshi-${stamp}.wav`;
+  ui.recordingAbout.textContent =
+    `(${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, "0")}, you left, Moshi right)`;
 }
 
 function showLevel(rms) {
@@ -93,10 +276,12 @@ function addText(piece) {
 }
 
 class Call {
-  constructor() {
+  constructor(settings) {
+    this.settings = settings; // the URL query of the sampling settings
     this.live = false;
     this.buffered = 0;
     this.closed = false;
+    this.recording = new Recording();
   }
 
   async start() {
@@ -111,7 +296,7 @@ class Call {
     // (Firefox connects no microphone to a context at another rate).
     this.context = new AudioContext({ latencyHint: "interactive" });
     stats.sampleRate = this.context.sampleRate;
-    await this.context.audioWorklet.addModule("worklets.js");
+    await within("worklets", this.context.audioWorklet.addModule("worklets.js"));
     if (this.closed) return;
     const stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true,
@@ -133,23 +318,30 @@ class Call {
       stats.underruns = data.underruns;
     };
     this.mic = new AudioWorkletNode(this.context, "mic-capture", { numberOfOutputs: 0 });
+    const heard = new Promise((resolve) => { this.heard = resolve; });
     this.mic.port.onmessage = ({ data }) => this.onMicFrame(data);
     this.source = this.context.createMediaStreamSource(stream);
     this.source.connect(this.mic);
-    await this.context.resume();
+    await within("audio", this.context.resume());
+    if (this.closed) return;
+    await within("microphone", heard);
     if (this.closed) return;
 
     setState("waiting", "Waiting for Moshi…");
-    this.socket = new WebSocket(chatUrl());
+    this.socket = new WebSocket(chatUrl(this.settings));
     this.socket.binaryType = "arraybuffer";
     this.socket.onmessage = (event) => this.onMessage(new DataView(event.data));
     this.socket.onclose = (event) => this.onClose(event);
+    this.handshakeTimer = setTimeout(() => this.fail(TOO_LATE.handshake), deadlines.handshake);
   }
 
   onMicFrame({ frame, level }) {
+    this.heard();
     showLevel(level);
     if (this.live && this.socket.readyState === WebSocket.OPEN) {
-      this.socket.send(encodeAudio(frame));
+      const pcm = toInt16(frame);
+      this.socket.send(encodeAudio(pcm));
+      this.recording.addUser(pcm);
       stats.sentFrames += 1;
     }
   }
@@ -159,13 +351,16 @@ class Call {
     const payload = () => new Uint8Array(view.buffer, 1);
     switch (view.getUint8(0)) {
       case KIND.handshake:
+        clearTimeout(this.handshakeTimer);
         this.live = true;
         setState("live", "Live: talk to Moshi");
         break;
       case KIND.audio: {
         const pcm = decodeAudio(view);
         stats.receivedFrames += pcm.length / FRAME;
-        this.player.port.postMessage(pcm, [pcm.buffer]);
+        this.recording.addMoshi(pcm);
+        const voice = Float32Array.from(pcm, (s) => s / 32768);
+        this.player.port.postMessage(voice, [voice.buffer]);
         break;
       }
       case KIND.text:
@@ -210,6 +405,12 @@ class Call {
     setState("idle", text);
   }
 
+  // Ends the call from the page's side on a failure to start.
+  fail(reason) {
+    this.stop();
+    setState("error", `Could not start: ${reason}`);
+  }
+
   releaseMicrophone() {
     this.stream?.getTracks().forEach((track) => track.stop());
   }
@@ -218,9 +419,11 @@ class Call {
     if (this.closed) return;
     this.closed = true;
     this.live = false;
+    clearTimeout(this.handshakeTimer);
     if (this.socket && this.socket.readyState <= WebSocket.OPEN) this.socket.close(1000);
     this.releaseMicrophone();
     this.context?.close().catch(() => {}); // already closed: nothing to do
+    offerRecording(this.recording);
     showLevel(0);
     if (call === this) call = null;
     showLag();
@@ -228,18 +431,23 @@ class Call {
 }
 
 async function connect() {
+  const settings = checkSettings();
+  if (settings === null) {
+    setState("error", "Could not start: a setting is out of its range (see Settings).");
+    ui.settings.parentElement.open = true;
+    return;
+  }
   ui.transcript.textContent = "";
   Object.assign(stats, { sentFrames: 0, receivedFrames: 0, playedSamples: 0, underruns: 0,
                          textPieces: 0, server: null, error: null });
-  const attempt = new Call();
+  const attempt = new Call(settings);
   call = attempt;
   setState("starting", "Asking for the microphone…");
   try {
     await attempt.start();
   } catch (error) {
-    const disconnected = attempt.closed; // then the failure is only the Disconnect's echo
-    attempt.stop();
-    if (!disconnected) setState("error", `Could not start: ${error.message}`);
+    // Once closed (Disconnect), the failure is only the Disconnect's echo.
+    if (!attempt.closed) attempt.fail(error.message);
   }
 }
 
@@ -255,3 +463,4 @@ ui.button.addEventListener("click", () => {
 window.addEventListener("pagehide", () => call?.end("Disconnected."));
 
 setState("idle", "Press Connect and talk: Moshi listens and answers at the same time.");
+loadSettings();
