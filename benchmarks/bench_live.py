@@ -334,7 +334,7 @@ class PacedDevice:
 
 def bench_terminal(pcm: np.ndarray, files, mimi_max_seq_len: int | None, pace: float) -> dict:
     from moshi_mlx import families, utils
-    from moshi_mlx.engine.live import LiveConversation
+    from moshi_mlx.engine.sound_devices import LiveConversation
     from moshi_mlx.engine.worker import ModelWorker
 
     samplers = (utils.Sampler(temp=0.7, top_k=25), utils.Sampler(temp=0.8, top_k=250))

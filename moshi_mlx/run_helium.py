@@ -22,9 +22,9 @@ import sentencepiece
 from mlx.utils import tree_flatten
 
 from . import cli, models, utils
-from .files import memory
-from .files.errors import HubUnreachable, ModelFilesError
-from .files.hub import HF_PREFIX, hub_download, parse_hf_uri
+from .model_files import memory
+from .model_files.errors import HubUnreachable, ModelFilesError
+from .model_files.hub import HF_PREFIX, hub_download, parse_hf_uri
 from .models.checkpoint import (
     check_file_matches_model,
     model_tensors,
@@ -33,7 +33,7 @@ from .models.checkpoint import (
 )
 from .models.checkpoint import load as load_checkpoint
 from .models.helium import Helium, HeliumConfig, generate, helium_1_preview_2b
-from .utils.files import atomic_write, check_writable
+from .utils.output import atomic_write, check_writable
 
 log = logging.getLogger("moshi_mlx")
 

@@ -22,7 +22,7 @@ from mlx_lm.models import helium as mlx_lm_helium
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from moshi_mlx import run_helium
-from moshi_mlx.files import memory
+from moshi_mlx.model_files import memory
 from moshi_mlx.models import CheckpointError, ConfigError, quantize
 from moshi_mlx.models.checkpoint import Quantization, read_header
 from moshi_mlx.models.helium import Helium, HeliumConfig, generate, helium_1_preview_2b

@@ -11,8 +11,7 @@ import pytest
 from conftest import DATA, random_model, tiny_config, write_sparse_checkpoint
 
 from moshi_mlx import models
-from moshi_mlx.files import memory
-from moshi_mlx.model_files import ModelFiles
+from moshi_mlx.model_files import ModelFiles, memory
 from moshi_mlx.models.checkpoint import Quantization, read_header
 
 GB = 10**9

@@ -29,11 +29,11 @@ from conftest import FRAME, demo_files, require_module, require_tool
 
 from moshi_mlx import families
 from moshi_mlx.audio.wav import read_wav
-from moshi_mlx.chat_server import STATIC_DIR, ChatServer
 from moshi_mlx.engine.worker import ModelWorker
-from moshi_mlx.protocol import PcmAudio
 from moshi_mlx.utils.sampling import SamplingSettings
 from moshi_mlx.web.origin import OriginPolicy
+from moshi_mlx.web.protocol import PcmAudio
+from moshi_mlx.web.server import STATIC_DIR, ChatServer
 
 pytestmark = pytest.mark.slow  # a server and Chromium
 

@@ -14,8 +14,8 @@ import argparse
 import sys
 
 from moshi_mlx.models import checkpoint
-from moshi_mlx.weights.common import run_tool
 from moshi_mlx.weights.helium import convert_hf
+from weights_tools import run_tool
 from weights_tools.convert_pytorch import add_output_args, output_quantization
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{checkpoint.describe(info.tensors)}, {info.data_bytes / 1e9:.2f} GB "
               f"(dim {cfg.dim}, {cfg.num_layers} layers, vocabulary {cfg.vocab})")
 
-    return run_tool("convert_helium", action, one_line=False)
+    return run_tool(action, "convert_helium", one_line=False)
 
 
 if __name__ == "__main__":

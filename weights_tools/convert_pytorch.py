@@ -26,17 +26,18 @@ from tqdm import tqdm
 
 from moshi_mlx.models import CheckpointError, LmConfig, checkpoint, config_v0_1
 from moshi_mlx.models.checkpoint import Quantization, TensorInfo
+from moshi_mlx.utils.output import atomic_path
 from moshi_mlx.weights.common import (
     DEFAULT_GROUP_SIZE,
     ToolError,
-    atomic_output,
     expected_tensors,
     load_config,
     quantization,
-    run_tool,
     source_problems,
 )
 from moshi_mlx.weights.safetensors_writer import SafetensorsWriter
+
+from . import run_tool
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     config_name = (f"the given config (dim {cfg.dim}, {cfg.num_layers} layers)" if config
                    else "Moshi 7B v0.1 (the default without --config)")
     quant = output_quantization(bits, group_size)
-    with atomic_output(dst) as tmp:
+    with atomic_path(dst) as tmp:
         if dst.exists() and src.exists() and dst.samefile(src):
             raise ToolError(f"{dst}: the output would overwrite the source; choose another path")
         header = checkpoint.read_header(src)
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{info.data_bytes / 1e9:.2f} GB")
 
     # Messages keep their lines (they list tensors) and start with "error: ", as they always did.
-    return run_tool(None, action, one_line=False)
+    return run_tool(action, one_line=False)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,10 @@
-"""Pieces shared by the weight tools: one-line errors, atomic outputs, and the lazily built model
+"""Pieces shared by the weight tools: their error (`ToolError`), and the lazily built model
 that says which tensors a Moshi checkpoint holds (MLX is lazy: building the 7B model allocates
 nothing, so its parameter tree is known instantly)."""
 
 import json
 import math
-import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,7 +14,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from moshi_mlx.models import (
-    CheckpointError,
     ConfigError,
     Lm,
     LmConfig,
@@ -40,43 +36,8 @@ DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 
 
 class ToolError(Exception):
-    """An input the user can fix; reported on stderr, without a traceback, with exit code 1."""
-
-
-def run_tool(prog: str | None, action: Callable[[], None], one_line: bool = True) -> int:
-    """Runs a tool's action; returns its exit code. Known failures print a message, no traceback:
-    after "`prog`: " (unless `prog` is None), on one line unless `one_line` is False."""
-    lead = f"{prog}: " if prog is not None else ""
-    try:
-        action()
-    except (ToolError, CheckpointError, ConfigError) as e:
-        message = " ".join(str(e).split()) if one_line else str(e)
-        print(f"{lead}error: {message}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"{lead}error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{lead}interrupted; no output was left behind", file=sys.stderr)
-        return 130
-    return 0
-
-
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yields a temporary path beside `path`, renamed to `path` when the block succeeds and
-    removed when it fails or is interrupted, so `path` never holds a half-written file."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ToolError(f"{path}: the output directory {path.parent} does not exist; create it "
-                        "or choose another output path.")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """An input the user can fix; `cli.run_main` reports it on stderr, without a traceback, with
+    exit code 1."""
 
 
 def package_data(name: str) -> str:

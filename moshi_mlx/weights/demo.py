@@ -18,7 +18,8 @@ from pathlib import Path
 
 from moshi_mlx.models import LmConfig
 
-from .common import ToolError, atomic_output, demo_config
+from ..utils.output import atomic_path
+from .common import ToolError, demo_config
 from .demo_mimi import write_random_mimi
 from .demo_text import train_tokenizer
 from .mimi_layout import MIMI_FILE
@@ -31,7 +32,7 @@ QUANTIZED = {8: "model.q8.safetensors", 4: "model.q4.safetensors"}
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 

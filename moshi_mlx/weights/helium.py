@@ -23,8 +23,9 @@ from moshi_mlx.models import checkpoint, quantize
 from moshi_mlx.models.checkpoint import CheckpointError, Quantization, TensorInfo
 from moshi_mlx.models.config import ConfigError
 from moshi_mlx.models.helium import Helium, HeliumConfig
+from moshi_mlx.utils.output import atomic_path
 
-from .common import ToolError, atomic_output, source_problems
+from .common import ToolError, source_problems
 from .random_weights import write_random_model
 from .safetensors_writer import SafetensorsWriter
 
@@ -195,7 +196,7 @@ def convert_hf(src: str | Path, dst: str | Path, quant: Quantization | None = No
     check_source(found, source_shapes(cfg, tied), src)
     rules = hf_rules(cfg, tied)
     expected = helium_tensors(cfg, quant)
-    with atomic_output(dst) as tmp:
+    with atomic_path(dst) as tmp:
         arrays = {}
         for file in files:
             arrays.update(checkpoint.load(file))

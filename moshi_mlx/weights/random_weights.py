@@ -11,7 +11,8 @@ from mlx.utils import tree_flatten
 from moshi_mlx.models import LmConfig
 from moshi_mlx.models.checkpoint import model_tensors
 
-from .common import atomic_output, lazy_model
+from ..utils.output import atomic_path
+from .common import lazy_model
 from .safetensors_writer import SafetensorsWriter
 
 
@@ -40,7 +41,7 @@ def write_random_model(path: str | Path, model: nn.Module, seed: int = 0) -> Pat
     initial = dict(tree_flatten(model.parameters()))
     layout = sorted(tensors.items())
     rng = np.random.default_rng(seed)
-    with atomic_output(path) as tmp, tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         writer = SafetensorsWriter(f, layout)
         for name, info in layout:
             if name in random_names:

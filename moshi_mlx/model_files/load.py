@@ -43,9 +43,25 @@ class MemoryOptions:
 
 
 def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | None = None):
-    """Builds and loads Moshi: -> (model `models.Lm`, text tokenizer, config). First the memory
+    """Builds and loads Moshi, as `mlx_lm.utils.load` does for its models. First the memory
     preflight (`memory.choose`) picks the KV cache the model's steps will use (the model's
-    `kv_bits` and `kv_context`), or raises `memory.NotEnoughMemory`."""
+    `kv_bits` and `kv_context`).
+
+    Args:
+        files: the model's files (`resolve`).
+        warmup: run one step, so that the first real one is not slower.
+        options: the memory flags (KV cache bits, context, ignore the preflight); None: defaults.
+
+    Returns:
+        (model `models.Lm`, text tokenizer `sentencepiece.SentencePieceProcessor`, config
+        `models.LmConfig`).
+
+    Raises:
+        memory.NotEnoughMemory: the model does not fit (unless `options.ignore_memory`).
+        ModelFilesError: the tokenizer is not one for this model.
+        models.CheckpointError: the weights do not match the model (names, shapes,
+            quantization).
+    """
     cfg = files.lm_config
     options = options or MemoryOptions()
     text_tokenizer = load_text_tokenizer(files.tokenizer, cfg)

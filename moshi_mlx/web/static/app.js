@@ -9,6 +9,7 @@
 
 const RATE = 24000;
 const FRAME = 1920; // samples per 80 ms frame
+// The protocol's message kinds, as moshi_mlx/web/protocol.py's Kind (tests/test_protocol.py checks).
 const KIND = { handshake: 0, audio: 1, text: 2, metadata: 4, error: 5 };
 
 // Every wait before the call is live has a deadline (ms) and a message that says what to do; a
