@@ -418,12 +418,26 @@ def test_sampling_follows_the_seed(converted, tokenizer, config_json, capsys):
     (["--weights", "missing.safetensors"], "missing.safetensors: no such file"),
     (["--config", "none"], "none: no such file"),
     (["--top-k", "1001"], "--top-k must be an integer from 0 to 1000"),
+    (["--quantize-bits", "8", "--save-quantized", "/no/such/dir/q.safetensors"],
+     "/no/such/dir is not a directory"),
 ])
 def test_bad_files_and_values_are_one_error_line(converted, tokenizer, config_json, capsys,
                                                  flags, message):
     assert run_helium.main([*cli_args(converted, tokenizer, config_json), *flags]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("error:") == 1 and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_generation(converted, tokenizer, config_json, capsys, monkeypatch):
+    def interrupted(*args):
+        yield 5
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_helium, "generate", interrupted)
+    assert run_helium.main(cli_args(converted, tokenizer, config_json)) == 130
+    out, err = capsys.readouterr()
+    assert out.startswith(PROMPT) and err.endswith("\ninterrupted\n") and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ as `python -m weights_tools.<tool> --help`:
 - `inspect`: what a checkpoint is (dtype, quantization, config, memory needed) from its header.
 - `make_demo`: a small random model repository laid out like Kyutai's Hugging Face ones.
 - `convert_pytorch`: Kyutai's PyTorch checkpoint -> MLX layout.
+- `convert_helium`: a transformers Helium checkpoint -> Kyutai's MLX layout of Helium.
 """
 
 from collections.abc import Callable
