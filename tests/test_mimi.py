@@ -27,6 +27,7 @@ def noise(seed: int) -> np.ndarray:
     return (0.1 * np.random.default_rng(seed).standard_normal(FRAME_SIZE)).astype(np.float32)
 
 
+@pytest.mark.slow  # Mimi processes, 3 s
 def test_gives_exactly_what_rustymimi_gives_frame_by_frame(mimi_path):
     """Both directions of one process, against rustymimi's own Tokenizer step by step."""
     mimi = Mimi(mimi_path)
@@ -63,6 +64,7 @@ def test_runs_past_the_transformer_limit_with_at_most_one_spare(mimi_path):
         mimi.close()
 
 
+@pytest.mark.slow  # Mimi processes, 3 s
 def test_restarts_early_on_a_quiet_frame(mimi_path):
     mimi = Mimi(mimi_path, max_seq_len=40, decoder=False)
     try:
