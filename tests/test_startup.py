@@ -1,6 +1,6 @@
-"""What starting an app costs: importing the apps does not import what they do not use
-(mlx_lm's converter and loader, and through them `transformers` and torch), while mlx_lm stays
-whole for whoever asks for it."""
+"""What starting an app costs: importing the apps does not import what they do not use (mlx_lm's
+converter and loader, and through them `transformers` and torch; huggingface_hub until a
+download), while mlx_lm stays whole for whoever asks for it."""
 
 import subprocess
 import sys
@@ -18,10 +18,10 @@ def python(code: str) -> str:
                           text=True, timeout=120).stdout
 
 
-def test_the_apps_import_neither_transformers_nor_torch():
+def test_the_apps_import_neither_transformers_nor_torch_nor_the_hub_client():
     out = python(f"import sys, {', '.join(APPS)}\n"
-                 "print(sorted(m for m in ('transformers', 'torch', 'mlx_lm.utils') "
-                 "if m in sys.modules))")
+                 "print(sorted(m for m in ('transformers', 'torch', 'mlx_lm.utils', "
+                 "'huggingface_hub') if m in sys.modules))")
     assert out.strip() == "[]"
 
 
