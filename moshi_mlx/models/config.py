@@ -13,6 +13,26 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class TransformerArgs:
+    """One transformer of the model (the temporal one or the depformer's), as
+    `transformer.Transformer` builds it; made by `LmConfig.transformer_args` and
+    `LmConfig.depformer_args` from the config's flat fields."""
+
+    dim: int
+    num_heads: int
+    num_layers: int
+    ffn_hidden: int
+    context: int
+    max_period: float
+    rope: bool
+    norm_f32: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass
 class LmConfig:
     """Hyper-parameters of the temporal transformer and of the depformer.
 
@@ -251,6 +271,22 @@ class LmConfig:
     def audio_padding_token(self) -> int:
         """Audio token fed where a delayed codebook has no value yet (one past `card`)."""
         return self.card
+
+    def transformer_args(self) -> TransformerArgs:
+        """The temporal transformer's hyper-parameters."""
+        return TransformerArgs(
+            dim=self.dim, num_heads=self.num_heads, num_layers=self.num_layers,
+            ffn_hidden=self.ffn_hidden, context=self.context, max_period=self.max_period,
+            rope=self.positional_embedding == "rope", norm_f32=self.norm == "rms_norm_f32")
+
+    def depformer_args(self) -> TransformerArgs:
+        """The depformer's hyper-parameters (the `depformer_`-prefixed fields; its norms follow
+        the temporal `norm`, as in Moshi)."""
+        return TransformerArgs(
+            dim=self.depformer_dim, num_heads=self.depformer_num_heads,
+            num_layers=self.depformer_num_layers, ffn_hidden=self.depformer_ffn_hidden,
+            context=self.depformer_context, max_period=self.depformer_max_period,
+            rope=self.depformer_pos_emb == "rope", norm_f32=self.norm == "rms_norm_f32")
 
     @property
     def ffn_hidden(self) -> int:

@@ -12,8 +12,8 @@ from mlx_lm.models.cache import ConcatenateKVCache
 from ..utils.sampling import Sampler
 from . import checkpoint
 from .conditioner import ConditionProvider, ConditionTensor
-from .config import LmConfig
-from .transformer import RMSNorm, Transformer, TransformerArgs
+from .config import LmConfig, TransformerArgs
+from .transformer import RMSNorm, Transformer
 
 ZERO_TOKEN = -1
 """Input token meaning 'nothing here': it embeds to an all-zero vector (as in Moshi)."""
@@ -121,16 +121,7 @@ class DepFormer(nn.Module):
 
     def __init__(self, cfg: LmConfig):
         super().__init__()
-        args = TransformerArgs(
-            dim=cfg.depformer_dim,
-            num_heads=cfg.depformer_num_heads,
-            num_layers=cfg.depformer_num_layers,
-            ffn_hidden=cfg.depformer_ffn_hidden,
-            context=cfg.depformer_context,
-            max_period=cfg.depformer_max_period,
-            rope=cfg.depformer_pos_emb == "rope",
-            norm_f32=cfg.norm == "rms_norm_f32",
-        )
+        args = cfg.depformer_args()
         self.slices = [
             DepFormerSlice(cfg.text_card + 1 if k == 0 else cfg.card + 1, cfg, args,
                            demux=k == 0 and cfg.demux_second_stream)
@@ -187,18 +178,7 @@ class Lm(nn.Module):
         self.text_emb = ScaledEmbedding(cfg.text_card + 1, cfg.dim,
                                         demux=cfg.demux_second_stream)
         self.audio_embs = [nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
-        self.transformer = Transformer(
-            TransformerArgs(
-                dim=cfg.dim,
-                num_heads=cfg.num_heads,
-                num_layers=cfg.num_layers,
-                ffn_hidden=cfg.ffn_hidden,
-                context=cfg.context,
-                max_period=cfg.max_period,
-                rope=cfg.positional_embedding == "rope",
-                norm_f32=cfg.norm == "rms_norm_f32",
-            )
-        )
+        self.transformer = Transformer(cfg.transformer_args())
         self.out_norm = RMSNorm(cfg.dim, cfg.norm == "rms_norm_f32")
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
         self.depformer = DepFormer(cfg)

@@ -4,31 +4,15 @@ Parameter names (`self_attn.in_proj`, `gating.linear_in`, `norm1`...) are those 
 checkpoints, so their files load with strict checking.
 """
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import RotatingKVCache
 
+from .config import TransformerArgs
+
 KV_BITS = (4, 8)  # what a quantized KV cache may hold (mx.quantize also has 2, 3, 6: untested)
-
-
-@dataclass
-class TransformerArgs:
-    dim: int
-    num_heads: int
-    num_layers: int
-    ffn_hidden: int
-    context: int
-    max_period: float
-    rope: bool
-    norm_f32: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
 
 
 class RMSNorm(nn.RMSNorm):
