@@ -7,7 +7,8 @@ The source is the language model's state dict in safetensors, e.g. `model.safete
 `kyutai/moshiko-pytorch-bf16`. Both layouts of its attention weights are read: the released files
 (`self_attn.in_proj_weight`, the depformer's per-codebook weights stacked along the first axis)
 and `state_dict()` of recent `moshi` versions (`self_attn.in_projs.{k}.weight`). Every layout
-`LmConfig` describes converts (Moshi 7B, the 1B models, Hibiki's conditioner and depformer
+`LmConfig` describes converts (Moshi 7B, the 1B models, Kyutai TTS's cross-attention and
+speaker conditioner, Hibiki's conditioner and depformer
 schedule, the STT models' extra heads; `--config` gives the model's config.json). The output is
 bf16 in the parameter names of `moshi_mlx.models.Lm`, optionally quantized in the same pass as
 `moshi_mlx.models.quantize(model, bits, group_size)` quantizes it (every Linear and Embedding but
@@ -46,7 +47,9 @@ class Rule:
     "norm": an RMS norm scale of shape [1, 1, dim] flattened to [dim] and given to every target
     (the depformer's norms are shared by all its codebooks); "chunks": split into equal parts
     along the first axis, target i getting part `chunk_of[i]` (the released files stack the
-    depformer's per-codebook attention weights; a weight schedule maps codebooks to parts).
+    depformer's per-codebook attention weights; a weight schedule maps codebooks to parts);
+    "q_kv": a fused [3 * dim, dim] cross-attention projection split into the query rows (first
+    target) and the key and value rows (second target).
     """
 
     source: str
@@ -65,6 +68,8 @@ class Rule:
             return (1, 1, *shape)
         if self.kind == "chunks":
             return (self.num_chunks * shape[0], *shape[1:])
+        if self.kind == "q_kv":
+            return (3 * shape[0], *shape[1:])
         return shape
 
     def apply(self, source: mx.array) -> list[tuple[str, mx.array]]:
@@ -73,6 +78,9 @@ class Rule:
         if self.kind == "chunks":
             parts = mx.split(source, self.num_chunks, axis=0)
             return [(t, parts[c]) for t, c in zip(self.targets, self.chunk_of, strict=True)]
+        if self.kind == "q_kv":
+            dim = source.shape[0] // 3
+            return list(zip(self.targets, (source[:dim], source[dim:]), strict=True))
         return [(t, source) for t in self.targets]
 
 
@@ -108,6 +116,20 @@ def _layer_rules(src: str, dst: list[str], weight_of: list[int] | None,
     return rules
 
 
+def _cross_attention_rules(layer: str, stacked: bool) -> list[Rule]:
+    """Rules of a temporal layer's cross-attention (Kyutai's TTS): its LayerNorm and its
+    projections, the fused input one split into queries and keys-values."""
+    attn = f"{layer}.cross_attention"
+    in_proj, out_proj = ((f"{attn}.in_proj_weight", f"{attn}.out_proj.weight") if stacked
+                         else (f"{attn}.in_projs.0.weight", f"{attn}.out_projs.0.weight"))
+    return [
+        Rule(f"{layer}.norm_cross.weight", (f"{layer}.norm_cross.weight",)),
+        Rule(f"{layer}.norm_cross.bias", (f"{layer}.norm_cross.bias",)),
+        Rule(in_proj, (f"{attn}.in_proj_q.weight", f"{attn}.in_proj_kv.weight"), "q_kv"),
+        Rule(out_proj, (f"{attn}.out_proj.weight",)),
+    ]
+
+
 def _embedding_rules(src: str, dst: str, low_rank: bool, demux: bool) -> list[Rule]:
     """Rules of a PyTorch `ScaledEmbedding`: its table and its low-rank or demux projections."""
     names = ["weight"]
@@ -134,6 +156,8 @@ def conversion_rules(cfg: LmConfig, stacked: bool = True) -> list[Rule]:
     for i in range(cfg.num_layers):
         layer = f"transformer.layers.{i}"
         rules += _layer_rules(layer, [layer], None, stacked)
+        if cfg.cross_attention:
+            rules += _cross_attention_rules(layer, stacked)
     weight_of = cfg.depformer_weights_per_step_schedule or list(range(cfg.dep_q))
     low_rank = cfg.depformer_low_rank_embeddings is not None
     for w in range(max(weight_of, default=-1) + 1):

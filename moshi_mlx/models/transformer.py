@@ -60,6 +60,37 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
+class CrossAttention(nn.Module):
+    """Attention of every step to a fixed source (Kyutai's TTS: the speaker embeddings), without
+    positions or mask. `keys_values` projects the source once per generation; each step then
+    only projects its queries."""
+
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        self.num_heads = args.num_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.in_proj_q = nn.Linear(args.dim, args.dim, bias=False)
+        self.in_proj_kv = nn.Linear(args.dim, 2 * args.dim, bias=False)
+        self.out_proj = nn.Linear(args.dim, args.dim, bias=False)
+
+    def keys_values(self, source: mx.array) -> tuple[mx.array, mx.array]:
+        """source: [B, S, dim] -> keys, values [B, heads, S, head_dim]."""
+        b, s, _ = source.shape
+        kv = self.in_proj_kv(source).reshape(b, s, 2, self.num_heads, self.head_dim)
+        kv = kv.transpose(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def __call__(self, x: mx.array, keys_values: tuple[mx.array, mx.array]) -> mx.array:
+        """x: [B, T, dim]; `keys_values` from `keys_values` -> [B, T, dim]."""
+        b, t, d = x.shape
+        q = self.in_proj_q(x).reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k, v = keys_values
+        out = mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                                   scale=self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+
 class MlpGating(nn.Module):
     """SiLU-gated MLP: `linear_in` produces the gate and the value halves side by side."""
 
@@ -80,9 +111,16 @@ class TransformerLayer(nn.Module):
         self.self_attn = Attention(args)
         self.norm2 = RMSNorm(args.dim, args.norm_f32)
         self.gating = MlpGating(args.dim, args.ffn_hidden)
+        if args.cross_attention:  # as in Moshi, its norm is a LayerNorm whatever `norm` says
+            self.norm_cross = nn.LayerNorm(args.dim, eps=1e-5)
+            self.cross_attention = CrossAttention(args)
 
-    def __call__(self, x: mx.array, cache=None, mask=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, mask=None, cross=None) -> mx.array:
+        """`cross`: this layer's cross-attention keys and values (`Transformer.cross_keys_values`),
+        required by a cross-attention layer."""
         x = x + self.self_attn(self.norm1(x), cache=cache, mask=mask)
+        if "cross_attention" in self:
+            x = x + self.cross_attention(self.norm_cross(x), cross)
         return x + self.gating(self.norm2(x))
 
 
@@ -92,18 +130,28 @@ class Transformer(nn.Module):
         self.args = args
         self.layers = [TransformerLayer(args) for _ in range(args.num_layers)]
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, cross=None) -> mx.array:
         """x: [batch, steps, dim]. Several steps attend causally, each to the last `context` steps
         (its own included), whether they start a sequence or continue the one in `cache`. A
-        single step needs no mask: the caches never hold more than `context` steps."""
+        single step needs no mask: the caches never hold more than `context` steps. `cross`:
+        per-layer keys and values of the cross-attention source (`cross_keys_values`)."""
         cache = cache or [None] * len(self.layers)
+        cross = cross or [None] * len(self.layers)
+        if self.args.cross_attention and cross[0] is None:
+            raise ValueError("this model's layers cross-attend to a condition (e.g. speakers): "
+                             "pass its keys and values (cross_keys_values)")
         mask = None
         if x.shape[1] > 1:
             window = self.args.context if cache[0] is None else cache[0].max_size
             mask = create_attention_mask(x, cache[0], window_size=window)
-        for layer, c in zip(self.layers, cache):
-            x = layer(x, cache=c, mask=mask)
+        for layer, c, kv in zip(self.layers, cache, cross):
+            x = layer(x, cache=c, mask=mask, cross=kv)
         return x
+
+    def cross_keys_values(self, source: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """source: [B, S, dim], the fused cross condition -> each layer's keys and values,
+        computed once and reused at every step of a generation."""
+        return [layer.cross_attention.keys_values(source) for layer in self.layers]
 
     def make_cache(self, context: int | None = None,
                    kv_bits: int | None = None) -> list[RotatingKVCache]:
