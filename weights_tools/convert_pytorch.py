@@ -47,9 +47,7 @@ class Rule:
     "norm": an RMS norm scale of shape [1, 1, dim] flattened to [dim] and given to every target
     (the depformer's norms are shared by all its codebooks); "chunks": split into equal parts
     along the first axis, target i getting part `chunk_of[i]` (the released files stack the
-    depformer's per-codebook attention weights; a weight schedule maps codebooks to parts);
-    "q_kv": a fused [3 * dim, dim] cross-attention projection split into the query rows (first
-    target) and the key and value rows (second target).
+    depformer's per-codebook attention weights; a weight schedule maps codebooks to parts).
     """
 
     source: str
@@ -68,8 +66,6 @@ class Rule:
             return (1, 1, *shape)
         if self.kind == "chunks":
             return (self.num_chunks * shape[0], *shape[1:])
-        if self.kind == "q_kv":
-            return (3 * shape[0], *shape[1:])
         return shape
 
     def apply(self, source: mx.array) -> list[tuple[str, mx.array]]:
@@ -78,9 +74,6 @@ class Rule:
         if self.kind == "chunks":
             parts = mx.split(source, self.num_chunks, axis=0)
             return [(t, parts[c]) for t, c in zip(self.targets, self.chunk_of, strict=True)]
-        if self.kind == "q_kv":
-            dim = source.shape[0] // 3
-            return list(zip(self.targets, (source[:dim], source[dim:]), strict=True))
         return [(t, source) for t in self.targets]
 
 
@@ -118,14 +111,14 @@ def _layer_rules(src: str, dst: list[str], weight_of: list[int] | None,
 
 def _cross_attention_rules(layer: str, stacked: bool) -> list[Rule]:
     """Rules of a temporal layer's cross-attention (Kyutai's TTS): its LayerNorm and its
-    projections, the fused input one split into queries and keys-values."""
+    projections."""
     attn = f"{layer}.cross_attention"
     in_proj, out_proj = ((f"{attn}.in_proj_weight", f"{attn}.out_proj.weight") if stacked
                          else (f"{attn}.in_projs.0.weight", f"{attn}.out_projs.0.weight"))
     return [
         Rule(f"{layer}.norm_cross.weight", (f"{layer}.norm_cross.weight",)),
         Rule(f"{layer}.norm_cross.bias", (f"{layer}.norm_cross.bias",)),
-        Rule(in_proj, (f"{attn}.in_proj_q.weight", f"{attn}.in_proj_kv.weight"), "q_kv"),
+        Rule(in_proj, (f"{attn}.in_proj.weight",)),
         Rule(out_proj, (f"{attn}.out_proj.weight",)),
     ]
 

@@ -60,31 +60,44 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
+def linear_rows(linear: nn.Module, x: mx.array, start: int, stop: int) -> mx.array:
+    """`linear(x)`'s output features start..stop only, computing those alone, for a Linear or
+    a QuantizedLinear (its rows quantize independently, so a slice of rows is one too)."""
+    if isinstance(linear, nn.QuantizedLinear):
+        biases = linear.get("biases")
+        return mx.quantized_matmul(
+            x, linear["weight"][start:stop], scales=linear["scales"][start:stop],
+            biases=None if biases is None else biases[start:stop], transpose=True,
+            group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
+    return x @ linear.weight[start:stop].T
+
+
 class CrossAttention(nn.Module):
     """Attention of every step to a fixed source (Kyutai's TTS: the speaker embeddings), without
-    positions or mask. `keys_values` projects the source once per generation; each step then
-    only projects its queries."""
+    positions or mask. As in Kyutai's files, `in_proj` holds the query, key and value
+    projections stacked; `keys_values` projects the source once per generation, each step then
+    only its queries."""
 
     def __init__(self, args: TransformerArgs):
         super().__init__()
         self.num_heads = args.num_heads
         self.head_dim = args.head_dim
         self.scale = args.head_dim**-0.5
-        self.in_proj_q = nn.Linear(args.dim, args.dim, bias=False)
-        self.in_proj_kv = nn.Linear(args.dim, 2 * args.dim, bias=False)
+        self.in_proj = nn.Linear(args.dim, 3 * args.dim, bias=False)
         self.out_proj = nn.Linear(args.dim, args.dim, bias=False)
 
     def keys_values(self, source: mx.array) -> tuple[mx.array, mx.array]:
         """source: [B, S, dim] -> keys, values [B, heads, S, head_dim]."""
-        b, s, _ = source.shape
-        kv = self.in_proj_kv(source).reshape(b, s, 2, self.num_heads, self.head_dim)
-        kv = kv.transpose(2, 0, 3, 1, 4)
+        b, s, d = source.shape
+        kv = linear_rows(self.in_proj, source, d, 3 * d)
+        kv = kv.reshape(b, s, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         return kv[0], kv[1]
 
     def __call__(self, x: mx.array, keys_values: tuple[mx.array, mx.array]) -> mx.array:
         """x: [B, T, dim]; `keys_values` from `keys_values` -> [B, T, dim]."""
         b, t, d = x.shape
-        q = self.in_proj_q(x).reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = linear_rows(self.in_proj, x, 0, d)
+        q = q.reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k, v = keys_values
         out = mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                                    scale=self.scale)
