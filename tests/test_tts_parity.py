@@ -80,12 +80,10 @@ def random_torch_tts_lm(d: dict, seed: int):
     return lm.eval()
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def build(tmp, **changes):
     """(config dict, PyTorch LM, our converted Lm in float32)."""
-    d = config_dict()
+    d = config_dict(**changes)
     lm = random_torch_tts_lm(d, seed=7)
-    tmp = tmp_path_factory.mktemp("tts")
     save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, tmp / "pt.safetensors")
     cfg = LmConfig.from_config_dict(d)
     path = convert(tmp / "pt.safetensors", tmp / "mlx.safetensors", cfg)
@@ -94,6 +92,11 @@ def models(tmp_path_factory):
     model.set_dtype(mx.float32)
     model.activation_dtype = mx.float32
     return d, lm, model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("tts"))
 
 
 def voices(n: int, seed: int = 3) -> list[np.ndarray]:
@@ -181,3 +184,18 @@ def test_greedy_tts_matches_pytorch_step_by_step(models, case):
     assert transcript == e_transcript and end == e_end
     choices = {s for s, _ in logged}
     assert {0, 3} <= choices, "the model's own choices should include both new word and pad"
+
+
+def test_short_context_rotates_as_pytorchs_window(tmp_path):
+    """A context of 24 steps: over 500 steps the rotating KV cache slides ~20 times (the
+    cross-attention's keys and values stay); PyTorch's ring cache with the same context gives
+    the same choices and frames."""
+    d, lm, model = build(tmp_path, context=24)
+    script, n_voices, padding_between, ahead = CASES["one speaker"]
+    e_entries, e_logged, e_frames, e_transcript, e_end = torch_run(
+        lm, d, script, n_voices, padding_between, ahead)
+    entries, logged, frames, transcript, end = our_run(
+        model, script, n_voices, padding_between, ahead)
+    assert len(logged) == STEPS
+    assert [tuple(x) for x in logged] == [tuple(x) for x in e_logged]
+    assert frames == e_frames and transcript == e_transcript
