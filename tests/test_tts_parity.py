@@ -11,6 +11,7 @@ PyTorch's side takes about 165 s per case on the 2-core CI machine (ours 11 s).
 """
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -57,10 +58,13 @@ class FakeTokenizer:
                 for i, c in enumerate(word[: 1 + len(word) % 3])]
 
 
+EMBEDDING = re.compile(r"(text_emb|emb\.\d+|depformer_text_emb|depformer_emb\.\d+)\.weight")
+
+
 def random_torch_tts_lm(d: dict, seed: int):
-    """The PyTorch LM with weights of standard deviation 1/sqrt(fan-in), RMS scales near 1,
-    paddings standard normal, rounded to bf16 values; the text head's "new word" and "pad"
-    rows scaled up so that the model's own choice between them matters."""
+    """The PyTorch LM with weights of standard deviation 1/sqrt(fan-in) (token embeddings 1),
+    RMS scales near 1, paddings standard normal, rounded to bf16 values; the text head's
+    "new word" and "pad" rows scaled up so that the model's own choice between them matters."""
     lm = get_moshi_lm(None, lm_kwargs={k: v for k, v in d.items() if k not in NOT_LM},
                       device="cpu", dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -71,6 +75,8 @@ def random_torch_tts_lm(d: dict, seed: int):
                 value = 1 + 0.3 * noise
             elif name.endswith("learnt_padding") or name.endswith(".bias"):
                 value = noise * (0.3 if name.endswith(".bias") else 1)
+            elif EMBEDDING.fullmatch(name):
+                value = noise  # as Moshi's embeddings: the tokens weigh on the hidden state
             else:
                 value = noise * p.shape[-1] ** -0.5
             if name == "text_linear.weight":
