@@ -162,7 +162,7 @@ def our_run(model, script, n_voices, padding_between, ahead, cfg_value="2.0", bo
     return entries, logged, frames, gen.state.transcript, gen.end_step
 
 
-SCRIPT = " ".join(WORDS * 4)
+SCRIPT = " ".join(WORDS * 8)  # more words than 500 steps can say
 CASES = {
     "one speaker": ([SCRIPT], 1, 0, 2),
     "two speakers": ([" ".join(WORDS[:9]), " ".join(WORDS[9:]), SCRIPT], 2, 1, 2),
