@@ -199,6 +199,7 @@ def run(model, machine, entries, split_at=None, steps=60):
     return out, gen
 
 
+@pytest.mark.slow  # 120 steps, twice
 def test_words_pushed_while_speaking_give_the_same_speech(model):
     """Words that arrive before they are needed (the first word starts at step 2, with its
     lookahead word) change nothing; after end() the generation
@@ -227,3 +228,16 @@ def test_n_q_samples_fewer_codebooks_and_feeds_nothing_for_the_others(model):
     assert all(-1 <= v < 64 for f in frames for v in f.tolist()[1:])
     with pytest.raises(ValueError, match="n_q must be from 1 to the model's 8"):
         TtsGen(model, machine, condition(model), delay_steps=2, n_q=9)
+
+
+def test_voices_for_a_model_without_speaker_embeddings_are_refused():
+    """Kyutai's public-data TTS has no speaker conditioner (its voice is an audio prefix)."""
+    from moshi_mlx.engine.tts import TtsStream
+
+    d = tts_dict(cross_attention=False, fuser={"sum": ["control", "cfg"]})
+    del d["conditioners"]["speaker_wavs"]
+    plain = random_model(models.LmConfig.from_config_dict(d))
+    assert not TtsSettings.of(plain.cfg).multi_speaker
+    with pytest.raises(VoiceError, match="no speaker embeddings"):
+        TtsStream(plain, None, "unused", [mx.ones((1, 512, 4))],
+                  (Sampler(temp=0.0), Sampler(temp=0.0)))

@@ -72,19 +72,15 @@ def linear_rows(linear: nn.Module, x: mx.array, start: int, stop: int) -> mx.arr
     return x @ linear.weight[start:stop].T
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Attention of every step to a fixed source (Kyutai's TTS: the speaker embeddings), without
-    positions or mask. As in Kyutai's files, `in_proj` holds the query, key and value
-    projections stacked; `keys_values` projects the source once per generation, each step then
-    only its queries."""
+    positions or mask. Its weights are self-attention's (`in_proj` holds the query, key and
+    value projections stacked, as in Kyutai's files); `keys_values` projects the source once per
+    generation, each step then only its queries."""
 
     def __init__(self, args: TransformerArgs):
-        super().__init__()
-        self.num_heads = args.num_heads
-        self.head_dim = args.head_dim
-        self.scale = args.head_dim**-0.5
-        self.in_proj = nn.Linear(args.dim, 3 * args.dim, bias=False)
-        self.out_proj = nn.Linear(args.dim, args.dim, bias=False)
+        super().__init__(args)
+        self.rope = None
 
     def keys_values(self, source: mx.array) -> tuple[mx.array, mx.array]:
         """source: [B, S, dim] -> keys, values [B, heads, S, head_dim]."""
