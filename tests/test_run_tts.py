@@ -84,9 +84,10 @@ def test_requests_give_wav_frames_and_transcript(env, capsys):
         "one.json", "one.safetensors", "one.wav", "two.json", "two.safetensors", "two.wav"]
 
 
-def test_only_wav_and_stdin_lines(env, capsys, monkeypatch):
+def test_only_wav_and_stdin_lines_quantized(env, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello world.\n\nAnd more words.\n"))
-    code, out = run(capsys, "-", "--voice", "bob", "--out-folder", "o", "--only-wav")
+    code, out = run(capsys, "-", "--voice", "bob", "--out-folder", "o", "--only-wav",
+                    "--quantize", "8")
     assert code == 0, out.err
     said = [line.split()[1] for line in out.out.splitlines()]
     assert said == ["Hello", "world.", "And", "more", "words."]
@@ -129,3 +130,15 @@ def test_bad_cfg_coef_and_missing_file(env, capsys):
     assert code == 1 and "no such file" in out.err
     code, out = run(capsys, str(write_jsonl(env / "empty.jsonl", "", "")))
     assert code == 1 and "no request" in out.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temp", "nan"], "--temp must be a finite number"),
+    (["--max-padding", "-1"], "--max-padding must be >= 0"),
+    (["--nq", "0"], "argument --nq: must be at least 1"),
+    (["--quantize", "3"], "argument --quantize: invalid choice"),
+])
+def test_flag_values_no_model_takes_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_tts.parse_args(["in.jsonl", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
