@@ -34,7 +34,7 @@ from .files.voices import DEFAULT_VOICE_REPO, load_voice, voice_path, voice_suff
 from .models.tts import TtsSettings, VoiceError
 from .models.tts_script import ScriptError
 from .utils.files import atomic_write
-from .utils.safetensors import TensorInfo, read_header
+from .utils.safetensors import TensorInfo
 from .weights.mimi_layout import MIMI_FILE
 from .weights.safetensors_writer import SafetensorsWriter
 
@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mimi-weights", "--mimi-weight", dest="mimi_weights",
                    help="Mimi's weights")
     p.add_argument("--moshi-weights", "--moshi-weight", dest="moshi_weights",
-                   help="the TTS model's weights (this package's layout, see README)")
+                   help="the TTS model's weights (PyTorch moshi's layout, as Kyutai releases "
+                        "them, or this package's)")
     p.add_argument("--nq", type=cli.positive_int, default=32,
                    help="codebooks to generate (default 32, capped at the model's)")
     p.add_argument("--temp", type=float, default=0.6, help="text and audio temperature")
@@ -140,12 +141,6 @@ def load(args):
     if not files.lm_config.cross_attention and files.lm_config.tts_config is None:
         raise models.ConfigError("this model is not a TTS model (no tts_config): use "
                                  "run_inference or local for Moshi's other models")
-    header = read_header(files.moshi_weight)
-    if "out_norm.alpha" in header.tensors:
-        raise model_files.ModelFilesError(
-            f"{files.moshi_weight} is in PyTorch moshi's layout: convert it once with "
-            f"python -m weights_tools.convert_pytorch {files.moshi_weight} --config CONFIG.json "
-            "--out tts.safetensors, then pass --moshi-weights tts.safetensors")
     model, tokenizer, _ = model_files.load_model(files, warmup=False)
     if args.quantize:
         models.quantize(model, bits=args.quantize, group_size=64 if args.quantize == 8 else 32)

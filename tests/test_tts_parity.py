@@ -205,3 +205,36 @@ def test_short_context_rotates_as_pytorchs_window(tmp_path):
     assert len(logged) == STEPS
     assert [tuple(x) for x in logged] == [tuple(x) for x in e_logged]
     assert frames == e_frames and transcript == e_transcript
+
+
+def test_pytorch_files_load_as_released(tmp_path):
+    """Kyutai's TTS file as released (PyTorch layout, attention weights stacked) loads directly,
+    strictly checked, to the same parameters as its conversion; a file of another config is one
+    CheckpointError listing the tensors."""
+    from mlx.utils import tree_flatten
+    from test_convert_pytorch import released_layout
+
+    from moshi_mlx.models import CheckpointError
+    from moshi_mlx.weights.pytorch_layout import load_pytorch_weights
+
+    d = config_dict()
+    lm = random_torch_tts_lm(d, seed=1)
+    state = released_layout({k: v.contiguous() for k, v in lm.state_dict().items()})
+    state = {k.replace("cross_attention.in_projs.0.weight", "cross_attention.in_proj_weight")
+             .replace("cross_attention.out_projs.0.weight", "cross_attention.out_proj.weight"): v
+             for k, v in state.items()}  # the released file stacks these too
+    save_file(state, tmp_path / "released.safetensors")
+    cfg = LmConfig.from_config_dict(d)
+    direct = Lm(cfg)
+    load_pytorch_weights(direct, tmp_path / "released.safetensors")
+    converted = Lm(cfg)
+    converted.load_weights(str(convert(tmp_path / "released.safetensors",
+                                       tmp_path / "mlx.safetensors", cfg)), strict=True)
+    ours = dict(tree_flatten(direct.parameters()))
+    theirs = dict(tree_flatten(converted.parameters()))
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert mx.array_equal(value.astype(mx.float32), theirs[name].astype(mx.float32)), name
+    other = Lm(LmConfig.from_config_dict(config_dict(num_layers=3)))
+    with pytest.raises(CheckpointError, match="transformer.layers.2.norm_cross.weight"):
+        load_pytorch_weights(other, tmp_path / "released.safetensors")
