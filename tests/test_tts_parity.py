@@ -7,7 +7,8 @@ embeddings, the 1.28 s audio delay.
 Both sides run greedy in float32 from identical weights (random values rounded to bf16, so the
 converted bf16 file is exact): the text choices, the state machine's fed tokens, the frames of
 codes, the transcript and the end step must be identical, step by step, for 500 steps.
-PyTorch's side takes about 165 s per case on the 2-core CI machine (ours 11 s).
+A case takes 35 s on this 2-core machine when idle, up to 2 min under load (PyTorch's side
+mostly; ours about 10 s for 500 steps).
 """
 
 import json
@@ -167,8 +168,11 @@ CASES = {
     "one speaker": ([SCRIPT], 1, 0, 2),
     "two speakers": ([" ".join(WORDS[:9]), " ".join(WORDS[9:]), SCRIPT], 2, 1, 2),
     "break": ([" ".join(WORDS[:5]) + ' <break time="1.5s"/> ' + SCRIPT], 1, 0, 2),
-    "no second stream": ([SCRIPT], 1, 0, 0),
+    "no second stream": ([SCRIPT], 2, 0, 0),
 }
+# Greedy choices flip where two logits are within float32 rounding (~1e-6 apart): with one voice,
+# the no-second-stream case meets such a tie at step 281 (a depformer codebook's two best logits
+# 1.4e-6 apart, measured), so it runs with two voices (the second slot filled, unused).
 
 
 @pytest.mark.parametrize("case", list(CASES))
