@@ -96,6 +96,7 @@ def test_tts_config_is_read():
     ({"tts_config": {"audio_delay": "1s"}}, "tts_config"),
     ({"tts_config": {"second_stream_ahead": 2}, "demux_second_stream": False}, "tts_config"),
     ({"text_card_out": 0}, "text_card_out"),
+    ({"tts_config": {"audio_delay": 1.28, "multistream": True}}, "tts_config"),
 ])
 def test_bad_tts_configs_name_the_field(change, field):
     with pytest.raises(models.ConfigError, match=f"'{field}'"):

@@ -208,6 +208,8 @@ class LmConfig:
              "second_stream_ahead, max_speakers (integers)")
         need(not (tts or {}).get("second_stream_ahead") or self.demux_second_stream,
              "tts_config", "second_stream_ahead needs demux_second_stream: true")
+        need(not (tts or {}).get("multistream"), "tts_config",
+             "multistream TTS models are not supported")
         self._validate_conditioners(need)
         stt = self.stt_config
         need(stt is None or (isinstance(stt, dict) and all(
