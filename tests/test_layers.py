@@ -17,7 +17,7 @@ LAYERS = [  # from the bottom; a module may import its own layer and those below
     ("engine", ["engine"]),
     ("files and families", ["families", "model_files", "weights"]),
     ("the apps' parts", ["cli", "web"]),  # the flags they share; the browser app's server
-    ("apps", ["local", "local_web", "run_inference", "run_helium"]),
+    ("apps", ["local", "local_web", "run_inference", "run_helium", "run_tts"]),
 ]
 LEVEL = {name: level for level, (_, names) in enumerate(LAYERS) for name in names}
 

@@ -1,6 +1,7 @@
 """Loading Moshi from its files, as `mlx_lm.utils.load` does for a language model: the text
 tokenizer, the memory preflight (which KV cache fits), the model quantized as the file holds it,
-its weights checked strictly."""
+its weights checked strictly (in this package's layout, or PyTorch moshi's as Kyutai releases
+its TTS)."""
 
 import logging
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import sentencepiece
 
 from .. import models
 from ..models.checkpoint import model_tensors, module_quantization, read_header
+from ..weights.pytorch_layout import is_pytorch_layout, load_pytorch_weights
 from . import memory
 from .errors import ModelFilesError
 from .resolve import ModelFiles
@@ -78,7 +80,10 @@ def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | 
         models.quantize(model, layout=module_quantization(found, model_tensors(model)))
     memory.wire_model_memory()
     log.info("loading %s", files.moshi_weight)
-    model.load_weights(str(files.moshi_weight), strict=True)
+    if is_pytorch_layout(read_header(files.moshi_weight).tensors):  # Kyutai's TTS files
+        load_pytorch_weights(model, files.moshi_weight)
+    else:
+        model.load_weights(str(files.moshi_weight), strict=True)
     if warmup:
         model.warmup()
     return model, text_tokenizer, cfg

@@ -108,17 +108,24 @@ def bits_per_weight(q: Quantization | None) -> float:
     return 16.0 if q is None else q.bits + 32 / q.group_size
 
 
+CROSS_POSITIONS = 5 * 125
+"""What a TTS model's cross-attention reads: 5 speaker slots of 125 frames (Kyutai's voices)."""
+
+
 def kv_cache_bytes(cfg: LmConfig, setup: Setup, batch_size: int = 1,
                    activation_dtype: mx.Dtype | None = None) -> int:
     """Keys and values of every temporal layer over the context: in the activation dtype
     (default: this backend's), or `kv_bits` per value plus a scale and a bias (activation
-    dtype) per group."""
+    dtype) per group; plus, for a cross-attention model, those of its condition."""
     dtype = activation_dtype or activation_dtype_for(setup.quantization is not None)
     values = 2 * cfg.num_layers * (setup.context or cfg.context) * cfg.dim * batch_size
+    cross = 0
+    if cfg.cross_attention:  # Kyutai's TTS: the speakers' keys and values, computed once
+        cross = 2 * cfg.num_layers * CROSS_POSITIONS * cfg.dim * batch_size * dtype.size
     if setup.kv_bits is None:
-        return values * dtype.size
+        return values * dtype.size + cross
     group_size = kv_group_size(cfg.dim // cfg.num_heads, setup.kv_bits)
-    return values * setup.kv_bits // 8 + values // group_size * 2 * dtype.size
+    return values * setup.kv_bits // 8 + values // group_size * 2 * dtype.size + cross
 
 
 def check_setup(cfg: LmConfig, kv_bits: int | None, context: int | None) -> None:

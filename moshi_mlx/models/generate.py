@@ -79,6 +79,7 @@ class LmGen:
         self.audio_delays = cfg.audio_delays
         self.max_delay = max(self.audio_delays)
         self._padding = mx.full((batch_size,), cfg.audio_padding_token, mx.int32)
+        self.codebooks: int | None = None  # sample only the first ones (None: all dep_q)
         self._compiled: dict[Sampler, object] = {}  # the depformer's sampling, per sampler
         self.reset(text_sampler or Sampler(), audio_sampler or Sampler())
 
@@ -105,7 +106,8 @@ class LmGen:
             depformer = self.model.depformer
 
             def sample(hidden, text_token):
-                return depformer.sample(hidden, text_token, sampler, self.cfg_coef)
+                return depformer.sample(hidden, text_token, sampler, self.cfg_coef,
+                                        self.codebooks)
 
             if self.compile:
                 state = [depformer.state, mx.random.state]
