@@ -9,6 +9,7 @@ the one format Helium's shape is published in.
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,6 +34,7 @@ class HeliumConfig:
     vocab: int
     context: int
     max_period: float
+    cross_attention: ClassVar[bool] = False  # as LmConfig's: the memory estimate reads it
 
     def __post_init__(self):
         for name, value in asdict(self).items():
