@@ -26,13 +26,14 @@ $(PARITY_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(PY) -m moshi_mlx.local_web --demo
 
-# All the tests, as CI runs them. Those marked `slow` (an app in a subprocess, a server, a real-time
-# run, a PyTorch model) are left out of test-fast, the subset for every change.
+# All the tests, as CI runs them, one at a time (the real-time ones need the cores). Those marked
+# `slow` (an app in a subprocess, a server, a real-time run, a PyTorch model) are left out of
+# test-fast, the subset for every change, which runs on two workers (pytest-xdist).
 test: $(PARITY_STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(PARITY_STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2
 
 test-probes: $(STAMP)
 	$(PY) -m pytest -q tests/test_server_probes.py
