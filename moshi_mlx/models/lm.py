@@ -223,17 +223,18 @@ class Lm(nn.Module):
         return x
 
     def __call__(self, text_tokens: mx.array, audio_tokens: mx.array, cache=None,
-                 condition: ConditionTensor | None = None):
+                 condition: ConditionTensor | None = None, mask: mx.array | None = None):
         """Temporal transformer over T steps.
 
         text_tokens: [B, T]; audio_tokens: [B, n_q, T] (input tokens, delays already applied);
         `condition` (from `condition_provider.condition_tensor`) is summed into every step.
         With `cache` (from `make_cache`) the steps continue a stream, else they start one; either
-        way each step attends causally to the last `context` steps.
+        way each step attends causally to the last `context` steps (or as `mask` says, see
+        `Transformer`).
         Returns (hidden [B, T, dim] for the depformer, text logits [B, T, text_card]).
         """
         x = self.embed(text_tokens, audio_tokens, condition)
-        hidden = self.out_norm(self.transformer(x, cache=cache))
+        hidden = self.out_norm(self.transformer(x, cache=cache, mask=mask))
         return hidden, self.text_linear(hidden)
 
     def extra_head_probs(self, hidden: mx.array) -> list[mx.array]:

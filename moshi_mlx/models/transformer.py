@@ -108,13 +108,14 @@ class Transformer(nn.Module):
         self.args = args
         self.layers = [TransformerLayer(args) for _ in range(args.num_layers)]
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, mask: mx.array | None = None) -> mx.array:
         """x: [batch, steps, dim]. Several steps attend causally, each to the last `context` steps
         (its own included), whether they start a sequence or continue the one in `cache`. A
-        single step needs no mask: the caches never hold more than `context` steps."""
+        single step needs no mask: the caches never hold more than `context` steps. `mask`
+        (boolean, broadcast to [batch, heads, steps, cached steps]) replaces the causal one: rows
+        at positions of their own (`engine.batched`)."""
         cache = cache or [None] * len(self.layers)
-        mask = None
-        if x.shape[1] > 1:
+        if mask is None and x.shape[1] > 1:
             window = self.args.context if cache[0] is None else cache[0].max_size
             mask = create_attention_mask(x, cache[0], window_size=window)
         for layer, c in zip(self.layers, cache):
