@@ -16,7 +16,8 @@ LAYERS = [  # from the bottom; a module may import its own layer and those below
     ("audio", ["audio"]),
     ("engine", ["engine"]),
     ("files and families", ["families", "model_files", "files", "weights"]),
-    ("apps", ["cli", "local", "local_web", "run_inference", "chat_server", "protocol", "web"]),
+    ("apps", ["cli", "local", "local_web", "run_inference", "chat_server", "protocol", "web",
+              "serve"]),
 ]
 LEVEL = {name: level for level, (_, names) in enumerate(LAYERS) for name in names}
 
