@@ -145,6 +145,7 @@ class Stream:
         self.words = words
         self.marker_steps = marker_steps
         self.steps = 0  # frames transcribed
+        self.taken = 0  # frames taken for a step (transcribed, or in the step running)
         self.failed = False  # an Error was sent: no more steps
         self._lock = threading.Lock()
         self._chunks: deque[np.ndarray] = deque()
@@ -169,7 +170,7 @@ class Stream:
         """Marker `marker_id` comes back once the audio before it (a partial frame counted
         whole) and the model's delay after it are transcribed."""
         with self._lock:
-            due = self.steps + ceil(self._buffered / FRAME_SIZE) + self.marker_steps
+            due = self.taken + ceil(self._buffered / FRAME_SIZE) + self.marker_steps
             self._markers.append((due, marker_id))
 
     def take_frame(self) -> np.ndarray | None:
@@ -185,6 +186,7 @@ class Stream:
                     self._chunks.appendleft(chunk[need:])
                 need -= len(parts[-1])
             self._buffered -= FRAME_SIZE
+            self.taken += 1
             return np.concatenate(parts)
 
     def stepped(self, token: int, prs: np.ndarray | None, step_idx: int) -> None:
