@@ -1,6 +1,7 @@
 """Loading Moshi from its files, as `mlx_lm.utils.load` does for a language model: the text
 tokenizer, the memory preflight (which KV cache fits), the model quantized as the file holds it,
-its weights checked strictly."""
+its weights checked strictly (a checkpoint in PyTorch's layout, as Kyutai's `-candle`
+repositories hold it, is converted as it loads)."""
 
 import logging
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import sentencepiece
 
 from .. import models
 from ..models.checkpoint import model_tensors, module_quantization, read_header
+from ..weights.pytorch_layout import converted_weights, is_pytorch_layout
 from . import memory
 from .errors import ModelFilesError
 from .resolve import ModelFiles
@@ -62,8 +64,12 @@ def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | 
         found = read_header(files.moshi_weight).tensors
         models.quantize(model, layout=module_quantization(found, model_tensors(model)))
     memory.wire_model_memory()
-    log.info("loading %s", files.moshi_weight)
-    model.load_weights(str(files.moshi_weight), strict=True)
+    if is_pytorch_layout(read_header(files.moshi_weight).tensors):
+        log.info("loading %s (PyTorch's layout, converted as it loads)", files.moshi_weight)
+        model.load_weights(converted_weights(files.moshi_weight, cfg), strict=True)
+    else:
+        log.info("loading %s", files.moshi_weight)
+        model.load_weights(str(files.moshi_weight), strict=True)
     if warmup:
         model.warmup()
     return model, text_tokenizer, cfg
