@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
+from collections.abc import Coroutine
 
 from aiohttp import WSCloseCode, web
 
@@ -68,11 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace, stt: model_files.ModelFiles) -> None:
-    """Loads the model, then serves until cancelled (Ctrl-C, or SIGTERM, which takes the same
-    way out): the streams are closed, the model loop stopped, Mimi's processes ended."""
-    main = asyncio.current_task()
-    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' loops
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+    """Loads the model, then serves until cancelled (Ctrl-C, SIGTERM: `cli.run_server`): the
+    streams are closed, the model loop stopped, Mimi's processes ended."""
     if not is_loopback(args.host):
         log.warning("warning: listening on %s: other machines can use the models (with an api "
                     "key)", args.host)
@@ -106,22 +103,19 @@ async def serve(args: argparse.Namespace, stt: model_files.ModelFiles) -> None:
         transcriber.close_all()
 
 
-def run(args: argparse.Namespace) -> None:
+def prepare(args: argparse.Namespace) -> Coroutine:
+    """The checks and files before loading: the server's coroutine."""
     if args.tts is not None:
         raise SetupError("--tts: the text-to-speech service needs Kyutai's TTS model, which this "
                          "version cannot run yet; serve --stt alone.")
     stt = model_files.resolve_repo(args.stt)
     families.transcriber_loader(stt, args.batch_size)  # the family, checked before loading
-    try:
-        asyncio.run(serve(args, stt))
-    except asyncio.CancelledError:  # SIGTERM
-        log.info("stopped")
+    return serve(args, stt)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return cli.run_main(lambda: run(args), "stopped", user_errors=(SetupError,),
-                        interrupted_code=0)
+    return cli.run_server(lambda: prepare(args), user_errors=(SetupError,))
 
 
 def entry() -> None:
