@@ -66,9 +66,12 @@ $(LIVE)/.installed: pyproject.toml
 	touch $@
 
 # The live path at real-time pace, both apps, demo model (needs espeak-ng), and the browser app
-# side by side with Kyutai's local_web on the same files and client.
+# side by side with Kyutai's local_web on the same files and client. On a machine too slow for
+# real time: `make bench-live PACE=2` (a frame every 160 ms, for both servers).
+PACE ?= 1
 bench-live: $(LIVE)/.installed $(REFERENCE)/.installed
-	$(LIVE)/bin/python -m benchmarks.bench_live --reference $(REFERENCE)/bin/python --runs 2
+	$(LIVE)/bin/python -m benchmarks.bench_live --reference $(REFERENCE)/bin/python --runs 2 \
+		--pace $(PACE)
 
 lint: $(STAMP)
 	$(PY) -m ruff check moshi_mlx weights_tools tests benchmarks

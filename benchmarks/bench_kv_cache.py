@@ -22,12 +22,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from footprint import fill_cache
 from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx import models
 
 from .bench_lm import build
-from .bench_memory import fill_cache
 
 CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "data"
 CHUNK = 50  # steps per call

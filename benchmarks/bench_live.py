@@ -92,10 +92,11 @@ def tree_pss_mb(pid: int) -> tuple[float, int] | None:
 
 
 async def browser_conversation(port: int, pcm: np.ndarray, server_pid: int,
-                               silent_steps: int) -> dict:
-    """Kyutai's protocol at real-time pace. The round trip of frame k: from the moment the client
-    has the user's frame k (before its Opus encoding) to the arrival of the message completing
-    the voice that Moshi's step on frame k produced. A server whose conversations start fresh
+                               silent_steps: int, pace: float) -> dict:
+    """Kyutai's protocol at real-time pace, or `pace` times slower (a frame every pace x 80 ms).
+    The round trip of frame k: from the moment the client has the user's frame k (before its
+    Opus encoding) to the arrival of the message completing the voice that Moshi's step on
+    frame k produced. A server whose conversations start fresh
     sends no voice for the first `silent_steps` steps (the codebook delay filling): its j-th
     voice frame comes from the step on input frame j + silent_steps. (`naive_round_trip_ms` pairs
     the j-th voice frame with input frame j whatever the server.) The client's own paging (Ogg
@@ -135,7 +136,7 @@ async def browser_conversation(port: int, pcm: np.ndarray, server_pid: int,
                                 naive.append(now - had_audio[j])
                         if samples and got.get("first_voice_after") is None:
                             got["first_voice_after"] = len(had_audio)
-                        if end_of_input is None or now < end_of_input + 1.0:
+                        if end_of_input is None or now < end_of_input + pace:
                             got["samples"] += samples
                     elif data[:1] == b"\x04":
                         info = json.loads(data[1:])
@@ -156,9 +157,10 @@ async def browser_conversation(port: int, pcm: np.ndarray, server_pid: int,
                     unsent = 0
                 if i % 25 == 24 and (pss := tree_pss_mb(server_pid)):
                     got["pss"].append(pss)
-                await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_SECONDS - time.perf_counter()))
+                await asyncio.sleep(
+                    max(0.0, start + (i + 1) * pace * FRAME_SECONDS - time.perf_counter()))
             end_of_input = time.perf_counter()
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5 * pace)
             await ws.close()
             receiving.cancel()
     got["handshake"], got["connect"] = handshake, connect
@@ -218,7 +220,8 @@ def browser_report(app: str, pcm: np.ndarray, got: dict) -> dict:
         f"{got['first_voice_after'] - 1} was the last sent"
         f"{memory_text(got['pss'])}"
         f"\n  connect -> handshake {1000 * got['handshake']:.0f} ms, -> first voice "
-        f"{1000 * got['first_voice']:.0f} ms")
+        f"{1000 * got['first_voice']:.0f} ms; start-up (launch -> serving) "
+        f"{got['start_up_s']:.1f} s")
     if budget := status.get("budget_ms"):
         print("  inside the server, from the audio's arrival to Moshi's voice leaving (p50/p95 "
               "ms): " + ", ".join(f"{k} {v['p50']}/{v['p95']}" for k, v in budget.items()),
@@ -227,10 +230,12 @@ def browser_report(app: str, pcm: np.ndarray, got: dict) -> dict:
                      "client_paging_ms": paging, "budget_ms": budget,
                      "pss_mb": max(got["pss"])[0] if got["pss"] else None,
                      "handshake_ms": round(1000 * got["handshake"]),
+                     "start_up_s": round(got["start_up_s"], 2),
                      "first_voice_ms": round(1000 * got["first_voice"])}
 
 
-def bench_browser(pcm: np.ndarray, env: dict, silent_steps: int) -> dict:
+def bench_browser(pcm: np.ndarray, env: dict, silent_steps: int, pace: float) -> dict:
+    launched = time.perf_counter()
     server = start_server(
         [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--no-browser", "--port", "0",
          "--seed", "1234"], env)
@@ -242,9 +247,10 @@ def bench_browser(pcm: np.ndarray, env: dict, silent_steps: int) -> dict:
             if "ready" in line:
                 break
         assert port, "the server did not start"
+        start_up = time.perf_counter() - launched
         # a fresh conversation: no voice while the codebook delay fills
-        got = asyncio.run(browser_conversation(port, pcm, server.pid, silent_steps))
-        return browser_report("browser (local_web, Opus)", pcm, got)
+        got = asyncio.run(browser_conversation(port, pcm, server.pid, silent_steps, pace))
+        return browser_report("browser (local_web, Opus)", pcm, got | {"start_up_s": start_up})
     finally:
         stop_server(server)
 
@@ -255,10 +261,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_reference(pcm: np.ndarray, python: str, files, env: dict) -> dict:
+def bench_reference(pcm: np.ndarray, python: str, files, env: dict, pace: float) -> dict:
     """Kyutai's moshi_mlx 0.3.0 `local_web` (installed in a venv of its own, `python`) on the
     same model files, with the same client."""
     port = free_port()
+    launched = time.perf_counter()
     server = start_server(
         [os.path.abspath(python), "-m", "moshi_mlx.local_web",
          "--moshi-weight", str(files.moshi_weight), "--mimi-weight", str(files.mimi_weight),
@@ -276,11 +283,13 @@ def bench_reference(pcm: np.ndarray, python: str, files, env: dict) -> dict:
             except OSError:
                 assert server.poll() is None, "Kyutai's server ended"
                 assert time.monotonic() < deadline, "Kyutai's server did not start"
-                time.sleep(0.5)
+                time.sleep(0.1)
+        start_up = time.perf_counter() - launched
         # its generator steps 4 times at warm-up and is never reset: the delay is already
         # filled when a connection starts, and its first step already gives voice
-        got = asyncio.run(browser_conversation(port, pcm, server.pid, silent_steps=0))
-        return browser_report("reference (Kyutai's moshi_mlx 0.3.0 local_web, Opus)", pcm, got)
+        got = asyncio.run(browser_conversation(port, pcm, server.pid, 0, pace))
+        return browser_report("reference (Kyutai's moshi_mlx 0.3.0 local_web, Opus)", pcm,
+                              got | {"start_up_s": start_up})
     finally:
         stop_server(server)
 
@@ -288,12 +297,13 @@ def bench_reference(pcm: np.ndarray, python: str, files, env: dict) -> dict:
 # --- terminal -----------------------------------------------------------------------------------
 
 class PacedDevice:
-    """A sound device whose capture and playback clocks tick every 80 ms (one thread): each tick
-    captures the next frame of `pcm` and plays one block."""
+    """A sound device whose capture and playback clocks tick every pace x 80 ms (one thread):
+    each tick captures the next frame of `pcm` and plays one block."""
 
     xruns = 0
 
-    def __init__(self, pcm: np.ndarray):
+    def __init__(self, pcm: np.ndarray, pace: float):
+        self.pace = pace
         self.frames = pcm.reshape(-1, FRAME_SIZE)
         self.played: list[tuple[float, np.ndarray]] = []
         self.done = threading.Event()
@@ -303,7 +313,8 @@ class PacedDevice:
         def clock():
             start = time.perf_counter()
             for i in range(len(self.frames) + round(1.0 / FRAME_SECONDS)):
-                if self._closed.wait(max(0.0, start + i * FRAME_SECONDS - time.perf_counter())):
+                tick = start + i * self.pace * FRAME_SECONDS
+                if self._closed.wait(max(0.0, tick - time.perf_counter())):
                     return
                 if i < len(self.frames):
                     on_input(self.frames[i].copy())
@@ -321,9 +332,9 @@ class PacedDevice:
         self._closed.set()
 
 
-def bench_terminal(pcm: np.ndarray, files, mimi_max_seq_len: int | None) -> dict:
+def bench_terminal(pcm: np.ndarray, files, mimi_max_seq_len: int | None, pace: float) -> dict:
     from moshi_mlx import families, utils
-    from moshi_mlx.engine.live import LiveConversation
+    from moshi_mlx.engine.sound_devices import LiveConversation
     from moshi_mlx.engine.worker import ModelWorker
 
     samplers = (utils.Sampler(temp=0.7, top_k=25), utils.Sampler(temp=0.8, top_k=250))
@@ -331,7 +342,7 @@ def bench_terminal(pcm: np.ndarray, files, mimi_max_seq_len: int | None) -> dict
                                               mimi_max_seq_len=mimi_max_seq_len or 8192))
     worker.load().result()
     conversation = worker.submit(worker.new_conversation, *samplers, 1234).result()
-    device = PacedDevice(pcm)
+    device = PacedDevice(pcm, pace)
     live = LiveConversation(conversation, worker.executor, device)
     voice_times: list[float] = []
     stop = threading.Event()
@@ -367,6 +378,36 @@ def bench_terminal(pcm: np.ndarray, files, mimi_max_seq_len: int | None) -> dict
                                     "mimi_restarts": restarts}
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() \
+            else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "CPU unknown"
+
+
+def import_time(python: str, cwd: str | None = None, runs: int = 3) -> float:
+    """Seconds `python` takes to import the browser app, median of `runs` fresh interpreters."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([python, "-c", "import moshi_mlx.local_web"], check=True, cwd=cwd)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def import_times(reference: str | None) -> dict:
+    """The browser app's import, ours and (with `reference`) Kyutai's."""
+    result = {"app": "import", "ours_s": round(import_time(sys.executable), 2)}
+    text = f"import of the browser app (median of 3): ours {result['ours_s']:.2f} s"
+    if reference:
+        result["reference_s"] = round(import_time(os.path.abspath(reference),
+                                                  cwd=tempfile.gettempdir()), 2)
+        text += f", Kyutai's {result['reference_s']:.2f} s"
+    print(text, flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_live", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -381,6 +422,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=1,
                         help="browser: conversations per server, alternating ours and the "
                              "reference (default 1)")
+    parser.add_argument("--pace", type=float, default=1.0,
+                        help="send a frame every PACE x 80 ms, for machines too slow for real "
+                             "time (e.g. 2: half pace; default 1); the share of real time kept "
+                             "is then counted at that pace")
     parser.add_argument("--json", type=Path, help="also write the figures there")
     args = parser.parse_args(argv)
 
@@ -390,16 +435,21 @@ def main(argv: list[str] | None = None) -> None:
     model_files.add_model_args(model_args)
     files = model_files.resolve(model_args.parse_args(["--demo"]))
     pcm = speech(args.seconds)
-    print(f"{args.seconds:.0f} s of speech at real-time pace, demo model, {os.cpu_count()} CPUs",
-          flush=True)
-    results = []
+    if args.pace <= 0:
+        parser.error(f"--pace must be above 0, got {args.pace}")
+    pace = "real-time pace" if args.pace == 1 else f"1/{args.pace:g} of real-time pace"
+    print(f"{args.seconds:.0f} s of speech at {pace}, demo model, {os.cpu_count()} CPUs "
+          f"({cpu_name()})", flush=True)
+    results = [import_times(args.reference)]
     if "browser" in args.apps:
         for _ in range(args.runs):
-            results.append(bench_browser(pcm, dict(os.environ), files.lm_config.max_delay))
+            results.append(bench_browser(pcm, dict(os.environ), files.lm_config.max_delay,
+                                         args.pace))
             if args.reference:
-                results.append(bench_reference(pcm, args.reference, files, dict(os.environ)))
+                results.append(bench_reference(pcm, args.reference, files, dict(os.environ),
+                                               args.pace))
     if "terminal" in args.apps:
-        results.append(bench_terminal(pcm, files, args.mimi_max_seq_len))
+        results.append(bench_terminal(pcm, files, args.mimi_max_seq_len, args.pace))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -1,6 +1,7 @@
-"""Pieces shared by the command-line apps: the seed and sampling flags, and `main()`'s logging and
-error handling (a user error is one `error:` line and exit code 1, never a traceback; a flag's
-value that no model can take is a usage error, exit code 2)."""
+"""Pieces shared by the commands: the apps' seed, sampling and memory flags, and the one error
+path of every command, the weight tools' included (`run_main`: a user error is one `error:` line
+and exit code 1, never a traceback; a flag's value that no model can take is a usage error, exit
+code 2)."""
 
 import argparse
 import asyncio
@@ -19,15 +20,17 @@ from . import model_files, models, utils
 from .audio.mimi_process import MimiError
 from .audio.wav import AudioFileError
 from .families import FamilyError
-from .files import memory
+from .model_files import memory
 from .models.transformer import KV_BITS
-from .utils.files import OutputFileError
+from .utils.output import OutputFileError
+from .weights.common import ToolError
 
 log = logging.getLogger("moshi_mlx")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     model_files.ModelFilesError, models.CheckpointError, models.ConfigError, AudioFileError,
-    OutputFileError, utils.SamplingError, FamilyError, MimiError, memory.NotEnoughMemory)
+    OutputFileError, utils.SamplingError, FamilyError, MimiError, memory.NotEnoughMemory,
+    ToolError)
 VOCABULARY = {"text": "text vocabulary (32000 for Moshi 7B)",
               "audio": "codebook size (2048 for Moshi 7B)"}
 SAMPLING_FLAGS = {field.name: f"--{field.name.replace('_', '-')}"  # e.g. --text-top-k
@@ -129,11 +132,36 @@ def parse_app_args(parser: argparse.ArgumentParser,
     return args
 
 
+def describe(error: Exception, one_line: bool = False) -> str:
+    """A user error's message; an `OSError` as `file: reason`. `one_line` joins its lines."""
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        text = f"{where}{error.strerror or error}"
+    else:
+        text = str(error)
+    return " ".join(text.split()) if one_line else text
+
+
 def run_main(run: Callable[[], int | None], interrupted: str = "interrupted",
-             user_errors: tuple[type[Exception], ...] = (), interrupted_code: int = 130) -> int:
-    """Runs an app's `run()` with log messages on stderr and returns the exit code: run's own
-    (0 when it returns None); 1 with one `error:` line for a user error (`USER_ERRORS` and
-    `user_errors`); `interrupted_code` with the `interrupted` line on Ctrl-C."""
+             user_errors: tuple[type[Exception], ...] = (), interrupted_code: int = 130,
+             prog: str | None = None, one_line: bool = False) -> int:
+    """Runs a command's `run()` (every app and weight tool) with log messages on stderr and
+    returns the exit code.
+
+    Args:
+        run: the command's work; returns its exit code, or None for 0.
+        interrupted: the line printed on Ctrl-C.
+        user_errors: errors the user can fix besides `USER_ERRORS` (e.g. `OSError` for the
+            weight tools, which read and write files the user names).
+        interrupted_code: the exit code on Ctrl-C (130; 0 for a server, which stops that way).
+        prog: a prefix for the printed lines (`prog: error: ...`), or none.
+        one_line: join a message's lines into one.
+
+    Returns:
+        run's code; 1 with one `error:` message, no traceback, for a user error;
+        `interrupted_code` on Ctrl-C.
+    """
+    lead = f"{prog}: " if prog else ""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -142,10 +170,10 @@ def run_main(run: Callable[[], int | None], interrupted: str = "interrupted",
     try:
         return run() or 0
     except USER_ERRORS + user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{lead}error: {describe(e, one_line)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\n{interrupted}", file=sys.stderr)
+        print(f"\n{lead}{interrupted}", file=sys.stderr)
         return interrupted_code
 
 

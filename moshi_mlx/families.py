@@ -5,7 +5,8 @@ step -> Mimi decode: `engine.conversation`) with what each family needs, as Kyut
 silence padding from `stt_config` (the offline loop's `Plan`).
 
 The family comes from config.json: `model_type` when given, else text-only models (`dep_q` 0)
-are STT and conditioned ones Hibiki.
+are STT and conditioned ones Hibiki. Kyutai's TTS models (`model_type` 'tts') have their own
+loop and app (`engine.tts`, `run_tts`): the apps here refuse them with that pointer.
 """
 
 from collections.abc import Callable
@@ -38,6 +39,9 @@ def model_kind(cfg: models.LmConfig) -> str:
     kind = cfg.extra.get("model_type")
     if kind is None:
         kind = "stt" if cfg.dep_q == 0 else "hibiki" if cfg.conditioners else "moshi"
+    if kind == "tts":
+        raise FamilyError("this is a text-to-speech model (model_type 'tts'): run it with "
+                          "python -m moshi_mlx.run_tts")
     if kind not in KINDS:
         raise FamilyError(f"config.json: model_type {kind!r} is not one this app runs "
                           f"({', '.join(KINDS)})")

@@ -5,7 +5,7 @@
 Moshi's words are printed as it speaks, above a status line (latency, slowest stage, frames
 dropped, queue sizes, echo canceller). Ctrl-C ends the conversation. The microphone's frames are
 cleaned of the speakers' echo (`moshi_mlx.audio.echo`), so that no headphones are needed. The
-audio path and the lag control are in `moshi_mlx.engine.live`, the devices in
+audio path and the lag control are in `moshi_mlx.engine.sound_devices`, the devices in
 `moshi_mlx.audio.devices`.
 """
 
@@ -35,14 +35,16 @@ from .audio.devices import (
 from .audio.echo import METHODS, EchoCanceller
 from .audio.speex import SpeexUnavailable
 from .audio.wav import WavWriter, check_writable
-from .engine.live import Event, LiveConversation
+from .engine.sound_devices import Event, LiveConversation
 from .engine.stages import WAIT_SECONDS, Timings
 from .engine.worker import ModelWorker
 
 log = cli.log
 
-TTY_STATUS_SECONDS = 0.25  # status line redraws on a terminal, at most every
-PLAIN_STATUS_SECONDS = 5.0  # status log lines when stdout is not a terminal, every
+# How often the status shows: on a terminal its line is redrawn at most every TTY_STATUS_SECONDS;
+# when stdout is not a terminal, a status line is logged every PLAIN_STATUS_SECONDS.
+TTY_STATUS_SECONDS = 0.25
+PLAIN_STATUS_SECONDS = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,14 +22,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import cli, families, model_files
-from .chat_server import (
-    IDLE_TIMEOUT_SECONDS,
-    PONG_TIMEOUT_SECONDS,
-    STATIC_DIR,
-    ChatServer,
-)
 from .engine.worker import ModelWorker
+from .web.chat import IDLE_TIMEOUT_SECONDS, PONG_TIMEOUT_SECONDS
 from .web.origin import OriginPolicy, is_loopback
+from .web.server import STATIC_DIR, ChatServer
 
 log = logging.getLogger("moshi_mlx")
 

@@ -30,7 +30,7 @@ from .audio.wav import WavWriter, check_writable, read_wav
 from .engine import offline
 from .engine.conversation import Conversation
 from .engine.text import Transcript
-from .utils.files import atomic_write
+from .utils.output import atomic_write
 
 log = cli.log
 

@@ -11,6 +11,9 @@ Embedding by uint32 words plus bf16 scales and biases; an embedding with a low-r
 projection is not a leaf and keeps its table. One deliberate difference: this package leaves the
 conditioners unquantized (Kyutai's `nn.quantize` call would try to quantize their 16-wide tables,
 which MLX refuses for group sizes 32 and 64, and Kyutai ships its conditioned model in bf16).
+Kyutai's TTS (`cross_attention`) adds to each temporal layer `norm_cross` (a LayerNorm: weight
+and bias) and `cross_attention.in_proj` / `out_proj`, named as Kyutai's MLX
+`modules/transformer.py` names them (its `CrossAttention` and `TransformerLayer`).
 """
 
 import json
@@ -24,6 +27,7 @@ LAYOUTS = {
     "small_16rvq": "small_16rvq.json",
     "small_hibiki": "small_hibiki.json",
     "small_stt": "small_stt.json",
+    "small_tts": "small_tts.json",
 }
 
 
@@ -60,9 +64,15 @@ def plain_tensors(c: dict) -> dict:
     for k in range(c["n_q"]):
         t[f"audio_embs.{k}.weight"] = ("embedding", [c["card"] + 1, d])
     for i in range(c["num_layers"]):
-        t.update(_layer(f"transformer.layers.{i}", d, 11 * d // 4))
+        prefix = f"transformer.layers.{i}"
+        t.update(_layer(prefix, d, 11 * d // 4))
+        if c.get("cross_attention"):
+            t[f"{prefix}.norm_cross.weight"] = ("norm", [d])
+            t[f"{prefix}.norm_cross.bias"] = ("norm", [d])
+            t[f"{prefix}.cross_attention.in_proj.weight"] = ("linear", [3 * d, d])
+            t[f"{prefix}.cross_attention.out_proj.weight"] = ("linear", [d, d])
     t["out_norm.weight"] = ("norm", [d])
-    t["text_linear.weight"] = ("linear", [c["text_card"], d])
+    t["text_linear.weight"] = ("linear", [c.get("text_card_out") or c["text_card"], d])
     for k in range(c["dep_q"]):
         s = f"depformer.slices.{k}"
         vocab = c["text_card"] + 1 if k == 0 else c["card"] + 1

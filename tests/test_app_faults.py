@@ -15,10 +15,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+from chat_client import RATE, Reply, ServerProcess, converse, send_speech
 from conftest import require_tool
 from virtual_audio import lines_of, local
 
-from benchmarks.chat_client import RATE, Reply, ServerProcess, converse, send_speech
 from moshi_mlx.audio.mimi_process import LIVE_REPLY_SECONDS
 from moshi_mlx.audio.wav import read_wav
 
@@ -230,13 +230,19 @@ def test_browser_ctrl_c_in_each_state(demo_cache, speech, when):
                                   "loading the model" if when == "loading" else "Moshi is ready")
     if when != "loading":
         url = re.search(r"Moshi is ready: https?://(\S+)/", "".join(log)).group(1)
+        replies = []
         client = threading.Thread(
-            target=lambda: asyncio.run(converse(url, speech[: 4 * RATE])), daemon=True)
+            target=lambda: replies.append(asyncio.run(converse(url, speech[: 4 * RATE]))),
+            daemon=True)
         client.start()
         if when == "talking":
             time.sleep(2)
         else:
             client.join(60)
+            assert not client.is_alive(), "the conversation did not end within 60 s"
+            (reply,) = replies
+            assert reply.first == b"\x00\x00\x00" and reply.errors == [], reply
+            assert reply.audio, "Moshi said nothing"
     interrupt_and_check(app, lines, log, 0)
 
 

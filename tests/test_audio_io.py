@@ -6,7 +6,7 @@ import sphn
 from conftest import write_pcm16
 
 from moshi_mlx.audio.wav import AudioFileError, WavWriter, read_wav, resample, write_wav
-from moshi_mlx.utils.files import atomic_write
+from moshi_mlx.utils.output import atomic_write
 
 
 def sine(freq: float, rate: int, seconds: float) -> np.ndarray:

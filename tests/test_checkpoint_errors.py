@@ -39,7 +39,14 @@ def weights(path):
 
 @pytest.mark.parametrize("name, quant", [("bf16", None), ("q8", (8, 64)), ("q4", (4, 32))])
 def test_matching_files_load(files, name, quant):
-    build(quant).load_weights(str(files[name]), strict=True)
+    """Each file loads into the model of its quantization, every tensor as stored."""
+    model = build(quant)
+    model.load_weights(str(files[name]), strict=True)
+    loaded, stored = dict(tree_flatten(model.parameters())), weights(files[name])
+    assert loaded.keys() == stored.keys()
+    for key, value in stored.items():
+        assert loaded[key].dtype == value.dtype, key
+        assert mx.array_equal(loaded[key], value).item(), key
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ LAYOUTS = {
     "small_16rvq": "small_16rvq.json",
     "small_hibiki": "small_hibiki.json",
     "small_stt": "small_stt.json",
+    "small_tts": "small_tts.json",
 }
 
 

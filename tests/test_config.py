@@ -117,3 +117,14 @@ def test_unrunnable_values_name_the_key(name, change, field):
     with pytest.raises(models.ConfigError, match=f"'{field}'") as e:
         models.LmConfig.from_config_dict(d)
     assert "\n" not in str(e.value)
+
+
+def test_transformer_args_read_the_flat_fields():
+    """The temporal transformer's and the depformer's arguments come from their own fields
+    (Moshi 7B: 4096 wide with 32 heads; depformer 1024 wide, 16 heads, 6 layers, no rope)."""
+    cfg = models.config_v0_1()
+    t, d = cfg.transformer_args(), cfg.depformer_args()
+    assert (t.dim, t.num_heads, t.num_layers, t.context, t.rope) == (4096, 32, 32, 3000, True)
+    assert t.ffn_hidden == 11264 and t.head_dim == 128 and t.norm_f32
+    assert (d.dim, d.num_heads, d.num_layers, d.context, d.rope) == (1024, 16, 6, 8, False)
+    assert d.ffn_hidden == 2816 and d.max_period == 10000

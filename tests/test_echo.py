@@ -1,14 +1,14 @@
 """The echo canceller on synthetic signals: a speech-like far end (what the speakers play), its
 echo (delayed, attenuated, with a reflection) in the microphone, and a near end (the user)
 talking over it now and then (double talk). Figures computed here with NumPy from the known
-signals; the user's speech in the output by `bench_echo.user_kept_db`, checked first on signals
+signals; the user's speech in the output by `echo_metrics.user_kept_db`, checked first on signals
 whose answer is known."""
 
 import numpy as np
 import pytest
 from conftest import energy_db
+from echo_metrics import user_kept_db
 
-from benchmarks.bench_echo import user_kept_db
 from moshi_mlx.audio.constants import FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.audio.delay import DECIMATE, DelayEstimator
 from moshi_mlx.audio.echo import (

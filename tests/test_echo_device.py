@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import RATE, energy_db, make_speech, read_24k, require_tool
+from echo_metrics import user_kept_db
 from virtual_audio import talk_to_app
 
-from benchmarks.bench_echo import user_kept_db
 from moshi_mlx.audio.wav import write_wav
 
 pytestmark = pytest.mark.slow  # the terminal app on PulseAudio devices, in real time

@@ -16,7 +16,7 @@ from moshi_mlx.engine.conversation import Conversation
 from moshi_mlx.engine.live_engine import LiveEngine
 from moshi_mlx.engine.stages import Pipeline, Stage, Timings
 from moshi_mlx.engine.worker import ModelWorker
-from moshi_mlx.protocol import PcmAudio, Reframer
+from moshi_mlx.web.protocol import PcmAudio, Reframer
 
 # --- stages, with fake functions ---------------------------------------------------------------
 

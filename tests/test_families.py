@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import rustymimi
-from conftest import RATE, read_24k, write_pcm16
+from conftest import DATA, RATE, read_24k, write_pcm16
 from test_model_files import FakeHub
 
 from moshi_mlx import families, model_files, models, run_inference, utils
@@ -188,3 +188,9 @@ def test_hibiki_stops_when_its_text_ends(repos, monkeypatch):
     first = tokens.index(eos, 6)  # where it first comes after the input
     monkeypatch.setattr(tokenizer, "eos_id", lambda: eos)
     assert run_once() == tokens[:first + 1]
+
+
+def test_tts_models_are_sent_to_run_tts():
+    cfg = models.LmConfig.from_config_dict(json.loads((DATA / "small_tts.json").read_text()))
+    with pytest.raises(families.FamilyError, match="run_tts"):
+        families.model_kind(cfg)

@@ -1,11 +1,11 @@
-"""The preflight's estimate against the app's measured memory (benchmarks/bench_memory.py)."""
+"""The preflight's estimate against the app's measured memory (`footprint.py`, which
+`benchmarks/bench_memory.py` prints)."""
 
 import sys
 
 import pytest
 from conftest import random_model, tiny_config
-
-from benchmarks.bench_memory import fill_cache, run_setup
+from footprint import fill_cache, run_setup
 
 
 @pytest.mark.parametrize("bits", [None, 8])

@@ -16,7 +16,7 @@ from fake_audio import EchoConversation, FakeAudio, FakeCanceller, FakeSoundDevi
 
 from moshi_mlx import local
 from moshi_mlx.audio.wav import WavWriter
-from moshi_mlx.engine.live import LiveConversation
+from moshi_mlx.engine.sound_devices import LiveConversation
 from moshi_mlx.engine.stages import Timings
 from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.local import Display, Presenter, converse, stop_on_sigint, too_slow_message

@@ -14,9 +14,7 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from conftest import require_tool
-
-from benchmarks.chat_client import (
+from chat_client import (
     RATE,
     Reply,
     ServerProcess,
@@ -25,6 +23,8 @@ from benchmarks.chat_client import (
     receive_all,
     send_speech,
 )
+from conftest import require_tool
+
 from moshi_mlx import local_web
 from moshi_mlx.audio.wav import read_wav
 
@@ -285,3 +285,41 @@ def test_server_setting_helpers():
             local_web.parse_args(flags)
     with pytest.raises(SystemExit):
         local_web.parse_args(["--text-top-k", "-3"])
+
+
+MALFORMED = [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nNoColonHere\r\n\r\n",
+    b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\x00y\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET http://[::1 HTTP/1.1\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # TLS to the http port
+]
+
+
+def test_malformed_http_is_one_log_line(demo_cache):
+    """The browser app's server: each malformed request gets a 400 and at most one log line."""
+    server = ServerProcess(env={**os.environ, "XDG_CACHE_HOME": str(demo_cache)})
+    try:
+        host, port = server.url.rsplit(":", 1)
+        before = len(server.lines)
+        for raw in MALFORMED:
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(raw)
+                assert s.recv(100).startswith(b"HTTP/1.0 400 Bad Request"), raw[:40]
+        time.sleep(0.5)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 404")  # still serving
+    finally:
+        server.stop()
+    log = server.lines[before:]
+    assert "Traceback" not in "\n".join(log), "\n".join(log)
+    errors = [line for line in log if line.startswith("Error handling request from")]
+    assert len(errors) == len(MALFORMED) - 2, "\n".join(log)  # aiohttp skips bad methods
+    assert all(len(line) < 250 for line in errors)
+    assert any("Invalid character in Content-Length" in line for line in errors), errors

@@ -11,8 +11,7 @@ import pytest
 from conftest import DATA, random_model, tiny_config, write_sparse_checkpoint
 
 from moshi_mlx import models
-from moshi_mlx.files import memory
-from moshi_mlx.model_files import ModelFiles
+from moshi_mlx.model_files import ModelFiles, memory
 from moshi_mlx.models.checkpoint import Quantization, read_header
 
 GB = 10**9
@@ -183,3 +182,22 @@ def test_without_a_recommended_working_set_nothing_is_wired(monkeypatch):
 def test_available_memory_on_linux():
     available = memory.available_memory()
     assert 0 < available <= 2**50
+
+
+def test_tts_estimate_counts_the_speakers_keys_and_values():
+    """A cross-attention model also holds, per layer, the keys and values of its 5 x 125
+    speaker positions: the arrays `cross_keys_values` makes (float32 model)."""
+    from moshi_mlx.models.tts import speaker_condition
+
+    cfg = models.LmConfig.from_config_dict(json.loads((DATA / "small_tts.json").read_text()))
+    model = random_model(cfg)
+    voices = speaker_condition([mx.zeros((1, 512, 125))])
+    cross = model.cross_keys_values(model.condition_provider.condition(
+        {"control": "ok", "cfg": "2.0", "speaker_wavs": voices}))
+    setup = memory.Setup(Q4 if mx.default_device().type == mx.DeviceType.cpu else None, None, 30)
+    plain = models.LmConfig.from_config_dict(
+        cfg.to_config_dict() | {"cross_attention": False, "fuser": {"sum": ["control", "cfg"]},
+                                "conditioners": {k: v for k, v in cfg.conditioners.items()
+                                                 if k != "speaker_wavs"}})
+    extra = memory.kv_cache_bytes(cfg, setup) - memory.kv_cache_bytes(plain, setup)
+    assert extra == sum(k.nbytes + v.nbytes for k, v in cross) > 0

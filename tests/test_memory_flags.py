@@ -10,7 +10,7 @@ from conftest import demo_files
 from test_run_inference import one_error_line, write_pcm16
 
 from moshi_mlx import cli, model_files, models
-from moshi_mlx.files import memory
+from moshi_mlx.model_files import memory
 
 
 def run_inference(tmp_path, env, *flags) -> subprocess.CompletedProcess:

@@ -3,7 +3,9 @@ limit, a fresh Mimi per stream, and the deadlines on a child that hangs or dies.
 
 import json
 import os
+import queue
 import signal
+import threading
 import time
 
 import numpy as np
@@ -25,6 +27,7 @@ def noise(seed: int) -> np.ndarray:
     return (0.1 * np.random.default_rng(seed).standard_normal(FRAME_SIZE)).astype(np.float32)
 
 
+@pytest.mark.slow  # Mimi processes, 3 s
 def test_gives_exactly_what_rustymimi_gives_frame_by_frame(mimi_path):
     """Both directions of one process, against rustymimi's own Tokenizer step by step."""
     mimi = Mimi(mimi_path)
@@ -61,6 +64,7 @@ def test_runs_past_the_transformer_limit_with_at_most_one_spare(mimi_path):
         mimi.close()
 
 
+@pytest.mark.slow  # Mimi processes, 3 s
 def test_restarts_early_on_a_quiet_frame(mimi_path):
     mimi = Mimi(mimi_path, max_seq_len=40, decoder=False)
     try:
@@ -166,3 +170,39 @@ def test_the_child_keeps_the_apps_environment_and_the_standard_library_first(mim
         process.wait_ready()
     finally:
         process.close()
+
+
+def child_pss_mb(pid: int) -> float:
+    rollup = open(f"/proc/{pid}/smaps_rollup").read()
+    return int(next(line.split()[1] for line in rollup.splitlines()
+                    if line.startswith("Pss:"))) / 1024
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the child's memory in /proc")
+def test_a_conversation_does_not_grow_the_child_beyond_its_weights(mimi_path):
+    """Both directions at once from two threads, as live, for 8 s of audio: the child's memory
+    (PSS) stays within 40 MB of what it holds once loaded (glibc's arenas kept ~190 MB more
+    before the child returned freed memory to the system)."""
+    mimi = Mimi(mimi_path)
+    try:
+        mimi.wait_ready()
+        (process,) = mimi.processes
+        loaded = peak = child_pss_mb(process.pid)
+        codes = queue.Queue()
+
+        def decode():
+            while (frame := codes.get()) is not None:
+                mimi.decode(frame)
+
+        decoder = threading.Thread(target=decode)
+        decoder.start()
+        for i in range(100):
+            codes.put(mimi.encode(noise(i)))
+            time.sleep(0.02)  # the decoder's turn, as the live engine's stages take theirs
+            peak = max(peak, child_pss_mb(process.pid))
+        codes.put(None)
+        decoder.join()
+        assert peak - loaded < 40, (loaded, peak)
+    finally:
+        mimi.close()

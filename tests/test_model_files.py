@@ -289,7 +289,7 @@ def fake_make_demo(monkeypatch, tmp_path):
     builds = []
     module = types.ModuleType("moshi_mlx.weights.demo")
 
-    def build_demo_repo(outdir: Path, seed: int = 0) -> Path:
+    def build_demo_repo(outdir: Path, seed: int = 0, kind: str = "moshi") -> Path:
         builds.append(outdir)
         (outdir / "config.json").write_text("{}")
         if module.fail:

@@ -1,11 +1,23 @@
-"""The wire format: audio payload codecs and the re-framing of audio chunks."""
+"""The wire format: audio payload codecs, the re-framing of audio chunks, and the page's copy of
+the message kinds."""
+
+import re
 
 import numpy as np
 import pytest
 import sphn
 from conftest import FRAME
 
-from moshi_mlx.protocol import HANDSHAKE, BadAudio, Kind, OpusAudio, PcmAudio, Reframer, message
+from moshi_mlx.web.protocol import (
+    HANDSHAKE,
+    BadAudio,
+    Kind,
+    OpusAudio,
+    PcmAudio,
+    Reframer,
+    message,
+)
+from moshi_mlx.web.server import STATIC_DIR
 
 
 def test_messages_start_with_their_kind():
@@ -55,3 +67,16 @@ def test_opus_audio_speaks_ogg_opus_both_ways():
 def test_opus_audio_refuses_what_is_not_ogg():
     with pytest.raises(BadAudio, match="not an Ogg-Opus stream"):
         OpusAudio().decode(b"garbage" * 10)
+
+
+def test_the_page_knows_the_kinds_as_python_does():
+    """The page's copy of the message kinds (app.js's `KIND`) agrees with `Kind`, and covers
+    every kind the server sends."""
+    source = (STATIC_DIR / "app.js").read_text()
+    table = re.search(r"const KIND = \{([^}]*)\}", source)
+    assert table, "app.js no longer defines its KIND table"
+    page = {name.strip(): int(value) for name, value in
+            (entry.split(":") for entry in table.group(1).split(",") if entry.strip())}
+    assert page == {name: Kind[name.upper()].value for name in page}
+    sent = {Kind.HANDSHAKE, Kind.AUDIO, Kind.TEXT, Kind.METADATA, Kind.ERROR}
+    assert {Kind[name.upper()] for name in page} >= sent

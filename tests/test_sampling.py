@@ -167,3 +167,22 @@ def test_a_bad_query_value_is_a_value_error_naming_the_parameter_and_its_range(q
 def test_the_default_settings_are_checked_against_the_vocabulary_even_with_an_empty_query():
     with pytest.raises(ValueError, match="^text_topk must be an integer from 0 to 10"):
         KYUTAI.with_query({}, (10, 2048))
+
+
+def test_the_ranges_a_page_is_given_are_those_a_query_is_checked_against():
+    settings = utils.SamplingSettings(0.6, 30, 0.9, 200)
+    vocab = (8000, 2048)
+    ranges = settings.query_ranges(vocab)
+    assert ranges == {
+        "text_temperature": {"default": 0.6, "min": 0, "integer": False},
+        "text_topk": {"default": 30, "min": 0, "max": 8000, "integer": True},
+        "audio_temperature": {"default": 0.9, "min": 0, "integer": False},
+        "audio_topk": {"default": 200, "min": 0, "max": 2048, "integer": True}}
+    for name, r in ranges.items():
+        ends = [r["min"], r.get("max", 7.5)]
+        for value in ends:  # the ends are accepted...
+            settings.with_query({name: str(value)}, vocab)
+        for value in (r["min"] - 1, r.get("max", 0) + 1) if "max" in r else (r["min"] - 1,):
+            with pytest.raises(ValueError, match=name):  # ...and beyond them refused
+                settings.with_query({name: str(value)}, vocab)
+    assert "max" not in settings.query_ranges()["text_topk"]  # vocabulary not known yet

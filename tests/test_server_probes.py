@@ -6,7 +6,7 @@ server must still hold a conversation equal to one on a freshly started server (
 input).
 
 Each test collects every problem it sees and reports them all at once. The probes themselves
-are in `benchmarks/probe_server.py` (`python -m benchmarks.probe_server` prints their figures).
+are in `server_probes.py` (`python -m benchmarks.probe_server` prints their figures).
 """
 
 import asyncio
@@ -22,9 +22,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
-
-from benchmarks.chat_client import ServerProcess, handshake_or_error, process_figures
-from benchmarks.probe_server import (
+from chat_client import ServerProcess, handshake_or_error, process_figures
+from server_probes import (
     BAD_QUERIES,
     BROKEN_FRAMES,
     DISCONNECTS,

@@ -1,4 +1,4 @@
-"""The page's audio worklets (moshi_mlx/static/worklets.js) run in Node.js, with what an
+"""The page's audio worklets (moshi_mlx/web/static/worklets.js) run in Node.js, with what an
 AudioWorkletGlobalScope gives them stood in for: the microphone at the device's rate comes out in
 24 kHz frames, Moshi's 24 kHz voice plays at the device's rate, both compared with tones computed
 here (numpy), and nothing above the lower rate's Nyquist frequency aliases."""
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import require_tool
 
-from moshi_mlx.chat_server import STATIC_DIR
+from moshi_mlx.web.server import STATIC_DIR
 
 FRAME = 1920
 

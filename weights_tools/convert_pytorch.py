@@ -7,7 +7,8 @@ The source is the language model's state dict in safetensors, e.g. `model.safete
 `kyutai/moshiko-pytorch-bf16`. Both layouts of its attention weights are read: the released files
 (`self_attn.in_proj_weight`, the depformer's per-codebook weights stacked along the first axis)
 and `state_dict()` of recent `moshi` versions (`self_attn.in_projs.{k}.weight`). Every layout
-`LmConfig` describes converts (Moshi 7B, the 1B models, Hibiki's conditioner and depformer
+`LmConfig` describes converts (Moshi 7B, the 1B models, Kyutai TTS's cross-attention and
+speaker conditioner, Hibiki's conditioner and depformer
 schedule, the STT models' extra heads; `--config` gives the model's config.json). The output is
 bf16 in the parameter names of `moshi_mlx.models.Lm`, optionally quantized in the same pass as
 `moshi_mlx.models.quantize(model, bits, group_size)` quantizes it (every Linear and Embedding but
@@ -25,20 +26,26 @@ from tqdm import tqdm
 
 from moshi_mlx.models import LmConfig, checkpoint, config_v0_1
 from moshi_mlx.models.checkpoint import Quantization, TensorInfo
+from moshi_mlx.utils.output import atomic_path
 from moshi_mlx.weights.common import (
     DEFAULT_GROUP_SIZE,
     ToolError,
-    atomic_output,
     expected_tensors,
     load_config,
     quantization,
-    run_tool,
 )
-from moshi_mlx.weights.pytorch_layout import Rule, check_source, conversion_rules
+from moshi_mlx.weights.pytorch_layout import (  # noqa: F401 (Rule: this tool's public names)
+    Rule,
+    check_source,
+    conversion_rules,
+    stacked_layouts,
+)
 from moshi_mlx.weights.safetensors_writer import SafetensorsWriter
 
+from . import run_tool
 
-def _quantization(bits: int | None, group_size: int | None) -> Quantization | None:
+
+def output_quantization(bits: int | None, group_size: int | None) -> Quantization | None:
     """The quantization the options ask for (None: bf16); checks them."""
     if bits is None:
         if group_size is not None:
@@ -81,7 +88,7 @@ def output_tensors(cfg: LmConfig, bits: int | None = None,
                    group_size: int | None = None) -> dict[str, TensorInfo]:
     """The tensors `convert` writes for `cfg`, in file order: the parameters of `Lm(cfg)` in
     bf16, after `nn.quantize(model, bits, group_size)` when `bits` is given."""
-    expected = expected_tensors(cfg, _quantization(bits, group_size))
+    expected = expected_tensors(cfg, output_quantization(bits, group_size))
     return dict(_output_layout(conversion_rules(cfg), expected))
 
 
@@ -99,13 +106,12 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     cfg = config or config_v0_1()
     config_name = (f"the given config (dim {cfg.dim}, {cfg.num_layers} layers)" if config
                    else "Moshi 7B v0.1 (the default without --config)")
-    quant = _quantization(bits, group_size)
-    with atomic_output(dst) as tmp:
+    quant = output_quantization(bits, group_size)
+    with atomic_path(dst) as tmp:
         if dst.exists() and src.exists() and dst.samefile(src):
             raise ToolError(f"{dst}: the output would overwrite the source; choose another path")
         header = checkpoint.read_header(src)
-        stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
-        rules = conversion_rules(cfg, stacked)
+        rules = conversion_rules(cfg, *stacked_layouts(header.tensors))
         expected = expected_tensors(cfg, quant)
         check_source(header, rules, expected_tensors(cfg), config_name)
         layout = _output_layout(rules, expected)
@@ -119,6 +125,17 @@ def convert(src: str | Path, dst: str | Path, config: LmConfig | None = None,
     return dst
 
 
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--out, --bits and --group-size, for `output_quantization`."""
+    parser.add_argument("--out", required=True,
+                        help="output .safetensors (written atomically: nothing is left on failure)")
+    parser.add_argument("--bits", type=int, choices=sorted(DEFAULT_GROUP_SIZE),
+                        help="quantize Linear and Embedding weights to this many bits "
+                             "(default: no quantization, bf16)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128),
+                        help="quantization group size (default: 32 for 4 bits, 64 for 8)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m weights_tools.convert_pytorch",
@@ -129,13 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "nn.quantize(model, bits, group_size) when --bits is given."),
     )
     parser.add_argument("src", help="PyTorch Moshi LM weights (safetensors)")
-    parser.add_argument("--out", required=True,
-                        help="output .safetensors (written atomically: nothing is left on failure)")
-    parser.add_argument("--bits", type=int, choices=sorted(DEFAULT_GROUP_SIZE),
-                        help="quantize Linear and Embedding weights to this many bits "
-                             "(default: no quantization, bf16)")
-    parser.add_argument("--group-size", type=int, choices=(32, 64, 128),
-                        help="quantization group size (default: 32 for 4 bits, 64 for 8)")
+    add_output_args(parser)
     parser.add_argument("--config", metavar="CONFIG_JSON",
                         help="the model's config.json in Kyutai's format "
                              "(default: Moshi 7B v0.1, as moshiko/moshika)")
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{info.data_bytes / 1e9:.2f} GB")
 
     # Messages keep their lines (they list tensors) and start with "error: ", as they always did.
-    return run_tool(None, action, one_line=False)
+    return run_tool(action, one_line=False)
 
 
 if __name__ == "__main__":

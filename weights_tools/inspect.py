@@ -19,9 +19,10 @@ from moshi_mlx.weights.common import (
     load_config,
     matching_configs,
     num_elements,
-    run_tool,
 )
 from moshi_mlx.weights.mimi_layout import is_mimi, mimi_num_params
+
+from . import run_tool
 
 PROG = "python -m weights_tools.inspect"
 ACTIVATION_BYTES = {"bfloat16": 2, "float32": 4}
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ToolError(f"{args.file}: does not match the config {args.config}: "
                             f"{report['config']['summary']}; pass the config of this checkpoint.")
 
-    return run_tool(PROG, action)
+    return run_tool(action, PROG)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from moshi_mlx.weights.common import run_tool
 from moshi_mlx.weights.demo import KINDS, build_demo_repo
+
+from . import run_tool
 
 PROG = "python -m weights_tools.make_demo"
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         path = build_demo_repo(args.outdir, args.seed, args.kind)
         print(f"wrote {args.kind} demo repository {path}")
 
-    return run_tool(PROG, action)
+    return run_tool(action, PROG)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from moshi_mlx.weights.common import DEFAULT_GROUP_SIZE, run_tool
+from moshi_mlx.weights.common import DEFAULT_GROUP_SIZE
 from moshi_mlx.weights.quantize import RECIPES, quantize_file
+
+from . import run_tool
 
 PROG = "python -m weights_tools.quantize"
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                             recipe=args.recipe)
         print(f"wrote {out}")
 
-    return run_tool(PROG, action)
+    return run_tool(action, PROG)
 
 
 if __name__ == "__main__":

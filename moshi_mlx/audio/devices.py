@@ -6,7 +6,8 @@ without PortAudio. PortAudio lists the devices when it is imported: a sound serv
 later is not seen by this process.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal, Protocol
 
 import numpy as np
@@ -158,3 +159,20 @@ class SoundDeviceAudio:
         for stream in self._streams:
             stream.close(ignore_errors=True)
         self._streams = []
+
+
+@contextmanager
+def playback(device: int | None = None) -> Iterator[Callable[[np.ndarray], None]]:
+    """Plays 24 kHz mono audio on `device` (None: the default output) -> `write(pcm)`, which
+    blocks while PortAudio's buffer is full (the audio plays at its own pace)."""
+    sd = _sounddevice()
+    try:
+        stream = sd.OutputStream(device=device, samplerate=SAMPLE_RATE, channels=1,
+                                 dtype="float32")
+        stream.start()
+    except sd.PortAudioError as e:
+        raise AudioDeviceError(f"cannot open the output device ({e}).\n{device_table()}") from None
+    try:
+        yield lambda pcm: stream.write(np.asarray(pcm, np.float32).reshape(-1, 1))
+    finally:
+        stream.close(ignore_errors=True)

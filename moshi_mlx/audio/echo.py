@@ -31,12 +31,17 @@ SUPPRESS_DB = (-40, -15)  # `suppress`: the most residual echo removed, alone / 
 # by the echo's delay as estimated, less HEADROOM (a delay in [MIN_DELAY, MAX_DELAY] is kept).
 TAIL_SECONDS = 0.25
 HEADROOM, MIN_DELAY, MAX_DELAY = 4 * CHUNK, CHUNK, round(TAIL_SECONDS * SAMPLE_RATE) - 8 * CHUNK
-ESTIMATE_FRAMES = 2  # the delay is estimated every this many frames (160 ms),
-ESTIMATE_WINDOW = 3 * SAMPLE_RATE // 2  # over the last 1.5 s (a short window follows a jump),
-LONGEST_DELAY = SAMPLE_RATE  # up to 1 s; two estimates within SAME_DELAY samples agree
+# The echo's delay is estimated every ESTIMATE_FRAMES frames (160 ms) over the last
+# ESTIMATE_WINDOW samples (1.5 s: a short window follows a jump), up to LONGEST_DELAY samples
+# (1 s); two estimates within SAME_DELAY samples agree.
+ESTIMATE_FRAMES = 2
+ESTIMATE_WINDOW = 3 * SAMPLE_RATE // 2
+LONGEST_DELAY = SAMPLE_RATE
 SAME_DELAY = 100
-ALIGN_FRAMES = 6  # the played stream's lead is checked over this many frames (~0.5 s),
-MAX_LEAD, KEEP_LEAD = 2 * CHUNKS_PER_FRAME, CHUNKS_PER_FRAME  # chunks: skipped over, down to
+# The played stream's lead (chunks played, not heard yet) is checked over ALIGN_FRAMES frames
+# (~0.5 s): when it stays over MAX_LEAD chunks, the oldest are skipped down to KEEP_LEAD.
+ALIGN_FRAMES = 6
+MAX_LEAD, KEEP_LEAD = 2 * CHUNKS_PER_FRAME, CHUNKS_PER_FRAME
 
 
 def to_int16(pcm: np.ndarray) -> np.ndarray:

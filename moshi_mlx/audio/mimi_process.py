@@ -41,6 +41,12 @@ POLL_SECONDS = 0.0005  # the child's poll of StreamTokenizer's results (it has n
 WORKER_SECONDS = 1.0  # the child's own deadline on a StreamTokenizer result
 
 _OK, _ERROR = b"k", b"!"  # replies: kind, then the data or the error message
+# glibc keeps what rustymimi's threads free in per-thread arenas: a conversation grew the child
+# by ~190 MB above its weights (BENCHMARKS.md, "Memory while talking"). Returning freed memory
+# above 128 KiB at once keeps it at its weights' size, at no measured cost per frame. Other C
+# libraries ignore the variable; a value in the user's environment wins.
+_CHILD_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "131072"}
+
 _LENGTH = struct.Struct("<I")
 _SECONDS = struct.Struct("<f")  # a frame's reply starts with Mimi's own time on it
 DIRECTIONS = ("encode", "decode")
@@ -193,7 +199,7 @@ class MimiProcess:
                 [sys.executable, "-c", _BOOT, root, path, str(num_codebooks), str(max_seq_len),
                  *map(str, child_fds)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=child_fds,
-                start_new_session=True)
+                env={**_CHILD_MALLOC, **os.environ}, start_new_session=True)
         finally:
             for fd in child_fds:
                 os.close(fd)

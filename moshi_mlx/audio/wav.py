@@ -10,8 +10,8 @@ from typing import BinaryIO
 import numpy as np
 import sphn
 
-from ..utils.files import OutputFileError, atomic_write, cannot_write
-from ..utils.files import check_writable as check_writable
+from ..utils.output import OutputFileError, atomic_write, cannot_write
+from ..utils.output import check_writable as check_writable
 
 WAV_MAGIC = (b"RIFF", b"RF64", b"RIFX")
 

@@ -1,23 +1,12 @@
-"""The live engine: one conversation's frames through Moshi, as a pipeline of stages on threads of
-their own (`engine.stages`), used by both apps.
+"""The live engine (README's "The live engine"): one conversation's frames through Moshi as a
+pipeline of stages on threads of their own (`engine.stages`), used by both apps.
 
-    app's audio -> [decode input] -> Mimi encode -> Moshi's step -> Mimi decode -> [encode output]
-                   (e.g. Opus)       (lag control)  (model thread)                  (e.g. Opus)
-
-Where each stage's state lives, and who may touch it:
-- input: the app's decoder of chunks into frames (an Opus stream) or its preparation of each
-  frame (an echo canceller), on the input thread only.
-- Mimi encode: the conversation's `Mimi.encode`, on the encode thread only.
-- Moshi's step: `LmGen` (KV cache, sampler, MLX's random state), on the model's thread only (the
-  thread that loaded the model: MLX streams are thread-local). The text is handed to `on_text`
-  from there, before the frame's voice is decoded.
-- Mimi decode: the conversation's `Mimi.decode`, on the decode thread only (both directions
-  share one Mimi process, which codes them at the same time).
-- encode output: the app's encoder, on the output thread only; then `on_output`.
-Frames go one way, each `Frame` record owned by the stage holding it. The conversation's state is
-reset (on the model's thread) only while no pipeline runs. Lag control: at most `max_waiting`
-frames wait in front of Mimi's encoder; when the stages fall behind real time the oldest are
-dropped (`on_drop`), so the delay stays bounded.
+Each stage's state is touched by its own thread only: the input decoder or echo canceller (input
+thread), `Mimi.encode` and `Mimi.decode` (their threads), `LmGen` with its KV cache, sampler and
+MLX's random state (the model's thread, the one that loaded the model: MLX streams are
+thread-local; `on_text` is called there), the output encoder (output thread; then `on_output`).
+Each `Frame` record is owned by the stage holding it; the conversation is reset only while no
+pipeline runs.
 """
 
 import time

@@ -43,10 +43,15 @@ def format_listing(items: list[str], limit: int = 8) -> str:
     return "\n  " + "\n  ".join(items[:limit]) + more
 
 
+CONFIG_HINT = "Check that the file and the config (--lm-config) belong to the same model."
+
+
 def check_tensors(
-    path: Path, found: dict[str, TensorInfo], expected: dict[str, TensorInfo]
+    path: Path, found: dict[str, TensorInfo], expected: dict[str, TensorInfo],
+    hint: str = CONFIG_HINT,
 ) -> None:
-    """Raises `CheckpointError` unless `found` has exactly the names and shapes of `expected`."""
+    """Raises `CheckpointError` unless `found` has exactly the names and shapes of `expected`;
+    its message ends with `hint`."""
     q_file, q_model = quantization_of(found), quantization_of(expected)
     if q_file != q_model:
         raise CheckpointError(
@@ -72,13 +77,12 @@ def check_tensors(
     if problems:
         raise CheckpointError(
             f"{path} does not match the model config ({describe(found)}):\n"
-            + "\n".join(problems)
-            + "\nCheck that the file and the config (--lm-config) belong to the same model.")
+            + "\n".join(problems) + "\n" + hint)
 
 
-def check_file_matches_model(path: str | Path, model) -> Header:
+def check_file_matches_model(path: str | Path, model, hint: str = CONFIG_HINT) -> Header:
     header = read_header(path)
-    check_tensors(header.path, header.tensors, model_tensors(model))
+    check_tensors(header.path, header.tensors, model_tensors(model), hint)
     return header
 
 

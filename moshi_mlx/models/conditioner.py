@@ -1,5 +1,7 @@
 """Conditioners: a per-conversation vector summed into every input step of the temporal
-transformer (Hibiki's translation-quality `description`, for instance).
+transformer (Hibiki's translation-quality `description`, Kyutai TTS's `cfg` and `control`), or
+a sequence that the temporal transformer's cross-attention reads (Kyutai TTS's speaker
+embeddings `speaker_wavs`, with sinusoidal positions added).
 
 Names follow Kyutai's MLX checkpoints (`condition_provider.conditioners.{name}.embed` ...); the
 numbers follow PyTorch `moshi`'s conditioners: a missing value (None) gives the learnt padding.
@@ -17,6 +19,8 @@ class ConditionTensor:
     (with classifier-free guidance, the conditioned rows then the unconditioned ones)."""
 
     tensor: mx.array
+    cross: mx.array | None = None
+    """[B, S, dim]: what cross-attention reads (the fused `cross` conditioners), if any."""
 
 
 class LutConditioner(nn.Module):
@@ -40,25 +44,46 @@ class LutConditioner(nn.Module):
 
 
 class TensorConditioner(nn.Module):
-    """A vector given by the caller, projected to the model width."""
+    """A vector (or a sequence of them) given by the caller, projected to the model width."""
 
     def __init__(self, output_dim: int, dim: int):
         super().__init__()
         self.output_proj = nn.Linear(dim, output_dim, bias=False)
         self.learnt_padding = mx.zeros((1, 1, output_dim))
 
-    def condition(self, value: mx.array | None) -> mx.array:
-        """value: [B, dim] or None -> [B, output_dim] (None: the learnt padding, one row)."""
+    def condition(self, value: mx.array | None, mask: mx.array | None = None) -> mx.array:
+        """value: [B, dim] or [B, S, dim] or None -> [B, output_dim] or [B, S, output_dim]
+        (None: the learnt padding, one row). `mask` [B, S] (bool): where False, the position
+        is empty and gets the learnt padding (Kyutai TTS's unused speaker slots)."""
         if value is None:
             return self.learnt_padding[0]
-        return self.output_proj(mx.array(value))
+        out = self.output_proj(mx.array(value))
+        if mask is not None:
+            out = mx.where(mask[..., None], out, self.learnt_padding.astype(out.dtype))
+        return out
+
+
+def sin_embedding(length: int, dim: int, max_period: float = 10000) -> mx.array:
+    """Moshi's sinusoidal positions 0..length-1 -> [length, dim] float32: cosines then sines
+    of `position / max_period ** (i / (dim / 2 - 1))`."""
+    half = dim // 2
+    freqs = mx.power(mx.array(max_period, mx.float32),
+                     mx.arange(half, dtype=mx.float32) / (half - 1))
+    phase = mx.arange(length, dtype=mx.float32)[:, None] / freqs
+    return mx.concatenate([mx.cos(phase), mx.sin(phase)], axis=-1)
 
 
 class ConditionProvider(nn.Module):
     """The model's conditioners by name, built from `LmConfig.conditioners`."""
 
-    def __init__(self, output_dim: int, conditioners: dict):
+    def __init__(self, output_dim: int, conditioners: dict, fuser: dict | None = None):
         super().__init__()
+        fuser = fuser or {}
+        self.cross_names = list(fuser.get("cross") or [])
+        self.sum_names = list(fuser.get("sum") or [n for n in conditioners
+                                                    if n not in self.cross_names])
+        self.cross_pos_scale = (float(fuser.get("cross_attention_pos_emb_scale", 1.0))
+                                if fuser.get("cross_attention_pos_emb") else 0.0)
         self.conditioners = {}
         for name, c in conditioners.items():
             params = c[c["type"]]
@@ -78,3 +103,31 @@ class ConditionProvider(nn.Module):
         conditioner = self.conditioners[name]
         values = value if isinstance(value, list) else [value]
         return ConditionTensor(mx.concatenate([conditioner.condition(v) for v in values]))
+
+    def condition(self, values: dict) -> ConditionTensor:
+        """All the model's conditions at once, for one batch row: `values` maps each conditioner
+        to its value (a LUT's string; a tensor conditioner's array, or `(array, mask)`); one
+        missing or None gets the learnt padding. Summed conditioners add up into `tensor`
+        [1, dim]; cross ones are concatenated along positions into `cross` [1, S, dim], with
+        the fuser's sinusoidal positions."""
+        unknown = sorted(set(values) - set(self.conditioners))
+        if unknown:
+            raise ValueError(f"unknown conditioner(s) {', '.join(map(repr, unknown))}; this model "
+                             f"has: {', '.join(self.conditioners) or 'none'}")
+        total = None
+        for name in self.sum_names:
+            c = self.conditioners[name].condition(values.get(name))
+            total = c if total is None else total + c
+        cross = None
+        if self.cross_names:
+            parts = []
+            for name in self.cross_names:
+                value = values.get(name)
+                value, mask = value if isinstance(value, tuple) else (value, None)
+                part = self.conditioners[name].condition(value, mask)
+                parts.append(part if part.ndim == 3 else part[None])
+            cross = mx.concatenate(parts, axis=1)
+            if self.cross_pos_scale:
+                pos = sin_embedding(cross.shape[1], cross.shape[-1])
+                cross = cross + self.cross_pos_scale * pos.astype(cross.dtype)
+        return ConditionTensor(total, cross)

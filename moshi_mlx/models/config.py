@@ -13,6 +13,27 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class TransformerArgs:
+    """One transformer of the model (the temporal one or the depformer's), as
+    `transformer.Transformer` builds it; made by `LmConfig.transformer_args` and
+    `LmConfig.depformer_args` from the config's flat fields."""
+
+    dim: int
+    num_heads: int
+    num_layers: int
+    ffn_hidden: int
+    context: int
+    max_period: float
+    rope: bool
+    norm_f32: bool
+    cross_attention: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass
 class LmConfig:
     """Hyper-parameters of the temporal transformer and of the depformer.
 
@@ -29,6 +50,11 @@ class LmConfig:
     `demux_second_stream` (text input tokens carry two streams, `tok2 * (text_card + 1) + tok1`),
     `extra_heads_num_heads` x `extra_heads_dim` (linear heads on the temporal output, e.g. voice
     activity) and `stt_config` (input padding of the speech-to-text models, in seconds).
+
+    Kyutai's TTS models add `cross_attention` (every temporal layer also attends to the
+    conditioners the fuser lists under `cross`, e.g. the speaker embeddings `speaker_wavs`),
+    `text_card_out` (text logits, when not `text_card`) and `tts_config` (`audio_delay` in
+    seconds, `second_stream_ahead` words of lookahead on the demuxed second text stream).
     """
 
     dim: int
@@ -69,6 +95,8 @@ class LmConfig:
     fuser: dict | None = None
     stt_config: dict | None = None
     cross_attention: bool = False
+    text_card_out: int | None = None
+    tts_config: dict | None = None
     # Keys of the source dict that do not describe the model (file names, sampling defaults...).
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -166,8 +194,22 @@ class LmConfig:
              "must be null or a positive integer")
         need(isinstance(self.demux_second_stream, bool), "demux_second_stream",
              "must be true or false")
-        need(self.cross_attention is False, "cross_attention",
-             "cross-attention models (Kyutai's TTS) are not supported by this package")
+        need(isinstance(self.cross_attention, bool), "cross_attention", "must be true or false")
+        need(self.text_card_out is None or is_int(self.text_card_out, 1), "text_card_out",
+             "must be null or a positive integer")
+        tts = self.tts_config
+        need(tts is None or (isinstance(tts, dict)
+                             and isinstance(tts.get("audio_delay", 0), (int, float))
+                             and not isinstance(tts.get("audio_delay"), bool)
+                             and 0 <= tts.get("audio_delay", 0) < 3600
+                             and is_int(tts.get("second_stream_ahead", 0), 0)
+                             and is_int(tts.get("max_speakers", 1), 1)), "tts_config",
+             "must be null or an object with audio_delay (seconds >= 0) and "
+             "second_stream_ahead, max_speakers (integers)")
+        need(not (tts or {}).get("second_stream_ahead") or self.demux_second_stream,
+             "tts_config", "second_stream_ahead needs demux_second_stream: true")
+        need(not (tts or {}).get("multistream"), "tts_config",
+             "multistream TTS models are not supported")
         self._validate_conditioners(need)
         stt = self.stt_config
         need(stt is None or (isinstance(stt, dict) and all(
@@ -206,12 +248,38 @@ class LmConfig:
                 continue
             need(method in ("sum", "cross", "prepend"), "fuser",
                  f"unknown method '{method}' (sum, cross, prepend)")
-            need(method == "sum" or not names, "fuser",
-                 f"only 'sum' conditioning is supported, not '{method}'")
+            need(method != "prepend" or not names, "fuser",
+                 "'prepend' conditioning is not supported (only 'sum' and 'cross')")
             need(isinstance(names, list) and all(n in conds for n in names), "fuser",
                  f"'{method}' must list conditioners of 'conditioners'")
-        need(not conds or fuser.get("sum") is None or set(fuser["sum"]) == set(conds),
-             "fuser", "every conditioner must be summed into the input ('sum')")
+        cross = fuser.get("cross") or []
+        need(all(conds[n]["type"] == "tensor" for n in cross), "fuser",
+             "'cross' conditioners must be tensors (type 'tensor')")
+        need(bool(cross) == self.cross_attention, "fuser" if cross else "cross_attention",
+             "cross-attention layers and 'cross' conditioners go together (cross_attention: "
+             "true needs the fuser to list its 'cross' conditioners)")
+        summed = fuser.get("sum")
+        need(not conds or summed is None or set(summed) | set(cross) == set(conds),
+             "fuser", "every conditioner must be summed into the input ('sum') or read by "
+                      "cross-attention ('cross')")
+
+    @property
+    def cross_conditioners(self) -> list[str]:
+        """The conditioners cross-attention reads, in the fuser's order (none without it)."""
+        return list((self.fuser or {}).get("cross") or [])
+
+    @property
+    def sum_conditioners(self) -> list[str]:
+        """The conditioners summed into the input: the fuser's `sum`, else every non-cross one."""
+        summed = (self.fuser or {}).get("sum")
+        if summed is None:
+            return [n for n in self.conditioners if n not in self.cross_conditioners]
+        return list(summed)
+
+    @property
+    def text_logits(self) -> int:
+        """Width of the text head: `text_card_out`, else `text_card`."""
+        return self.text_card_out or self.text_card
 
     @property
     def num_user_codebooks(self) -> int:
@@ -252,6 +320,23 @@ class LmConfig:
         """Audio token fed where a delayed codebook has no value yet (one past `card`)."""
         return self.card
 
+    def transformer_args(self) -> TransformerArgs:
+        """The temporal transformer's hyper-parameters."""
+        return TransformerArgs(
+            dim=self.dim, num_heads=self.num_heads, num_layers=self.num_layers,
+            ffn_hidden=self.ffn_hidden, context=self.context, max_period=self.max_period,
+            rope=self.positional_embedding == "rope", norm_f32=self.norm == "rms_norm_f32",
+            cross_attention=self.cross_attention)
+
+    def depformer_args(self) -> TransformerArgs:
+        """The depformer's hyper-parameters (the `depformer_`-prefixed fields; its norms follow
+        the temporal `norm`, as in Moshi)."""
+        return TransformerArgs(
+            dim=self.depformer_dim, num_heads=self.depformer_num_heads,
+            num_layers=self.depformer_num_layers, ffn_hidden=self.depformer_ffn_hidden,
+            context=self.depformer_context, max_period=self.depformer_max_period,
+            rope=self.depformer_pos_emb == "rope", norm_f32=self.norm == "rms_norm_f32")
+
     @property
     def ffn_hidden(self) -> int:
         return gated_hidden(self.dim, int(self.hidden_scale * self.dim))
@@ -264,7 +349,7 @@ class LmConfig:
 OPTIONAL_FIELDS = {
     "depformer_weights_per_step_schedule", "depformer_low_rank_embeddings",
     "demux_second_stream", "extra_heads_num_heads", "extra_heads_dim", "conditioners", "fuser",
-    "stt_config", "cross_attention",
+    "stt_config", "cross_attention", "text_card_out", "tts_config",
 }
 """Fields of the models after Moshi 7B, left out of `to_config_dict` when unused."""
 

@@ -47,12 +47,23 @@ class LmGen:
         context: int | None = None,
         kv_bits: int | None = None,
     ):
-        """`max_steps` is accepted for compatibility and is not a limit: conversations can run
-        for any number of steps; so is `check` (inputs are always built from sampled tokens).
-        `on_text_hook(text [B])` and `on_audio_hook(audio [B, dep_q])` see each step's tokens.
-        `compile` compiles the depformer's per-step sampling. `context` (steps) and `kv_bits`
-        (4 or 8) shape the temporal transformer's KV cache; None: the model's defaults, see
-        `Lm.make_cache`."""
+        """
+        Args:
+            model: the language model (`Lm`), its weights loaded.
+            max_steps: accepted for compatibility with Kyutai's `LmGen`; not a limit (a stream
+                can run for any number of steps).
+            text_sampler, audio_sampler: how text tokens and audio codes are sampled (default:
+                `Sampler()`).
+            batch_size: streams stepped together (B).
+            cfg_coef: classifier-free guidance; 1 for none.
+            check: accepted for compatibility; inputs are always built from sampled tokens.
+            on_text_hook, on_audio_hook: called with each step's text [B] and audio codes
+                [B, dep_q].
+            compile: compile the depformer's per-step sampling.
+            context: steps the temporal transformer attends to (its KV cache); None: the
+                model's (see `Lm.make_cache`).
+            kv_bits: quantize that cache to 4 or 8 bits; None: the activation dtype.
+        """
         cfg = model.cfg
         self.model = model
         self.max_steps = max_steps
@@ -68,13 +79,18 @@ class LmGen:
         self.audio_delays = cfg.audio_delays
         self.max_delay = max(self.audio_delays)
         self._padding = mx.full((batch_size,), cfg.audio_padding_token, mx.int32)
+        self.codebooks: int | None = None  # sample only the first ones (None: all dep_q)
         self._compiled: dict[Sampler, object] = {}  # the depformer's sampling, per sampler
         self.reset(text_sampler or Sampler(), audio_sampler or Sampler())
 
     def reset(self, text_sampler: Sampler | None = None,
               audio_sampler: Sampler | None = None) -> None:
-        """Starts a new stream (empty cache, step 0), optionally with other samplers. What was
-        compiled for a sampler is kept: a new stream does not compile again."""
+        """Starts a new stream (empty cache, step 0). What was compiled for a sampler is kept: a
+        new stream does not compile again.
+
+        Args:
+            text_sampler, audio_sampler: the new stream's samplers; None keeps the current one.
+        """
         self.text_sampler = text_sampler or self.text_sampler
         self.audio_sampler = audio_sampler or self.audio_sampler
         self.step_idx = 0
@@ -90,7 +106,8 @@ class LmGen:
             depformer = self.model.depformer
 
             def sample(hidden, text_token):
-                return depformer.sample(hidden, text_token, sampler, self.cfg_coef)
+                return depformer.sample(hidden, text_token, sampler, self.cfg_coef,
+                                        self.codebooks)
 
             if self.compile:
                 state = [depformer.state, mx.random.state]
@@ -162,22 +179,38 @@ class LmGen:
         return text_token[:, None], hidden[: self.batch_size]
 
     def step(self, user_tokens: mx.array, ct: ConditionTensor | None = None) -> mx.array:
-        """user_tokens: int32 [B, n_q - dep_q], the input stream's Mimi codes for this frame;
-        `ct`: the condition (`model.condition_provider.condition_tensor(...)`), if any.
-        Returns the text token for this step, [B, 1] int32 (evaluation is started, not
-        awaited: `.item()` or `.tolist()` waits for it)."""
+        """Runs one 80 ms frame.
+
+        Args:
+            user_tokens: int32 [B, n_q - dep_q], the input stream's Mimi codes for this frame.
+            ct: the condition (`model.condition_provider.condition_tensor(...)`), if any.
+
+        Returns:
+            The text token of this step, int32 [B, 1] (its evaluation is started, not awaited:
+            `.item()` or `.tolist()` waits for it).
+
+        Raises:
+            ValueError: `user_tokens` is not [B, n_q - dep_q].
+        """
         return self._step(user_tokens, ct)[0]
 
     def step_with_extra_heads(self, user_tokens: mx.array, ct: ConditionTensor | None = None
                               ) -> tuple[mx.array, list[mx.array]]:
-        """`step`, plus the softmax of each extra head of the model ([B, 1, extra_heads_dim]
-        each, e.g. the STT models' voice activity) on this step's temporal output."""
+        """`step`, with the model's extra heads (e.g. the STT models' voice activity).
+
+        Returns:
+            (text token [B, 1], the softmax of each extra head on this step's temporal output,
+            [B, 1, extra_heads_dim] each).
+        """
         text, hidden = self._step(user_tokens, ct)
         return text, self.model.extra_head_probs(hidden)
 
     def last_audio_tokens(self) -> mx.array | None:
-        """The model's codes [B, dep_q] of the frame completed by the last step, or None while
-        the delays are still filling (the first `max_delay` steps) and for text-only models."""
+        """
+        Returns:
+            The model's audio codes of the frame completed by the last step, int32 [B, dep_q];
+            None while the delays fill (the first `max_delay` steps) and for text-only models.
+        """
         frame = self.step_idx - 1 - self.max_delay
         if frame < 0 or self.dep_q == 0:
             return None

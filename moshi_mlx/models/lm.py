@@ -12,8 +12,8 @@ from mlx_lm.models.cache import ConcatenateKVCache
 from ..utils.sampling import Sampler
 from . import checkpoint
 from .conditioner import ConditionProvider, ConditionTensor
-from .config import LmConfig
-from .transformer import RMSNorm, Transformer, TransformerArgs
+from .config import LmConfig, TransformerArgs
+from .transformer import RMSNorm, Transformer
 
 ZERO_TOKEN = -1
 """Input token meaning 'nothing here': it embeds to an all-zero vector (as in Moshi)."""
@@ -121,16 +121,7 @@ class DepFormer(nn.Module):
 
     def __init__(self, cfg: LmConfig):
         super().__init__()
-        args = TransformerArgs(
-            dim=cfg.depformer_dim,
-            num_heads=cfg.depformer_num_heads,
-            num_layers=cfg.depformer_num_layers,
-            ffn_hidden=cfg.depformer_ffn_hidden,
-            context=cfg.depformer_context,
-            max_period=cfg.depformer_max_period,
-            rope=cfg.depformer_pos_emb == "rope",
-            norm_f32=cfg.norm == "rms_norm_f32",
-        )
+        args = cfg.depformer_args()
         self.slices = [
             DepFormerSlice(cfg.text_card + 1 if k == 0 else cfg.card + 1, cfg, args,
                            demux=k == 0 and cfg.demux_second_stream)
@@ -153,15 +144,16 @@ class DepFormer(nn.Module):
         return mx.stack(logits, axis=1).reshape(b, t, len(self.slices), -1)
 
     def sample(self, hidden: mx.array, text_token: mx.array, sampler: Sampler,
-               cfg_coef: float = 1.0) -> mx.array:
-        """hidden: [B, 1, dim]; text_token: [B] -> Moshi's audio tokens [B, dep_q] (int32).
+               cfg_coef: float = 1.0, codebooks: int | None = None) -> mx.array:
+        """hidden: [B, 1, dim]; text_token: [B] -> Moshi's audio tokens [B, dep_q] (int32), or
+        only the first `codebooks` of them.
 
         With `cfg_coef` != 1, `hidden` has 2B rows (conditioned, then unconditioned), both fed
         the same tokens, and each codebook samples from `guided(logits)`."""
         cache = self._new_cache()
         token = text_token
         out = []
-        for s in self.slices:
+        for s in self.slices[:codebooks]:
             fed = token if cfg_coef == 1 else mx.concatenate([token, token])
             token = sampler(guided(s(hidden, fed, cache), cfg_coef))[0]
             out.append(token)
@@ -187,25 +179,14 @@ class Lm(nn.Module):
         self.text_emb = ScaledEmbedding(cfg.text_card + 1, cfg.dim,
                                         demux=cfg.demux_second_stream)
         self.audio_embs = [nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
-        self.transformer = Transformer(
-            TransformerArgs(
-                dim=cfg.dim,
-                num_heads=cfg.num_heads,
-                num_layers=cfg.num_layers,
-                ffn_hidden=cfg.ffn_hidden,
-                context=cfg.context,
-                max_period=cfg.max_period,
-                rope=cfg.positional_embedding == "rope",
-                norm_f32=cfg.norm == "rms_norm_f32",
-            )
-        )
+        self.transformer = Transformer(cfg.transformer_args())
         self.out_norm = RMSNorm(cfg.dim, cfg.norm == "rms_norm_f32")
-        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        self.text_linear = nn.Linear(cfg.dim, cfg.text_logits, bias=False)
         self.depformer = DepFormer(cfg)
         self.extra_heads = [nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False)
                             for _ in range(cfg.extra_heads_num_heads)]
         self.condition_provider = (
-            ConditionProvider(cfg.dim, cfg.conditioners) if cfg.conditioners else None)
+            ConditionProvider(cfg.dim, cfg.conditioners, cfg.fuser) if cfg.conditioners else None)
         self.activation_dtype: mx.Dtype | None = None  # None: `pick_activation_dtype`
         self.kv_context: int | None = None  # `make_cache`'s defaults (None: the config's context,
         self.kv_bits: int | None = None  # an unquantized cache), set by the apps' flags
@@ -218,24 +199,34 @@ class Lm(nn.Module):
         x = embed(self.text_emb, text_tokens).astype(dtype)
         for k, emb in enumerate(self.audio_embs):
             x = x + embed(emb, audio_tokens[:, k]).astype(dtype)
-        if condition is not None:
+        if condition is not None and condition.tensor is not None:
             x = x + condition.tensor[:, None, :].astype(dtype)
         return x
 
     def __call__(self, text_tokens: mx.array, audio_tokens: mx.array, cache=None,
-                 condition: ConditionTensor | None = None, mask: mx.array | None = None):
+                 condition: ConditionTensor | None = None, cross=None,
+                 mask: mx.array | None = None):
         """Temporal transformer over T steps.
 
         text_tokens: [B, T]; audio_tokens: [B, n_q, T] (input tokens, delays already applied);
         `condition` (from `condition_provider.condition_tensor`) is summed into every step.
         With `cache` (from `make_cache`) the steps continue a stream, else they start one; either
         way each step attends causally to the last `context` steps (or as `mask` says, see
-        `Transformer`).
-        Returns (hidden [B, T, dim] for the depformer, text logits [B, T, text_card]).
+        `Transformer`). A cross-attention model (Kyutai's TTS) reads `cross`,
+        `cross_keys_values(condition)` computed once per stream.
+        Returns (hidden [B, T, dim] for the depformer, text logits [B, T, text_logits]).
         """
         x = self.embed(text_tokens, audio_tokens, condition)
-        hidden = self.out_norm(self.transformer(x, cache=cache, mask=mask))
+        hidden = self.out_norm(self.transformer(x, cache=cache, cross=cross, mask=mask))
         return hidden, self.text_linear(hidden)
+
+    def cross_keys_values(self, condition: ConditionTensor):
+        """Each layer's cross-attention keys and values for `condition.cross` [B, S, dim]."""
+        if condition.cross is None:
+            raise ValueError("this condition has nothing for cross-attention (no 'cross' "
+                             "conditioner of the fuser)")
+        dtype = self.activation_dtype or pick_activation_dtype(self)
+        return self.transformer.cross_keys_values(condition.cross.astype(dtype))
 
     def extra_head_probs(self, hidden: mx.array) -> list[mx.array]:
         """Softmax of each extra head (e.g. voice activity) on `hidden` [B, T, dim]."""
@@ -258,8 +249,12 @@ class Lm(nn.Module):
         b = 1
         text = mx.full((b, 1), self.cfg.text_initial_token, mx.int32)
         audio = mx.full((b, self.cfg.n_q, 1), self.cfg.audio_padding_token, mx.int32)
-        ct = None if ct is None else ConditionTensor(ct.tensor[:1])
-        hidden, logits = self(text, audio, cache=self.make_cache(), condition=ct)
+        if ct is None and self.cfg.cross_attention:
+            ct = self.condition_provider.condition({})  # every condition empty
+        if ct is not None:
+            ct = ConditionTensor(*(None if t is None else t[:1] for t in (ct.tensor, ct.cross)))
+        cross = self.cross_keys_values(ct) if self.cfg.cross_attention else None
+        hidden, logits = self(text, audio, cache=self.make_cache(), condition=ct, cross=cross)
         greedy = Sampler(temp=0.0)
         text_token = greedy(logits[:, -1])[0]
         if self.cfg.dep_q > 0:

@@ -4,31 +4,15 @@ Parameter names (`self_attn.in_proj`, `gating.linear_in`, `norm1`...) are those 
 checkpoints, so their files load with strict checking.
 """
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import RotatingKVCache
 
+from .config import TransformerArgs
+
 KV_BITS = (4, 8)  # what a quantized KV cache may hold (mx.quantize also has 2, 3, 6: untested)
-
-
-@dataclass
-class TransformerArgs:
-    dim: int
-    num_heads: int
-    num_layers: int
-    ffn_hidden: int
-    context: int
-    max_period: float
-    rope: bool
-    norm_f32: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
 
 
 class RMSNorm(nn.RMSNorm):
@@ -76,6 +60,46 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
+def linear_rows(linear: nn.Module, x: mx.array, start: int, stop: int) -> mx.array:
+    """`linear(x)`'s output features start..stop only, computing those alone, for a Linear or
+    a QuantizedLinear (its rows quantize independently, so a slice of rows is one too)."""
+    if isinstance(linear, nn.QuantizedLinear):
+        biases = linear.get("biases")
+        return mx.quantized_matmul(
+            x, linear["weight"][start:stop], scales=linear["scales"][start:stop],
+            biases=None if biases is None else biases[start:stop], transpose=True,
+            group_size=linear.group_size, bits=linear.bits, mode=linear.mode)
+    return x @ linear.weight[start:stop].T
+
+
+class CrossAttention(Attention):
+    """Attention of every step to a fixed source (Kyutai's TTS: the speaker embeddings), without
+    positions or mask. Its weights are self-attention's (`in_proj` holds the query, key and
+    value projections stacked, as in Kyutai's files); `keys_values` projects the source once per
+    generation, each step then only its queries."""
+
+    def __init__(self, args: TransformerArgs):
+        super().__init__(args)
+        self.rope = None
+
+    def keys_values(self, source: mx.array) -> tuple[mx.array, mx.array]:
+        """source: [B, S, dim] -> keys, values [B, heads, S, head_dim]."""
+        b, s, d = source.shape
+        kv = linear_rows(self.in_proj, source, d, 3 * d)
+        kv = kv.reshape(b, s, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def __call__(self, x: mx.array, keys_values: tuple[mx.array, mx.array]) -> mx.array:
+        """x: [B, T, dim]; `keys_values` from `keys_values` -> [B, T, dim]."""
+        b, t, d = x.shape
+        q = linear_rows(self.in_proj, x, 0, d)
+        q = q.reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k, v = keys_values
+        out = mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                                   scale=self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+
 class MlpGating(nn.Module):
     """SiLU-gated MLP: `linear_in` produces the gate and the value halves side by side."""
 
@@ -96,9 +120,16 @@ class TransformerLayer(nn.Module):
         self.self_attn = Attention(args)
         self.norm2 = RMSNorm(args.dim, args.norm_f32)
         self.gating = MlpGating(args.dim, args.ffn_hidden)
+        if args.cross_attention:  # as in Moshi, its norm is a LayerNorm whatever `norm` says
+            self.norm_cross = nn.LayerNorm(args.dim, eps=1e-5)
+            self.cross_attention = CrossAttention(args)
 
-    def __call__(self, x: mx.array, cache=None, mask=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, mask=None, cross=None) -> mx.array:
+        """`cross`: this layer's cross-attention keys and values (`Transformer.cross_keys_values`),
+        required by a cross-attention layer."""
         x = x + self.self_attn(self.norm1(x), cache=cache, mask=mask)
+        if "cross_attention" in self:
+            x = x + self.cross_attention(self.norm_cross(x), cross)
         return x + self.gating(self.norm2(x))
 
 
@@ -108,19 +139,30 @@ class Transformer(nn.Module):
         self.args = args
         self.layers = [TransformerLayer(args) for _ in range(args.num_layers)]
 
-    def __call__(self, x: mx.array, cache=None, mask: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, cross=None,
+                 mask: mx.array | None = None) -> mx.array:
         """x: [batch, steps, dim]. Several steps attend causally, each to the last `context` steps
         (its own included), whether they start a sequence or continue the one in `cache`. A
-        single step needs no mask: the caches never hold more than `context` steps. `mask`
+        single step needs no mask: the caches never hold more than `context` steps. `cross`:
+        per-layer keys and values of the cross-attention source (`cross_keys_values`). `mask`
         (boolean, broadcast to [batch, heads, steps, cached steps]) replaces the causal one: rows
         at positions of their own (`engine.batched`)."""
         cache = cache or [None] * len(self.layers)
+        cross = cross or [None] * len(self.layers)
+        if self.args.cross_attention and cross[0] is None:
+            raise ValueError("this model's layers cross-attend to a condition (e.g. speakers): "
+                             "pass its keys and values (cross_keys_values)")
         if mask is None and x.shape[1] > 1:
             window = self.args.context if cache[0] is None else cache[0].max_size
             mask = create_attention_mask(x, cache[0], window_size=window)
-        for layer, c in zip(self.layers, cache):
-            x = layer(x, cache=c, mask=mask)
+        for layer, c, kv in zip(self.layers, cache, cross):
+            x = layer(x, cache=c, mask=mask, cross=kv)
         return x
+
+    def cross_keys_values(self, source: mx.array) -> list[tuple[mx.array, mx.array]]:
+        """source: [B, S, dim], the fused cross condition -> each layer's keys and values,
+        computed once and reused at every step of a generation."""
+        return [layer.cross_attention.keys_values(source) for layer in self.layers]
 
     def make_cache(self, context: int | None = None,
                    kv_bits: int | None = None) -> list[RotatingKVCache]:

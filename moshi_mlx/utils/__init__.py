@@ -1,6 +1,6 @@
 """Pieces the apps share: sampling (`Sampler`, `SamplingSettings` and their checks, on MLX) and
-file writing (`files`, no MLX). The sampling names are imported on first use, so that modules
-which only move audio or bytes can use `utils.files` without importing MLX."""
+file writing (`output`, no MLX). The sampling names are imported on first use, so that modules
+which only move audio or bytes can use `utils.output` without importing MLX."""
 
 from importlib import import_module
 

@@ -20,6 +20,15 @@ class Sampler:
     `top_k` is set (above 0), else top-p when `0 < top_p < 1`, else min-p when `min_p > 0`.
     `top_k` equal to the vocabulary size keeps every token; above it, a call raises
     `SamplingError` (before any compiled code runs). The filters are `mlx_lm`'s.
+
+    Args:
+        temp: temperature, >= 0 (0: greedy).
+        top_p: keep the most likely tokens up to this probability mass, in [0, 1].
+        top_k: keep this many most likely tokens, >= 0 (0 or None: no top-k).
+        min_p: keep tokens at least this fraction of the most likely one's probability.
+
+    Raises:
+        ValueError: a value out of its range.
     """
 
     temp: float = 0.8
@@ -48,8 +57,17 @@ class Sampler:
         return logits
 
     def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array]:
-        """logits: [..., vocab] -> (tokens [...] int32, log-probabilities [..., vocab] at
-        temperature 1)."""
+        """Samples one token per row.
+
+        Args:
+            logits: [..., vocab].
+
+        Returns:
+            (tokens int32 [...], log-probabilities [..., vocab] at temperature 1).
+
+        Raises:
+            SamplingError: `top_k` is above the vocabulary size.
+        """
         vocab = logits.shape[-1]
         if self.top_k and self.top_k > vocab:
             raise SamplingError(f"top_k must be at most the vocabulary size {vocab}, "
@@ -107,14 +125,29 @@ class SamplingSettings:
 
     def check(self, vocab: Vocab = (None, None),
               names: dict[str, str] | None = None) -> "SamplingSettings":
-        """These settings when valid for the vocabularies `vocab` (text: `text_card`, audio:
-        `card`); else SamplingError naming the value by `names` and its valid range."""
+        """These settings, checked.
+
+        Args:
+            vocab: (text, audio) vocabulary sizes (`cfg.text_card`, `cfg.card`); None: unknown,
+                top-k is checked against no upper bound.
+            names: field -> the name the user gave the value (e.g. a flag), for the errors.
+
+        Returns:
+            self.
+
+        Raises:
+            SamplingError: a value out of range, named by `names` with its valid range.
+        """
         self.samplers(vocab, names)
         return self
 
     def samplers(self, vocab: Vocab = (None, None),
                  names: dict[str, str] | None = None) -> tuple[Sampler, Sampler]:
-        """(text sampler, audio sampler), checked as `check` does."""
+        """The settings as samplers, checked as `check` does (same arguments and errors).
+
+        Returns:
+            (text sampler, audio sampler).
+        """
         names = names or {}
         return tuple(
             Sampler(temp=check_temperature(getattr(self, f"{stream}_temp"),
@@ -124,12 +157,35 @@ class SamplingSettings:
                     top_p=1.0)
             for stream, size in zip(("text", "audio"), vocab))
 
+    def query_ranges(self, vocab: Vocab = (None, None)) -> dict[str, dict]:
+        """What a URL query may set (`QUERY_NAMES`), for a page's settings: name -> {"default":
+        this value, "min": its least, "max": its most (top-k, where the vocabulary is known),
+        "integer": whether it is a whole number}."""
+        ranges = {}
+        for field, name in QUERY_NAMES.items():
+            is_temp = field.endswith("_temp")
+            size = vocab[0 if field.startswith("text") else 1]
+            ranges[name] = {"default": getattr(self, field), "min": 0, "integer": not is_temp}
+            if not is_temp and size is not None:
+                ranges[name]["max"] = size
+        return ranges
+
     def with_query(self, query: Mapping[str, str], vocab: Vocab = (None, None)
                    ) -> "SamplingSettings":
         """These settings, overridden by those in a URL query (`QUERY_NAMES`: Kyutai's web
-        client's) and checked against `vocab`; ValueError (SamplingError) naming the parameter
-        and its valid range for a value that is not a number or out of range. Other
-        parameters are ignored."""
+        client's); other parameters are ignored.
+
+        Args:
+            query: the URL query's parameters.
+            vocab: as for `check`.
+
+        Returns:
+            New settings.
+
+        Raises:
+            SamplingError (a ValueError): a value that is not a number or is out of range,
+                naming the query parameter and its valid range.
+        """
         changes = {}
         for field, name in QUERY_NAMES.items():
             if name not in query:

@@ -20,7 +20,7 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..engine.transcription import Error, Event, Stream, Transcriber
-from ..protocol import BadAudio, OpusAudio
+from .protocol import BadAudio, OpusAudio
 from .speech import (
     NO_FREE_CHANNELS,
     BadMessage,

@@ -1,13 +1,10 @@
-"""Pieces shared by the weight tools: one-line errors, atomic outputs, and the lazily built model
+"""Pieces shared by the weight tools: their error (`ToolError`), and the lazily built model
 that says which tensors a Moshi checkpoint holds (MLX is lazy: building the 7B model allocates
 nothing, so its parameter tree is known instantly)."""
 
 import json
 import math
-import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,7 +14,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from moshi_mlx.models import (
-    CheckpointError,
     ConfigError,
     Lm,
     LmConfig,
@@ -26,7 +22,13 @@ from moshi_mlx.models import (
     config_v0_1,
     quantize,
 )
-from moshi_mlx.models.checkpoint import Quantization, TensorInfo, model_tensors
+from moshi_mlx.models.checkpoint import (
+    FLOAT_DTYPES,
+    Quantization,
+    TensorInfo,
+    format_listing,
+    model_tensors,
+)
 from moshi_mlx.models.lm import quantizes
 
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
@@ -34,43 +36,8 @@ DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 
 
 class ToolError(Exception):
-    """An input the user can fix; reported on stderr, without a traceback, with exit code 1."""
-
-
-def run_tool(prog: str | None, action: Callable[[], None], one_line: bool = True) -> int:
-    """Runs a tool's action; returns its exit code. Known failures print a message, no traceback:
-    after "`prog`: " (unless `prog` is None), on one line unless `one_line` is False."""
-    lead = f"{prog}: " if prog is not None else ""
-    try:
-        action()
-    except (ToolError, CheckpointError, ConfigError) as e:
-        message = " ".join(str(e).split()) if one_line else str(e)
-        print(f"{lead}error: {message}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"{lead}error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{lead}interrupted; no output was left behind", file=sys.stderr)
-        return 130
-    return 0
-
-
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yields a temporary path beside `path`, renamed to `path` when the block succeeds and
-    removed when it fails or is interrupted, so `path` never holds a half-written file."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ToolError(f"{path}: the output directory {path.parent} does not exist; create it "
-                        "or choose another output path.")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """An input the user can fix; `cli.run_main` reports it on stderr, without a traceback, with
+    exit code 1."""
 
 
 def package_data(name: str) -> str:
@@ -198,3 +165,26 @@ def matching_configs(tensors: dict[str, TensorInfo], quant: Quantization | None,
         except ToolError:  # this config's widths cannot take the file's group size
             continue
     return matches
+
+
+def source_problems(found: dict[str, TensorInfo], wanted: dict[str, tuple[int, ...]],
+                    unused: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """What makes a conversion's source tensors `found` unlike the shapes `wanted`: the missing,
+    unknown (but those `unused` accepts), misshapen and non-float tensors, each a paragraph that
+    lists them; empty when they match."""
+    missing = [f"'{n}' (expected shape {list(s)})" for n, s in wanted.items() if n not in found]
+    extra = [f"'{n}' (shape {list(found[n].shape)})" for n in sorted(found.keys() - wanted.keys())
+             if not unused(n)]
+    wrong = [f"'{n}': expected shape {list(s)}, found {list(found[n].shape)}"
+             for n, s in wanted.items() if n in found and found[n].shape != s]
+    wrong += [f"'{n}': expected a floating-point tensor, found {found[n].dtype}"
+              for n in wanted if n in found and found[n].dtype not in FLOAT_DTYPES]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing:" + format_listing(missing))
+    if extra:
+        problems.append(f"{len(extra)} unknown tensor(s):" + format_listing(extra))
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type:"
+                        + format_listing(wrong))
+    return problems

@@ -1,8 +1,10 @@
 """Builds a small random Moshi repository, laid out like Kyutai's Hugging Face ones, so the apps
 can be tried and tested end to end without downloading 16 GB. `--kind` picks the model family:
 moshi (speech dialogue), hibiki (speech translation: a `description` conditioner, guidance,
-acoustic delay 2, a depformer weight schedule and low-rank embeddings) or stt (speech to text:
-text only, voice-activity heads, `stt_config`). Files:
+acoustic delay 2, a depformer weight schedule and low-rank embeddings), stt (speech to text:
+text only, voice-activity heads, `stt_config`) or tts (text to speech, the layout of
+kyutai/tts-1.6b-en_fr: cross-attention to speaker embeddings, `cfg` and `control` conditioners,
+a demuxed lookahead text stream, `tts_config`). Files:
 
     config.json                                   small config + the file names below
     model.safetensors, model.q8.safetensors, model.q4.safetensors    random LM, bf16 / q8 / q4
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from moshi_mlx.models import LmConfig
 
-from .common import ToolError, atomic_output, demo_config
+from ..utils.output import atomic_path
+from .common import ToolError, demo_config
 from .demo_mimi import write_random_mimi
 from .demo_text import train_tokenizer
 from .mimi_layout import MIMI_FILE
@@ -31,11 +34,11 @@ QUANTIZED = {8: "model.q8.safetensors", 4: "model.q4.safetensors"}
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-KINDS = ("moshi", "hibiki", "stt")
+KINDS = ("moshi", "hibiki", "stt", "tts")
 HIBIKI_VALUES = ["very_bad", "bad", "neutral", "good", "very_good"]
 
 
@@ -57,9 +60,34 @@ def kind_config(kind: str) -> LmConfig:
         base |= {"n_q": n_q, "dep_q": 0, "delays": [0] * (n_q + 1), "extra_heads_num_heads": 4,
                  "extra_heads_dim": 6,
                  "stt_config": {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0}}
+    elif kind == "tts":
+        base |= tts_fields(base["dim"], dep_q=8)
     elif kind != "moshi":
         raise ToolError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     return LmConfig.from_config_dict(base)
+
+
+def tts_fields(dim: int, dep_q: int) -> dict:
+    """The config keys that make a Kyutai TTS model (those of kyutai/tts-1.6b-en_fr), for a
+    model `dim` wide generating `dep_q` codebooks."""
+    cfg_values = ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]
+    return {
+        "n_q": dep_q, "dep_q": dep_q, "delays": [0, 0] + [2] * (dep_q - 1),
+        "depformer_weights_per_step_schedule": [*range(dep_q // 2), *[dep_q // 2] * (dep_q // 2)],
+        "depformer_low_rank_embeddings": 64, "demux_second_stream": True,
+        "cross_attention": True,
+        "conditioners": {
+            "speaker_wavs": {"type": "tensor", "tensor": {"dim": 512}},
+            "cfg": {"type": "lut", "lut": {"n_bins": len(cfg_values), "dim": 16,
+                                           "tokenizer": "noop", "possible_values": cfg_values}},
+            "control": {"type": "lut", "lut": {"n_bins": 1, "dim": dim, "tokenizer": "noop",
+                                               "possible_values": ["ok"]}},
+        },
+        "fuser": {"cross_attention_pos_emb": True, "cross_attention_pos_emb_scale": 1,
+                  "sum": ["control", "cfg"], "prepend": [], "cross": ["speaker_wavs"]},
+        "tts_config": {"audio_delay": 1.28, "second_stream_ahead": 2},
+        "model_id": {"sig": "demo", "epoch": 0},
+    }
 
 
 def build_demo_repo(outdir: str | Path, seed: int = 0, kind: str = "moshi") -> Path:

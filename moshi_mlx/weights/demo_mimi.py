@@ -18,7 +18,8 @@ import numpy as np
 
 from moshi_mlx.models.checkpoint import TensorInfo
 
-from .common import atomic_output, num_elements
+from ..utils.output import atomic_path
+from .common import num_elements
 from .mimi_layout import mimi_tensors
 from .random_weights import scaled_uniform
 from .safetensors_writer import SafetensorsWriter
@@ -58,7 +59,7 @@ def write_random_mimi(path: str | Path, seed: int = 0, num_codebooks: int = 8) -
     shapes = mimi_tensors(num_codebooks)
     layout = [(name, TensorInfo("bfloat16", shapes[name])) for name in sorted(shapes)]
     rng = np.random.default_rng(seed)
-    with atomic_output(path) as tmp, tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         writer = SafetensorsWriter(f, layout)
         for name, info in layout:
             values = initial_value(name, info.shape, rng)

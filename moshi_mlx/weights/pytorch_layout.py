@@ -1,15 +1,21 @@
-"""The tensor layout of Kyutai's PyTorch `moshi` checkpoints (and of its `-candle` repositories,
-which the Rust server loads), mapped onto this package's `Lm`: what `weights_tools.convert_pytorch`
-writes to a file, and what `files.load` converts as it loads such a checkpoint directly."""
+"""The tensors of Kyutai's PyTorch `moshi` checkpoints and where each goes in this package's
+`Lm` (`conversion_rules`), the check of such a file against a config (`check_source`), and its
+loading into a model (`load_pytorch_weights`): how run_tts reads Kyutai's TTS file as released,
+and what `weights_tools.convert_pytorch` writes out in the MLX layout."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
-from ..models import CheckpointError, LmConfig, checkpoint
-from ..models.checkpoint import FLOAT_DTYPES, TensorInfo
-from .common import expected_tensors
+from moshi_mlx.models import CheckpointError, LmConfig, checkpoint
+from moshi_mlx.models.checkpoint import TensorInfo
+from moshi_mlx.weights.common import source_problems
+
+
+def is_pytorch_layout(tensors: dict[str, TensorInfo]) -> bool:
+    """Whether a checkpoint's tensors are named as PyTorch `moshi` names them."""
+    return "out_norm.alpha" in tensors
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,20 @@ def _layer_rules(src: str, dst: list[str], weight_of: list[int] | None,
     return rules
 
 
+def _cross_attention_rules(layer: str, stacked: bool) -> list[Rule]:
+    """Rules of a temporal layer's cross-attention (Kyutai's TTS): its LayerNorm and its
+    projections."""
+    attn = f"{layer}.cross_attention"
+    in_proj, out_proj = ((f"{attn}.in_proj_weight", f"{attn}.out_proj.weight") if stacked
+                         else (f"{attn}.in_projs.0.weight", f"{attn}.out_projs.0.weight"))
+    return [
+        Rule(f"{layer}.norm_cross.weight", (f"{layer}.norm_cross.weight",)),
+        Rule(f"{layer}.norm_cross.bias", (f"{layer}.norm_cross.bias",)),
+        Rule(in_proj, (f"{attn}.in_proj.weight",)),
+        Rule(out_proj, (f"{attn}.out_proj.weight",)),
+    ]
+
+
 def _embedding_rules(src: str, dst: str, low_rank: bool, demux: bool) -> list[Rule]:
     """Rules of a PyTorch `ScaledEmbedding`: its table and its low-rank or demux projections."""
     names = ["weight"]
@@ -92,7 +112,16 @@ def _embedding_rules(src: str, dst: str, low_rank: bool, demux: bool) -> list[Ru
     return [Rule(f"{src}.{n}", (f"{dst}.{n}",)) for n in names]
 
 
-def conversion_rules(cfg: LmConfig, stacked: bool = True) -> list[Rule]:
+def stacked_layouts(names) -> tuple[bool, bool]:
+    """Whether a file's self-attention and its cross-attention weights are stacked as in the
+    released files (`in_proj_weight`) rather than named as `state_dict()` names them."""
+    names = list(names)
+    return (not any(".self_attn.in_projs." in n for n in names),
+            not any(".cross_attention.in_projs." in n for n in names))
+
+
+def conversion_rules(cfg: LmConfig, stacked: bool = True,
+                     cross_stacked: bool | None = None) -> list[Rule]:
     """Every tensor of a PyTorch Moshi LM state dict and where it goes in `Lm`.
 
     `stacked`: attention weights as in the released files (`self_attn.in_proj_weight`,
@@ -108,6 +137,9 @@ def conversion_rules(cfg: LmConfig, stacked: bool = True) -> list[Rule]:
     for i in range(cfg.num_layers):
         layer = f"transformer.layers.{i}"
         rules += _layer_rules(layer, [layer], None, stacked)
+        if cfg.cross_attention:
+            rules += _cross_attention_rules(layer, stacked if cross_stacked is None
+                                            else cross_stacked)
     weight_of = cfg.depformer_weights_per_step_schedule or list(range(cfg.dep_q))
     low_rank = cfg.depformer_low_rank_embeddings is not None
     for w in range(max(weight_of, default=-1) + 1):
@@ -139,21 +171,7 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
     """Raises `CheckpointError` listing every missing, unexpected, misshapen or non-float
     tensor of the source file."""
     found = header.tensors
-    wanted = {r.source: r.source_shape(plain) for r in rules}
-    missing = [f"'{n}' (expected shape {list(s)})" for n, s in wanted.items() if n not in found]
-    extra = [f"'{n}' (shape {list(found[n].shape)})" for n in sorted(found.keys() - wanted.keys())]
-    wrong = [f"'{n}': expected shape {list(s)}, found {list(found[n].shape)}"
-             for n, s in wanted.items() if n in found and found[n].shape != s]
-    wrong += [f"'{n}': expected a floating-point tensor, found {found[n].dtype}"
-              for n in wanted if n in found and found[n].dtype not in FLOAT_DTYPES]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing:" + checkpoint.format_listing(missing))
-    if extra:
-        problems.append(f"{len(extra)} unknown tensor(s):" + checkpoint.format_listing(extra))
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) of the wrong shape or type:"
-                        + checkpoint.format_listing(wrong))
+    problems = source_problems(found, {r.source: r.source_shape(plain) for r in rules})
     if problems:
         hint = "Pass the language model's file (not Mimi's) and the --config that matches it."
         if "audio_embs.0.weight" in found:
@@ -163,17 +181,18 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
             + "\n".join(problems) + "\n" + hint)
 
 
-def is_pytorch_layout(names) -> bool:
-    """Whether a checkpoint's tensor names are PyTorch's (its output norm's scale is `alpha`)."""
-    return "out_norm.alpha" in names
-
-
-def converted_weights(path: str | Path, cfg: LmConfig) -> list[tuple[str, mx.array]]:
-    """A PyTorch-layout checkpoint of `cfg`'s model -> its weights in `Lm`'s names and shapes
-    (for `Lm.load_weights`). Raises `CheckpointError` naming what does not match."""
-    header = checkpoint.read_header(Path(path))
-    stacked = not any(".self_attn.in_projs." in name for name in header.tensors)
-    rules = conversion_rules(cfg, stacked)
-    check_source(header, rules, expected_tensors(cfg), "its config.json")
-    arrays = checkpoint.load(Path(path))
-    return [pair for rule in rules for pair in rule.apply(arrays.pop(rule.source))]
+def load_pytorch_weights(model, path: str | Path) -> None:
+    """Loads PyTorch moshi weights (either attention layout) into the unquantized `model`, each
+    tensor cast to its parameter's dtype, after checking every tensor of the file against the
+    model's config (`CheckpointError` lists what does not match)."""
+    header = checkpoint.read_header(path)
+    rules = conversion_rules(model.cfg, *stacked_layouts(header.tensors))
+    expected = checkpoint.model_tensors(model)
+    check_source(header, rules, expected, f"the config (dim {model.cfg.dim}, "
+                                          f"{model.cfg.num_layers} layers)")
+    arrays = checkpoint.load(path)
+    weights = []
+    for rule in rules:
+        for name, value in rule.apply(arrays.pop(rule.source)):
+            weights.append((name, value.astype(getattr(mx, expected[name].dtype))))
+    model.load_weights(weights, strict=True)

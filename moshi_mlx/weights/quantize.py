@@ -26,9 +26,9 @@ from moshi_mlx.models.checkpoint import (
     read_header,
 )
 
+from ..utils.output import atomic_path
 from .common import (
     ToolError,
-    atomic_output,
     diff_tensors,
     expected_tensors,
     known_configs,
@@ -135,7 +135,7 @@ def quantize_file(src: str | Path, dst: str | Path | None = None, bits: int = 4,
     source = load(src)  # lazy: each tensor is read from disk when evaluated
     bar = tqdm(total=header.data_bytes, unit="B", unit_scale=True, desc=f"q{bits} {src.name}",
                disable=None if progress is None else not progress)
-    with bar, atomic_output(dst) as tmp, tmp.open("wb") as f:
+    with bar, atomic_path(dst) as tmp, tmp.open("wb") as f:
         writer = SafetensorsWriter(f, layout, metadata)
         for name in sorted(header.tensors):
             array = source.pop(name)

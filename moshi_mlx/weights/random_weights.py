@@ -1,16 +1,18 @@
-"""Random bf16 Moshi checkpoints, generated and written one tensor at a time (for demos, tests
-and benchmarks: files of any size without holding them in memory)."""
+"""Random bf16 checkpoints (Moshi, Helium), generated and written one tensor at a time (for
+demos, tests and benchmarks: files of any size without holding them in memory)."""
 
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
 from moshi_mlx.models import LmConfig
 from moshi_mlx.models.checkpoint import model_tensors
 
-from .common import atomic_output, lazy_model
+from ..utils.output import atomic_path
+from .common import lazy_model
 from .safetensors_writer import SafetensorsWriter
 
 
@@ -24,18 +26,22 @@ def scaled_uniform(rng: np.random.Generator, shape: tuple[int, ...], std: float)
 
 
 def write_random_lm(path: str | Path, cfg: LmConfig, seed: int = 0) -> Path:
-    """Writes a bf16 checkpoint of `Lm(cfg)` to `path`: every matrix (Linear and Embedding
-    weights, conditioners' paddings) uniform with variance 1 / last dimension, from numpy's
-    PCG64 seeded by `seed` (the same bytes on every platform), every vector (the norms' scales)
-    at the model's initial value."""
+    """Writes a bf16 checkpoint of `Lm(cfg)` to `path` (see `write_random_model`)."""
+    return write_random_model(path, lazy_model(cfg), seed)
+
+
+def write_random_model(path: str | Path, model: nn.Module, seed: int = 0) -> Path:
+    """Writes a bf16 checkpoint of `model` (built lazily, in bf16) to `path`: every matrix
+    (Linear and Embedding weights, conditioners' paddings) uniform with variance 1 / last
+    dimension, from numpy's PCG64 seeded by `seed` (the same bytes on every platform), every
+    vector (the norms' scales) at the model's initial value."""
     path = Path(path)
-    model = lazy_model(cfg)
     tensors = model_tensors(model)
     random_names = {name for name, info in tensors.items() if len(info.shape) >= 2}
     initial = dict(tree_flatten(model.parameters()))
     layout = sorted(tensors.items())
     rng = np.random.default_rng(seed)
-    with atomic_output(path) as tmp, tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         writer = SafetensorsWriter(f, layout)
         for name, info in layout:
             if name in random_names:

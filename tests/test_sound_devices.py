@@ -9,7 +9,7 @@ import pytest
 from fake_audio import EchoConversation, FakeAudio, FakeCanceller, frame, number
 
 from moshi_mlx.audio.devices import AudioDeviceError
-from moshi_mlx.engine.live import LiveConversation
+from moshi_mlx.engine.sound_devices import LiveConversation
 from moshi_mlx.engine.worker import ModelThread
 
 MODEL_THREAD = ModelThread("test-model")

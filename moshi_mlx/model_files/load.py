@@ -1,7 +1,7 @@
 """Loading Moshi from its files, as `mlx_lm.utils.load` does for a language model: the text
 tokenizer, the memory preflight (which KV cache fits), the model quantized as the file holds it,
-its weights checked strictly (a checkpoint in PyTorch's layout, as Kyutai's `-candle`
-repositories hold it, is converted as it loads)."""
+its weights checked strictly (in this package's layout, or PyTorch moshi's as Kyutai releases
+its TTS)."""
 
 import logging
 from dataclasses import dataclass
@@ -12,7 +12,7 @@ import sentencepiece
 
 from .. import models
 from ..models.checkpoint import model_tensors, module_quantization, read_header
-from ..weights.pytorch_layout import converted_weights, is_pytorch_layout
+from ..weights.pytorch_layout import is_pytorch_layout, load_pytorch_weights
 from . import memory
 from .errors import ModelFilesError
 from .resolve import ModelFiles
@@ -46,9 +46,25 @@ class MemoryOptions:
 
 
 def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | None = None):
-    """Builds and loads Moshi: -> (model `models.Lm`, text tokenizer, config). First the memory
+    """Builds and loads Moshi, as `mlx_lm.utils.load` does for its models. First the memory
     preflight (`memory.choose`) picks the KV cache the model's steps will use (the model's
-    `kv_bits` and `kv_context`), or raises `memory.NotEnoughMemory`."""
+    `kv_bits` and `kv_context`).
+
+    Args:
+        files: the model's files (`resolve`).
+        warmup: run one step, so that the first real one is not slower.
+        options: the memory flags (KV cache bits, context, ignore the preflight); None: defaults.
+
+    Returns:
+        (model `models.Lm`, text tokenizer `sentencepiece.SentencePieceProcessor`, config
+        `models.LmConfig`).
+
+    Raises:
+        memory.NotEnoughMemory: the model does not fit (unless `options.ignore_memory`).
+        ModelFilesError: the tokenizer is not one for this model.
+        models.CheckpointError: the weights do not match the model (names, shapes,
+            quantization).
+    """
     cfg = files.lm_config
     options = options or MemoryOptions()
     text_tokenizer = load_text_tokenizer(files.tokenizer, cfg)
@@ -64,11 +80,10 @@ def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | 
         found = read_header(files.moshi_weight).tensors
         models.quantize(model, layout=module_quantization(found, model_tensors(model)))
     memory.wire_model_memory()
-    if is_pytorch_layout(read_header(files.moshi_weight).tensors):
-        log.info("loading %s (PyTorch's layout, converted as it loads)", files.moshi_weight)
-        model.load_weights(converted_weights(files.moshi_weight, cfg), strict=True)
+    log.info("loading %s", files.moshi_weight)
+    if is_pytorch_layout(read_header(files.moshi_weight).tensors):  # Kyutai's TTS files
+        load_pytorch_weights(model, files.moshi_weight)
     else:
-        log.info("loading %s", files.moshi_weight)
         model.load_weights(str(files.moshi_weight), strict=True)
     if warmup:
         model.warmup()

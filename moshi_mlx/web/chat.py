@@ -1,20 +1,7 @@
-"""The chat server: Kyutai's websocket protocol at `/api/chat`, one conversation at a time, and the
-page that talks to it.
-
-Each connection is a fresh conversation: the model's state (KV cache, Mimi streams, sampler seed)
-is reset, nothing is loaded. While one runs (or waits for the previous one's clean-up), another
-client gets an error message ("busy") and a close. The conversation runs in the live engine
-(`engine.live_engine`): the client's audio is decoded, Mimi-encoded, stepped by Moshi, Mimi-decoded
-and coded for the client on threads of their own; this module only moves messages between the
-websocket and the engine. Moshi's text goes out as soon as a step has produced it, before its
-voice is decoded. When the engine falls behind real time, the oldest waiting input frames are
-dropped, so the lag stays under `max_lag`.
-
-A client is alive while it answers the websocket's pings: one that has answered none for
-PONG_TIMEOUT_SECONDS (a dead network, a frozen process) loses the model at once. A live client
-may send no audio for up to `idle_timeout` seconds (a permission prompt, a pause) before its
-conversation ends.
-"""
+"""The chat websocket, `/api/chat`: who holds the model (one conversation at a time; others are
+told "busy") and one connection's session (the client's messages dispatched into the live engine,
+Moshi's text and voice out, the ping watchdog). README.md's "Talk in the browser" describes the
+behaviour; `web.server` puts this behind the origin policy."""
 
 import asyncio
 import json
@@ -22,23 +9,20 @@ import logging
 import secrets
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from .audio.constants import FRAME_RATE
-from .audio.mimi_process import MimiError
-from .engine.conversation import Conversation
-from .engine.live_engine import LiveEngine
-from .engine.stages import WAIT_SECONDS
-from .engine.worker import ModelThread, ModelWorker
+from ..audio.constants import FRAME_RATE
+from ..audio.mimi_process import MimiError
+from ..engine.conversation import Conversation
+from ..engine.live_engine import LiveEngine
+from ..engine.stages import WAIT_SECONDS
+from ..engine.worker import ModelThread, ModelWorker
+from ..utils.sampling import SamplingSettings
 from .protocol import AUDIO_CODECS, HANDSHAKE, AudioCodec, BadAudio, Kind, Reframer, message
-from .utils.sampling import SamplingSettings
-from .web.origin import OriginPolicy
 
 log = logging.getLogger("moshi_mlx")
 
-STATIC_DIR = Path(__file__).parent / "static"  # the page shipped with the package
 MAX_MESSAGE_BYTES = 256 * 1024  # about a minute of Opus, or 5 s of 16-bit PCM
 PING_SECONDS = 0.5  # a ping to the client this often
 PONG_TIMEOUT_SECONDS = 2.0  # a client that answers no ping for this long is gone
@@ -90,19 +74,22 @@ class ChatSocket(web.WebSocketResponse):
 
 
 class Session:
-    """One conversation over one websocket: the client's audio into the live engine, Moshi's
-    text and voice out.
+    """One conversation over one websocket: the client's messages into the live engine (`receive`),
+    Moshi's text and voice out (`send`), and the client's liveness (`watch`).
 
     The engine's callbacks (on its threads) only hand messages to the event loop's outbox;
     `send` (a task) writes them to the websocket in order: a step's text before its voice.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, worker: ModelWorker, conversation: Conversation,
-                 codec: AudioCodec, max_waiting: int, send_status: bool):
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, worker: ModelWorker,
+                 conversation: Conversation, codec: AudioCodec, max_waiting: int,
+                 send_status: bool, idle_timeout: float):
         self.ws = ws
+        self.request = request
         self.codec = codec
         self.reframer = Reframer()
         self.send_status = send_status
+        self.idle_timeout = idle_timeout
         self.ignored: Counter[str] = Counter()
         self.failure: tuple[str, BaseException] | None = None
         self.last_pong = 0.0  # the event loop's time of the client's last pong
@@ -185,9 +172,82 @@ class Session:
     async def send_json(self, data: dict) -> None:
         await self.ws.send_bytes(message(Kind.METADATA, json.dumps(data).encode()))
 
+    async def watch(self) -> None:
+        """Pings the client every PING_SECONDS; returns once it has answered none for
+        PONG_TIMEOUT_SECONDS (counted from its last pong, or from the handshake), having cut
+        the connection."""
+        loop = asyncio.get_running_loop()
+        self.last_pong = loop.time()
+        ping = None
+        try:
+            while (silent := loop.time() - self.last_pong) < PONG_TIMEOUT_SECONDS:
+                if ping is None or ping.done():  # a ping can wait on a client that reads nothing
+                    ping = asyncio.create_task(quiet(self.ws.ping()))
+                await asyncio.sleep(min(PING_SECONDS, PONG_TIMEOUT_SECONDS - silent))
+        finally:
+            if ping is not None:
+                ping.cancel()
+        log.warning("ended a conversation: %s answered no ping for %.1f s (gone)",
+                    self.request.remote, silent)
+        if self.request.transport is not None:  # no close handshake with a client that is gone
+            self.request.transport.abort()
 
-class ChatServer:
-    """Serves conversations with the worker's model, one at a time.
+    async def receive(self) -> None:
+        """Takes the client's messages (answers its pings, notes its pongs) until it closes,
+        sends audio that cannot be decoded, or sends no audio for `idle_timeout` seconds once
+        Moshi has answered all it heard."""
+        ws, loop = self.ws, asyncio.get_running_loop()
+        last_audio = loop.time()
+        while True:
+            left = last_audio + self.idle_timeout - loop.time()
+            if left <= 0:
+                if self.engine.pipeline.idle:
+                    await self.flush()
+                    reason = f"no audio for {self.idle_timeout:g} s"
+                    log.info("ended a conversation: %s", reason)
+                    await ws.close(code=WSCloseCode.OK, message=reason.encode())
+                    return
+                left = WAIT_SECONDS  # the frames already received are answered first
+            try:
+                msg = await ws.receive(timeout=left)
+            except asyncio.TimeoutError:
+                continue
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if msg.type == WSMsgType.PONG:
+                self.last_pong = loop.time()
+            elif msg.type == WSMsgType.PING:
+                await quiet(ws.pong(msg.data))
+            elif msg.type == WSMsgType.TEXT:
+                self.ignore("a text message (the protocol's messages are binary)")
+            elif msg.type == WSMsgType.ERROR:
+                log.warning("connection error: %s", ws.exception())
+            elif msg.type != WSMsgType.BINARY:
+                self.ignore(f"a {msg.type.name} message")
+            elif not msg.data:
+                self.ignore("an empty message")
+            elif msg.data[0] == Kind.AUDIO:
+                last_audio = loop.time()
+                try:
+                    self.take_audio(msg.data[1:])
+                except BadAudio as e:
+                    log.warning("ended a conversation: bad audio: %s", e)
+                    await refuse(ws, f"bad audio: {e}", WSCloseCode.UNSUPPORTED_DATA)
+                    return
+            elif msg.data[0] in (Kind.CONTROL, Kind.PING):
+                self.ignore(f"a {Kind(msg.data[0]).name.lower()} message (not used)")
+            else:
+                self.ignore(f"a message of unknown kind {msg.data[0]}")
+
+    def log_end(self) -> None:
+        extra = f", {sum(self.ignored.values())} messages ignored" if self.ignored else ""
+        log.info("conversation ended: %s%s", self.engine.counters.summary(), extra)
+
+
+class Chat:
+    """Serves conversations with the worker's model, one at a time: the connection that holds the
+    model (talking, or waiting for the previous one's clean-up) keeps it until its conversation
+    ends; any other is told "busy".
 
     `max_lag`: seconds of input audio that may wait for generation before the oldest is dropped.
     `seed`: every conversation starts from this seed (same input, same answer); None: a random
@@ -195,19 +255,17 @@ class ChatServer:
     before its conversation ends.
     """
 
-    def __init__(self, worker: ModelWorker, sampling: SamplingSettings, origins: OriginPolicy,
-                 max_lag: float = 0.5, seed: int | None = None,
-                 vocab: tuple[int | None, int | None] = (None, None),
+    def __init__(self, worker: ModelWorker, sampling: SamplingSettings, max_lag: float = 0.5,
+                 seed: int | None = None, vocab: tuple[int | None, int | None] = (None, None),
                  idle_timeout: float = IDLE_TIMEOUT_SECONDS):
         self.worker = worker
         self.sampling = sampling
         self.vocab = vocab  # (text, audio) vocabulary sizes: top-k's upper bounds
-        self.origins = origins
         self.max_queued = max(1, round(max_lag * FRAME_RATE))
         self.seed = seed
         self.idle_timeout = idle_timeout
-        # The connection that has the model (talking, or waiting for the previous clean-up):
-        # any other is refused. Only its own conversation lets it go.
+        # The connection that has the model: any other is refused. Only its own conversation
+        # lets it go.
         self._holder: web.WebSocketResponse | None = None
         self._turn = asyncio.Lock()  # held by a conversation until its clean-up is done
         self._cleaner = ModelThread("chat-cleanup")  # one thread for every clean-up
@@ -222,29 +280,10 @@ class ChatServer:
         if self._holder is ws:
             self._holder = None
 
-    def app(self, static_dir: Path | None) -> web.Application:
-        """The aiohttp application: the websocket, and the page in `static_dir` (none if None)."""
-        app = web.Application()
-        app.router.add_get("/api/chat", self.handle_chat)
-        if static_dir is not None:
-            index = static_dir / "index.html"
-
-            async def page(request: web.Request) -> web.FileResponse:
-                return web.FileResponse(index)
-
-            app.router.add_get("/", page)
-            app.router.add_static("/", static_dir)
-        app.on_shutdown.append(self._close_all)
-        return app
-
-    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
-        peer = request.remote
-        if not self.origins.allows(request):
-            log.warning("refused a websocket from %s: origin %s is not this server's (see "
-                        "--allow-origin)", peer, request.headers.get("Origin"))
-            raise web.HTTPForbidden(text="This page's origin may not use this server.\n")
-        # Pings are answered and pongs watched here (autoping off): aiohttp's heartbeat measures
-        # from the last message of any kind, not from the last pong.
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """A websocket request (its origin already checked): a conversation, or "busy"."""
+        # Pings are answered and pongs watched by the session (autoping off): aiohttp's heartbeat
+        # measures from the last message of any kind, not from the last pong.
         ws = ChatSocket(max_msg_size=MAX_MESSAGE_BYTES, autoping=False,
                         timeout=PONG_TIMEOUT_SECONDS)
         try:
@@ -254,7 +293,7 @@ class ChatServer:
         self.sockets.add(ws)
         try:
             if self.busy:
-                log.info("refused %s: busy", peer)
+                log.info("refused %s: busy", request.remote)
                 await refuse(ws, BUSY_MESSAGE, WSCloseCode.TRY_AGAIN_LATER)
                 return ws
             await self._converse(ws, request)
@@ -293,7 +332,8 @@ class ChatServer:
         try:
             conversation = await self.worker.run(self.worker.new_conversation,
                                                  *sampling.samplers(self.vocab), seed)
-            session = Session(ws, self.worker, conversation, codec, self.max_queued, send_status)
+            session = Session(ws, request, self.worker, conversation, codec, self.max_queued,
+                              send_status, self.idle_timeout)
             log.info("conversation with %s (seed %d, %s audio)", request.remote, seed, codec.name)
             await ws.send_bytes(HANDSHAKE)
             if send_status:
@@ -303,8 +343,8 @@ class ChatServer:
                                          **asdict(sampling)})
             session.engine.start()
             tasks = [asyncio.create_task(session.send()),
-                     asyncio.create_task(self._receive(ws, session)),
-                     asyncio.create_task(self._watch(ws, session, request))]
+                     asyncio.create_task(session.receive()),
+                     asyncio.create_task(session.watch())]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except ConnectionResetError:
             pass
@@ -322,86 +362,14 @@ class ChatServer:
                         self._cleaner.submit(self._clean_up, session))
             finally:  # even when the server stops during the awaits
                 if session is not None:
-                    self._log_end(session)
+                    session.log_end()
 
     @staticmethod
     def _clean_up(session: Session) -> None:
         session.engine.stop()
         session.engine.conversation.prepare_next()
 
-    async def _watch(self, ws: web.WebSocketResponse, session: Session,
-                     request: web.Request) -> None:
-        """Pings the client every PING_SECONDS; returns once it has answered none for
-        PONG_TIMEOUT_SECONDS (counted from its last pong, or from the handshake), having cut
-        the connection."""
-        loop = asyncio.get_running_loop()
-        session.last_pong = loop.time()
-        ping = None
-        try:
-            while (silent := loop.time() - session.last_pong) < PONG_TIMEOUT_SECONDS:
-                if ping is None or ping.done():  # a ping can wait on a client that reads nothing
-                    ping = asyncio.create_task(quiet(ws.ping()))
-                await asyncio.sleep(min(PING_SECONDS, PONG_TIMEOUT_SECONDS - silent))
-        finally:
-            if ping is not None:
-                ping.cancel()
-        log.warning("ended a conversation: %s answered no ping for %.1f s (gone)",
-                    request.remote, silent)
-        if request.transport is not None:  # no close handshake with a client that is gone
-            request.transport.abort()
-
-    async def _receive(self, ws: web.WebSocketResponse, session: Session) -> None:
-        """Takes the client's messages (answers its pings, notes its pongs) until it closes,
-        sends audio that cannot be decoded, or sends no audio for `idle_timeout` seconds once
-        Moshi has answered all it heard."""
-        loop = asyncio.get_running_loop()
-        last_audio = loop.time()
-        while True:
-            left = last_audio + self.idle_timeout - loop.time()
-            if left <= 0:
-                if session.engine.pipeline.idle:
-                    await session.flush()
-                    reason = f"no audio for {self.idle_timeout:g} s"
-                    log.info("ended a conversation: %s", reason)
-                    await ws.close(code=WSCloseCode.OK, message=reason.encode())
-                    return
-                left = WAIT_SECONDS  # the frames already received are answered first
-            try:
-                msg = await ws.receive(timeout=left)
-            except asyncio.TimeoutError:
-                continue
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return
-            if msg.type == WSMsgType.PONG:
-                session.last_pong = loop.time()
-            elif msg.type == WSMsgType.PING:
-                await quiet(ws.pong(msg.data))
-            elif msg.type == WSMsgType.TEXT:
-                session.ignore("a text message (the protocol's messages are binary)")
-            elif msg.type == WSMsgType.ERROR:
-                log.warning("connection error: %s", ws.exception())
-            elif msg.type != WSMsgType.BINARY:
-                session.ignore(f"a {msg.type.name} message")
-            elif not msg.data:
-                session.ignore("an empty message")
-            elif msg.data[0] == Kind.AUDIO:
-                last_audio = loop.time()
-                try:
-                    session.take_audio(msg.data[1:])
-                except BadAudio as e:
-                    log.warning("ended a conversation: bad audio: %s", e)
-                    await refuse(ws, f"bad audio: {e}", WSCloseCode.UNSUPPORTED_DATA)
-                    return
-            elif msg.data[0] in (Kind.CONTROL, Kind.PING):
-                session.ignore(f"a {Kind(msg.data[0]).name.lower()} message (not used)")
-            else:
-                session.ignore(f"a message of unknown kind {msg.data[0]}")
-
-    @staticmethod
-    def _log_end(session: Session) -> None:
-        extra = f", {sum(session.ignored.values())} messages ignored" if session.ignored else ""
-        log.info("conversation ended: %s%s", session.engine.counters.summary(), extra)
-
-    async def _close_all(self, app: web.Application) -> None:
+    async def close_all(self) -> None:
+        """Closes every open connection (the server is stopping)."""
         for ws in list(self.sockets):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server stopping")

@@ -7,7 +7,7 @@ import enum
 import numpy as np
 import sphn
 
-from .audio.constants import FRAME_SIZE, SAMPLE_RATE
+from ..audio.constants import FRAME_SIZE, SAMPLE_RATE
 
 
 class Kind(enum.IntEnum):

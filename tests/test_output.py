@@ -13,8 +13,8 @@ import pytest
 
 from moshi_mlx.audio.wav import WavWriter, write_wav
 from moshi_mlx.run_inference import write_outputs
-from moshi_mlx.utils import files
-from moshi_mlx.utils.files import OutputFileError, atomic_write, check_writable
+from moshi_mlx.utils import output
+from moshi_mlx.utils.output import OutputFileError, atomic_write, check_writable
 
 DEV_FULL = Path("/dev/full")  # every write fails with ENOSPC, as on a full disk
 needs_dev_full = pytest.mark.skipif(not DEV_FULL.exists(), reason="no /dev/full on this system")
@@ -25,7 +25,7 @@ def full_disk(monkeypatch):
     """Makes the temporary files of `atomic_write` for the names in the returned set write to
     /dev/full (the temporary file itself is still created, so its removal is checked)."""
     names = set()
-    real = files._temporary_beside
+    real = output._temporary_beside
 
     def temporary_beside(path):
         fd, tmp = real(path)
@@ -34,7 +34,7 @@ def full_disk(monkeypatch):
             fd = os.open(DEV_FULL, os.O_WRONLY)
         return fd, tmp
 
-    monkeypatch.setattr(files, "_temporary_beside", temporary_beside)
+    monkeypatch.setattr(output, "_temporary_beside", temporary_beside)
     return names
 
 

@@ -2,8 +2,8 @@
 as a subprocess, clients that speak Kyutai's websocket protocol as `python -m moshi.client` does
 (binary messages whose first byte is their kind; Ogg-Opus or, with `?audio=pcm`, 16-bit PCM audio
 at real-time pace), and a websocket written by hand for what a well-behaved client never does
-(broken frames, a reset instead of a close, raw HTTP). Used by the tests and by
-`benchmarks.probe_server`; it touches nothing but the server's public surface."""
+(broken frames, a reset instead of a close, raw HTTP). Used by the tests, the server probes
+(`server_probes.py`) and the benchmarks; it touches nothing but the server's public surface."""
 
 import asyncio
 import os
@@ -108,7 +108,7 @@ def probe_signal(seconds: float, seed: int = 0) -> np.ndarray:
 
 def pcm_bytes(pcm: np.ndarray) -> bytes:
     """float32 samples -> the 16-bit little-endian PCM of `?audio=pcm` (as the README specifies
-    it; written here rather than taken from moshi_mlx.protocol, so the client is not the
+    it; written here rather than taken from moshi_mlx.web.protocol, so the client is not the
     server's own code)."""
     return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
 

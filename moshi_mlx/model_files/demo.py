@@ -21,10 +21,12 @@ def cache_dir() -> Path:
     return Path(base) / "moshi_mlx"
 
 
-def demo_repo() -> Path:
-    """The demo repository, built on first use (in a temporary directory renamed into place, so
-    an interrupted build leaves nothing half-written and concurrent builds do not clash)."""
-    target = cache_dir() / f"demo-{DEMO_VERSION}"
+def demo_repo(kind: str = "moshi") -> Path:
+    """The demo repository of `kind` (see `weights.demo.KINDS`), built on first use (in a
+    temporary directory renamed into place, so an interrupted build leaves nothing half-written
+    and concurrent builds do not clash)."""
+    name = f"demo-{DEMO_VERSION}" if kind == "moshi" else f"demo-{kind}-{DEMO_VERSION}"
+    target = cache_dir() / name
     if target.is_dir():
         return target
     from moshi_mlx.weights.demo import build_demo_repo
@@ -40,7 +42,7 @@ def demo_repo() -> Path:
         raise cannot_build(e) from None
     log.info("building the demo model in %s (once)", target)
     try:
-        build_demo_repo(tmp)
+        build_demo_repo(tmp, kind=kind)
         os.rename(tmp, target)
     except OSError as e:
         if not target.is_dir():  # else another process built it first

@@ -10,9 +10,8 @@ from math import prod
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from ..models.checkpoint import Quantization, read_header
+from ..models.checkpoint import Quantization, quantization_of, read_header
 from ..models.config import ConfigError, LmConfig
 from ..models.lm import activation_dtype_for
 from ..models.transformer import kv_group_size
@@ -112,17 +111,24 @@ def bits_per_weight(q: Quantization | None) -> float:
     return 16.0 if q is None else q.bits + 32 / q.group_size
 
 
+CROSS_POSITIONS = 5 * 125
+"""What a TTS model's cross-attention reads: 5 speaker slots of 125 frames (Kyutai's voices)."""
+
+
 def kv_cache_bytes(cfg: LmConfig, setup: Setup, batch_size: int = 1,
                    activation_dtype: mx.Dtype | None = None) -> int:
     """Keys and values of every temporal layer over the context: in the activation dtype
     (default: this backend's), or `kv_bits` per value plus a scale and a bias (activation
-    dtype) per group."""
+    dtype) per group; plus, for a cross-attention model, those of its condition."""
     dtype = activation_dtype or activation_dtype_for(setup.quantization is not None)
     values = 2 * cfg.num_layers * (setup.context or cfg.context) * cfg.dim * batch_size
+    cross = 0
+    if cfg.cross_attention:  # Kyutai's TTS: the speakers' keys and values, computed once
+        cross = 2 * cfg.num_layers * CROSS_POSITIONS * cfg.dim * batch_size * dtype.size
     if setup.kv_bits is None:
-        return values * dtype.size
+        return values * dtype.size + cross
     group_size = kv_group_size(cfg.dim // cfg.num_heads, setup.kv_bits)
-    return values * setup.kv_bits // 8 + values // group_size * 2 * dtype.size
+    return values * setup.kv_bits // 8 + values // group_size * 2 * dtype.size + cross
 
 
 def check_setup(cfg: LmConfig, kv_bits: int | None, context: int | None) -> None:
@@ -173,9 +179,9 @@ def available_memory() -> int | None:
 
 
 def describe(est: MemoryEstimate) -> str:
+    mimi = f"Mimi {est.mimi / GB:.1f} GB, " if est.mimi else ""
     return (f"about {est.total / GB:.1f} GB (weights {est.weights / GB:.1f} GB, KV cache "
-            f"{est.kv_cache / GB:.1f} GB, Mimi {est.mimi / GB:.1f} GB, runtime "
-            f"{est.runtime / GB:.1f} GB)")
+            f"{est.kv_cache / GB:.1f} GB, {mimi}runtime {est.runtime / GB:.1f} GB)")
 
 
 @dataclass(frozen=True)
@@ -267,8 +273,34 @@ def choose(sizes: ModelSizes, kv_bits: int | None = None, context: int | None = 
     raise NotEnoughMemory(f"{message} Pass --ignore-memory to load anyway.")
 
 
+def estimate_text_model(cfg, weight_path: Path, bits: int | None = None) -> MemoryEstimate:
+    """What a text model alone (Helium: `cfg` has `num_layers`, `dim`, `num_heads`, `context`)
+    needs: its weight file as loaded (quantizing to `bits` at load time keeps the file's weights
+    until they are replaced, hence the file's size), its KV cache full, the runtime."""
+    header = read_header(weight_path)
+    setup = Setup(Quantization(bits, 64) if bits else quantization_of(header.tensors))
+    return MemoryEstimate(header.data_bytes, kv_cache_bytes(cfg, setup), 0, APP_BYTES, setup)
+
+
+def check_fits(est: MemoryEstimate, force: bool = False,
+               limits: list[MemoryLimit] | None = None) -> None:
+    """Raises `NotEnoughMemory` when `est` exceeds a limit (default: `memory_limits()`); with
+    `force`, warns instead."""
+    log.info("memory needed: %s", describe(est))
+    for limit in memory_limits() if limits is None else limits:
+        if not limit.fits(est):
+            message = f"this model {shortage(est, limit)}: it would swap heavily or be killed."
+            if force:
+                log.warning("warning: %s Loading anyway (--ignore-memory).", message)
+                return
+            raise NotEnoughMemory(f"{message} Pass --ignore-memory to load anyway.")
+
+
 def wire_model_memory() -> None:
     """Lets MLX keep up to its recommended working set resident, as `mlx_lm` does while it
     generates, so that the model's weights are not paged out between steps (a no-op where the
-    device recommends no working set)."""
-    maybe_set_recommended_wired_limit()
+    device recommends no working set). mlx_lm.utils' function of the same name, in two lines:
+    that module imports `transformers`."""
+    working_set = mx.device_info().get("max_recommended_working_set_size")
+    if working_set is not None:
+        mx.set_wired_limit(working_set)

@@ -3,9 +3,6 @@ huggingface_hub (its cache and progress bars), its errors turned into ones that 
 
 from pathlib import Path
 
-import huggingface_hub
-from huggingface_hub import errors as hub_errors
-
 from .errors import HubFileMissing, HubUnreachable, ModelFilesError
 
 HF_PREFIX = "hf://"
@@ -22,6 +19,11 @@ def parse_hf_uri(uri: str) -> tuple[str, str]:
 def hub_download(repo_id: str, filename: str, local_only: bool = False) -> Path:
     """Downloads one file through huggingface_hub (its cache and progress bars), turning its
     errors into `ModelFilesError`s that say what to do."""
+    # Imported here: huggingface_hub and its HTTP client cost every app's start ~50 ms, while
+    # only a download needs them.
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
     where = f"{repo_id}/{filename}"
     try:
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, local_files_only=local_only))

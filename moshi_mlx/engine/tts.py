@@ -1,0 +1,111 @@
+"""Text to speech as a stream: words in (all at once or as they arrive), one 80 ms frame of
+24 kHz audio out per step, with the times at which words start. The model's side is
+`models.tts.TtsGen`; this adds the text tokenizer, the conditions and Mimi's decoder."""
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+import sentencepiece
+
+from ..audio.constants import FRAME_RATE, FRAME_SIZE
+from ..audio.mimi import Mimi
+from ..models import Lm
+from ..models.tts import TtsGen, TtsSettings, TtsStep, VoiceError, speaker_condition
+from ..models.tts_script import ScriptError, script_to_entries
+from ..utils.sampling import Sampler
+
+
+@dataclass(frozen=True)
+class TtsOptions:
+    """Kyutai's TTS knobs (run_tts's flags): codebooks `n_q` (None: all), the `cfg` value of a
+    cfg-distilled model (a string of its `cfg` conditioner, e.g. "2.0"; None: none), and the
+    state machine's paddings in steps of 80 ms, `padding_bonus` on the pad logit."""
+
+    n_q: int | None = None
+    cfg_value: str | None = "2.0"
+    max_padding: int = 8
+    initial_padding: int = 2
+    final_padding: int = 4
+    padding_between: int = 1
+    padding_bonus: float = 0.0
+
+
+@dataclass
+class SpokenStep:
+    """One step of a `TtsStream`: `pcm` float32 [1920] at 24 kHz once the audio has started
+    (None before), the model's `step` (`words`: (word, seconds) that started at it)."""
+
+    step: TtsStep
+    pcm: np.ndarray | None = None
+    words: list[tuple[str, float]] = field(default_factory=list)
+
+
+class TtsStream:
+    """One generation with a loaded TTS model: `push_text` (a turn's text, as it arrives),
+    `end()`, then `step()` until `done`; each step decodes the frame it completes.
+
+    `voices`: speaker embeddings (`speaker_wavs` [1, 512, T] each; main speaker first), for a
+    model with speaker conditioning. Turns alternate speakers as in Kyutai's scripts; text
+    pushed with `new_turn=False` continues the current turn.
+    """
+
+    def __init__(self, model: Lm, tokenizer: sentencepiece.SentencePieceProcessor,
+                 mimi_weight, voices: list[mx.array], samplers: tuple[Sampler, Sampler],
+                 options: TtsOptions = TtsOptions()):
+        cfg = model.cfg
+        self.settings = TtsSettings.of(cfg, FRAME_RATE)
+        self.options = options
+        self.tokenizer = tokenizer
+        machine = self.settings.machine(cfg.text_card, options.max_padding,
+                                        options.initial_padding)
+        values = {}
+        provider = model.condition_provider
+        names = set(provider.conditioners) if provider is not None else set()
+        if "control" in names:
+            values["control"] = "ok"
+        if "cfg" in names:
+            values["cfg"] = options.cfg_value
+        if self.settings.multi_speaker:
+            values["speaker_wavs"] = speaker_condition(voices, self.settings.max_speakers)
+        elif voices:
+            raise VoiceError("this model takes no speaker embeddings (no 'speaker_wavs' "
+                             "conditioner): give no voice")
+        condition = provider.condition(values)
+        self.gen = TtsGen(model, machine, condition, self.settings.delay_steps, *samplers,
+                          n_q=options.n_q, padding_bonus=options.padding_bonus,
+                          final_padding=options.final_padding)
+        self.mimi = Mimi(mimi_weight, num_codebooks=self.gen.codebooks)
+        self.turn = -1
+
+    def push_text(self, text: str, new_turn: bool = True) -> int:
+        """Queues `text` (words, `<break time="1s"/>`) -> the number of words. Raises
+        `ScriptError` for a text that cannot be spoken (nothing in it, a bad break)."""
+        if new_turn:
+            self.turn += 1
+        turns = [""] * max(self.turn, 0) + [text]
+        entries = script_to_entries(
+            self.tokenizer.encode, self.gen.machine.token_ids, FRAME_RATE, turns,
+            self.settings.multi_speaker and new_turn, self.options.padding_between)
+        if not entries:
+            raise ScriptError("nothing to say: the text has no words")
+        self.gen.push_words(entries)
+        return len(entries)
+
+    def end(self) -> None:
+        self.gen.end()
+
+    @property
+    def done(self) -> bool:
+        return self.gen.done
+
+    def step(self) -> SpokenStep:
+        s = self.gen.step()
+        out = SpokenStep(s, words=[(w, t / FRAME_RATE) for w, t in s.words])
+        if s.frame is not None and s.frame_index >= self.settings.delay_steps:
+            codes = np.array(s.frame[1:], dtype=np.int32)
+            out.pcm = np.clip(self.mimi.decode(codes), -1, 1).reshape(FRAME_SIZE)
+        return out
+
+    def close(self) -> None:
+        self.mimi.close()

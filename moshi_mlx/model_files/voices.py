@@ -1,0 +1,56 @@
+"""Kyutai TTS voices: speaker embeddings from kyutai/tts-voices (by name), an hf:// address or a
+local file, checked before use."""
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..models.tts import SPEAKER_KEY
+from ..utils.safetensors import read_header
+from .errors import HubFileMissing, ModelFilesError
+from .hub import HF_PREFIX, hub_download, parse_hf_uri
+
+DEFAULT_VOICE_REPO = "kyutai/tts-voices"
+EMBEDDING_CHANNELS = 512
+
+
+def voice_suffix(raw_config: dict) -> str:
+    """The file suffix of a model's voices, from its config's `model_id`:
+    '.{sig}@{epoch}.safetensors' (Kyutai's naming), or '' without one."""
+    model_id = raw_config.get("model_id")
+    if not isinstance(model_id, dict) or "sig" not in model_id:
+        return ""
+    return f".{model_id['sig']}@{model_id.get('epoch', 0)}.safetensors"
+
+
+def voice_path(voice: str, voice_repo: str = DEFAULT_VOICE_REPO, suffix: str = "") -> Path:
+    """A voice: a local .safetensors file, an hf://owner/repo/file address, or a name in
+    `voice_repo` (e.g. 'expresso/ex03-ex01_happy_001_channel1_334s.wav', to which the model's
+    `suffix` is added). Raises ModelFilesError for a voice that cannot be found."""
+    if voice.startswith(HF_PREFIX):
+        return hub_download(*parse_hf_uri(voice))
+    local = Path(voice).expanduser()
+    if local.suffix == ".safetensors" and local.is_file():
+        return local
+    try:
+        return hub_download(voice_repo, voice + suffix)
+    except HubFileMissing:
+        raise ModelFilesError(
+            f"unknown voice '{voice}': {voice_repo} has no '{voice + suffix}' (the names are "
+            "those of huggingface.co/kyutai/tts-voices without the suffix), and it is not a "
+            "local .safetensors file.") from None
+
+
+def load_voice(path: Path) -> mx.array:
+    """A voice file's speaker embedding, `speaker_wavs` float32 [1, 512, frames]; raises
+    ModelFilesError for a file that is not one."""
+    header = read_header(path)
+    info = header.tensors.get(SPEAKER_KEY)
+    if info is None:
+        raise ModelFilesError(f"{path}: not a voice embedding (no '{SPEAKER_KEY}' tensor; "
+                              f"found {', '.join(sorted(header.tensors)) or 'nothing'}).")
+    shape = tuple(info.shape)
+    if len(shape) != 3 or shape[0] != 1 or shape[1] != EMBEDDING_CHANNELS or shape[2] < 1:
+        raise ModelFilesError(f"{path}: '{SPEAKER_KEY}' has shape {list(shape)}, a voice "
+                              f"embedding is [1, {EMBEDDING_CHANNELS}, frames].")
+    return mx.load(str(path))[SPEAKER_KEY].astype(mx.float32)

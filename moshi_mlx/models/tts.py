@@ -1,0 +1,192 @@
+"""Kyutai's text-to-speech on the Moshi language model: a generation session that takes words
+(all at once or as they arrive) and yields, step by step (80 ms), the frame of Mimi codes made
+and the words that started.
+
+The model chooses on its text stream only "a new word starts" or "pad"; the state machine
+(`tts_script.StateMachine`) feeds each word's tokens, and the audio runs `delay_steps` behind
+the text (1.28 s for Kyutai's models). The speakers are a condition that every temporal layer
+cross-attends to (`speaker_condition`); `cfg` and `control` are summed conditions.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from ..utils.sampling import Sampler
+from .conditioner import ConditionTensor
+from .generate import LmGen
+from .lm import ZERO_TOKEN, Lm
+from .tts_script import Entry, StateMachine, TokenIds
+
+MAX_SPEAKERS = 5  # speaker slots of Kyutai's TTS models (tts_config may say otherwise)
+SPEAKER_KEY = "speaker_wavs"  # the conditioner and the voice files' tensor
+
+
+class VoiceError(ValueError):
+    """A voice embedding that the model cannot take; the message names it."""
+
+
+@dataclass(frozen=True)
+class TtsSettings:
+    """What Kyutai's TTS reads from a model's config: `delay_steps` of audio behind the text,
+    `second_stream_ahead` (lookahead words), `max_speakers`, and whether the model takes
+    speaker embeddings (`multi_speaker`; else a voice is an audio prefix) and a `cfg` value."""
+
+    delay_steps: int
+    second_stream_ahead: int
+    max_speakers: int
+    multi_speaker: bool
+    cfg_values: tuple[str, ...]
+
+    @classmethod
+    def of(cls, cfg, frame_rate: float = 12.5) -> "TtsSettings":
+        tts = cfg.tts_config or {}
+        cfg_lut = cfg.conditioners.get("cfg", {}).get("lut", {})
+        return cls(
+            delay_steps=int(tts.get("audio_delay", 0) * frame_rate),
+            second_stream_ahead=int(tts.get("second_stream_ahead", 0)),
+            max_speakers=int(tts.get("max_speakers", MAX_SPEAKERS)),
+            multi_speaker=SPEAKER_KEY in cfg.cross_conditioners,
+            cfg_values=tuple(cfg_lut.get("possible_values", ())),
+        )
+
+    def machine(self, text_card: int, max_padding: int = 8,
+                initial_padding: int = 2) -> StateMachine:
+        return StateMachine(TokenIds(text_card + 1), self.second_stream_ahead, max_padding,
+                            initial_padding)
+
+
+def speaker_condition(voices: list[mx.array], max_speakers: int = MAX_SPEAKERS
+                      ) -> tuple[mx.array, mx.array]:
+    """Voice embeddings (each `speaker_wavs` [1, 512, T] of a voice file) -> the speaker
+    condition's value: tensor [1, max_speakers * T, 512] (speaker i in slot i, the others
+    zero) and mask [1, max_speakers * T], False on empty slots (they get the learnt padding).
+    Raises VoiceError for too many voices or a voice of another shape."""
+    if not voices:
+        raise VoiceError("no voice given: this model needs at least one speaker embedding")
+    if len(voices) > max_speakers:
+        raise VoiceError(f"{len(voices)} voices given, the model takes at most {max_speakers}")
+    shape = tuple(voices[0].shape)
+    for i, v in enumerate(voices):
+        if v.ndim != 3 or v.shape[0] != 1 or tuple(v.shape) != shape:
+            raise VoiceError(f"voice {i + 1} has shape {list(v.shape)}: every voice must be "
+                             f"[1, channels, frames] like the first, {list(shape)}")
+    _, channels, frames = shape
+    slots = [v[0].T.astype(mx.float32) for v in voices]
+    slots += [mx.zeros((frames, channels))] * (max_speakers - len(voices))
+    mask = mx.arange(max_speakers * frames) < len(voices) * frames
+    return mx.concatenate(slots)[None], mask[None]
+
+
+@dataclass
+class TtsStep:
+    """What one step made. `frame`: the frame of codes completed at this step, [1 + n_q] int32
+    (the fed text token, then the audio codes), None for the first `max_delay` steps;
+    `frame_index` its position (frame f holds the speech of text step f - delay_steps: frames
+    before `delay_steps` are silence, not audio to decode); `sampled`: the model's text choice;
+    `fed`: the text token fed next (the state machine's); `words`: (word, step) started now."""
+
+    step: int
+    sampled: int
+    fed: int
+    frame: mx.array | None = None
+    frame_index: int = -1
+    words: list[tuple[str, int]] = field(default_factory=list)
+
+
+class TtsGen(LmGen):
+    """One TTS generation, one `step()` per 80 ms.
+
+    Words come with `push_words` (all before the first step, or as they arrive) and `end()`
+    says no more will come; `done` is true once the last word has been spoken and the audio,
+    `delay_steps` behind, has caught up plus `final_padding` steps. `n_q` codebooks are
+    generated (the others fed as nothing), `padding_bonus` is added to the pad token's logit
+    (positive: slower speech). Greedy samplers reproduce PyTorch `moshi`'s TTSModel exactly.
+    """
+
+    def __init__(self, model: Lm, machine: StateMachine, condition: ConditionTensor,
+                 delay_steps: int, text_sampler: Sampler | None = None,
+                 audio_sampler: Sampler | None = None, n_q: int | None = None,
+                 padding_bonus: float = 0.0, final_padding: int = 4, compile: bool = True,
+                 context: int | None = None, kv_bits: int | None = None):
+        cfg = model.cfg
+        if cfg.num_user_codebooks:
+            raise ValueError("not a TTS model: it takes an input audio stream "
+                             f"({cfg.num_user_codebooks} codebooks)")
+        n_q = cfg.dep_q if n_q is None else n_q
+        if not 1 <= n_q <= cfg.dep_q:
+            raise ValueError(f"n_q must be from 1 to the model's {cfg.dep_q} codebooks, got {n_q}")
+        super().__init__(model, text_sampler=text_sampler, audio_sampler=audio_sampler,
+                         compile=compile, context=context, kv_bits=kv_bits)
+        self.codebooks = n_q
+        self.machine = machine
+        self.condition = condition
+        self.cross = model.cross_keys_values(condition) if cfg.cross_attention else None
+        self.delay_steps = delay_steps
+        self.padding_bonus = padding_bonus
+        self.final_padding = final_padding
+        self.state = machine.new_state([])
+        self.state.closed = False
+        self._fed: deque[int] = deque(maxlen=self.max_delay + 1)
+        self._nothing = mx.full((1, cfg.dep_q), ZERO_TOKEN, mx.int32)
+        starts = mx.array([d + delay_steps for d in cfg.audio_delays[:n_q]])
+        self._audio_starts = starts  # codebook k is real from step delays[k] + delay_steps
+
+    def push_words(self, entries: list[Entry]) -> None:
+        """Words to speak after those already given (`tts_script.script_to_entries`)."""
+        if self.state.closed:
+            raise ValueError("end() was called: no more words can be added")
+        self.state.entries.extend(entries)
+
+    def end(self) -> None:
+        """No more words: once the queue runs out, the generation ends."""
+        self.state.closed = True
+
+    @property
+    def end_step(self) -> int | None:
+        """The step at which the model asked for a word past the last one, once it has."""
+        return self.state.end_step
+
+    @property
+    def done(self) -> bool:
+        end = self.state.end_step
+        return end is not None and self.step_idx >= end + self.delay_steps + self.final_padding
+
+    def _audio(self, hidden: mx.array, text: mx.array, t: int) -> mx.array:
+        """The step's audio codes [1, dep_q]: nothing (ZERO_TOKEN) until each codebook's start,
+        the depformer's for the first n_q codebooks after."""
+        if t < self.delay_steps:
+            return self._nothing
+        audio = self.sample_audio(hidden, text)
+        audio = mx.where(t < self._audio_starts, ZERO_TOKEN, audio)
+        return mx.concatenate([audio, self._nothing[:, self.codebooks:]], axis=1)
+
+    def step(self) -> TtsStep:
+        """Runs one step; waits for the model's text choice (the state machine needs it)."""
+        t = self.step_idx
+        text_in, audio_in = self._input_tokens()
+        hidden, logits = self.model(text_in, audio_in, cache=self.cache,
+                                    condition=self.condition, cross=self.cross)
+        logits = logits[:, -1]
+        if self.padding_bonus:
+            pad = self.machine.token_ids.pad
+            logits = logits + mx.where(mx.arange(logits.shape[-1]) == pad,
+                                       self.padding_bonus, 0.0).astype(logits.dtype)
+        sampled = self.text_sampler(logits)[0].item()
+        heard = len(self.state.transcript)
+        fed, _ = self.machine.process(t, self.state, sampled)
+        text = mx.array([fed], mx.int32)
+        self._text = text
+        audio = self._audio(hidden, text, t)
+        self._sampled.append(audio)
+        self._fed.append(fed)
+        mx.async_eval(audio)
+        self.step_idx += 1
+        out = TtsStep(t, sampled, fed, words=self.state.transcript[heard:])
+        codes = self.last_audio_tokens()
+        if codes is not None:
+            out.frame_index = t - self.max_delay
+            out.frame = mx.concatenate([mx.array([self._fed[0]], mx.int32),
+                                        codes[0, :self.codebooks]])
+        return out

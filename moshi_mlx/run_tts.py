@@ -1,0 +1,307 @@
+"""Kyutai's text to speech, a drop-in for Kyutai's `run_tts`:
+
+    python -m moshi_mlx.run_tts requests.jsonl --out-folder out/
+    echo "Hello there." | python -m moshi_mlx.run_tts - --voice NAME --out-folder out/
+
+Each line of the JSONL file is a request `{"turns": [...], "voices": [...], "id": "x"}` (turns
+alternate between the speakers, the main one first; one voice per speaker); each gives
+`ID.wav`, and unless `--only-wav` `ID.safetensors` (the frames of codes) and `ID.json` (the words
+with their steps, `end_step`, the settings). With `-` as input, each line of stdin is spoken as it
+arrives (one voice, `--voice`), into `stdin.wav`, or to the speakers with `--out-folder -`.
+Files are written as the audio comes, under a temporary name, renamed when complete.
+"""
+
+import argparse
+import json
+import math
+import queue
+import sys
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import cli, model_files, models, utils
+from .audio.constants import FRAME_RATE, SAMPLE_RATE
+from .audio.devices import AudioDeviceError, playback
+from .audio.wav import WavWriter
+from .engine.tts import TtsOptions, TtsStream
+from .model_files.demo import demo_repo
+from .model_files.voices import DEFAULT_VOICE_REPO, load_voice, voice_path, voice_suffix
+from .models.tts import TtsSettings, VoiceError
+from .models.tts_script import ScriptError
+from .utils.output import atomic_write
+from .utils.safetensors import TensorInfo
+from .weights.mimi_layout import MIMI_FILE
+from .weights.safetensors_writer import SafetensorsWriter
+
+log = cli.log
+DEFAULT_REPO = "kyutai/tts-1.6b-en_fr"
+STDIN_ID = "stdin"
+WAIT_STEPS = 8  # after the audio of the last word, a stream waiting for text stops stepping
+
+
+class RequestError(ValueError):
+    """A request line that cannot be run; the message names the line."""
+
+
+@dataclass
+class Request:
+    turns: list[str]
+    voices: list[str]
+    id: str
+
+
+def parse_request(line: str, number: int) -> Request:
+    """One JSONL line -> a Request, checked; RequestError names the line and what is wrong."""
+    where = f"line {number}"
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(data, dict) or set(data) - {"turns", "voices", "id", "prefix"}:
+        raise RequestError(f"{where}: a request is an object with 'turns', 'voices' and 'id'")
+    turns, voices, rid = data.get("turns"), data.get("voices", []), data.get("id")
+    if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+        raise RequestError(f"{where}: 'turns' must be a non-empty list of strings")
+    if not any(t.strip() for t in turns):
+        raise RequestError(f"{where}: the turns have no text")
+    if not (isinstance(voices, list) and all(isinstance(v, str) for v in voices)):
+        raise RequestError(f"{where}: 'voices' must be a list of voice names")
+    if not (isinstance(rid, str) and rid and "/" not in rid and rid not in (".", "..")):
+        raise RequestError(f"{where}: 'id' must be a non-empty file name (no '/')")
+    return Request(turns, voices, rid)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m moshi_mlx.run_tts",
+        description="Synthesize speech with Kyutai's TTS from a JSONL file of requests "
+                    "(or '-': lines of text from stdin, spoken as they arrive).")
+    p.add_argument("jsonl", help="JSONL file of requests {turns, voices, id}, or - for stdin")
+    p.add_argument("--out-folder", default="tts-outputs",
+                   help="where ID.wav (and ID.safetensors, ID.json) go; - plays the audio")
+    p.add_argument("--hf-repo", default=DEFAULT_REPO,
+                   help=f"repository of the model (default: {DEFAULT_REPO})")
+    p.add_argument("--demo", action="store_true",
+                   help="the small random TTS demo model (no download)")
+    p.add_argument("--voice-repo", default=DEFAULT_VOICE_REPO,
+                   help=f"repository of the voices (default: {DEFAULT_VOICE_REPO})")
+    p.add_argument("--voice", action="append", default=[],
+                   help="with '-' input: a voice (name in --voice-repo, hf:// address or local "
+                        ".safetensors); repeat for more speakers")
+    p.add_argument("--config", "--lm-config", dest="config", help="the model's config.json")
+    p.add_argument("--tokenizer", help="the text tokenizer (sentencepiece .model)")
+    p.add_argument("--mimi-weights", "--mimi-weight", dest="mimi_weights",
+                   help="Mimi's weights")
+    p.add_argument("--moshi-weights", "--moshi-weight", dest="moshi_weights",
+                   help="the TTS model's weights (PyTorch moshi's layout, as Kyutai releases "
+                        "them, or this package's)")
+    p.add_argument("--nq", type=cli.positive_int, default=32,
+                   help="codebooks to generate (default 32, capped at the model's)")
+    p.add_argument("--temp", type=float, default=0.6, help="text and audio temperature")
+    p.add_argument("--cfg-coef", type=float, default=2.0,
+                   help="guidance value for cfg-distilled models (one of their 'cfg' values)")
+    p.add_argument("--quantize", type=int, choices=(4, 8),
+                   help="quantize the model to 4 or 8 bits after loading, cross-attention too")
+    p.add_argument("--max-padding", type=int, default=8, help="most pad steps in a row")
+    p.add_argument("--initial-padding", type=int, default=2, help="pad steps at the start")
+    p.add_argument("--final-padding", type=int, default=4, help="steps after the last word")
+    p.add_argument("--padding-bonus", type=float, default=0.0,
+                   help="added to the pad logit: positive values speak slower")
+    p.add_argument("--padding-between", type=int, default=1,
+                   help="pad steps forced between words")
+    p.add_argument("--only-wav", action="store_true", help="write only ID.wav")
+    p.add_argument("--seed", type=int, default=299792458, help="random seed")
+    args = p.parse_args(argv)
+    for name in ("max_padding", "initial_padding", "final_padding", "padding_between"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("temp", "cfg_coef", "padding_bonus"):
+        if not math.isfinite(getattr(args, name)) or (name == "temp" and args.temp < 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite number (temp >= 0)")
+    return args
+
+
+def load(args):
+    """-> (model, tokenizer, ModelFiles, raw config)."""
+    flags = (args.moshi_weights, args.mimi_weights, args.tokenizer, args.config)
+    if args.demo:  # the TTS demo's files, unless a flag names another
+        demo = demo_repo(kind="tts")
+        names = ("model.safetensors", MIMI_FILE, "tokenizer_spm_demo.model", "config.json")
+        flags = tuple(f or str(demo / n) for f, n in zip(flags, names, strict=True))
+    ns = argparse.Namespace(quantized=None, hf_repo=args.hf_repo, demo=False,
+                            moshi_weight=flags[0], mimi_weight=flags[1], tokenizer=flags[2],
+                            lm_config=flags[3])
+    files = model_files.resolve(ns)
+    raw = files.lm_config.to_config_dict()
+    if not files.lm_config.cross_attention and files.lm_config.tts_config is None:
+        raise models.ConfigError("this model is not a TTS model (no tts_config): use "
+                                 "run_inference or local for Moshi's other models")
+    model, tokenizer, _ = model_files.load_model(files, warmup=False)
+    if args.quantize:
+        models.quantize(model, bits=args.quantize, group_size=64 if args.quantize == 8 else 32)
+    return model, tokenizer, files, raw
+
+
+def multi_speaker(model) -> bool:
+    return TtsSettings.of(model.cfg).multi_speaker
+
+
+def voices_for(names: list[str], args, raw: dict, multi_speaker: bool) -> list[mx.array]:
+    if not multi_speaker:
+        if names:
+            raise VoiceError("this model takes no speaker embeddings: give no voice (audio "
+                             "prefixes are not supported yet)")
+        return []
+    if not names:
+        raise VoiceError("this model needs a voice (--voice, or 'voices' in the request)")
+    suffix = voice_suffix(raw)
+    return [load_voice(voice_path(n, args.voice_repo, suffix)) for n in names]
+
+
+def options(args, model) -> TtsOptions:
+    values = model.cfg.conditioners.get("cfg", {}).get("lut", {}).get("possible_values", [])
+    cfg_value = None
+    if values:
+        cfg_value = format(args.cfg_coef, ".1f")
+        if cfg_value not in values or float(cfg_value) != args.cfg_coef:
+            raise VoiceError(f"--cfg-coef {args.cfg_coef}: this model takes "
+                             f"{', '.join(values)}")
+    elif args.cfg_coef != 1:
+        log.info("this model is not cfg-distilled: --cfg-coef is not used (no guidance)")
+    return TtsOptions(min(args.nq, model.cfg.dep_q), cfg_value, args.max_padding,
+                      args.initial_padding, args.final_padding, args.padding_between,
+                      args.padding_bonus)
+
+
+def samplers(args) -> tuple[utils.Sampler, utils.Sampler]:
+    """PyTorch moshi's TTS sampling: the temperature with top-k 25 (text) and 250 (audio)."""
+    return utils.Sampler(temp=args.temp, top_k=25), utils.Sampler(temp=args.temp, top_k=250)
+
+
+def speak(stream: TtsStream, out, on_words=None) -> tuple[list[np.ndarray], list]:
+    """Steps `stream` to its end, writing each frame's audio to `out` as it comes; ->
+    (frames of codes, transcript)."""
+    frames, transcript = [], []
+    while not stream.done:
+        s = stream.step()
+        if s.step.frame is not None:
+            frames.append(np.array(s.step.frame))
+        if s.pcm is not None:
+            out(s.pcm)
+        transcript += [(w, t) for w, t in s.step.words]
+        if on_words and s.step.words:
+            on_words(s.step.words)
+    return frames, transcript
+
+
+def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None:
+    stream = TtsStream(model, tokenizer, files.mimi_weight,
+                       voices_for(req.voices, args, raw, multi_speaker(model)),
+                       samplers(args), options(args, model))
+    stack.callback(stream.close)
+    for turn in req.turns:
+        if turn.strip():
+            stream.push_text(turn)
+        else:
+            stream.turn += 1  # an empty turn: the other speaker starts
+    stream.end()
+    folder = Path(args.out_folder)
+    path = folder / f"{req.id}.wav"
+    with atomic_write(path) as f, WavWriter(f, SAMPLE_RATE) as wav:
+        frames, transcript = speak(stream, wav.write)
+    if not args.only_wav:
+        codes = np.stack(frames, axis=1) if frames else np.zeros((1, 0), np.int32)
+        with atomic_write(path.with_suffix(".safetensors")) as f:
+            writer = SafetensorsWriter(f, [("frames", TensorInfo("int32", codes.shape))])
+            writer.write("frames", mx.array(codes, mx.int32))
+            writer.finish()
+        info = {"hf_repo": args.hf_repo, "voice_repo": args.voice_repo,
+                "model_id": raw.get("model_id"), "cfg_coef": args.cfg_coef, "temp": args.temp,
+                "max_padding": args.max_padding, "initial_padding": args.initial_padding,
+                "final_padding": args.final_padding, "padding_between": args.padding_between,
+                "padding_bonus": args.padding_bonus, "nq": stream.gen.codebooks,
+                "transcript": transcript, "end_step": stream.gen.end_step,
+                "turns": req.turns, "voices": req.voices}
+        with atomic_write(path.with_suffix(".json"), "w") as f:
+            json.dump(info, f)
+    log.info("wrote %s (%.1f s, %d words)", path, len(frames) / FRAME_RATE, len(transcript))
+
+
+def run_stdin(model, tokenizer, files, raw, args, stack) -> None:
+    """Speaks stdin line by line, as the lines arrive."""
+    stream = TtsStream(model, tokenizer, files.mimi_weight,
+                       voices_for(args.voice, args, raw, multi_speaker(model)),
+                       samplers(args), options(args, model))
+    stack.callback(stream.close)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read():
+        for line in sys.stdin:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True, name="stdin").start()
+    gen = stream.gen
+
+    def take(line: str | None) -> None:
+        if line is None:
+            stream.end()
+        elif line.strip():
+            stream.push_text(line, new_turn=stream.turn < 0)
+
+    if args.out_folder == "-":
+        write = stack.enter_context(playback())
+    else:
+        path = Path(args.out_folder) / f"{STDIN_ID}.wav"
+        f = stack.enter_context(atomic_write(path))
+        write = stack.enter_context(WavWriter(f, SAMPLE_RATE)).write
+    while not stream.done:
+        while not lines.empty():
+            take(lines.get())
+        state = gen.state
+        last = state.consumption_times[-1] if state.consumption_times else -1
+        caught_up = gen.step_idx > last + gen.delay_steps + WAIT_STEPS or stream.turn < 0
+        if not (state.closed or state.entries or state.queued) and caught_up:
+            take(lines.get())  # nothing left to say: wait for the next line
+            continue
+        s = stream.step()
+        if s.pcm is not None:
+            write(s.pcm)
+        for word, t in s.words:
+            print(f"{t:7.2f}s {word}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def run():
+        mx.random.seed(args.seed)
+        if args.jsonl != "-":
+            path = Path(args.jsonl)
+            if not path.is_file():
+                raise RequestError(f"{path}: no such file")
+            requests = [parse_request(line, i + 1)
+                        for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+            if not requests:
+                raise RequestError(f"{path}: no request in the file")
+        if args.out_folder != "-":
+            Path(args.out_folder).mkdir(parents=True, exist_ok=True)
+        model, tokenizer, files, raw = load(args)
+        with ExitStack() as stack:
+            if args.jsonl == "-":
+                run_stdin(model, tokenizer, files, raw, args, stack)
+                return
+            for req in requests:
+                run_request(req, model, tokenizer, files, raw, args, stack)
+
+    return cli.run_main(run, user_errors=(RequestError, VoiceError, ScriptError,
+                                          AudioDeviceError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

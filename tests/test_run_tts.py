@@ -1,0 +1,144 @@
+"""`python -m moshi_mlx.run_tts` on the random TTS demo repository (`--demo`), voices from a
+Hub mocked at `huggingface_hub.hf_hub_download` (tests/test_model_files.py's FakeHub): the
+JSONL requests' outputs, stdin text, and bad input giving one `error:` line and no file."""
+
+import io
+import json
+
+import huggingface_hub
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import read_24k
+from test_model_files import FakeHub
+
+from moshi_mlx import run_tts
+
+pytestmark = pytest.mark.slow  # the app, Mimi's process
+
+SUFFIX = ".demo@0.safetensors"  # the demo config's model_id
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """An XDG cache holding the TTS demo repository, built once."""
+    root = tmp_path_factory.mktemp("tts-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root))
+        run_tts.demo_repo(kind="tts")
+    return root
+
+
+def voice_file(path, frames=10, channels=512, seed=0, key="speaker_wavs"):
+    rng = np.random.default_rng(seed)
+    mx.save_safetensors(str(path), {key: mx.array(rng.standard_normal((1, channels, frames)),
+                                                  mx.float32)})
+    return path
+
+
+@pytest.fixture
+def env(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.chdir(tmp_path)
+    hub = FakeHub(tmp_path / "hub")
+    (tmp_path / "hub").mkdir()
+    for i, name in enumerate(("alice", "bob")):
+        path = voice_file(tmp_path / "hub" / f"{name}.safetensors", seed=i)
+        hub.files[("kyutai/tts-voices", name + SUFFIX)] = path
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    return tmp_path
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = run_tts.main([*argv, "--demo", "--nq", "4", "--seed", "1"])
+    return code, capsys.readouterr()
+
+
+def write_jsonl(path, *requests):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in requests))
+    return path
+
+
+def test_requests_give_wav_frames_and_transcript(env, capsys):
+    jsonl = write_jsonl(env / "in.jsonl",
+                        {"turns": ["Hello there.", "Fine, thanks."], "voices": ["alice", "bob"],
+                         "id": "two"},
+                        {"turns": ["One <break time=\"1s\"/> two."], "voices": ["alice"],
+                         "id": "one"})
+    code, out = run(capsys, str(jsonl), "--out-folder", "out", "--padding-bonus", "1.5")
+    assert code == 0, out.err
+    for rid, words in (("two", ["Hello", "there.", "Fine,", "thanks."]), ("one", ["One", "two."])):
+        info = json.loads((env / "out" / f"{rid}.json").read_text())
+        assert [w for w, _ in info["transcript"]] == words
+        assert info["nq"] == 4 and info["padding_bonus"] == 1.5
+        steps = [s for _, s in info["transcript"]]
+        assert steps == sorted(steps) and info["end_step"] > steps[-1]
+        frames = mx.load(str(env / "out" / f"{rid}.safetensors"))["frames"]
+        assert frames.shape[0] == 5  # text + 4 codebooks
+        pcm = read_24k(env / "out" / f"{rid}.wav", 1)
+        # audio from the first frame past the delay (16) to the last made
+        assert len(pcm) == (frames.shape[1] - 16) * 1920
+    one = json.loads((env / "out" / "one.json").read_text())
+    assert one["transcript"][1][1] - one["transcript"][0][1] >= 12  # the 1 s break
+    assert sorted(p.name for p in (env / "out").iterdir()) == [
+        "one.json", "one.safetensors", "one.wav", "two.json", "two.safetensors", "two.wav"]
+
+
+def test_only_wav_and_stdin_lines_quantized(env, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello world.\n\nAnd more words.\n"))
+    code, out = run(capsys, "-", "--voice", "bob", "--out-folder", "o", "--only-wav",
+                    "--quantize", "8")
+    assert code == 0, out.err
+    said = [line.split()[1] for line in out.out.splitlines()]
+    assert said == ["Hello", "world.", "And", "more", "words."]
+    assert [p.name for p in (env / "o").iterdir()] == ["stdin.wav"]
+    assert len(read_24k(env / "o" / "stdin.wav", 1)) > 0
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 1: not JSON"),
+    ('{"turns": [], "voices": ["alice"], "id": "a"}', "'turns' must be a non-empty list"),
+    ('{"turns": ["  "], "voices": ["alice"], "id": "a"}', "the turns have no text"),
+    ('{"turns": ["hi"], "voices": ["alice"], "id": "../a"}', "'id' must be"),
+    ('{"turns": ["hi"], "voices": ["nobody"], "id": "a"}', "unknown voice 'nobody'"),
+    ('{"turns": ["hi"], "voices": [], "id": "a"}', "needs a voice"),
+    ('{"turns": ["hi"], "voices": ["wide.safetensors"], "id": "a"}', "has shape [1, 256, 10]"),
+    ('{"turns": ["hi"], "voices": ["other.safetensors"], "id": "a"}', "not a voice embedding"),
+    (json.dumps({"turns": ["hi"], "voices": [f"{v}.safetensors" for v in "abcdef"], "id": "a"}),
+     "at most 5"),
+    ('{"turns": ["hi <break time=\\"2x\\"/>"], "voices": ["alice"], "id": "a"}',
+     "break needs a time in seconds"),
+])
+def test_bad_input_is_one_error_line_and_no_file(env, capsys, line, message):
+    voice_file(env / "wide.safetensors", channels=256)
+    voice_file(env / "other.safetensors", key="embedding")
+    for name in "abcdef":
+        voice_file(env / f"{name}.safetensors")
+    jsonl = write_jsonl(env / "in.jsonl", line)
+    code, out = run(capsys, str(jsonl), "--out-folder", "out")
+    assert code == 1
+    errors = [x for x in out.err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out.err
+    assert not (env / "out").exists() or not list((env / "out").iterdir())
+
+
+def test_bad_cfg_coef_and_missing_file(env, capsys):
+    jsonl = write_jsonl(env / "in.jsonl", {"turns": ["hi"], "voices": ["alice"], "id": "a"})
+    code, out = run(capsys, str(jsonl), "--cfg-coef", "1.7")
+    assert code == 1 and "--cfg-coef 1.7: this model takes 1.0, 1.5" in out.err
+    code, out = run(capsys, str(env / "missing.jsonl"))
+    assert code == 1 and "no such file" in out.err
+    code, out = run(capsys, str(write_jsonl(env / "empty.jsonl", "", "")))
+    assert code == 1 and "no request" in out.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temp", "nan"], "--temp must be a finite number"),
+    (["--max-padding", "-1"], "--max-padding must be >= 0"),
+    (["--nq", "0"], "argument --nq: must be at least 1"),
+    (["--quantize", "3"], "argument --quantize: invalid choice"),
+])
+def test_flag_values_no_model_takes_are_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_tts.parse_args(["in.jsonl", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
