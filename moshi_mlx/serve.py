@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="speech-to-text model: a Hugging Face repository (e.g. "
                              "kyutai/stt-1b-en_fr-mlx) or a local directory with its files")
     parser.add_argument("--tts", metavar="REPO_OR_DIR",
-                        help="text-to-speech model (/api/tts_streaming): not available yet")
+                        help="text-to-speech model (/api/tts_streaming): not served yet")
     parser.add_argument("--voice-repo", metavar="REPO_OR_DIR", default="kyutai/tts-voices",
                         help="where the TTS voices are looked up (default: kyutai/tts-voices)")
     parser.add_argument("--host", default="localhost",
@@ -106,8 +106,8 @@ async def serve(args: argparse.Namespace, stt: model_files.ModelFiles) -> None:
 def prepare(args: argparse.Namespace) -> Coroutine:
     """The checks and files before loading: the server's coroutine."""
     if args.tts is not None:
-        raise SetupError("--tts: the text-to-speech service needs Kyutai's TTS model, which this "
-                         "version cannot run yet; serve --stt alone.")
+        raise SetupError("--tts: /api/tts_streaming is not served yet (Kyutai's TTS runs in "
+                         "run_tts); serve --stt alone.")
     stt = model_files.resolve_repo(args.stt)
     families.transcriber_loader(stt, args.batch_size)  # the family, checked before loading
     return serve(args, stt)

@@ -31,7 +31,7 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--tts", "kyutai/tts-1.6b-en_fr"], "the text-to-speech service needs Kyutai's TTS"),
+    (["--tts", "kyutai/tts-1.6b-en_fr"], "/api/tts_streaming is not served yet"),
     (["--stt", "/no/such/dir"], "not a valid repository id"),
 ])
 def test_one_line_errors(argv, says, capsys):
