@@ -4,13 +4,16 @@ and exit code 1, never a traceback; a flag's value that no model can take is a u
 code 2)."""
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import secrets
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import NoReturn
 
 from . import model_files, models, utils
@@ -172,6 +175,27 @@ def run_main(run: Callable[[], int | None], interrupted: str = "interrupted",
     except KeyboardInterrupt:
         print(f"\n{lead}{interrupted}", file=sys.stderr)
         return interrupted_code
+
+
+def run_server(prepare: Callable[[], Coroutine], user_errors: tuple[type[Exception], ...] = ()
+               ) -> int:
+    """A server's `run_main`: `prepare()` (checks, files: its user errors are reported as any
+    app's) returns the coroutine that serves, run until Ctrl-C (exit code 0: how a server is
+    stopped) or SIGTERM (which cancels it, taking the same way out)."""
+
+    async def until_stopped(server: Coroutine) -> None:
+        main = asyncio.current_task()
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' loops
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+        await server
+
+    def run() -> None:
+        try:
+            asyncio.run(until_stopped(prepare()))
+        except asyncio.CancelledError:  # SIGTERM
+            log.info("stopped")
+
+    return run_main(run, "stopped", user_errors=user_errors, interrupted_code=0)
 
 
 def exit_app(code: int) -> NoReturn:

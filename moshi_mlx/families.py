@@ -16,9 +16,12 @@ import sentencepiece
 
 from . import model_files, models, utils
 from .audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from .audio.mimi import Mimi
 from .audio.mimi_process import LIVE_REPLY_SECONDS
+from .engine.batched import BatchedStepper
 from .engine.conversation import Conversation
 from .engine.offline import Plan
+from .engine.transcription import MIMI_REPLY_SECONDS, Transcriber
 from .models.conditioner import ConditionTensor
 
 KINDS = ("moshi", "hibiki", "stt")
@@ -64,10 +67,15 @@ def stt_padding(cfg: models.LmConfig) -> tuple[int, int]:
     return before, after
 
 
+def stt_delay_seconds(cfg: models.LmConfig) -> float:
+    """An STT model's text delay: seconds between a word in its input and the step it comes at."""
+    return (cfg.stt_config or {}).get("audio_delay_seconds", 0.0)
+
+
 def stt_offset_seconds(cfg: models.LmConfig) -> float:
-    """Seconds between the input's time and the step its words come at."""
-    stt = cfg.stt_config or {}
-    return stt.get("audio_silence_prefix_seconds", 0.0) + stt.get("audio_delay_seconds", 0.0)
+    """Seconds between the input's time and the step its words come at (the silence prefix
+    included, as `run_inference` pads the input)."""
+    return (cfg.stt_config or {}).get("audio_silence_prefix_seconds", 0.0) + stt_delay_seconds(cfg)
 
 
 def check_cfg_coef(cfg: models.LmConfig, cfg_coef: float) -> None:
@@ -108,6 +116,26 @@ def live_loader(files: model_files.ModelFiles,
                             *(samplers or (utils.Sampler(), utils.Sampler())), cfg_coef,
                             mimi_max_seq_len=mimi_max_seq_len,
                             mimi_reply_seconds=LIVE_REPLY_SECONDS)
+
+    return load
+
+
+def transcriber_loader(files: model_files.ModelFiles, rows: int,
+                       memory: model_files.MemoryOptions | None = None
+                       ) -> Callable[[], Transcriber]:
+    """What the STT service (`serve --stt`) runs on its model's thread: loads the speech-to-text
+    model in `files` and a Mimi encoder for each of its `rows` streams. The service needs no
+    silence prefix: clients send their own (Kyutai's file client sends 1 s), and word times are
+    in the client's audio. Raises FamilyError for a model of another family."""
+    kind = model_kind(files.lm_config)
+    if kind != "stt":
+        raise FamilyError(f"this model ({kind}) is not a speech-to-text model")
+
+    def load() -> Transcriber:
+        model, tokenizer, cfg = model_files.load_model(files, options=memory)
+        mimis = [Mimi(files.mimi_weight, cfg.mimi_codebooks, decoder=False,
+                      reply_seconds=MIMI_REPLY_SECONDS) for _ in range(rows)]
+        return Transcriber(BatchedStepper(model, rows), tokenizer, mimis, stt_delay_seconds(cfg))
 
     return load
 

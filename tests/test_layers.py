@@ -16,8 +16,8 @@ LAYERS = [  # from the bottom; a module may import its own layer and those below
     ("audio", ["audio"]),
     ("engine", ["engine"]),
     ("files and families", ["families", "model_files", "weights"]),
-    ("the apps' parts", ["cli", "web"]),  # the flags they share; the browser app's server
-    ("apps", ["local", "local_web", "run_inference", "run_helium", "run_tts"]),
+    ("the apps' parts", ["cli", "web"]),  # the flags they share; the servers' web side
+    ("apps", ["local", "local_web", "run_inference", "run_helium", "run_tts", "serve"]),
 ]
 LEVEL = {name: level for level, (_, names) in enumerate(LAYERS) for name in names}
 

@@ -7,8 +7,16 @@ from .demo import DEMO_VERSION, cache_dir, demo_repo
 from .errors import HubFileMissing, HubUnreachable, ModelFilesError
 from .hub import parse_hf_uri
 from .load import MemoryOptions, load_model, load_text_tokenizer
-from .resolve import DEFAULT_REPOS, ModelFiles, add_model_args, quantized_name, resolve
+from .resolve import (
+    DEFAULT_REPOS,
+    ModelFiles,
+    add_model_args,
+    quantized_name,
+    resolve,
+    resolve_repo,
+)
 
 __all__ = ["DEFAULT_REPOS", "DEMO_VERSION", "HubFileMissing", "HubUnreachable", "MemoryOptions",
            "ModelFiles", "ModelFilesError", "add_model_args", "cache_dir", "demo_repo",
-           "load_model", "load_text_tokenizer", "parse_hf_uri", "quantized_name", "resolve"]
+           "load_model", "load_text_tokenizer", "parse_hf_uri", "quantized_name", "resolve",
+           "resolve_repo"]

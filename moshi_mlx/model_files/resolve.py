@@ -159,6 +159,21 @@ def resolve(args: argparse.Namespace) -> ModelFiles:
         source = _Source(directory=demo_repo())
     else:
         source = _Source(repo_id=args.hf_repo or DEFAULT_REPOS[bits])
+    return _resolve(args, source)
+
+
+def resolve_repo(repo_or_dir: str) -> ModelFiles:
+    """A model's files from a Hub repository ('kyutai/stt-1b-en_fr-mlx') or a local directory
+    holding a repository's files, as its config.json names them (the servers' `--stt`)."""
+    path = Path(repo_or_dir).expanduser()
+    source = _Source(directory=path) if path.is_dir() else _Source(repo_id=repo_or_dir)
+    none = argparse.Namespace(quantized=None, moshi_weight=None, mimi_weight=None,
+                              tokenizer=None, lm_config=None)
+    return _resolve(none, source)
+
+
+def _resolve(args: argparse.Namespace, source: _Source) -> ModelFiles:
+    bits = args.quantized
     needs_repo = None in (args.moshi_weight, args.mimi_weight, args.tokenizer)
     if args.lm_config:
         raw = _read_json(_fetch(args.lm_config, source))

@@ -204,18 +204,20 @@ class Lm(nn.Module):
         return x
 
     def __call__(self, text_tokens: mx.array, audio_tokens: mx.array, cache=None,
-                 condition: ConditionTensor | None = None, cross=None):
+                 condition: ConditionTensor | None = None, cross=None,
+                 mask: mx.array | None = None):
         """Temporal transformer over T steps.
 
         text_tokens: [B, T]; audio_tokens: [B, n_q, T] (input tokens, delays already applied);
         `condition` (from `condition_provider.condition_tensor`) is summed into every step.
         With `cache` (from `make_cache`) the steps continue a stream, else they start one; either
-        way each step attends causally to the last `context` steps. A cross-attention model
-        (Kyutai's TTS) reads `cross`, `cross_keys_values(condition)` computed once per stream.
+        way each step attends causally to the last `context` steps (or as `mask` says, see
+        `Transformer`). A cross-attention model (Kyutai's TTS) reads `cross`,
+        `cross_keys_values(condition)` computed once per stream.
         Returns (hidden [B, T, dim] for the depformer, text logits [B, T, text_logits]).
         """
         x = self.embed(text_tokens, audio_tokens, condition)
-        hidden = self.out_norm(self.transformer(x, cache=cache, cross=cross))
+        hidden = self.out_norm(self.transformer(x, cache=cache, cross=cross, mask=mask))
         return hidden, self.text_linear(hidden)
 
     def cross_keys_values(self, condition: ConditionTensor):

@@ -139,18 +139,20 @@ class Transformer(nn.Module):
         self.args = args
         self.layers = [TransformerLayer(args) for _ in range(args.num_layers)]
 
-    def __call__(self, x: mx.array, cache=None, cross=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None, cross=None,
+                 mask: mx.array | None = None) -> mx.array:
         """x: [batch, steps, dim]. Several steps attend causally, each to the last `context` steps
         (its own included), whether they start a sequence or continue the one in `cache`. A
         single step needs no mask: the caches never hold more than `context` steps. `cross`:
-        per-layer keys and values of the cross-attention source (`cross_keys_values`)."""
+        per-layer keys and values of the cross-attention source (`cross_keys_values`). `mask`
+        (boolean, broadcast to [batch, heads, steps, cached steps]) replaces the causal one: rows
+        at positions of their own (`engine.batched`)."""
         cache = cache or [None] * len(self.layers)
         cross = cross or [None] * len(self.layers)
         if self.args.cross_attention and cross[0] is None:
             raise ValueError("this model's layers cross-attend to a condition (e.g. speakers): "
                              "pass its keys and values (cross_keys_values)")
-        mask = None
-        if x.shape[1] > 1:
+        if mask is None and x.shape[1] > 1:
             window = self.args.context if cache[0] is None else cache[0].max_size
             mask = create_attention_mask(x, cache[0], window_size=window)
         for layer, c, kv in zip(self.layers, cache, cross):

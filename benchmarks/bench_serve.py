@@ -1,0 +1,148 @@
+"""The STT service (`serve --stt`): its batched step against the batch, and streams served in real
+time with their Word latency.
+
+    python -m benchmarks.bench_serve steps [--configs demo 1b] [--batches 1 2 4 8]
+    python -m benchmarks.bench_serve streams --streams 1 2 [--seconds 20]
+
+`steps`: one `BatchedStepper.step` for B rows (all active), random weights (speed does not
+depend on the values): the small demo STT model and one of stt-1b-en_fr's widths (Kyutai's 1B
+layout, text only, 32 input codebooks), bf16. Median (min-max) over the steps after 3 warm-up.
+
+`streams`: a server (`python -m moshi_mlx.serve` on the demo STT model, --batch-size N) and N
+clients, each sending audio in 80 ms chunks at real-time pace for `--seconds`. *behind*: the
+audio still waiting in the server at the end (Step.buffered_pcm), in seconds: 0 means served in
+real time. *Word latency*: from the moment the audio at a Word's start_time was sent to the
+Word's arrival (the model's text delay, 0.5 s, is part of it), p50 and p95.
+"""
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import msgpack
+import numpy as np
+
+FRAME, RATE = 1920, 24000
+
+
+def step_times(configs: list[str], batches: list[int], steps: int) -> None:
+    import mlx.core as mx
+
+    from moshi_mlx import models
+    from moshi_mlx.engine.batched import BatchedStepper
+    from moshi_mlx.weights.demo import kind_config
+
+    shapes = {"demo": kind_config("stt").to_config_dict(),
+              "1b": models.config1b_202412().to_config_dict()
+              | {"n_q": 32, "dep_q": 0, "delays": [0] * 33, "extra_heads_num_heads": 4}}
+    print("| config | batch | step ms median (min-max) | per stream ms | x one stream |")
+    print("|---|---|---|---|---|")
+    for name in configs:
+        cfg = models.LmConfig.from_config_dict(shapes[name])
+        model = models.Lm(cfg)
+        model.set_dtype(mx.bfloat16)
+        mx.eval(model.parameters())
+        one = None
+        for batch in batches:
+            stepper = BatchedStepper(model, batch)
+            codes = np.random.default_rng(0).integers(0, cfg.card, (batch, cfg.num_user_codebooks))
+            active = np.ones(batch, bool)
+            times = []
+            for i in range(steps + 3):
+                start = time.perf_counter()
+                stepper.step(codes, active)
+                if i >= 3:
+                    times.append(1000 * (time.perf_counter() - start))
+            median = float(np.median(times))
+            one = one or median
+            print(f"| {name} | {batch} | {median:.1f} ({min(times):.1f}-{max(times):.1f}) | "
+                  f"{median / batch:.1f} | {median / one:.2f} |", flush=True)
+
+
+async def client(url: str, pcm: np.ndarray, out: dict) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url, headers={"kyutai-api-key": "public_token"}) as ws:
+            assert msgpack.unpackb((await ws.receive()).data)["type"] == "Ready"
+            start = time.monotonic()
+            latencies, behind = [], 0
+
+            async def receive():
+                nonlocal behind
+                async for msg in ws:
+                    m = msgpack.unpackb(msg.data)
+                    if m["type"] == "Word":
+                        latencies.append(time.monotonic() - (start + m["start_time"]))
+                    elif m["type"] == "Step":
+                        behind = m["buffered_pcm"] / RATE
+
+            task = asyncio.create_task(receive())
+            for i, chunk in enumerate(range(0, len(pcm), FRAME)):
+                await asyncio.sleep(max(0.0, start + i * FRAME / RATE - time.monotonic()))
+                await ws.send_bytes(msgpack.packb(
+                    {"type": "Audio", "pcm": pcm[chunk:chunk + FRAME].tolist()},
+                    use_single_float=True))
+            await asyncio.sleep(1.0)
+            task.cancel()
+            out["latencies"], out["behind"] = latencies, behind
+
+
+async def run_all(url: str, pcm: np.ndarray, outs: list[dict]) -> None:
+    await asyncio.gather(*(client(url, pcm, out) for out in outs))
+
+
+def streams(counts: list[int], seconds: float) -> None:
+    from moshi_mlx.weights.demo import build_demo_repo
+
+    repo = build_demo_repo(Path(tempfile.mkdtemp()) / "stt", seed=5, kind="stt")
+    t = np.arange(int(seconds * RATE)) / RATE
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+           + 0.05 * np.random.default_rng(0).normal(size=t.size)).astype(np.float32)
+    print("| streams (--batch-size) | behind at the end s (each) | Word latency p50 s | p95 s |")
+    print("|---|---|---|---|")
+    for count in counts:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moshi_mlx.serve", "--stt", str(repo), "--port", "0",
+             "--batch-size", str(count)], stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        try:
+            while not (m := re.search(r"serving (ws://\S+)", server.stderr.readline())):
+                if server.poll() is not None:
+                    raise SystemExit("the server did not start")
+            outs = [{} for _ in range(count)]
+            asyncio.run(run_all(m.group(1), pcm, outs))
+            latencies = np.concatenate([o["latencies"] for o in outs])
+            behind = ", ".join(f"{o['behind']:.2f}" for o in outs)
+            print(f"| {count} | {behind} | {np.percentile(latencies, 50):.2f} | "
+                  f"{np.percentile(latencies, 95):.2f} |", flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve",
+                                     description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    steps = sub.add_parser("steps", help="the batched step against the batch")
+    steps.add_argument("--configs", nargs="+", default=["demo", "1b"], choices=["demo", "1b"])
+    steps.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
+    steps.add_argument("--steps", type=int, default=10)
+    live = sub.add_parser("streams", help="streams at real-time pace through the server")
+    live.add_argument("--streams", nargs="+", type=int, default=[1, 2])
+    live.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args(argv)
+    if args.what == "steps":
+        step_times(args.configs, args.batches, args.steps)
+    else:
+        streams(args.streams, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The speech-to-text service: streams of audio in, timed words out, for several streams at once
+(`web.asr` serves them in the protocol of Kyutai's server; the events below are its messages).
+
+Each stream holds a row of one `BatchedStepper` and a Mimi encoder of its own (Mimi keeps a
+stream's state, and rustymimi's batched encoder cannot restart one row: measured, its rows past
+the first differ from the same audio encoded alone). The model loop, on the model's thread,
+takes at most one 80 ms frame from every stream that has one waiting, encodes the frames in
+parallel (each Mimi is a process), runs one batched step for all of them and hands each stream
+its events. A stream with no full frame waiting skips the tick; the others go on.
+"""
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from math import ceil
+from typing import TYPE_CHECKING
+
+import numpy as np
+import sentencepiece
+
+from ..audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from ..audio.mimi import Mimi
+from ..audio.mimi_process import MimiError
+from .text import PADDING_TOKEN, Transcript, token_text
+
+if TYPE_CHECKING:  # the stepper (MLX) is handed over: the servers' byte-moving side imports this
+    from .batched import BatchedStepper
+
+log = logging.getLogger(__name__)
+
+WAIT_SECONDS = 0.05  # the idle loop looks for new streams, ends and stops this often
+MAX_BUFFERED_SECONDS = 600.0  # audio a stream may have waiting (a client far ahead of real time)
+MIMI_REPLY_SECONDS = 10.0  # a Mimi process that codes no frame in this long hangs (a server's
+# Mimi processes share the CPU: a live app's 1.5 s would end streams of a loaded machine)
+
+
+# The events of a stream, named and shaped as the messages of Kyutai's server.
+@dataclass(frozen=True)
+class Ready:
+    """The stream has its row: audio is taken from now on."""
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start_time: float  # seconds of the stream's audio
+
+
+@dataclass(frozen=True)
+class EndWord:
+    stop_time: float  # the end of the last Word
+
+
+@dataclass(frozen=True)
+class Step:
+    step_idx: int  # the service's step count
+    prs: list[float]  # each voice-activity head's probability of 'no speech for a while'
+    buffered_pcm: int  # samples of this stream still waiting
+
+
+@dataclass(frozen=True)
+class Marker:
+    id: int
+
+
+@dataclass(frozen=True)
+class Error:
+    message: str
+
+
+Event = Ready | Word | EndWord | Step | Marker | Error
+
+
+class TooMuchAudio(ValueError):
+    """A client sent audio much faster than it can be transcribed."""
+
+
+class WordEvents:
+    """One stream's text tokens -> its Word and EndWord events.
+
+    Words and start times are those of the offline transcript of the same audio
+    (`engine.offline`, `run_inference --json`): a piece starting with a space starts a word, a
+    word's time is the step of its first piece minus the model's text delay. A word is sent as
+    soon as it is complete: at the next padding token or the next word. As Kyutai's server
+    does it, a padding token also ends the word being spelled (the offline transcript joins
+    pieces across padding; Kyutai's models put none inside a word). Its EndWord follows when the
+    next word starts: at the end-of-padding token (0) announcing it, or its first piece.
+    """
+
+    def __init__(self, tokenizer: sentencepiece.SentencePieceProcessor, padding_id: int,
+                 delay_seconds: float):
+        self.tokenizer = tokenizer
+        self.padding_id = padding_id
+        self.delay_seconds = delay_seconds
+        self.transcript = Transcript(FRAME_RATE)
+        self.pending = None  # the word being spelled (a `text.Word`)
+        self.unended = False  # a Word was sent and its EndWord not yet
+
+    def _time(self, seconds: float) -> float:
+        """A time in steps' seconds -> the audio's, as `engine.offline` computes it."""
+        return max(0.0, round(seconds - self.delay_seconds, 3))
+
+    def _send_pending(self, events: list[Event]) -> None:
+        if self.pending is not None:
+            events.append(Word(self.pending.text, self._time(self.pending.time)))
+            self.pending, self.unended = None, True
+
+    def _end(self, events: list[Event], seconds: float) -> None:
+        if self.unended:
+            events.append(EndWord(self._time(seconds)))
+            self.unended = False
+
+    def add(self, token: int, step: int) -> list[Event]:
+        """The stream's text token of its step `step` (from 0) -> the events it completes."""
+        events: list[Event] = []
+        piece = token_text(self.tokenizer, token, self.padding_id)
+        if piece is None:
+            self._send_pending(events)
+            self.transcript.add(" ", step)  # the next piece starts a word
+            if token == PADDING_TOKEN:  # a word starts at the next step
+                self._end(events, round((step + 1) / FRAME_RATE, 3))
+            return events
+        count = len(self.transcript.words)
+        self.transcript.add(piece, step)
+        if len(self.transcript.words) > count:
+            word = self.transcript.words[-1]
+            self._send_pending(events)
+            self._end(events, word.time)
+            self.pending = word
+            del self.transcript.words[:-1]
+        return events
+
+
+class Stream:
+    """One client's stream on a row: its audio waiting (added from any thread), its markers, its
+    words. `emit(event)` is called on the model's thread: it must only hand the event over."""
+
+    def __init__(self, row: int, emit: Callable[[Event], None], words: WordEvents,
+                 marker_steps: int):
+        self.row = row
+        self.emit = emit
+        self.words = words
+        self.marker_steps = marker_steps
+        self.steps = 0  # frames transcribed
+        self.taken = 0  # frames taken for a step (transcribed, or in the step running)
+        self.failed = False  # an Error was sent: no more steps
+        self._lock = threading.Lock()
+        self._chunks: deque[np.ndarray] = deque()
+        self._buffered = 0  # samples waiting
+        self._markers: deque[tuple[int, int]] = deque()  # (steps due, id), in order
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    def add_audio(self, pcm: np.ndarray) -> None:
+        """float32 [samples] at 24 kHz, any length. TooMuchAudio past MAX_BUFFERED_SECONDS
+        waiting."""
+        with self._lock:
+            if self._buffered + len(pcm) > MAX_BUFFERED_SECONDS * SAMPLE_RATE:
+                raise TooMuchAudio(f"more than {MAX_BUFFERED_SECONDS:g} s of audio waiting")
+            if len(pcm):
+                self._chunks.append(np.asarray(pcm, np.float32))
+                self._buffered += len(pcm)
+
+    def add_marker(self, marker_id: int) -> None:
+        """Marker `marker_id` comes back once the audio before it (a partial frame counted
+        whole) and the model's delay after it are transcribed."""
+        with self._lock:
+            due = self.taken + ceil(self._buffered / FRAME_SIZE) + self.marker_steps
+            self._markers.append((due, marker_id))
+
+    def take_frame(self) -> np.ndarray | None:
+        """The next frame, float32 [FRAME_SIZE], or None while less is waiting."""
+        with self._lock:
+            if self._buffered < FRAME_SIZE:
+                return None
+            parts, need = [], FRAME_SIZE
+            while need:
+                chunk = self._chunks.popleft()
+                parts.append(chunk[:need])
+                if len(chunk) > need:
+                    self._chunks.appendleft(chunk[need:])
+                need -= len(parts[-1])
+            self._buffered -= FRAME_SIZE
+            self.taken += 1
+            return np.concatenate(parts)
+
+    def stepped(self, token: int, prs: np.ndarray | None, step_idx: int) -> None:
+        """After the stream's step: its Step (for a model with voice-activity heads), words and
+        markers due, in the order of Kyutai's server."""
+        with self._lock:
+            step = self.steps
+            self.steps += 1
+            due = []
+            while self._markers and self._markers[0][0] <= self.steps:
+                due.append(self._markers.popleft()[1])
+        if prs is not None:
+            self.emit(Step(step_idx, [float(p) for p in prs], self._buffered))
+        for event in self.words.add(token, step):
+            self.emit(event)
+        for marker_id in due:
+            self.emit(Marker(marker_id))
+
+    def fail(self, message: str) -> None:
+        self.failed = True
+        self.emit(Error(message))
+
+
+class Transcriber:
+    """The service: `open(row, emit)` a stream (waits for its Mimi), `close(stream)` it; `run()`
+    is the model loop (on the thread that loaded the model), until `stop()`."""
+
+    def __init__(self, stepper: "BatchedStepper", tokenizer: sentencepiece.SentencePieceProcessor,
+                 mimis: list[Mimi], delay_seconds: float):
+        """`mimis`: one per row; `delay_seconds`: the model's text delay (its `stt_config`)."""
+        if len(mimis) != stepper.rows:
+            raise ValueError(f"{stepper.rows} rows need as many Mimi encoders, got {len(mimis)}")
+        self.stepper = stepper
+        self.tokenizer = tokenizer
+        self.mimis = mimis
+        self.delay_seconds = delay_seconds
+        self.marker_steps = ceil(delay_seconds * FRAME_RATE)
+        self.has_heads = stepper.cfg.extra_heads_num_heads > 0
+        self.step_idx = 0  # batched steps run
+        self._lock = threading.Lock()
+        self._joining: list[Stream] = []
+        self._leaving: list[tuple[Stream, Future]] = []
+        self._streams: dict[int, Stream] = {}  # row -> its stream (the model loop's own)
+        self._wake = threading.Event()
+        self._stopped = False
+        self._encoders = ThreadPoolExecutor(max_workers=stepper.rows,
+                                            thread_name_prefix="mimi-encode")
+        self._cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mimi-next")
+
+    @property
+    def rows(self) -> int:
+        return self.stepper.rows
+
+    def open(self, row: int, emit: Callable[[Event], None]) -> Stream:
+        """A stream on `row` (free), once its Mimi is ready (blocks: call it off the event loop).
+        Its first event is Ready, from the model loop's next tick."""
+        self.mimis[row].reset()
+        words = WordEvents(self.tokenizer, self.stepper.cfg.existing_text_padding_id,
+                           self.delay_seconds)
+        stream = Stream(row, emit, words, self.marker_steps)
+        with self._lock:
+            self._joining.append(stream)
+        self._wake.set()
+        return stream
+
+    def close(self, stream: Stream) -> Future:
+        """Ends a stream (its audio waiting is dropped); the future is done once its row can take
+        another stream."""
+        done: Future = Future()
+        with self._lock:
+            self._leaving.append((stream, done))
+        self._wake.set()
+        return done
+
+    def wake(self) -> None:
+        """Audio or a marker came: the loop looks again."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    def _changes(self) -> None:
+        """Streams joining get their row reset and Ready; leaving ones free theirs once their
+        Mimi is prepared for the next stream."""
+        with self._lock:
+            joining, self._joining = self._joining, []
+            leaving, self._leaving = self._leaving, []
+        for stream in joining:
+            self.stepper.reset_row(stream.row)
+            self._streams[stream.row] = stream
+            stream.emit(Ready())
+        for stream, done in leaving:
+            if self._streams.get(stream.row) is stream:
+                del self._streams[stream.row]
+            self._cleaner.submit(self._prepare_next, stream.row, done)
+
+    def _prepare_next(self, row: int, done: Future) -> None:
+        try:
+            self.mimis[row].prepare_next()
+        except Exception:  # the next stream's reset loads a fresh Mimi anyway
+            log.exception("Mimi of row %d: preparing the next stream failed", row)
+        done.set_result(row)
+
+    def _encode(self, stream: Stream, frame: np.ndarray) -> np.ndarray | None:
+        try:
+            return self.mimis[stream.row].encode(frame)[:self.stepper.num_user_codebooks]
+        except MimiError as e:
+            log.warning("row %d: %s", stream.row, e)
+            stream.fail(f"audio codec failed: {e}")
+            return None
+
+    def tick(self) -> bool:
+        """One tick of the loop: admits and drops streams, steps those with a frame waiting.
+        -> whether a step ran."""
+        self._changes()
+        frames = {}
+        for row, stream in self._streams.items():
+            if not stream.failed and (frame := stream.take_frame()) is not None:
+                frames[row] = (stream, frame)
+        if not frames:
+            return False
+        codes = np.zeros((self.rows, self.stepper.num_user_codebooks), np.int64)
+        active = np.zeros(self.rows, bool)
+        encoded = self._encoders.map(lambda item: self._encode(*item), frames.values())
+        for row, row_codes in zip(frames, encoded):
+            if row_codes is not None:
+                codes[row], active[row] = row_codes, True
+        if not active.any():
+            return False
+        try:
+            tokens, prs = self.stepper.step(codes, active)
+        except Exception:
+            log.exception("the batched step failed")
+            for row in np.flatnonzero(active):
+                self._streams[row].fail("internal error: the model's step failed (see the "
+                                        "server's log)")
+            return False
+        self.step_idx += 1
+        for row in np.flatnonzero(active):
+            self._streams[row].stepped(int(tokens[row]), prs[row] if self.has_heads else None,
+                                       self.step_idx)
+        return True
+
+    def run(self) -> None:
+        """The model loop, until `stop()`."""
+        while not self._stopped:
+            self._wake.clear()
+            if not self.tick():
+                self._wake.wait(WAIT_SECONDS)
+
+    def close_all(self) -> None:
+        """After `stop()` and the loop's end: ends every Mimi process."""
+        self._encoders.shutdown(wait=True)
+        self._cleaner.shutdown(wait=True)
+        for mimi in self.mimis:
+            mimi.close()

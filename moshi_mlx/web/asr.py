@@ -1,0 +1,151 @@
+"""`/api/asr-streaming`: streaming speech to text in the protocol of Kyutai's server.
+
+In: `Audio{pcm}` (24 kHz float32, any length), `OggOpus{data}` (an Ogg-Opus stream), `Marker{id}`.
+Out: `Ready` first, then `Word{text, start_time}`, `EndWord{stop_time}`, `Step{step_idx, prs,
+buffered_pcm}` (one per 80 ms frame transcribed, for a model with voice-activity heads),
+`Marker{id}` once the audio before it and the model's delay are transcribed, `Error{message}`.
+Audio after a marker is taken as before; the server never closes first, except on bad input
+(Error, then a close: that client only), after IDLE_SECONDS without a message, or when the
+model failed. Text frames are ignored, as Kyutai's server ignores them.
+
+The transcription runs in the engine (`engine.transcription.Transcriber`, handed to this
+service by `serve`): this module only moves messages, and imports no MLX.
+"""
+
+import asyncio
+import logging
+from dataclasses import asdict
+
+import numpy as np
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..engine.transcription import Error, Event, Stream, Transcriber
+from .protocol import BadAudio, OpusAudio
+from .speech import (
+    NO_FREE_CHANNELS,
+    BadMessage,
+    Service,
+    Slots,
+    open_socket,
+    pack,
+    pcm_of,
+    send_error,
+    unpack,
+)
+
+log = logging.getLogger("moshi_mlx")
+
+PATH = "/api/asr-streaming"
+IDLE_SECONDS = 120.0  # a client that sends nothing for this long is closed (as Kyutai's server)
+
+
+def message_of(event: Event) -> bytes:
+    """An engine event -> its message: the event's class names the type, its fields the
+    message's; the voice-activity probabilities go out as float32."""
+    fields = asdict(event)
+    if "prs" in fields:
+        fields["prs"] = np.asarray(fields["prs"], np.float32)
+    return pack({"type": type(event).__name__, **fields})
+
+
+class AsrService:
+    """The service over one `Transcriber` (its rows are the slots)."""
+
+    def __init__(self, transcriber: Transcriber, api_keys: frozenset[str]):
+        self.transcriber = transcriber
+        self.api_keys = api_keys
+        self.slots = Slots(transcriber.rows)
+        self.sockets: set[web.WebSocketResponse] = set()
+
+    def service(self) -> Service:
+        return Service("BatchedAsr", PATH, self.slots, self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ws = await open_socket(request, self.api_keys)
+        row = self.slots.take()
+        if row is None:
+            log.info("refused %s: %s", request.remote, NO_FREE_CHANNELS)
+            await send_error(ws, NO_FREE_CHANNELS)
+            return ws
+        self.sockets.add(ws)
+        stream = sender = None
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: Event) -> None:  # on the model's thread
+            loop.call_soon_threadsafe(outbox.put_nowait, event)
+
+        try:
+            stream = await asyncio.to_thread(self.transcriber.open, row, emit)
+            log.info("asr: %s on slot %d", request.remote, row)
+            sender = asyncio.create_task(self._send(ws, outbox))
+            await self._receive(ws, stream, outbox)
+            await asyncio.wait([sender], timeout=1.0)  # an Error on its way goes out
+        except ConnectionError:
+            pass
+        finally:
+            if sender is not None:
+                sender.cancel()
+            self.sockets.discard(ws)
+            try:
+                if stream is not None:
+                    await asyncio.wrap_future(self.transcriber.close(stream))
+            finally:
+                self.slots.give_back(row)
+                log.info("asr: %s left slot %d (%d frames transcribed)", request.remote, row,
+                         stream.steps if stream is not None else 0)
+        return ws
+
+    async def _send(self, ws: web.WebSocketResponse, outbox: asyncio.Queue) -> None:
+        """The stream's events to the client, in order; an Error closes the connection."""
+        while True:
+            event = await outbox.get()
+            if isinstance(event, Error):
+                await send_error(ws, event.message, WSCloseCode.INTERNAL_ERROR)
+                return
+            await ws.send_bytes(message_of(event))
+
+    async def _receive(self, ws: web.WebSocketResponse, stream: Stream,
+                       outbox: asyncio.Queue) -> None:
+        """The client's messages into the stream, until it closes or sends what the protocol
+        does not allow (then Error and a close, through `outbox` after the events before it)."""
+        opus = None
+        while True:
+            try:
+                msg = await ws.receive(timeout=IDLE_SECONDS)
+            except asyncio.TimeoutError:
+                log.info("asr: closing a client silent for %g s", IDLE_SECONDS)
+                await ws.close(code=WSCloseCode.OK, message=b"no message for a long time")
+                return
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if msg.type == WSMsgType.ERROR:
+                error = ws.exception()
+                log.warning("asr: dropped a client: %s", error)
+                await send_error(ws, f"bad message: {error}", WSCloseCode.MESSAGE_TOO_BIG
+                                 if "too big" in str(error).lower() else WSCloseCode.PROTOCOL_ERROR)
+                return
+            if msg.type != WSMsgType.BINARY:
+                continue
+            try:
+                message = unpack(msg.data)
+                kind = message["type"]
+                if kind == "Audio":
+                    stream.add_audio(pcm_of(message))
+                elif kind == "OggOpus":
+                    if not isinstance(message.get("data"), bytes):
+                        raise BadMessage("'data' must be bytes (an Ogg-Opus stream)")
+                    opus = opus or OpusAudio()
+                    stream.add_audio(opus.decode(message["data"]))
+                elif kind == "Marker":
+                    if not isinstance(message.get("id"), int):
+                        raise BadMessage("a Marker's 'id' must be an integer")
+                    stream.add_marker(message["id"])
+                else:
+                    raise BadMessage(f"unknown message type {kind!r}")
+                self.transcriber.wake()
+            except (BadMessage, BadAudio, ValueError) as e:  # TooMuchAudio is a ValueError
+                log.warning("asr: bad message from a client: %s", e)
+                await outbox.put(Error(f"bad message: {e}"))
+                return
+

@@ -1,0 +1,168 @@
+"""What the speech services (`web.asr`, speech to text) share, in the protocol of Kyutai's
+server (`moshi-server`): MessagePack framing, the api-key check, the slots of a service, the
+HTTP routes every such server answers, and the liveness of a websocket. Only bytes move here:
+no MLX.
+
+- Every websocket message, both ways, is one binary frame holding a MessagePack map with a
+  "type" key. Float32 arrays go out as MessagePack float32 (as Kyutai's server writes its f32
+  vectors), other numbers as Python's msgpack writes them.
+- The api key comes from the `kyutai-api-key` header, else the `auth_id` query parameter; a
+  key not allowed is HTTP 401 before the websocket opens.
+- A service has a fixed number of slots (`--batch-size`); a client beyond them gets
+  Error "no free channels" and a close.
+- The server pings each client every PING_SECONDS; one that answers no ping within half of
+  that (gone, frozen) is dropped, its slot freed.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+from aiohttp import WSCloseCode, web
+
+from .. import __version__
+
+log = logging.getLogger("moshi_mlx")
+
+API_KEY_HEADER = "kyutai-api-key"
+API_KEY_QUERY = "auth_id"
+DEFAULT_API_KEY = "public_token"  # the key of Kyutai's public configurations
+PING_SECONDS = 2.0  # aiohttp's heartbeat: a ping this often, its pong due within half of it
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # about 35 s of float32 audio in one message
+NO_FREE_CHANNELS = "no free channels"  # Kyutai's server's words, which Unmute expects
+
+
+class BadMessage(ValueError):
+    """A client's message that the protocol does not allow; the message says why."""
+
+
+def _float32_array(packer: msgpack.Packer, values: np.ndarray) -> bytes:
+    """A MessagePack array of float32 values (0xca, then the big-endian float), without a
+    Python float per sample."""
+    items = np.empty(len(values), dtype=[("tag", "u1"), ("value", ">f4")])
+    items["tag"], items["value"] = 0xCA, values
+    return packer.pack_array_header(len(values)) + items.tobytes()
+
+
+def pack(message: dict) -> bytes:
+    """A message (with its "type") -> a MessagePack map; float32 NumPy arrays as float32."""
+    packer = msgpack.Packer()
+    parts = [packer.pack_map_header(len(message))]
+    for key, value in message.items():
+        parts.append(packer.pack(key))
+        if isinstance(value, np.ndarray) and value.dtype == np.float32:
+            parts.append(_float32_array(packer, value.reshape(-1)))
+        else:
+            parts.append(packer.pack(value))
+    return b"".join(parts)
+
+
+def unpack(data: bytes) -> dict:
+    """A client's binary message -> its map, which has a string "type". BadMessage otherwise."""
+    try:
+        message = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several kinds (ExtraData, ValueError, ...)
+        raise BadMessage(f"not a MessagePack message ({type(e).__name__})") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise BadMessage("a message must be a MessagePack map with a string 'type'")
+    return message
+
+
+def pcm_of(message: dict, key: str = "pcm") -> np.ndarray:
+    """A message's audio: a list of numbers -> float32 [samples]. BadMessage otherwise."""
+    values = message.get(key)
+    if not isinstance(values, list):
+        raise BadMessage(f"'{key}' must be a list of numbers")
+    pcm = np.array(values) if values else np.zeros(0)
+    if pcm.ndim != 1 or pcm.dtype.kind not in "fiu":
+        raise BadMessage(f"'{key}' must be a list of numbers")
+    if not np.isfinite(pcm).all():
+        raise BadMessage(f"'{key}' holds a value that is not a finite number")
+    return pcm.astype(np.float32)
+
+
+def api_key_allowed(request: web.Request, keys: frozenset[str]) -> bool:
+    """The request's key (header, else query) is one of `keys`."""
+    key = request.headers.get(API_KEY_HEADER)
+    if key is None:
+        key = request.query.get(API_KEY_QUERY)
+    return key in keys
+
+
+class Slots:
+    """A service's `count` slots: a client holds one while its stream runs."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self._free = list(range(count))
+
+    @property
+    def used(self) -> int:
+        return self.count - len(self._free)
+
+    def take(self) -> int | None:
+        """The lowest free slot, or None when every slot is held."""
+        if not self._free:
+            return None
+        self._free.sort()
+        return self._free.pop(0)
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
+
+@dataclass
+class Service:
+    """One websocket service of the server, as `/api/modules_info` lists it."""
+
+    kind: str  # Kyutai's module type, e.g. "BatchedAsr"
+    path: str
+    slots: Slots
+    handler: object  # the websocket's request handler
+
+
+async def open_socket(request: web.Request, keys: frozenset[str]) -> web.WebSocketResponse:
+    """Checks the api key (HTTPUnauthorized) and opens the websocket, pinged as the module's
+    docstring says."""
+    if not api_key_allowed(request, keys):
+        log.info("refused %s on %s: no valid api key", request.remote, request.path)
+        raise web.HTTPUnauthorized(text="invalid api key\n")
+    ws = web.WebSocketResponse(heartbeat=PING_SECONDS, max_msg_size=MAX_MESSAGE_BYTES)
+    await ws.prepare(request)
+    return ws
+
+
+async def send_error(ws: web.WebSocketResponse, message: str,
+                     code: int = WSCloseCode.OK) -> None:
+    """Error{message}, then a close; a client already gone is no error."""
+    try:
+        await ws.send_bytes(pack({"type": "Error", "message": message}))
+        await ws.close(code=code, message=message[:120].encode())
+    except ConnectionError:
+        pass
+
+
+def build_info() -> dict:
+    """What `GET /api/build_info` answers (Unmute's health check only needs the 200)."""
+    return {"package": "moshi_mlx", "version": __version__,
+            "protocol": "Kyutai moshi-server (asr-streaming)"}
+
+
+def speech_app(services: list[Service]) -> web.Application:
+    """The server's routes: each service's websocket, `/api/build_info` and
+    `/api/modules_info` (the slots of each)."""
+    app = web.Application()
+
+    async def info(request: web.Request) -> web.Response:
+        return web.json_response(build_info())
+
+    async def modules(request: web.Request) -> web.Response:
+        return web.json_response([{"type": s.kind, "path": s.path, "used_slots": s.slots.used,
+                                   "total_slots": s.slots.count} for s in services])
+
+    app.router.add_get("/api/build_info", info)
+    app.router.add_get("/api/modules_info", modules)
+    for service in services:
+        app.router.add_get(service.path, service.handler)
+    return app

@@ -1,0 +1,365 @@
+"""`serve --stt`: Kyutai's /api/asr-streaming, spoken by clients written here (MessagePack maps
+over a websocket), on the small random STT model of `make_demo --kind stt` (text delay 0.5 s,
+four voice-activity heads), two slots.
+
+What a client can tell is checked: the message sequence and encoding, the words and times
+against the offline transcript of the same audio, markers, slots, the api key, a vanished
+client, bad input (one client's problem only)."""
+
+import asyncio
+import socket
+import threading
+import time
+from math import ceil
+from types import SimpleNamespace
+
+import aiohttp
+import msgpack
+import numpy as np
+import pytest
+import sphn
+from aiohttp import web
+from conftest import FRAME, RATE
+
+from moshi_mlx import families, model_files, utils
+from moshi_mlx.engine import offline, transcription
+from moshi_mlx.engine.worker import ModelThread
+from moshi_mlx.web.asr import AsrService
+from moshi_mlx.web.speech import speech_app
+from moshi_mlx.weights.demo import build_demo_repo
+
+pytestmark = pytest.mark.slow  # a server with its model and Mimi processes
+
+ROWS = 2
+KEY = "public_token"
+DELAY_STEPS = 7  # ceil(0.5 s * 12.5): the marker's wait after the audio before it
+
+
+@pytest.fixture(scope="module")
+def stt_dir(tmp_path_factory):
+    return build_demo_repo(tmp_path_factory.mktemp("stt-repo"), seed=5, kind="stt")
+
+
+@pytest.fixture(scope="module")
+def server(stt_dir):
+    """The STT service on 127.0.0.1 (any port), its event loop on a thread of its own."""
+    files = model_files.resolve_repo(str(stt_dir))
+    model_thread = ModelThread("test-stt")
+    transcriber = model_thread.submit(families.transcriber_loader(files, ROWS)).result()
+    running = model_thread.submit(transcriber.run)
+    asr = AsrService(transcriber, frozenset({KEY, "second_key"}))
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    runner = web.AppRunner(speech_app([asr.service()]))
+
+    async def start():
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+
+    asyncio.run_coroutine_threadsafe(start(), loop).result()
+    port = runner.addresses[0][1]
+    yield SimpleNamespace(url=f"ws://127.0.0.1:{port}/api/asr-streaming",
+                          http=f"http://127.0.0.1:{port}", files=files, asr=asr, port=port)
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+    transcriber.stop()
+    running.result(timeout=10)
+    transcriber.close_all()
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def speech(seconds: float, seed: int) -> np.ndarray:
+    """A modulated tone with noise, float32 at 24 kHz."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    x = 0.3 * np.sin(2 * np.pi * (180 + 40 * seed) * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    x += 0.05 * np.random.default_rng(seed).normal(size=t.size)
+    return x.astype(np.float32)
+
+
+def packb(message: dict) -> bytes:
+    return msgpack.packb(message, use_single_float=True)
+
+
+async def connect(session: aiohttp.ClientSession, url: str, **kwargs):
+    return await session.ws_connect(url, headers={"kyutai-api-key": KEY}, **kwargs)
+
+
+async def receive(ws) -> dict:
+    msg = await ws.receive(timeout=60)
+    assert msg.type == aiohttp.WSMsgType.BINARY, f"{msg.type}: {msg.data}"
+    return msgpack.unpackb(msg.data)
+
+
+async def send_audio(ws, pcm: np.ndarray, chunk: int = 3000) -> None:
+    for start in range(0, len(pcm), chunk):
+        await ws.send_bytes(packb({"type": "Audio", "pcm": pcm[start:start + chunk].tolist()}))
+
+
+async def transcribe(ws, pcm: np.ndarray, marker: int = 1) -> list[dict]:
+    """Kyutai's file client's way: the audio, a Marker, then silence; the messages until the
+    Marker comes back (Ready excluded)."""
+    assert (await receive(ws)) == {"type": "Ready"}
+    await send_audio(ws, pcm)
+    await ws.send_bytes(packb({"type": "Marker", "id": marker}))
+    await send_audio(ws, np.zeros(2 * RATE, np.float32), chunk=RATE)
+    messages = []
+    while (message := await receive(ws))["type"] != "Marker":
+        messages.append(message)
+    assert message == {"type": "Marker", "id": marker}
+    return messages
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def used_slots(session, server) -> int:
+    async with session.get(f"{server.http}/api/modules_info") as response:
+        (module,) = await response.json()
+    assert (module["type"], module["path"], module["total_slots"]) == (
+        "BatchedAsr", "/api/asr-streaming", ROWS)
+    return module["used_slots"]
+
+
+async def slots_in_use(session, server, count: int, seconds: float = 10) -> None:
+    """Waits until `count` slots are held (the slot of a client that left is freed once its
+    Mimi is ready for the next stream)."""
+    deadline = time.monotonic() + seconds
+    while await used_slots(session, server) != count:
+        assert time.monotonic() < deadline, f"not {count} slots in use after {seconds} s"
+        await asyncio.sleep(0.1)
+
+
+def offline_words(server, pcm: np.ndarray) -> list[dict]:
+    """The offline transcript (run_inference's loop) of `pcm`, greedy. Asserts that no padding
+    token came inside a word (see `WordEvents`: Kyutai's server, and this one, end a word at a
+    padding token, the offline transcript does not; Kyutai's models do not pad inside words,
+    a random model may)."""
+    model, tokenizer, _ = model_files.load_model(server.files, warmup=False)
+    conversation = families.conversation(model, tokenizer, server.files.mimi_weight,
+                                         utils.Sampler(temp=0), utils.Sampler())
+    try:
+        result = offline.run(conversation, pcm, families.offline_plan(conversation))
+    finally:
+        conversation.close()
+    after_padding = [frame.text for previous, frame in zip(result.frames, result.frames[1:])
+                     if previous.text is None and frame.text is not None]
+    assert all(text.startswith(" ") for text in after_padding[1:])
+    return [{"text": w.text, "time": w.time} for w in result.transcript.words]
+
+
+def test_words_and_times_are_the_offline_transcripts(server):
+    """The same audio, padded as the offline loop pads it: the same words at the same times.
+    One Step per frame with the four heads' probabilities; EndWord after each Word."""
+    pcm = speech(2.0, seed=2)
+    padded = np.concatenate([pcm, np.zeros(int(1.5 * RATE), np.float32)])
+    frames = ceil(len(padded) / FRAME)
+    padded = np.concatenate([padded, np.zeros(frames * FRAME - len(padded), np.float32)])
+
+    async def client():
+        async with aiohttp.ClientSession() as session, await connect(session, server.url) as ws:
+            return await transcribe(ws, padded)
+
+    messages = run(client())
+    steps = [m for m in messages if m["type"] == "Step"]
+    assert len(steps) == frames + DELAY_STEPS
+    assert all(len(m["prs"]) == 4 and all(0 <= p <= 1 for p in m["prs"]) for m in steps)
+    assert [m["step_idx"] for m in steps] == sorted(m["step_idx"] for m in steps)
+    words = [m for m in messages if m["type"] in ("Word", "EndWord")]
+    assert words, "nothing was transcribed"
+    kinds = [m["type"] for m in words]
+    assert kinds[::2] == ["Word"] * len(kinds[::2]) and set(kinds[1::2]) <= {"EndWord"}
+    for word, end in zip(words[::2], words[1::2]):
+        assert end["stop_time"] >= word["start_time"]
+    # Words that start within the padded audio are the offline ones (the last one may go on
+    # being spelled in the steps after it).
+    expected = offline_words(server, pcm)
+    last_time = frames / 12.5 - 0.5
+    got = [{"text": m["text"], "time": m["start_time"]} for m in words[::2]
+           if m["start_time"] < last_time]
+    assert got[:-1] == expected[:-1]
+    assert got[-1]["time"] == expected[-1]["time"]
+    assert got[-1]["text"].startswith(expected[-1]["text"])
+
+
+def test_step_probabilities_are_float32_and_times_float64(server):
+    """Kyutai's server writes its f32 vectors as MessagePack float32, its f64 times as float64."""
+
+    async def client():
+        async with aiohttp.ClientSession() as session, await connect(session, server.url) as ws:
+            await receive(ws)
+            await send_audio(ws, speech(1.0, seed=2))
+            raw = []
+            while len(raw) < 20:
+                raw.append((await ws.receive(timeout=60)).data)
+            return raw
+
+    for data in run(client()):
+        message = msgpack.unpackb(data)
+        if message["type"] == "Step":  # "prs", an array of 4, each 0xca and 4 bytes
+            prs = data[data.index(b"\xa3prs\x94") + 5:]
+            assert [prs[i] for i in range(0, 20, 5)] == [0xCA] * 4
+        elif message["type"] == "Word":  # 0xcb and 8 bytes
+            assert data[data.index(b"\xaastart_time") + 11] == 0xCB
+
+
+def test_marker_waits_for_the_audio_before_it_and_the_delay(server):
+    """A marker after 2.5 frames comes back after 3 + 7 steps; audio after it is still taken
+    and the server does not close."""
+
+    async def client():
+        async with aiohttp.ClientSession() as session, await connect(session, server.url) as ws:
+            assert (await receive(ws))["type"] == "Ready"
+            await send_audio(ws, speech(2.5 * FRAME / RATE, seed=3))
+            await ws.send_bytes(packb({"type": "Marker", "id": 42}))
+            await send_audio(ws, np.zeros(20 * FRAME, np.float32), chunk=FRAME)
+            steps = 0
+            while (message := await receive(ws))["type"] != "Marker":
+                steps += message["type"] == "Step"
+            assert message == {"type": "Marker", "id": 42}
+            more = 0
+            while more < 3:  # still transcribing the audio after the marker
+                more += (await receive(ws))["type"] == "Step"
+            assert not ws.closed
+            return steps
+
+    assert run(client()) == 3 + DELAY_STEPS
+
+
+def test_ogg_opus_audio_is_transcribed(server):
+    """OggOpus{data}: an Ogg-Opus stream, in pages as they come, transcribed frame by frame."""
+    writer = sphn.OpusStreamWriter(RATE)
+    pcm = speech(1.0, seed=5)
+    pages = [writer.append_pcm(pcm[i:i + FRAME]) for i in range(0, len(pcm) - FRAME + 1, FRAME)]
+
+    async def client():
+        async with aiohttp.ClientSession() as session, await connect(session, server.url) as ws:
+            assert (await receive(ws))["type"] == "Ready"
+            for page in pages:
+                await ws.send_bytes(packb({"type": "OggOpus", "data": page}))
+            steps = 0
+            while steps < len(pages) - 2:  # Opus's own delay holds back a little
+                steps += (await receive(ws))["type"] == "Step"
+            return steps
+
+    assert run(client()) == len(pages) - 2
+
+
+def test_slots_auth_and_build_info(server):
+    """Two slots: a third client gets Error 'no free channels' and a close; once one leaves
+    its slot is free again. A wrong key is HTTP 401 before the websocket; ?auth_id works."""
+
+    async def client():
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.http}/api/build_info") as response:
+                assert response.status == 200 and "version" in await response.json()
+            for bad in ({"headers": {"kyutai-api-key": "wrong"}}, {}):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                    await session.ws_connect(server.url, **bad)
+                assert e.value.status == 401
+            await slots_in_use(session, server, 0)
+            first = await connect(session, server.url)
+            second = await session.ws_connect(f"{server.url}?auth_id=second_key")
+            for ws in (first, second):
+                assert (await receive(ws))["type"] == "Ready"
+            assert await used_slots(session, server) == 2
+            third = await connect(session, server.url)
+            assert (await receive(third)) == {"type": "Error", "message": "no free channels"}
+            assert (await third.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+            await first.close()
+            await slots_in_use(session, server, 1)
+            fourth = await connect(session, server.url)
+            assert (await receive(fourth))["type"] == "Ready"
+            await second.close()
+            await fourth.close()
+
+    run(client())
+
+
+def test_a_vanished_client_frees_its_slot(server):
+    """A client that stops answering (its process frozen, its network gone) is dropped by the
+    pings within seconds; its slot is free again."""
+
+    async def client():
+        async with aiohttp.ClientSession() as session:
+            await slots_in_use(session, server, 0)
+            # a websocket by hand, which will never read again (no pong)
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(b"GET /api/asr-streaming HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         b"Sec-WebSocket-Version: 13\r\nkyutai-api-key: public_token\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+            await slots_in_use(session, server, 1)
+            start = time.monotonic()
+            while await used_slots(session, server) != 0:
+                assert time.monotonic() - start < 15, "the silent client still holds its slot"
+                await asyncio.sleep(0.2)
+            sock.close()
+
+    run(client())
+
+
+BAD_INPUT_PCM = speech(1.5, seed=4)
+
+
+async def words_of(session: aiohttp.ClientSession, server, pcm: np.ndarray) -> list[dict]:
+    async with await connect(session, server.url) as ws:
+        return [m for m in await transcribe(ws, pcm) if m["type"] == "Word"]
+
+
+@pytest.fixture(scope="module")
+def alone(server) -> list[dict]:
+    """The Words of BAD_INPUT_PCM transcribed with no other client."""
+
+    async def client():
+        async with aiohttp.ClientSession() as session:
+            return await words_of(session, server, BAD_INPUT_PCM)
+
+    return run(client())
+
+
+@pytest.mark.parametrize("bad, says", [
+    (b"\x00\xff garbage", "not a MessagePack message"),
+    (packb({"type": "Hello"}), "unknown message type 'Hello'"),
+    (packb({"type": "Audio", "pcm": ["a", "b"]}), "'pcm' must be a list of numbers"),
+    (packb({"type": "Audio", "pcm": 3}), "'pcm' must be a list of numbers"),
+    (packb([1, 2]), "a MessagePack map with a string 'type'"),
+    (packb({"type": "Marker", "id": "x"}), "'id' must be an integer"),
+    (packb({"type": "OggOpus", "data": b"not an Ogg stream" * 10}), "not an Ogg-Opus stream"),
+    (packb({"type": "OggOpus", "data": "text"}), "'data' must be bytes"),
+    (packb({"type": "Audio", "pcm": [0.0] * 6 * RATE}), "more than 5 s of audio waiting"),
+    (packb({"type": "Audio", "pcm": [0.5, float("nan")]}), "not a finite number"),
+    (b"\x00" * (5 * 1024 * 1024), None),
+], ids=["not-msgpack", "unknown-type", "pcm-strings", "pcm-number", "not-a-map", "marker-id",
+        "not-ogg", "opus-not-bytes", "too-much-audio", "nan", "huge"])
+def test_bad_input_is_one_clients_problem(server, alone, bad, says, monkeypatch):
+    """Error to that client and a close; another client streaming at the same time gets the
+    words it gets alone. A message over the size limit (4 MiB) is dropped with the connection
+    (the server does not read it: no Error can follow it)."""
+    monkeypatch.setattr(transcription, "MAX_BUFFERED_SECONDS", 5.0)
+    pcm = BAD_INPUT_PCM
+
+    async def evil(session):
+        ws = await connect(session, server.url)
+        assert (await receive(ws))["type"] == "Ready"
+        await send_audio(ws, pcm[:5000])
+        if says is None:
+            with pytest.raises(ConnectionError):
+                await ws.send_bytes(bad)
+                while (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                    pass
+                raise ConnectionError
+            return
+        await ws.send_bytes(bad)
+        while (message := await receive(ws))["type"] != "Error":
+            pass
+        assert says in message["message"]
+        assert (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+
+    async def both():
+        async with aiohttp.ClientSession() as session:
+            await slots_in_use(session, server, 0)
+            together, _ = await asyncio.wait_for(
+                asyncio.gather(words_of(session, server, pcm), evil(session)), timeout=120)
+            return together
+
+    assert run(both()) == alone

@@ -1,0 +1,82 @@
+"""`python -m moshi_mlx.serve`: its flags, its one-line errors, and a run of the command: it
+serves, answers /api/build_info, and SIGTERM ends it cleanly (exit 0, Mimi's processes gone)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from moshi_mlx import serve
+from moshi_mlx.weights.demo import build_demo_repo
+
+
+def test_a_service_is_needed(capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.parse_args([])
+    assert e.value.code == 2
+    assert "give --stt" in capsys.readouterr().err
+
+
+def test_defaults():
+    args = serve.parse_args(["--stt", "kyutai/stt-1b-en_fr-mlx"])
+    assert (args.host, args.port, args.batch_size) == ("localhost", 8080, 4)
+    assert args.api_key == frozenset({"public_token"})
+    args = serve.parse_args(["--stt", "x", "--api-key", "a", "--api-key", "b"])
+    assert args.api_key == frozenset({"a", "b"})
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--tts", "kyutai/tts-1.6b-en_fr"], "/api/tts_streaming is not served yet"),
+    (["--stt", "/no/such/dir"], "not a valid repository id"),
+])
+def test_one_line_errors(argv, says, capsys):
+    assert serve.main(argv) == 1
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_model_of_another_family(tmp_path, capsys):
+    repo = build_demo_repo(tmp_path / "moshi", kind="moshi")
+    assert serve.main(["--stt", str(repo)]) == 1
+    assert "this model (moshi) is not a speech-to-text model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_command_serves_and_stops_on_sigterm(tmp_path):
+    repo = build_demo_repo(tmp_path / "stt", seed=5, kind="stt")
+    root = os.path.dirname(os.path.dirname(serve.__file__))
+    env = {**os.environ, "PYTHONPATH": root}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moshi_mlx.serve", "--stt", str(repo), "--port", "0",
+         "--batch-size", "2"], stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while not (found := re.search(r"serving ws://localhost:(\d+)/api/asr-streaming",
+                                      lines[-1] if lines else "")):
+            assert time.monotonic() < deadline, "".join(lines)
+            lines.append(process.stderr.readline())
+            assert process.poll() is None, "".join(lines)
+        port = int(found.group(1))
+        with urllib.request.urlopen(f"http://localhost:{port}/api/build_info", timeout=10) as r:
+            assert r.status == 200
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) >= 2  # a Mimi process per slot
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert "Traceback" not in process.stderr.read()
+        for pid in children:
+            assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(
+                f"/proc/{pid}/status").read().lower()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
