@@ -95,14 +95,14 @@ def test_a_model_that_fits_keeps_its_setup(metal, caplog):
 
 
 def test_q8_on_a_16_gb_mac_with_a_browser_gets_a_smaller_cache(metal, caplog):
-    """7B q8 needs 10.8 GB, 10.1 GB with an 8-bit cache, 9.7 GB with an 8-bit one over 1500
-    steps (weights 8.2, cache 1.57 / 0.84 / 0.42, Mimi 0.76, runtime 0.32): with 10 GB
+    """7B q8 needs 10.7 GB, 9.9 GB with an 8-bit cache, 9.5 GB with an 8-bit one over 1500
+    steps (weights 8.2, cache 1.57 / 0.84 / 0.42, Mimi 0.76, runtime 0.17): with 9.8 GB
     available the last is chosen, and said."""
     with caplog.at_level(logging.INFO, logger="moshi_mlx"):
-        setup = memory.choose(sizes_7b("q8", Q8), limits=machine(10.7, 10))
+        setup = memory.choose(sizes_7b("q8", Q8), limits=machine(10.7, 9.8))
     assert setup == memory.Setup(Q8, kv_bits=8, context=1500)
     warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "only 10.0 GB of memory is available: using --kv-bits 8 --context 1500 (about 9.7 GB)" \
+    assert "only 9.8 GB of memory is available: using --kv-bits 8 --context 1500 (about 9.5 GB)" \
         in warning
 
 
@@ -114,31 +114,31 @@ def test_on_metal_the_working_set_counts_weights_and_cache_only(metal):
 
 
 def test_given_flags_are_kept_and_the_context_shortened(metal):
-    """With --kv-bits 8 given, only shorter contexts are tried: q4, 8-bit cache: 6.9 GB at 3000
-    steps, 6.5 at 1500; with 6.6 GB available -> 1500 steps."""
-    setup = memory.choose(sizes_7b("q4", Q4), kv_bits=8, limits=machine(None, 6.6))
+    """With --kv-bits 8 given, only shorter contexts are tried: q4, 8-bit cache: 6.6 GB at 3000
+    steps, 6.2 at 1500; with 6.4 GB available -> 1500 steps."""
+    setup = memory.choose(sizes_7b("q4", Q4), kv_bits=8, limits=machine(None, 6.4))
     assert setup == memory.Setup(Q4, kv_bits=8, context=1500)
 
 
 def test_when_these_weights_cannot_fit_the_smaller_ones_are_named(metal):
-    """bf16 needs at least 16.6 GB; with 10 GB available q8 fits with an 8-bit cache over 1500
-    steps (9.7 GB) and q4 with an unquantized one (7.5 GB)."""
+    """bf16 needs at least 16.5 GB; with 9.8 GB available q8 fits with an 8-bit cache over 1500
+    steps (9.5 GB) and q4 with an unquantized one (7.3 GB)."""
     with pytest.raises(memory.NotEnoughMemory) as e:
-        memory.choose(sizes_7b("bf16", None), limits=machine(None, 10))
+        memory.choose(sizes_7b("bf16", None), limits=machine(None, 9.8))
     message = str(e.value)
-    assert "only 10.0 GB of memory is available" in message
-    assert "What fits: -q 8 --kv-bits 8 --context 1500 (about 9.7 GB) or -q 4 (about 7.5 GB)." \
+    assert "only 9.8 GB of memory is available" in message
+    assert "What fits: -q 8 --kv-bits 8 --context 1500 (about 9.5 GB) or -q 4 (about 7.3 GB)." \
         in message
     assert message.endswith("Pass --ignore-memory to load anyway.")
 
 
 def test_an_8_gb_mac_is_refused_with_what_it_lacks(metal, caplog):
-    """q4 needs 6.0 GB at the least (4-bit cache over 750 steps; 4.9 GB in MLX): 5.5 GB
+    """q4 needs 5.8 GB at the least (4-bit cache over 750 steps; 4.9 GB in MLX): 5.5 GB
     available is not enough for anything; --ignore-memory loads the chosen setup with a
     warning."""
     sizes = sizes_7b("q4", Q4)
     with pytest.raises(memory.NotEnoughMemory,
-                       match=r"Nothing fits: even --kv-bits 4 --context 750 needs about 6\.0 GB"):
+                       match=r"Nothing fits: even --kv-bits 4 --context 750 needs about 5\.8 GB"):
         memory.choose(sizes, limits=machine(5.3, 5.5))
     with caplog.at_level(logging.INFO, logger="moshi_mlx"):
         assert memory.choose(sizes, limits=machine(5.3, 5.5), force=True) == memory.Setup(Q4)

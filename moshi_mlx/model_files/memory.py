@@ -24,7 +24,8 @@ SMALLER = (Quantization(8, 64), Quantization(4, 32))  # what -q 8 and -q 4 load
 MIMI_INSTANCES = 2  # Mimi in use and a spare loading before a restart, each with its weights
 # Measured (BENCHMARKS.md, "Memory footprint", benchmarks/bench_memory.py): what the app's
 # processes hold (PSS) besides Moshi's weights, its KV cache and Mimi's float32 weights.
-APP_BYTES = 320_000_000  # the main process: Python, MLX (its buffers of a step), the app (255-360)
+APP_BYTES = 75_000_000  # the main process: Python, MLX, the app (72-77 measured), besides
+# MLX's buffers of a step (`step_buffer_bytes`)
 MIMI_PROCESS_BYTES = 46_000_000  # each Mimi process: Python, NumPy, rustymimi (45-46)
 
 
@@ -103,7 +104,20 @@ class ModelSizes:
         ratio = bits_per_weight(setup.quantization) / bits_per_weight(self.quantization)
         mimi = self.streams * MIMI_INSTANCES * (4 * self.mimi_params + MIMI_PROCESS_BYTES)
         kv_cache = kv_cache_bytes(self.cfg, setup, self.streams, activation_dtype)
-        return MemoryEstimate(round(self.weight_bytes * ratio), kv_cache, mimi, APP_BYTES, setup)
+        return MemoryEstimate(round(self.weight_bytes * ratio), kv_cache, mimi,
+                              runtime_bytes(self.cfg), setup)
+
+
+def step_buffer_bytes(cfg) -> int:
+    """MLX's buffers of a step, above its weights and KV cache: about a bf16 copy of the largest
+    matrix, a temporal layer's MLP (88 MB measured at Moshi 7B's widths, 4096 x 11264).
+    `cfg`: an `LmConfig` or a `HeliumConfig` (both have `dim` and `ffn_hidden`)."""
+    return 2 * cfg.dim * cfg.ffn_hidden
+
+
+def runtime_bytes(cfg) -> int:
+    """The main process besides the weights and the KV cache."""
+    return APP_BYTES + step_buffer_bytes(cfg)
 
 
 def bits_per_weight(q: Quantization | None) -> float:
@@ -279,7 +293,8 @@ def estimate_text_model(cfg, weight_path: Path, bits: int | None = None) -> Memo
     until they are replaced, hence the file's size), its KV cache full, the runtime."""
     header = read_header(weight_path)
     setup = Setup(Quantization(bits, 64) if bits else quantization_of(header.tensors))
-    return MemoryEstimate(header.data_bytes, kv_cache_bytes(cfg, setup), 0, APP_BYTES, setup)
+    return MemoryEstimate(header.data_bytes, kv_cache_bytes(cfg, setup), 0, runtime_bytes(cfg),
+                          setup)
 
 
 def check_fits(est: MemoryEstimate, force: bool = False,
