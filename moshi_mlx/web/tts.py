@@ -1,0 +1,235 @@
+"""`/api/tts_streaming`: streaming text to speech in the protocol of Kyutai's server.
+
+Query: `format` (`PcmMessagePack`, `OggOpusMessagePack`, `Pcm`, `OggOpus`; Kyutai's default is
+`OggOpus`, its clients ask for `PcmMessagePack`), `voice` (a name in the voice repository; the
+server's default voice without one), `auth_id` (the api key, if not in the header).
+In: `Text{text}` (one or more words; a websocket text frame is taken as one), `Eos` (or a binary
+frame `\\0`), `Voice{embeddings, shape}` (a speaker embedding [1, 512, frames], before the first
+Text). Out, in the MessagePack formats: `Ready` at once, then `Audio{pcm}` (1920 float32 samples,
+80 ms at 24 kHz; `OggOpus{data}`, the pages of one Ogg-Opus stream, in `OggOpusMessagePack`),
+`Text{text, start_s, stop_s}` (a word and when the model took it, in seconds of the stream's
+steps: ahead of the audio by the model's delay), `Error{message}`. The raw formats send only the
+audio: float32 little-endian bytes (`Pcm`) or Ogg pages (`OggOpus`). After `Eos` the rest is
+spoken, then the server closes (1000). Bad input (not MessagePack, an unknown type, an unknown
+voice, a voice of the wrong shape) gets an Error (MessagePack, whatever the format) and a close:
+that client only.
+
+The synthesis runs in the engine (`engine.speech_synthesis.Synthesizer`, handed to this service
+by `serve`): this module only moves messages, and imports no MLX.
+"""
+
+import asyncio
+import logging
+
+import numpy as np
+import sphn
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..audio.constants import SAMPLE_RATE
+from ..engine.speech_synthesis import (
+    EMBEDDING_CHANNELS,
+    Audio,
+    End,
+    Error,
+    Event,
+    Stream,
+    Synthesizer,
+    Text,
+    UnknownVoice,
+)
+from .speech import (
+    NO_FREE_CHANNELS,
+    BadMessage,
+    Service,
+    Slots,
+    open_socket,
+    pack,
+    send_error,
+    unpack,
+)
+
+log = logging.getLogger("moshi_mlx")
+
+PATH = "/api/tts_streaming"
+FORMATS = ("PcmMessagePack", "OggOpusMessagePack", "Pcm", "OggOpus")
+DEFAULT_FORMAT = "OggOpus"  # Kyutai's server's default
+IDLE_SECONDS = 30.0  # before Eos, a client that sends nothing this long is closed (as Kyutai's)
+EOS_FRAME = b"\0"  # a binary frame that says Eos, as Kyutai's server takes it
+
+
+def voice_of(message: dict) -> np.ndarray:
+    """A Voice message -> its speaker embedding, float32 [1, 512, frames]. BadMessage
+    otherwise."""
+    values, shape = message.get("embeddings"), message.get("shape")
+    if not (isinstance(values, list) and isinstance(shape, list)
+            and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise BadMessage("a Voice needs 'embeddings' (numbers) and 'shape' (positive integers)")
+    if len(shape) == 2:
+        shape = [1, *shape]
+    if len(shape) != 3 or shape[:2] != [1, EMBEDDING_CHANNELS]:
+        raise BadMessage(f"a Voice's shape is [1, {EMBEDDING_CHANNELS}, frames], got "
+                         f"{message['shape']}")
+    try:
+        embedding = np.array(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise BadMessage("a Voice's 'embeddings' must be numbers") from None
+    if embedding.shape != (int(np.prod(shape)),) or not np.isfinite(embedding).all():
+        raise BadMessage(f"a Voice's 'embeddings' must be {int(np.prod(shape))} finite numbers "
+                         f"(its shape {message['shape']})")
+    return embedding.reshape(shape)
+
+
+class AudioOut:
+    """A stream's audio events -> what the format sends (None: nothing yet)."""
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+        self.messages = fmt.endswith("MessagePack")
+        self.opus = None
+        if fmt.startswith("OggOpus"):
+            self.opus = sphn.OpusStreamWriter(SAMPLE_RATE)
+
+    def audio(self, pcm: np.ndarray) -> bytes | None:
+        if self.opus is not None:
+            data = self.opus.append_pcm(pcm)
+            if not data:
+                return None
+            return pack({"type": "OggOpus", "data": data}) if self.messages else data
+        if self.messages:
+            return pack({"type": "Audio", "pcm": pcm})
+        return pcm.astype("<f4").tobytes()
+
+    def text(self, event: Text) -> bytes | None:
+        if not self.messages:
+            return None
+        return pack({"type": "Text", "text": event.text, "start_s": event.start_s,
+                     "stop_s": event.stop_s})
+
+
+class TtsService:
+    """The service over one `Synthesizer` (its slots)."""
+
+    def __init__(self, synthesizer: Synthesizer, api_keys: frozenset[str]):
+        self.synthesizer = synthesizer
+        self.api_keys = api_keys
+        self.slots = Slots(synthesizer.slots)
+        self.sockets: set[web.WebSocketResponse] = set()
+
+    def service(self) -> Service:
+        return Service("Py", PATH, self.slots, self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        fmt = request.query.get("format", DEFAULT_FORMAT)
+        if fmt not in FORMATS:
+            raise web.HTTPBadRequest(text=f"format must be one of {', '.join(FORMATS)}\n")
+        ws = await open_socket(request, self.api_keys)
+        slot = self.slots.take()
+        if slot is None:
+            log.info("refused %s: %s", request.remote, NO_FREE_CHANNELS)
+            await send_error(ws, NO_FREE_CHANNELS)
+            return ws
+        self.sockets.add(ws)
+        stream = sender = None
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: Event) -> None:  # on the model's thread
+            loop.call_soon_threadsafe(outbox.put_nowait, event)
+
+        try:
+            name = request.query.get("voice") or self.synthesizer.default_voice
+            try:
+                voice = await asyncio.to_thread(self.synthesizer.voice, name)
+            except UnknownVoice as e:
+                log.warning("tts: %s: %s", request.remote, e)
+                await send_error(ws, str(e))
+                return ws
+            stream = await asyncio.to_thread(self.synthesizer.open, slot, voice, emit)
+            log.info("tts: %s on slot %d (voice %s, %s)", request.remote, slot, name, fmt)
+            out = AudioOut(fmt)
+            if out.messages:
+                await ws.send_bytes(pack({"type": "Ready"}))
+            sender = asyncio.create_task(self._send(ws, outbox, out))
+            await self._receive(ws, stream, outbox)
+            await asyncio.wait([sender], timeout=1.0)  # an Error on its way goes out
+        except ConnectionError:
+            pass
+        finally:
+            if sender is not None:
+                sender.cancel()
+            self.sockets.discard(ws)
+            try:
+                if stream is not None:
+                    await asyncio.wrap_future(self.synthesizer.close(stream))
+            finally:
+                self.slots.give_back(slot)
+                log.info("tts: %s left slot %d (%d frames spoken)", request.remote, slot,
+                         stream.frames if stream is not None else 0)
+        return ws
+
+    async def _send(self, ws: web.WebSocketResponse, outbox: asyncio.Queue,
+                    out: AudioOut) -> None:
+        """The stream's events to the client, in order; End and Error close the connection."""
+        while True:
+            event = await outbox.get()
+            if isinstance(event, Error):
+                await send_error(ws, event.message, WSCloseCode.PROTOCOL_ERROR
+                                 if event.message.startswith("bad message")
+                                 else WSCloseCode.INTERNAL_ERROR)
+                return
+            if isinstance(event, End):
+                await ws.close(code=WSCloseCode.OK)
+                return
+            data = out.audio(event.pcm) if isinstance(event, Audio) else out.text(event)
+            if data is not None:
+                await ws.send_bytes(data)
+
+    async def _receive(self, ws: web.WebSocketResponse, stream: Stream,
+                       outbox: asyncio.Queue) -> None:
+        """The client's messages into the stream, until the connection closes (the client, or
+        the sender after the end) or the client sends what the protocol does not allow (then
+        Error and a close, through `outbox` after the events before it)."""
+        while True:
+            try:
+                msg = await ws.receive(timeout=None if stream.ended else IDLE_SECONDS)
+            except asyncio.TimeoutError:
+                log.info("tts: closing a client silent for %g s", IDLE_SECONDS)
+                await ws.close(code=WSCloseCode.OK, message=b"no message for a long time")
+                return
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if msg.type == WSMsgType.ERROR:
+                error = ws.exception()
+                log.warning("tts: dropped a client: %s", error)
+                await send_error(ws, f"bad message: {error}", WSCloseCode.MESSAGE_TOO_BIG
+                                 if "too big" in str(error).lower() else WSCloseCode.PROTOCOL_ERROR)
+                return
+            try:
+                if msg.type == WSMsgType.TEXT:
+                    stream.add_text(msg.data)
+                elif msg.type != WSMsgType.BINARY:
+                    continue
+                elif msg.data == EOS_FRAME:
+                    stream.end()
+                else:
+                    self._take(stream, unpack(msg.data))
+                self.synthesizer.wake()
+            except (BadMessage, ValueError) as e:
+                log.warning("tts: bad message from a client: %s", e)
+                await outbox.put(Error(f"bad message: {e}"))
+                return
+
+    def _take(self, stream: Stream, message: dict) -> None:
+        kind = message["type"]
+        if kind == "Text":
+            if not isinstance(message.get("text"), str):
+                raise BadMessage("a Text's 'text' must be a string")
+            stream.add_text(message["text"])
+        elif kind == "Eos":
+            stream.end()
+        elif kind == "Voice":
+            if not self.synthesizer.takes_voice:
+                raise BadMessage("this model takes no voice")
+            stream.set_voice(voice_of(message))
+        else:
+            raise BadMessage(f"unknown message type {kind!r}")
