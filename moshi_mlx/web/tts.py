@@ -20,6 +20,7 @@ by `serve`): this module only moves messages, and imports no MLX.
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import sphn
@@ -129,12 +130,20 @@ class TtsService:
             await send_error(ws, NO_FREE_CHANNELS)
             return ws
         self.sockets.add(ws)
-        stream = sender = None
+        stream = sender = released = None
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue = asyncio.Queue()
 
         def emit(event: Event) -> None:  # on the model's thread
             loop.call_soon_threadsafe(outbox.put_nowait, event)
+
+        def release() -> asyncio.Future:
+            """Ends the stream and frees the slot, once (before the close at the end, so that
+            a client that connects again at once finds it free)."""
+            nonlocal released
+            if released is None:
+                released = asyncio.ensure_future(self._release(request, slot, stream))
+            return asyncio.shield(released)
 
         try:
             name = request.query.get("voice") or self.synthesizer.default_voice
@@ -149,7 +158,7 @@ class TtsService:
             out = AudioOut(fmt)
             if out.messages:
                 await ws.send_bytes(pack({"type": "Ready"}))
-            sender = asyncio.create_task(self._send(ws, outbox, out))
+            sender = asyncio.create_task(self._send(ws, outbox, out, release))
             await self._receive(ws, stream, outbox)
             await asyncio.wait([sender], timeout=1.0)  # an Error on its way goes out
         except ConnectionError:
@@ -158,17 +167,20 @@ class TtsService:
             if sender is not None:
                 sender.cancel()
             self.sockets.discard(ws)
-            try:
-                if stream is not None:
-                    await asyncio.wrap_future(self.synthesizer.close(stream))
-            finally:
-                self.slots.give_back(slot)
-                log.info("tts: %s left slot %d (%d frames spoken)", request.remote, slot,
-                         stream.frames if stream is not None else 0)
+            await release()
         return ws
 
-    async def _send(self, ws: web.WebSocketResponse, outbox: asyncio.Queue,
-                    out: AudioOut) -> None:
+    async def _release(self, request: web.Request, slot: int, stream: Stream | None) -> None:
+        try:
+            if stream is not None:
+                await asyncio.wrap_future(self.synthesizer.close(stream))
+        finally:
+            self.slots.give_back(slot)
+            log.info("tts: %s left slot %d (%d frames spoken)", request.remote, slot,
+                     stream.frames if stream is not None else 0)
+
+    async def _send(self, ws: web.WebSocketResponse, outbox: asyncio.Queue, out: AudioOut,
+                    release: Callable[[], Awaitable]) -> None:
         """The stream's events to the client, in order; End and Error close the connection."""
         while True:
             event = await outbox.get()
@@ -178,6 +190,7 @@ class TtsService:
                                  else WSCloseCode.INTERNAL_ERROR)
                 return
             if isinstance(event, End):
+                await release()
                 await ws.close(code=WSCloseCode.OK)
                 return
             data = out.audio(event.pcm) if isinstance(event, Audio) else out.text(event)
