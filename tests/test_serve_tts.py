@@ -9,6 +9,7 @@ voice, words arriving one at a time (the same audio: no gap), the four formats, 
 message, slots, the api key, bad input (one client's problem only)."""
 
 import asyncio
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -327,3 +328,23 @@ def test_bad_input_is_one_clients_problem(server, alice, query, bad, says):
     messages, code = run(both())
     assert code == 1000
     np.testing.assert_array_equal(split(messages)[1], alice[0])
+
+
+def test_a_vanished_client_frees_its_slot(server):
+    """A client that stops answering (no pong) is dropped by the pings within seconds; its
+    slot is free again."""
+
+    async def client():
+        async with aiohttp.ClientSession() as session:
+            await slots_in_use(session, server, 0)
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(b"GET /api/tts_streaming?format=Pcm HTTP/1.1\r\nHost: x\r\n"
+                         b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         b"Sec-WebSocket-Version: 13\r\nkyutai-api-key: public_token\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+            await slots_in_use(session, server, 1)
+            await slots_in_use(session, server, 0)
+            sock.close()
+
+    run(client())
