@@ -9,8 +9,6 @@ voice, words arriving one at a time (the same audio: no gap), the four formats, 
 message, slots, the api key, bad input (one client's problem only)."""
 
 import asyncio
-import socket
-import threading
 import time
 from types import SimpleNamespace
 
@@ -20,7 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 import sphn
-from aiohttp import web
+from conftest import serving_in_thread, silent_websocket, slots_in_use
 
 from moshi_mlx import families, model_files, utils
 from moshi_mlx.audio.constants import FRAME_RATE, FRAME_SIZE
@@ -66,24 +64,14 @@ def server(tmp_path_factory):
         seed=1)).result()
     running = model_thread.submit(synthesizer.run)
     tts = TtsService(synthesizer, frozenset({KEY}))
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    runner = web.AppRunner(speech_app([tts.service()]))
-
-    async def start():
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-
-    asyncio.run_coroutine_threadsafe(start(), loop).result()
-    port = runner.addresses[0][1]
-    yield SimpleNamespace(url=f"ws://127.0.0.1:{port}/api/tts_streaming",
-                          http=f"http://127.0.0.1:{port}", files=files, port=port,
-                          embeddings=embeddings, model_thread=model_thread)
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+    with serving_in_thread(speech_app([tts.service()])) as port:
+        yield SimpleNamespace(url=f"ws://127.0.0.1:{port}/api/tts_streaming",
+                              http=f"http://127.0.0.1:{port}", files=files, port=port,
+                              embeddings=embeddings,
+                              module=("Py", "/api/tts_streaming", SLOTS))
     synthesizer.stop()
     running.result(timeout=10)
     synthesizer.close_all()
-    loop.call_soon_threadsafe(loop.stop)
 
 
 def offline(server, words: list[str], voice: str) -> tuple[np.ndarray, list[dict]]:
@@ -235,21 +223,6 @@ def test_eos_before_any_text_closes_without_audio(server):
     assert code == 1000 and [msgpack.unpackb(m) for m in messages] == [{"type": "Ready"}]
 
 
-async def used_slots(session, server) -> int:
-    async with session.get(f"{server.http}/api/modules_info") as response:
-        (module,) = await response.json()
-    assert (module["type"], module["path"], module["total_slots"]) == (
-        "Py", "/api/tts_streaming", SLOTS)
-    return module["used_slots"]
-
-
-async def slots_in_use(session, server, count: int, seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    while await used_slots(session, server) != count:
-        assert time.monotonic() < deadline, f"not {count} slots in use after {seconds} s"
-        await asyncio.sleep(0.1)
-
-
 def test_slots_and_auth(server, monkeypatch):
     """Two slots: a third client gets Error 'no free channels' and a close; a client that leaves
     (before Eos) frees its slot; a slot is free by the time its client sees the close after
@@ -337,12 +310,7 @@ def test_a_vanished_client_frees_its_slot(server):
     async def client():
         async with aiohttp.ClientSession() as session:
             await slots_in_use(session, server, 0)
-            sock = socket.create_connection(("127.0.0.1", server.port))
-            sock.sendall(b"GET /api/tts_streaming?format=Pcm HTTP/1.1\r\nHost: x\r\n"
-                         b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                         b"Sec-WebSocket-Version: 13\r\nkyutai-api-key: public_token\r\n\r\n")
-            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+            sock = silent_websocket(server.port, "/api/tts_streaming?format=Pcm")
             await slots_in_use(session, server, 1)
             await slots_in_use(session, server, 0)
             sock.close()

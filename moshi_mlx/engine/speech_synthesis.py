@@ -15,7 +15,6 @@ text given at once, with no gap; it waits, without steps, while they are missing
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,13 +23,13 @@ import numpy as np
 
 from ..audio.constants import FRAME_RATE
 from ..audio.mimi import Mimi
+from .slots import SlotLoop
 
 if TYPE_CHECKING:  # the model's side (MLX) is handed over: the servers' byte side imports this
     from .tts import TtsStream
 
 log = logging.getLogger(__name__)
 
-WAIT_SECONDS = 0.05  # the idle loop looks for new streams, text, ends and stops this often
 EMBEDDING_CHANNELS = 512  # a speaker embedding's channels (Kyutai's voices: [1, 512, frames])
 
 Voice = Path | np.ndarray | None
@@ -138,7 +137,7 @@ class Stream:
         self.emit(Error(message))
 
 
-class Synthesizer:
+class Synthesizer(SlotLoop):
     """The service: `open(slot, voice, emit)` a stream (waits for its slot's Mimi), `close` it;
     `run()` is the model loop (on the thread that loaded the model), until `stop()`.
 
@@ -150,18 +149,11 @@ class Synthesizer:
     def __init__(self, new_stream: Callable[[Voice, Mimi], "TtsStream"], mimis: list[Mimi],
                  lookahead: int, find_voice: Callable[[str], Path] | None,
                  default_voice: str | None = None):
+        super().__init__(mimis)
         self.new_stream = new_stream
-        self.mimis = mimis
         self.lookahead = lookahead
         self.find_voice = find_voice
         self.default_voice = default_voice
-        self._lock = threading.Lock()
-        self._joining: list[Stream] = []
-        self._leaving: list[tuple[Stream, Future]] = []
-        self._streams: dict[int, Stream] = {}  # slot -> its stream (the model loop's own)
-        self._wake = threading.Event()
-        self._stopped = False
-        self._cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mimi-next")
 
     @property
     def slots(self) -> int:
@@ -186,46 +178,12 @@ class Synthesizer:
         loop)."""
         self.mimis[slot].reset()
         stream = Stream(slot, voice, emit)
-        with self._lock:
-            self._joining.append(stream)
-        self._wake.set()
+        self._join(stream)
         return stream
 
-    def close(self, stream: Stream) -> Future:
-        """Ends a stream; the future is done once its slot can take another stream."""
-        done: Future = Future()
-        with self._lock:
-            self._leaving.append((stream, done))
-        self._wake.set()
-        return done
-
-    def wake(self) -> None:
-        """Text or an end came: the loop looks again."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
-
-    def _changes(self) -> None:
-        with self._lock:
-            joining, self._joining = self._joining, []
-            leaving, self._leaving = self._leaving, []
-        for stream in joining:
-            self._streams[stream.slot] = stream
-        for stream, done in leaving:
-            if self._streams.get(stream.slot) is stream:
-                del self._streams[stream.slot]
-            if stream.tts is not None:
-                stream.tts.close()
-            self._cleaner.submit(self._prepare_next, stream.slot, done)
-
-    def _prepare_next(self, slot: int, done: Future) -> None:
-        try:
-            self.mimis[slot].prepare_next()
-        except Exception:  # the next stream's reset loads a fresh Mimi anyway
-            log.exception("Mimi of slot %d: preparing the next stream failed", slot)
-        done.set_result(slot)
+    def _left(self, stream: Stream) -> None:
+        if stream.tts is not None:
+            stream.tts.close()
 
     def _ready(self, stream: Stream) -> bool:
         """Takes the stream's new text -> whether it can step now."""
@@ -276,16 +234,3 @@ class Synthesizer:
                 stream.fail(f"internal error: {type(e).__name__} (see the server's log)"
                             if not isinstance(e, ValueError) else str(e))
         return stepped
-
-    def run(self) -> None:
-        """The model loop, until `stop()`."""
-        while not self._stopped:
-            self._wake.clear()
-            if not self.tick():
-                self._wake.wait(WAIT_SECONDS)
-
-    def close_all(self) -> None:
-        """After `stop()` and the loop's end: ends every Mimi process."""
-        self._cleaner.shutdown(wait=True)
-        for mimi in self.mimis:
-            mimi.close()

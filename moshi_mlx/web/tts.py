@@ -27,25 +27,27 @@ import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..audio.constants import SAMPLE_RATE
+from ..audio.mimi_process import MimiError
 from ..engine.speech_synthesis import (
     EMBEDDING_CHANNELS,
     Audio,
     End,
     Error,
-    Event,
     Stream,
     Synthesizer,
     Text,
     UnknownVoice,
 )
 from .speech import (
-    NO_FREE_CHANNELS,
     BadMessage,
-    Service,
-    Slots,
+    SlotService,
+    converse,
+    next_message,
     open_socket,
+    outbox,
     pack,
     send_error,
+    take_slot,
     unpack,
 )
 
@@ -107,35 +109,27 @@ class AudioOut:
                      "stop_s": event.stop_s})
 
 
-class TtsService:
+class TtsService(SlotService):
     """The service over one `Synthesizer` (its slots)."""
 
-    def __init__(self, synthesizer: Synthesizer, api_keys: frozenset[str]):
-        self.synthesizer = synthesizer
-        self.api_keys = api_keys
-        self.slots = Slots(synthesizer.slots)
-        self.sockets: set[web.WebSocketResponse] = set()
+    kind = "Py"  # Kyutai's server serves its TTS from a Python module
+    path = PATH
 
-    def service(self) -> Service:
-        return Service("Py", PATH, self.slots, self.handle)
+    def __init__(self, synthesizer: Synthesizer, api_keys: frozenset[str]):
+        super().__init__(synthesizer, api_keys)
+        self.synthesizer = synthesizer
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         fmt = request.query.get("format", DEFAULT_FORMAT)
         if fmt not in FORMATS:
             raise web.HTTPBadRequest(text=f"format must be one of {', '.join(FORMATS)}\n")
         ws = await open_socket(request, self.api_keys)
-        slot = self.slots.take()
+        slot = await take_slot(request, ws, self.slots)
         if slot is None:
-            log.info("refused %s: %s", request.remote, NO_FREE_CHANNELS)
-            await send_error(ws, NO_FREE_CHANNELS)
             return ws
         self.sockets.add(ws)
-        stream = sender = released = None
-        loop = asyncio.get_running_loop()
-        outbox: asyncio.Queue = asyncio.Queue()
-
-        def emit(event: Event) -> None:  # on the model's thread
-            loop.call_soon_threadsafe(outbox.put_nowait, event)
+        stream = released = None
+        events, emit = outbox()
 
         def release() -> asyncio.Future:
             """Ends the stream and frees the slot, once (before the close at the end, so that
@@ -153,19 +147,22 @@ class TtsService:
                 log.warning("tts: %s: %s", request.remote, e)
                 await send_error(ws, str(e))
                 return ws
-            stream = await asyncio.to_thread(self.synthesizer.open, slot, voice, emit)
+            try:
+                stream = await asyncio.to_thread(self.synthesizer.open, slot, voice, emit)
+            except MimiError as e:
+                log.warning("tts: slot %d: %s", slot, e)
+                await send_error(ws, "internal error: the audio codec did not start (see the "
+                                     "server's log)", WSCloseCode.INTERNAL_ERROR)
+                return ws
             log.info("tts: %s on slot %d (voice %s, %s)", request.remote, slot, name, fmt)
             out = AudioOut(fmt)
             if out.messages:
                 await ws.send_bytes(pack({"type": "Ready"}))
-            sender = asyncio.create_task(self._send(ws, outbox, out, release))
-            await self._receive(ws, stream, outbox)
-            await asyncio.wait([sender], timeout=1.0)  # an Error on its way goes out
+            await converse(self._send(ws, events, out, release),
+                           self._receive(ws, stream, events))
         except ConnectionError:
             pass
         finally:
-            if sender is not None:
-                sender.cancel()
             self.sockets.discard(ws)
             await release()
         return ws
@@ -179,11 +176,11 @@ class TtsService:
             log.info("tts: %s left slot %d (%d frames spoken)", request.remote, slot,
                      stream.frames if stream is not None else 0)
 
-    async def _send(self, ws: web.WebSocketResponse, outbox: asyncio.Queue, out: AudioOut,
+    async def _send(self, ws: web.WebSocketResponse, events: asyncio.Queue, out: AudioOut,
                     release: Callable[[], Awaitable]) -> None:
         """The stream's events to the client, in order; End and Error close the connection."""
         while True:
-            event = await outbox.get()
+            event = await events.get()
             if isinstance(event, Error):
                 await send_error(ws, event.message, WSCloseCode.PROTOCOL_ERROR
                                  if event.message.startswith("bad message")
@@ -198,24 +195,13 @@ class TtsService:
                 await ws.send_bytes(data)
 
     async def _receive(self, ws: web.WebSocketResponse, stream: Stream,
-                       outbox: asyncio.Queue) -> None:
+                       events: asyncio.Queue) -> None:
         """The client's messages into the stream, until the connection closes (the client, or
         the sender after the end) or the client sends what the protocol does not allow (then
-        Error and a close, through `outbox` after the events before it)."""
+        Error and a close, through `events` after the events before it)."""
         while True:
-            try:
-                msg = await ws.receive(timeout=None if stream.ended else IDLE_SECONDS)
-            except asyncio.TimeoutError:
-                log.info("tts: closing a client silent for %g s", IDLE_SECONDS)
-                await ws.close(code=WSCloseCode.OK, message=b"no message for a long time")
-                return
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return
-            if msg.type == WSMsgType.ERROR:
-                error = ws.exception()
-                log.warning("tts: dropped a client: %s", error)
-                await send_error(ws, f"bad message: {error}", WSCloseCode.MESSAGE_TOO_BIG
-                                 if "too big" in str(error).lower() else WSCloseCode.PROTOCOL_ERROR)
+            msg = await next_message(ws, None if stream.ended else IDLE_SECONDS, "tts")
+            if msg is None:
                 return
             try:
                 if msg.type == WSMsgType.TEXT:
@@ -229,7 +215,7 @@ class TtsService:
                 self.synthesizer.wake()
             except (BadMessage, ValueError) as e:
                 log.warning("tts: bad message from a client: %s", e)
-                await outbox.put(Error(f"bad message: {e}"))
+                await events.put(Error(f"bad message: {e}"))
                 return
 
     def _take(self, stream: Stream, message: dict) -> None:
