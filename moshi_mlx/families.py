@@ -6,7 +6,8 @@ silence padding from `stt_config` (the offline loop's `Plan`).
 
 The family comes from config.json: `model_type` when given, else text-only models (`dep_q` 0)
 are STT and conditioned ones Hibiki. Kyutai's TTS models (`model_type` 'tts') have their own
-loop and app (`engine.tts`, `run_tts`): the apps here refuse them with that pointer.
+loop and apps (`engine.tts`, `run_tts`): the conversation apps refuse them with that pointer;
+`serve --tts` loads them with `synthesizer_loader`.
 """
 
 from collections.abc import Callable
@@ -47,7 +48,7 @@ def model_kind(cfg: models.LmConfig) -> str:
         kind = "stt" if cfg.dep_q == 0 else "hibiki" if cfg.conditioners else "moshi"
     if kind == "tts":
         raise FamilyError("this is a text-to-speech model (model_type 'tts'): run it with "
-                          "python -m moshi_mlx.run_tts")
+                          "python -m moshi_mlx.run_tts (or serve it with serve --tts)")
     if kind not in KINDS:
         raise FamilyError(f"config.json: model_type {kind!r} is not one this app runs "
                           f"({', '.join(KINDS)})")
