@@ -1,8 +1,10 @@
-"""The STT service (`serve --stt`): its batched step against the batch, and streams served in real
-time with their Word latency.
+"""The speech services: the STT service's (`serve --stt`) batched step against the batch, and
+streams served in real time with their Word latency; the TTS service's (`serve --tts`) time to
+first audio.
 
     python -m benchmarks.bench_serve steps [--configs demo 1b] [--batches 1 2 4 8]
     python -m benchmarks.bench_serve streams --streams 1 2 [--seconds 20]
+    python -m benchmarks.bench_serve tts --clients 1 2 [--rounds 3]
 
 `steps`: one `BatchedStepper.step` for B rows (all active), random weights (speed does not
 depend on the values): the small demo STT model and one of stt-1b-en_fr's widths (Kyutai's 1B
@@ -13,6 +15,12 @@ clients, each sending audio in 80 ms chunks at real-time pace for `--seconds`. *
 audio still waiting in the server at the end (Step.buffered_pcm), in seconds: 0 means served in
 real time. *Word latency*: from the moment the audio at a Word's start_time was sent to the
 Word's arrival (the model's text delay, 0.5 s, is part of it), p50 and p95.
+
+`tts`: a server (`python -m moshi_mlx.serve` on the demo TTS model, --batch-size N, a random
+voice) and N clients at once, each sending TEXT's words as Kyutai's `tts_rust_server.py` does
+(one Text each, then Eos, without waiting) for `--rounds` rounds. *First audio*: from the
+client's first Text to its first Audio; *audio/wall*: seconds of audio a client got over the
+seconds from its first Text to the close (above 1: faster than real time).
 """
 
 import argparse
@@ -126,6 +134,63 @@ def streams(counts: list[int], seconds: float) -> None:
             server.wait(30)
 
 
+TEXT = "Hello there, this is a test of the streaming text to speech server."
+
+
+async def tts_client(url: str, out: list) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url, headers={"kyutai-api-key": "public_token"}) as ws:
+            start = time.monotonic()
+            for word in TEXT.split():
+                await ws.send_bytes(msgpack.packb({"type": "Text", "text": word}))
+            await ws.send_bytes(msgpack.packb({"type": "Eos"}))
+            first, frames = None, 0
+            async for msg in ws:
+                if (kind := msgpack.unpackb(msg.data)["type"]) == "Audio":
+                    first = first or time.monotonic() - start
+                    frames += 1
+                elif kind == "Error":
+                    raise SystemExit(f"the server says: {msgpack.unpackb(msg.data)['message']}")
+            out.append((first, frames * FRAME / RATE / (time.monotonic() - start)))
+
+
+async def tts_clients(url: str, count: int, out: list) -> None:
+    await asyncio.gather(*(tts_client(url, out) for _ in range(count)))
+
+
+def tts(counts: list[int], rounds: int) -> None:
+    import mlx.core as mx
+
+    from moshi_mlx.weights.demo import build_demo_repo
+
+    root = Path(tempfile.mkdtemp())
+    repo = build_demo_repo(root / "tts", kind="tts")
+    (root / "voices").mkdir()
+    voice = np.random.default_rng(0).standard_normal((1, 512, 10)).astype(np.float32)
+    mx.save_safetensors(str(root / "voices" / "v.demo@0.safetensors"),
+                        {"speaker_wavs": mx.array(voice)})
+    print("| clients (--batch-size) | round | first audio s (each) | audio/wall (each) |")
+    print("|---|---|---|---|")
+    for count in counts:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moshi_mlx.serve", "--tts", str(repo), "--port", "0",
+             "--batch-size", str(count), "--voice-repo", str(root / "voices"), "--voice", "v"],
+            stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        try:
+            while not (m := re.search(r"serving (ws://\S+)", server.stderr.readline())):
+                if server.poll() is not None:
+                    raise SystemExit("the server did not start")
+            for i in range(rounds):
+                out: list = []
+                asyncio.run(tts_clients(m.group(1) + "?format=PcmMessagePack", count, out))
+                print(f"| {count} | {i + 1} | {', '.join(f'{f:.2f}' for f, _ in out)} | "
+                      f"{', '.join(f'{r:.2f}' for _, r in out)} |", flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve",
                                      description=__doc__.split("\n\n")[0])
@@ -137,9 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     live = sub.add_parser("streams", help="streams at real-time pace through the server")
     live.add_argument("--streams", nargs="+", type=int, default=[1, 2])
     live.add_argument("--seconds", type=float, default=20.0)
+    speech = sub.add_parser("tts", help="the TTS server's time to first audio")
+    speech.add_argument("--clients", nargs="+", type=int, default=[1, 2])
+    speech.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.what == "steps":
         step_times(args.configs, args.batches, args.steps)
+    elif args.what == "tts":
+        tts(args.clients, args.rounds)
     else:
         streams(args.streams, args.seconds)
 

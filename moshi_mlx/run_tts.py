@@ -24,11 +24,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import cli, model_files, models, utils
+from . import cli, model_files, models
 from .audio.constants import FRAME_RATE, SAMPLE_RATE
 from .audio.devices import AudioDeviceError, playback
 from .audio.wav import WavWriter
-from .engine.tts import TtsOptions, TtsStream
+from .engine.tts import TtsOptions, TtsStream, tts_samplers
 from .model_files.demo import demo_repo
 from .model_files.voices import DEFAULT_VOICE_REPO, load_voice, voice_path, voice_suffix
 from .models.tts import TtsSettings, VoiceError
@@ -178,11 +178,6 @@ def options(args, model) -> TtsOptions:
                       args.padding_bonus)
 
 
-def samplers(args) -> tuple[utils.Sampler, utils.Sampler]:
-    """PyTorch moshi's TTS sampling: the temperature with top-k 25 (text) and 250 (audio)."""
-    return utils.Sampler(temp=args.temp, top_k=25), utils.Sampler(temp=args.temp, top_k=250)
-
-
 def speak(stream: TtsStream, out, on_words=None) -> tuple[list[np.ndarray], list]:
     """Steps `stream` to its end, writing each frame's audio to `out` as it comes; ->
     (frames of codes, transcript)."""
@@ -202,7 +197,7 @@ def speak(stream: TtsStream, out, on_words=None) -> tuple[list[np.ndarray], list
 def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None:
     stream = TtsStream(model, tokenizer, files.mimi_weight,
                        voices_for(req.voices, args, raw, multi_speaker(model)),
-                       samplers(args), options(args, model))
+                       tts_samplers(args.temp), options(args, model))
     stack.callback(stream.close)
     for turn in req.turns:
         if turn.strip():
@@ -236,7 +231,7 @@ def run_stdin(model, tokenizer, files, raw, args, stack) -> None:
     """Speaks stdin line by line, as the lines arrive."""
     stream = TtsStream(model, tokenizer, files.mimi_weight,
                        voices_for(args.voice, args, raw, multi_speaker(model)),
-                       samplers(args), options(args, model))
+                       tts_samplers(args.temp), options(args, model))
     stack.callback(stream.close)
     lines: queue.Queue[str | None] = queue.Queue()
 

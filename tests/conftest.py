@@ -2,14 +2,20 @@
 write one here rather than again in a test file."""
 
 import argparse
+import asyncio
 import gc
 import importlib
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import threading
+import time
 import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
@@ -223,3 +229,54 @@ def speech_24k(tmp_path_factory) -> Path:
     """About 3 s of English speech, as a 24 kHz mono 16-bit wav."""
     return make_speech(tmp_path_factory.mktemp("speech-24k") / "speech24k.wav",
                        "Hello Moshi. How are you today?")
+
+
+@contextmanager
+def serving_in_thread(app) -> Iterator[int]:
+    """An aiohttp `app` on 127.0.0.1 (any port), its event loop on a thread of its own: the
+    port; cleaned up at the end."""
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    runner = web.AppRunner(app)
+
+    async def start():
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+
+    asyncio.run_coroutine_threadsafe(start(), loop).result()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+
+
+async def used_slots(session, server) -> int:
+    """The slots in use of `server`'s one speech service (`/api/modules_info`), which must be
+    `server.module`: (type, path, total slots)."""
+    async with session.get(f"{server.http}/api/modules_info") as response:
+        (module,) = await response.json()
+    assert (module["type"], module["path"], module["total_slots"]) == server.module
+    return module["used_slots"]
+
+
+async def slots_in_use(session, server, count: int, seconds: float = 15) -> None:
+    """Waits until `count` slots are held (the slot of a client that left is freed once its
+    Mimi is ready for the next stream)."""
+    deadline = time.monotonic() + seconds
+    while await used_slots(session, server) != count:
+        assert time.monotonic() < deadline, f"not {count} slots in use after {seconds} s"
+        await asyncio.sleep(0.1)
+
+
+def silent_websocket(port: int, target: str) -> socket.socket:
+    """A websocket to 127.0.0.1:`port` `target` (path and query, with the default api key),
+    opened by hand: it will never read again (no pong), as a client whose process froze."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\nkyutai-api-key: public_token\r\n\r\n".encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock

@@ -12,7 +12,8 @@ import pytest
     "moshi_mlx.audio.wav", "moshi_mlx.audio.mimi_process", "moshi_mlx.audio.echo",
     "moshi_mlx.engine.stages", "moshi_mlx.web.origin", "moshi_mlx.utils.output",
     "moshi_mlx.utils.safetensors", "moshi_mlx.audio.mimi", "moshi_mlx.engine.transcription",
-    "moshi_mlx.web.speech", "moshi_mlx.web.asr"])
+    "moshi_mlx.web.speech", "moshi_mlx.web.asr", "moshi_mlx.engine.speech_synthesis",
+    "moshi_mlx.engine.slots", "moshi_mlx.web.tts"])
 def test_audio_and_byte_modules_do_not_import_mlx(module):
     code = (f"import sys, {module}; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlx', 'mlx_lm'}))")

@@ -206,3 +206,17 @@ def test_a_conversation_does_not_grow_the_child_beyond_its_weights(mimi_path):
         assert peak - loaded < 40, (loaded, peak)
     finally:
         mimi.close()
+
+
+def test_a_reply_already_there_is_read_past_its_deadline():
+    """A Mimi prepared for the next stream long before that stream comes (a server's idle slot)
+    has its "loaded" reply waiting past its load deadline: it is read, not taken as a hang."""
+    read, write = os.pipe()
+    try:
+        os.write(write, mimi_process._LENGTH.pack(3) + b"abc")
+        assert mimi_process._read(read, time.monotonic() - 1) == b"abc"
+        with pytest.raises(mimi_process._Timeout):  # nothing there: the deadline holds
+            mimi_process._read(read, time.monotonic() - 1)
+    finally:
+        os.close(read)
+        os.close(write)

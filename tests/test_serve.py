@@ -7,8 +7,6 @@ against the offline transcript of the same audio, markers, slots, the api key, a
 client, bad input (one client's problem only)."""
 
 import asyncio
-import socket
-import threading
 import time
 from math import ceil
 from types import SimpleNamespace
@@ -18,8 +16,7 @@ import msgpack
 import numpy as np
 import pytest
 import sphn
-from aiohttp import web
-from conftest import FRAME, RATE
+from conftest import FRAME, RATE, serving_in_thread, silent_websocket, slots_in_use, used_slots
 
 from moshi_mlx import families, model_files, utils
 from moshi_mlx.engine import offline, transcription
@@ -48,23 +45,13 @@ def server(stt_dir):
     transcriber = model_thread.submit(families.transcriber_loader(files, ROWS)).result()
     running = model_thread.submit(transcriber.run)
     asr = AsrService(transcriber, frozenset({KEY, "second_key"}))
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    runner = web.AppRunner(speech_app([asr.service()]))
-
-    async def start():
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-
-    asyncio.run_coroutine_threadsafe(start(), loop).result()
-    port = runner.addresses[0][1]
-    yield SimpleNamespace(url=f"ws://127.0.0.1:{port}/api/asr-streaming",
-                          http=f"http://127.0.0.1:{port}", files=files, asr=asr, port=port)
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
+    with serving_in_thread(speech_app([asr.service()])) as port:
+        yield SimpleNamespace(url=f"ws://127.0.0.1:{port}/api/asr-streaming",
+                              http=f"http://127.0.0.1:{port}", files=files, asr=asr, port=port,
+                              module=("BatchedAsr", "/api/asr-streaming", ROWS))
     transcriber.stop()
     running.result(timeout=10)
     transcriber.close_all()
-    loop.call_soon_threadsafe(loop.stop)
 
 
 def speech(seconds: float, seed: int) -> np.ndarray:
@@ -110,23 +97,6 @@ async def transcribe(ws, pcm: np.ndarray, marker: int = 1) -> list[dict]:
 
 def run(coroutine):
     return asyncio.run(coroutine)
-
-
-async def used_slots(session, server) -> int:
-    async with session.get(f"{server.http}/api/modules_info") as response:
-        (module,) = await response.json()
-    assert (module["type"], module["path"], module["total_slots"]) == (
-        "BatchedAsr", "/api/asr-streaming", ROWS)
-    return module["used_slots"]
-
-
-async def slots_in_use(session, server, count: int, seconds: float = 10) -> None:
-    """Waits until `count` slots are held (the slot of a client that left is freed once its
-    Mimi is ready for the next stream)."""
-    deadline = time.monotonic() + seconds
-    while await used_slots(session, server) != count:
-        assert time.monotonic() < deadline, f"not {count} slots in use after {seconds} s"
-        await asyncio.sleep(0.1)
 
 
 def offline_words(server, pcm: np.ndarray) -> list[dict]:
@@ -282,12 +252,7 @@ def test_a_vanished_client_frees_its_slot(server):
     async def client():
         async with aiohttp.ClientSession() as session:
             await slots_in_use(session, server, 0)
-            # a websocket by hand, which will never read again (no pong)
-            sock = socket.create_connection(("127.0.0.1", server.port))
-            sock.sendall(b"GET /api/asr-streaming HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                         b"Sec-WebSocket-Version: 13\r\nkyutai-api-key: public_token\r\n\r\n")
-            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+            sock = silent_websocket(server.port, "/api/asr-streaming")
             await slots_in_use(session, server, 1)
             start = time.monotonic()
             while await used_slots(session, server) != 0:

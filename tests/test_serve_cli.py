@@ -9,6 +9,8 @@ import sys
 import time
 import urllib.request
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from moshi_mlx import serve
@@ -19,7 +21,7 @@ def test_a_service_is_needed(capsys):
     with pytest.raises(SystemExit) as e:
         serve.parse_args([])
     assert e.value.code == 2
-    assert "give --stt" in capsys.readouterr().err
+    assert "give --stt and/or --tts" in capsys.readouterr().err
 
 
 def test_defaults():
@@ -31,13 +33,19 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--tts", "kyutai/tts-1.6b-en_fr"], "/api/tts_streaming is not served yet"),
+    (["--tts", "/no/such/dir"], "not a valid repository id"),
     (["--stt", "/no/such/dir"], "not a valid repository id"),
 ])
 def test_one_line_errors(argv, says, capsys):
     assert serve.main(argv) == 1
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+def test_a_negative_temperature_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.parse_args(["--tts", "x", "--temp", "-1"])
+    assert e.value.code == 2 and "--temp must be a number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -48,18 +56,38 @@ def test_a_model_of_another_family(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_tts_needs_a_tts_model_and_its_default_voice(tmp_path, capsys):
+    stt = build_demo_repo(tmp_path / "stt", seed=5, kind="stt")
+    assert serve.main(["--tts", str(stt)]) == 1
+    assert "not a text-to-speech model" in capsys.readouterr().err
+    tts = build_demo_repo(tmp_path / "tts", kind="tts")
+    (tmp_path / "voices").mkdir()
+    assert serve.main(["--tts", str(tts), "--voice-repo", str(tmp_path / "voices"),
+                       "--voice", "alice.wav"]) == 1
+    err = capsys.readouterr().err
+    assert "--voice: unknown voice 'alice.wav'" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
 def test_the_command_serves_and_stops_on_sigterm(tmp_path):
+    """Both services at once: `--stt` and `--tts` (its default voice in a local directory)."""
     repo = build_demo_repo(tmp_path / "stt", seed=5, kind="stt")
+    tts = build_demo_repo(tmp_path / "tts", kind="tts")
+    (tmp_path / "voices").mkdir()
+    voice = np.random.default_rng(0).standard_normal((1, 512, 4)).astype(np.float32)
+    mx.save_safetensors(str(tmp_path / "voices" / "alice.wav.demo@0.safetensors"),
+                        {"speaker_wavs": mx.array(voice)})
     root = os.path.dirname(os.path.dirname(serve.__file__))
     env = {**os.environ, "PYTHONPATH": root}
     process = subprocess.Popen(
         [sys.executable, "-m", "moshi_mlx.serve", "--stt", str(repo), "--port", "0",
-         "--batch-size", "2"], stderr=subprocess.PIPE, text=True, env=env,
+         "--batch-size", "2", "--tts", str(tts), "--voice-repo", str(tmp_path / "voices"),
+         "--voice", "alice.wav"], stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         lines = []
-        while not (found := re.search(r"serving ws://localhost:(\d+)/api/asr-streaming",
+        while not (found := re.search(r"serving ws://localhost:(\d+)/api/tts_streaming",
                                       lines[-1] if lines else "")):
             assert time.monotonic() < deadline, "".join(lines)
             lines.append(process.stderr.readline())
@@ -69,7 +97,8 @@ def test_the_command_serves_and_stops_on_sigterm(tmp_path):
             assert r.status == 200
         children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
                                   text=True).stdout.split()
-        assert len(children) >= 2  # a Mimi process per slot
+        assert "/api/asr-streaming" in "".join(lines)
+        assert len(children) >= 4  # a Mimi process per slot of each service
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert "Traceback" not in process.stderr.read()

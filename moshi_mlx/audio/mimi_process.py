@@ -76,9 +76,9 @@ def _read_exact(fd: int, size: int, deadline: float | None) -> bytes:
     (time.monotonic(); None: no deadline)."""
     chunks, left = [], size
     while left:
-        if deadline is not None:
-            wait = deadline - time.monotonic()
-            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+        if deadline is not None:  # past it, a reply already there is still read
+            wait = max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], wait)[0]:
                 raise _Timeout
         chunk = os.read(fd, left)
         if not chunk:

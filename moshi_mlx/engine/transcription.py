@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import ceil
 from typing import TYPE_CHECKING
@@ -24,6 +24,7 @@ import sentencepiece
 from ..audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from ..audio.mimi import Mimi
 from ..audio.mimi_process import MimiError
+from .slots import SlotLoop
 from .text import PADDING_TOKEN, Transcript, token_text
 
 if TYPE_CHECKING:  # the stepper (MLX) is handed over: the servers' byte-moving side imports this
@@ -31,7 +32,6 @@ if TYPE_CHECKING:  # the stepper (MLX) is handed over: the servers' byte-moving 
 
 log = logging.getLogger(__name__)
 
-WAIT_SECONDS = 0.05  # the idle loop looks for new streams, ends and stops this often
 MAX_BUFFERED_SECONDS = 600.0  # audio a stream may have waiting (a client far ahead of real time)
 MIMI_REPLY_SECONDS = 10.0  # a Mimi process that codes no frame in this long hangs (a server's
 # Mimi processes share the CPU: a live app's 1.5 s would end streams of a loaded machine)
@@ -140,7 +140,7 @@ class Stream:
 
     def __init__(self, row: int, emit: Callable[[Event], None], words: WordEvents,
                  marker_steps: int):
-        self.row = row
+        self.slot = row  # its row of the batch
         self.emit = emit
         self.words = words
         self.marker_steps = marker_steps
@@ -210,31 +210,25 @@ class Stream:
         self.emit(Error(message))
 
 
-class Transcriber:
+class Transcriber(SlotLoop):
     """The service: `open(row, emit)` a stream (waits for its Mimi), `close(stream)` it; `run()`
-    is the model loop (on the thread that loaded the model), until `stop()`."""
+    is the model loop (on the thread that loaded the model), until `stop()`. Its slots are the
+    rows of the batched step."""
 
     def __init__(self, stepper: "BatchedStepper", tokenizer: sentencepiece.SentencePieceProcessor,
                  mimis: list[Mimi], delay_seconds: float):
         """`mimis`: one per row; `delay_seconds`: the model's text delay (its `stt_config`)."""
         if len(mimis) != stepper.rows:
             raise ValueError(f"{stepper.rows} rows need as many Mimi encoders, got {len(mimis)}")
+        super().__init__(mimis)
         self.stepper = stepper
         self.tokenizer = tokenizer
-        self.mimis = mimis
         self.delay_seconds = delay_seconds
         self.marker_steps = ceil(delay_seconds * FRAME_RATE)
         self.has_heads = stepper.cfg.extra_heads_num_heads > 0
         self.step_idx = 0  # batched steps run
-        self._lock = threading.Lock()
-        self._joining: list[Stream] = []
-        self._leaving: list[tuple[Stream, Future]] = []
-        self._streams: dict[int, Stream] = {}  # row -> its stream (the model loop's own)
-        self._wake = threading.Event()
-        self._stopped = False
         self._encoders = ThreadPoolExecutor(max_workers=stepper.rows,
                                             thread_name_prefix="mimi-encode")
-        self._cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mimi-next")
 
     @property
     def rows(self) -> int:
@@ -247,55 +241,19 @@ class Transcriber:
         words = WordEvents(self.tokenizer, self.stepper.cfg.existing_text_padding_id,
                            self.delay_seconds)
         stream = Stream(row, emit, words, self.marker_steps)
-        with self._lock:
-            self._joining.append(stream)
-        self._wake.set()
+        self._join(stream)
         return stream
 
-    def close(self, stream: Stream) -> Future:
-        """Ends a stream (its audio waiting is dropped); the future is done once its row can take
-        another stream."""
-        done: Future = Future()
-        with self._lock:
-            self._leaving.append((stream, done))
-        self._wake.set()
-        return done
-
-    def wake(self) -> None:
-        """Audio or a marker came: the loop looks again."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
-
-    def _changes(self) -> None:
-        """Streams joining get their row reset and Ready; leaving ones free theirs once their
-        Mimi is prepared for the next stream."""
-        with self._lock:
-            joining, self._joining = self._joining, []
-            leaving, self._leaving = self._leaving, []
-        for stream in joining:
-            self.stepper.reset_row(stream.row)
-            self._streams[stream.row] = stream
-            stream.emit(Ready())
-        for stream, done in leaving:
-            if self._streams.get(stream.row) is stream:
-                del self._streams[stream.row]
-            self._cleaner.submit(self._prepare_next, stream.row, done)
-
-    def _prepare_next(self, row: int, done: Future) -> None:
-        try:
-            self.mimis[row].prepare_next()
-        except Exception:  # the next stream's reset loads a fresh Mimi anyway
-            log.exception("Mimi of row %d: preparing the next stream failed", row)
-        done.set_result(row)
+    def _joined(self, stream: Stream) -> None:
+        """The stream's row is reset; its Ready goes out."""
+        self.stepper.reset_row(stream.slot)
+        stream.emit(Ready())
 
     def _encode(self, stream: Stream, frame: np.ndarray) -> np.ndarray | None:
         try:
-            return self.mimis[stream.row].encode(frame)[:self.stepper.num_user_codebooks]
+            return self.mimis[stream.slot].encode(frame)[:self.stepper.num_user_codebooks]
         except MimiError as e:
-            log.warning("row %d: %s", stream.row, e)
+            log.warning("row %d: %s", stream.slot, e)
             stream.fail(f"audio codec failed: {e}")
             return None
 
@@ -331,16 +289,7 @@ class Transcriber:
                                        self.step_idx)
         return True
 
-    def run(self) -> None:
-        """The model loop, until `stop()`."""
-        while not self._stopped:
-            self._wake.clear()
-            if not self.tick():
-                self._wake.wait(WAIT_SECONDS)
-
     def close_all(self) -> None:
-        """After `stop()` and the loop's end: ends every Mimi process."""
+        """After `stop()` and the loop's end: ends the encoders' threads and every Mimi process."""
         self._encoders.shutdown(wait=True)
-        self._cleaner.shutdown(wait=True)
-        for mimi in self.mimis:
-            mimi.close()
+        super().close_all()

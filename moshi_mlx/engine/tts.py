@@ -31,6 +31,11 @@ class TtsOptions:
     padding_bonus: float = 0.0
 
 
+def tts_samplers(temp: float) -> tuple[Sampler, Sampler]:
+    """PyTorch moshi's TTS sampling: (text, audio) at `temp` with top-k 25 and 250."""
+    return Sampler(temp=temp, top_k=25), Sampler(temp=temp, top_k=250)
+
+
 @dataclass
 class SpokenStep:
     """One step of a `TtsStream`: `pcm` float32 [1920] at 24 kHz once the audio has started
@@ -52,7 +57,9 @@ class TtsStream:
 
     def __init__(self, model: Lm, tokenizer: sentencepiece.SentencePieceProcessor,
                  mimi_weight, voices: list[mx.array], samplers: tuple[Sampler, Sampler],
-                 options: TtsOptions = TtsOptions()):
+                 options: TtsOptions = TtsOptions(), mimi: Mimi | None = None):
+        """`mimi`: a decoder of `n_q` codebooks at the start of a stream, owned by the caller
+        (a server's slot); None: the stream loads its own and `close()` ends it."""
         cfg = model.cfg
         self.settings = TtsSettings.of(cfg, FRAME_RATE)
         self.options = options
@@ -75,7 +82,8 @@ class TtsStream:
         self.gen = TtsGen(model, machine, condition, self.settings.delay_steps, *samplers,
                           n_q=options.n_q, padding_bonus=options.padding_bonus,
                           final_padding=options.final_padding)
-        self.mimi = Mimi(mimi_weight, num_codebooks=self.gen.codebooks)
+        self._own_mimi = mimi is None
+        self.mimi = Mimi(mimi_weight, num_codebooks=self.gen.codebooks) if mimi is None else mimi
         self.turn = -1
 
     def push_text(self, text: str, new_turn: bool = True) -> int:
@@ -108,4 +116,5 @@ class TtsStream:
         return out
 
     def close(self) -> None:
-        self.mimi.close()
+        if self._own_mimi:
+            self.mimi.close()

@@ -1,17 +1,17 @@
 """Kyutai TTS voices: speaker embeddings from kyutai/tts-voices (by name), an hf:// address or a
 local file, checked before use."""
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import mlx.core as mx
 
+from ..engine.speech_synthesis import EMBEDDING_CHANNELS
 from ..models.tts import SPEAKER_KEY
 from ..utils.safetensors import read_header
 from .errors import HubFileMissing, ModelFilesError
 from .hub import HF_PREFIX, hub_download, parse_hf_uri
 
 DEFAULT_VOICE_REPO = "kyutai/tts-voices"
-EMBEDDING_CHANNELS = 512
 
 
 def voice_suffix(raw_config: dict) -> str:
@@ -39,6 +39,26 @@ def voice_path(voice: str, voice_repo: str = DEFAULT_VOICE_REPO, suffix: str = "
             f"unknown voice '{voice}': {voice_repo} has no '{voice + suffix}' (the names are "
             "those of huggingface.co/kyutai/tts-voices without the suffix), and it is not a "
             "local .safetensors file.") from None
+
+
+def named_voice(name: str, voice_repo: str = DEFAULT_VOICE_REPO, suffix: str = "") -> Path:
+    """A voice by its name only (a server's clients name voices: no local path, no hf://
+    address), in `voice_repo`, a Hugging Face repository or a local directory holding its
+    files. Raises ModelFilesError for a voice not there."""
+    parts = PurePosixPath(name).parts
+    unknown = ModelFilesError(f"unknown voice '{name}' (not in {voice_repo})")
+    if not parts or name.startswith(("/", HF_PREFIX)) or ".." in parts or "\\" in name:
+        raise unknown
+    folder = Path(voice_repo).expanduser()
+    if folder.is_dir():
+        path = folder.joinpath(*parts).with_name(parts[-1] + suffix)
+        if not path.is_file():
+            raise unknown
+        return path
+    try:
+        return hub_download(voice_repo, name + suffix)
+    except HubFileMissing:
+        raise unknown from None
 
 
 def load_voice(path: Path) -> mx.array:

@@ -22,14 +22,16 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from ..engine.transcription import Error, Event, Stream, Transcriber
 from .protocol import BadAudio, OpusAudio
 from .speech import (
-    NO_FREE_CHANNELS,
     BadMessage,
-    Service,
-    Slots,
+    SlotService,
+    converse,
+    next_message,
     open_socket,
+    outbox,
     pack,
     pcm_of,
     send_error,
+    take_slot,
     unpack,
 )
 
@@ -48,44 +50,31 @@ def message_of(event: Event) -> bytes:
     return pack({"type": type(event).__name__, **fields})
 
 
-class AsrService:
+class AsrService(SlotService):
     """The service over one `Transcriber` (its rows are the slots)."""
 
-    def __init__(self, transcriber: Transcriber, api_keys: frozenset[str]):
-        self.transcriber = transcriber
-        self.api_keys = api_keys
-        self.slots = Slots(transcriber.rows)
-        self.sockets: set[web.WebSocketResponse] = set()
+    kind = "BatchedAsr"
+    path = PATH
 
-    def service(self) -> Service:
-        return Service("BatchedAsr", PATH, self.slots, self.handle)
+    def __init__(self, transcriber: Transcriber, api_keys: frozenset[str]):
+        super().__init__(transcriber, api_keys)
+        self.transcriber = transcriber
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ws = await open_socket(request, self.api_keys)
-        row = self.slots.take()
+        row = await take_slot(request, ws, self.slots)
         if row is None:
-            log.info("refused %s: %s", request.remote, NO_FREE_CHANNELS)
-            await send_error(ws, NO_FREE_CHANNELS)
             return ws
         self.sockets.add(ws)
-        stream = sender = None
-        loop = asyncio.get_running_loop()
-        outbox: asyncio.Queue = asyncio.Queue()
-
-        def emit(event: Event) -> None:  # on the model's thread
-            loop.call_soon_threadsafe(outbox.put_nowait, event)
-
+        stream = None
+        events, emit = outbox()
         try:
             stream = await asyncio.to_thread(self.transcriber.open, row, emit)
             log.info("asr: %s on slot %d", request.remote, row)
-            sender = asyncio.create_task(self._send(ws, outbox))
-            await self._receive(ws, stream, outbox)
-            await asyncio.wait([sender], timeout=1.0)  # an Error on its way goes out
+            await converse(self._send(ws, events), self._receive(ws, stream, events))
         except ConnectionError:
             pass
         finally:
-            if sender is not None:
-                sender.cancel()
             self.sockets.discard(ws)
             try:
                 if stream is not None:
@@ -96,34 +85,23 @@ class AsrService:
                          stream.steps if stream is not None else 0)
         return ws
 
-    async def _send(self, ws: web.WebSocketResponse, outbox: asyncio.Queue) -> None:
+    async def _send(self, ws: web.WebSocketResponse, events: asyncio.Queue) -> None:
         """The stream's events to the client, in order; an Error closes the connection."""
         while True:
-            event = await outbox.get()
+            event = await events.get()
             if isinstance(event, Error):
                 await send_error(ws, event.message, WSCloseCode.INTERNAL_ERROR)
                 return
             await ws.send_bytes(message_of(event))
 
     async def _receive(self, ws: web.WebSocketResponse, stream: Stream,
-                       outbox: asyncio.Queue) -> None:
+                       events: asyncio.Queue) -> None:
         """The client's messages into the stream, until it closes or sends what the protocol
-        does not allow (then Error and a close, through `outbox` after the events before it)."""
+        does not allow (then Error and a close, through `events` after the events before it)."""
         opus = None
         while True:
-            try:
-                msg = await ws.receive(timeout=IDLE_SECONDS)
-            except asyncio.TimeoutError:
-                log.info("asr: closing a client silent for %g s", IDLE_SECONDS)
-                await ws.close(code=WSCloseCode.OK, message=b"no message for a long time")
-                return
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return
-            if msg.type == WSMsgType.ERROR:
-                error = ws.exception()
-                log.warning("asr: dropped a client: %s", error)
-                await send_error(ws, f"bad message: {error}", WSCloseCode.MESSAGE_TOO_BIG
-                                 if "too big" in str(error).lower() else WSCloseCode.PROTOCOL_ERROR)
+            msg = await next_message(ws, IDLE_SECONDS, "asr")
+            if msg is None:
                 return
             if msg.type != WSMsgType.BINARY:
                 continue
@@ -146,6 +124,6 @@ class AsrService:
                 self.transcriber.wake()
             except (BadMessage, BadAudio, ValueError) as e:  # TooMuchAudio is a ValueError
                 log.warning("asr: bad message from a client: %s", e)
-                await outbox.put(Error(f"bad message: {e}"))
+                await events.put(Error(f"bad message: {e}"))
                 return
 

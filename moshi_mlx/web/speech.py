@@ -14,14 +14,17 @@ no MLX.
   that (gone, frozen) is dropped, its slot freed.
 """
 
+import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from .. import __version__
+from ..engine.slots import SlotLoop
 
 log = logging.getLogger("moshi_mlx")
 
@@ -122,6 +125,47 @@ class Service:
     handler: object  # the websocket's request handler
 
 
+class SlotService:
+    """A websocket service whose clients each hold a slot of one engine loop (`engine.slots`):
+    a subclass sets `kind` and `path` (as `/api/modules_info` lists them) and `handle`s a
+    client."""
+
+    kind = ""
+    path = ""
+
+    def __init__(self, engine: SlotLoop, api_keys: frozenset[str]):
+        self.engine = engine
+        self.api_keys = api_keys
+        self.slots = Slots(len(engine.mimis))
+        self.sockets: set[web.WebSocketResponse] = set()  # the clients', closed at the end
+
+    def service(self) -> Service:
+        return Service(self.kind, self.path, self.slots, self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+def outbox() -> tuple[asyncio.Queue, Callable[[object], None]]:
+    """A queue of a stream's events on the event loop, and the `emit(event)` that the model's
+    thread calls to hand one over."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    return queue, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+
+
+async def converse(send: Coroutine, receive: Coroutine) -> None:
+    """A client's two directions: `send` (the stream's events, as a task) while `receive`
+    (the client's messages) runs; once the client is done, an Error on its way still goes out
+    (1 s). The sender is cancelled at the end, whatever happened."""
+    sender = asyncio.create_task(send)
+    try:
+        await receive
+        await asyncio.wait([sender], timeout=1.0)
+    finally:
+        sender.cancel()
+
+
 async def open_socket(request: web.Request, keys: frozenset[str]) -> web.WebSocketResponse:
     """Checks the api key (HTTPUnauthorized) and opens the websocket, pinged as the module's
     docstring says."""
@@ -141,6 +185,38 @@ async def send_error(ws: web.WebSocketResponse, message: str,
         await ws.close(code=code, message=message[:120].encode())
     except ConnectionError:
         pass
+
+
+async def next_message(ws: web.WebSocketResponse, idle_seconds: float | None,
+                       service: str) -> WSMessage | None:
+    """The client's next message, or None once the connection is over: closed, silent for
+    `idle_seconds` (then closed), or a frame that cannot be read (then Error and a close).
+    `service` names the service in the log."""
+    try:
+        msg = await ws.receive(timeout=idle_seconds)
+    except asyncio.TimeoutError:
+        log.info("%s: closing a client silent for %g s", service, idle_seconds)
+        await ws.close(code=WSCloseCode.OK, message=b"no message for a long time")
+        return None
+    if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+        return None
+    if msg.type == WSMsgType.ERROR:
+        error = ws.exception()
+        log.warning("%s: dropped a client: %s", service, error)
+        await send_error(ws, f"bad message: {error}", WSCloseCode.MESSAGE_TOO_BIG
+                         if "too big" in str(error).lower() else WSCloseCode.PROTOCOL_ERROR)
+        return None
+    return msg
+
+
+async def take_slot(request: web.Request, ws: web.WebSocketResponse, slots: Slots
+                    ) -> int | None:
+    """A free slot, or None after Error "no free channels" and a close."""
+    slot = slots.take()
+    if slot is None:
+        log.info("refused %s: %s", request.remote, NO_FREE_CHANNELS)
+        await send_error(ws, NO_FREE_CHANNELS)
+    return slot
 
 
 def build_info() -> dict:

@@ -1,0 +1,318 @@
+"""`serve --tts`: Kyutai's /api/tts_streaming, spoken by clients written here (MessagePack maps
+over a websocket, as Kyutai's `tts_rust_server.py` and Unmute speak it), on the small random
+TTS demo model (speaker conditioning, lookahead 2 words, 8 codebooks), greedy, two slots; the
+voices in a local voice directory.
+
+What a client can tell is checked: the message sequence (Ready, Audio and Text, a normal close
+after Eos), the audio and word times against `TtsStream` run offline on the same words and
+voice, words arriving one at a time (the same audio: no gap), the four formats, the Voice
+message, slots, the api key, bad input (one client's problem only)."""
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import aiohttp
+import mlx.core as mx
+import msgpack
+import numpy as np
+import pytest
+import sphn
+from conftest import serving_in_thread, silent_websocket, slots_in_use
+
+from moshi_mlx import families, model_files, utils
+from moshi_mlx.audio.constants import FRAME_RATE, FRAME_SIZE
+from moshi_mlx.engine.speech_synthesis import Synthesizer
+from moshi_mlx.engine.tts import TtsOptions, TtsStream
+from moshi_mlx.engine.worker import ModelThread
+from moshi_mlx.model_files.demo import demo_repo
+from moshi_mlx.web.speech import speech_app
+from moshi_mlx.web.tts import TtsService
+
+pytestmark = pytest.mark.slow  # a server with its model and Mimi processes
+
+SLOTS = 2
+KEY = "public_token"
+SUFFIX = ".demo@0.safetensors"  # the demo config's model_id
+WORDS = ["Hello", "there,", "how", "are", "you?"]
+GREEDY = (utils.Sampler(temp=0), utils.Sampler(temp=0))
+
+
+def voice_file(path, seed: int):
+    rng = np.random.default_rng(seed)
+    embedding = rng.standard_normal((1, 512, 10)).astype(np.float32)
+    mx.save_safetensors(str(path), {"speaker_wavs": mx.array(embedding)})
+    return embedding
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The TTS service on 127.0.0.1 (any port), its event loop on a thread of its own; voices
+    'alice' (the default) and 'bob' in a local voice directory."""
+    root = tmp_path_factory.mktemp("tts-serve")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        repo = demo_repo(kind="tts")
+    voices = root / "voices"
+    (voices / "people").mkdir(parents=True)
+    embeddings = {name: voice_file(voices / "people" / f"{name}.wav{SUFFIX}", seed)
+                  for seed, name in enumerate(("alice", "bob"))}
+    files = model_files.resolve_repo(str(repo))
+    model_thread = ModelThread("test-tts")
+    synthesizer = model_thread.submit(families.synthesizer_loader(
+        files, SLOTS, str(voices), "people/alice.wav", GREEDY, TtsOptions(n_q=24),
+        seed=1)).result()
+    running = model_thread.submit(synthesizer.run)
+    tts = TtsService(synthesizer, frozenset({KEY}))
+    with serving_in_thread(speech_app([tts.service()])) as port:
+        yield SimpleNamespace(url=f"ws://127.0.0.1:{port}/api/tts_streaming",
+                              http=f"http://127.0.0.1:{port}", files=files, port=port,
+                              embeddings=embeddings,
+                              module=("Py", "/api/tts_streaming", SLOTS))
+    synthesizer.stop()
+    running.result(timeout=10)
+    synthesizer.close_all()
+
+
+def offline(server, words: list[str], voice: str) -> tuple[np.ndarray, list[dict]]:
+    """`TtsStream` alone on the same text and voice, greedy: (audio float32 [frames, 1920],
+    the Text messages Kyutai's server sends: each word from its step to the next's)."""
+    model, tokenizer, _ = model_files.load_model(server.files, warmup=False)
+    stream = TtsStream(model, tokenizer, server.files.mimi_weight,
+                       [mx.array(server.embeddings[voice])], GREEDY, TtsOptions(n_q=8))
+    try:
+        stream.push_text(" ".join(words))
+        stream.end()
+        frames, starts, steps = [], [], 0
+        while not stream.done:
+            s = stream.step()
+            steps += 1
+            starts += s.words
+            if s.pcm is not None:
+                frames.append(s.pcm)
+    finally:
+        stream.close()
+    stops = [t for _, t in starts[1:]] + [steps / FRAME_RATE]
+    texts = [{"type": "Text", "text": w, "start_s": t, "stop_s": stop}
+             for (w, t), stop in zip(starts, stops, strict=True)]
+    return np.stack(frames), texts
+
+
+@pytest.fixture(scope="module")
+def alice(server):
+    return offline(server, WORDS, "alice")
+
+
+def packb(message: dict) -> bytes:
+    return msgpack.packb(message, use_single_float=True)
+
+
+def url(server, **query) -> str:
+    query = {"format": "PcmMessagePack", **query}
+    return f"{server.url}?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+async def connect(session, address: str):
+    return await session.ws_connect(address, headers={"kyutai-api-key": KEY})
+
+
+async def until_closed(ws) -> tuple[list, int]:
+    """Every message until the server closes -> (the messages, unpacked for binary MessagePack
+    ones, the close code)."""
+    messages = []
+    while True:
+        msg = await ws.receive(timeout=60)
+        if msg.type == aiohttp.WSMsgType.CLOSE:
+            return messages, msg.data
+        assert msg.type == aiohttp.WSMsgType.BINARY, f"{msg.type}: {msg.data}"
+        messages.append(msg.data)
+
+
+async def speak(session, address: str, texts: list[str], pause: float = 0.0,
+                before: list[bytes] = ()) -> tuple[list, int]:
+    """Kyutai's client's way: each text as a Text message (`pause` seconds apart), then Eos;
+    the raw messages until the server closes, and the close code."""
+    ws = await connect(session, address)
+    for data in before:
+        await ws.send_bytes(data)
+    for text in texts:
+        await ws.send_bytes(packb({"type": "Text", "text": text}))
+        await asyncio.sleep(pause)
+    await ws.send_bytes(packb({"type": "Eos"}))
+    return await until_closed(ws)
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=180))
+
+
+def split(messages: list[bytes]) -> tuple[list[dict], np.ndarray, list[dict]]:
+    """MessagePack messages -> (all, unpacked; the Audio frames [frames, 1920]; the Texts)."""
+    unpacked = [msgpack.unpackb(m) for m in messages]
+    audio = [np.array(m["pcm"], np.float32) for m in unpacked if m["type"] == "Audio"]
+    return (unpacked, np.stack(audio) if audio else np.zeros((0, FRAME_SIZE)),
+            [m for m in unpacked if m["type"] == "Text"])
+
+
+@pytest.mark.parametrize("texts, pause", [
+    ([" ".join(WORDS)], 0.0), (WORDS, 0.0), (WORDS, 0.4)],
+    ids=["one-text", "word-by-word", "words-slowly"])
+def test_audio_and_words_are_the_offline_ones(server, alice, texts, pause):
+    """Ready, then Audio (1920 float32 samples each) and Text, then a close 1000 after Eos;
+    the audio is `TtsStream`'s offline, frame for frame, whether the words come at once or one
+    at a time with pauses (the stream waits for its words: no gap, no extra frame)."""
+    messages, code = run(speak_session(url(server), texts, pause))
+    unpacked, audio, texts_out = split(messages)
+    assert code == 1000
+    assert unpacked[0] == {"type": "Ready"}
+    assert {m["type"] for m in unpacked[1:]} == {"Audio", "Text"}
+    assert all(m.startswith(b"\x82\xa4type\xa5Audio\xa3pcm\xdc\x07\x80\xca")
+               for m in messages if b"Audio" in m[:12])  # 1920 float32s, as Kyutai's server
+    expected_audio, expected_texts = alice
+    assert audio.shape == expected_audio.shape
+    np.testing.assert_array_equal(audio, expected_audio)
+    assert [t["text"] for t in texts_out] == WORDS
+    assert texts_out == expected_texts
+
+
+async def speak_session(address: str, texts: list[str], pause: float = 0.0,
+                        before: list[bytes] = ()):
+    async with aiohttp.ClientSession() as session:
+        return await speak(session, address, texts, pause, before)
+
+
+def test_voice_from_the_query_or_a_voice_message(server):
+    """`voice=people/bob.wav` and a Voice message holding bob's embedding give bob's offline
+    audio, not alice's."""
+    bob, _ = offline(server, WORDS[:3], "bob")
+    embedding = server.embeddings["bob"]
+    voice = packb({"type": "Voice", "embeddings": embedding.reshape(-1).tolist(),
+                   "shape": list(embedding.shape)})
+    by_name = split(run(speak_session(url(server, voice="people%2Fbob.wav"), WORDS[:3]))[0])[1]
+    by_message = split(run(speak_session(url(server), WORDS[:3], before=[voice]))[0])[1]
+    np.testing.assert_array_equal(by_name, bob)
+    np.testing.assert_array_equal(by_message, bob)
+
+
+@pytest.mark.parametrize("fmt", ["Pcm", "OggOpus", "OggOpusMessagePack"])
+def test_other_formats(server, alice, fmt):
+    """`Pcm`: only the audio, float32 little-endian bytes; `OggOpus`: only Ogg pages;
+    `OggOpusMessagePack`: Ready, OggOpus{data} pages and Text. The Opus audio decodes to about
+    the offline audio's length (Opus keeps a few ms back until the next page)."""
+    messages, code = run(speak_session(url(server, format=fmt), WORDS))
+    assert code == 1000
+    expected_audio, expected_texts = alice
+    if fmt == "Pcm":
+        pcm = np.frombuffer(b"".join(messages), "<f4")
+        np.testing.assert_array_equal(pcm, expected_audio.reshape(-1))
+        return
+    if fmt == "OggOpus":
+        ogg = b"".join(messages)
+    else:
+        unpacked = [msgpack.unpackb(m) for m in messages]
+        assert unpacked[0] == {"type": "Ready"}
+        assert [m for m in unpacked if m["type"] == "Text"] == expected_texts
+        ogg = b"".join(m["data"] for m in unpacked if m["type"] == "OggOpus")
+    assert ogg.startswith(b"OggS")
+    decoded = sphn.OpusStreamReader(24000).append_bytes(ogg)
+    assert 0.8 * expected_audio.size <= decoded.size <= expected_audio.size
+
+
+def test_eos_before_any_text_closes_without_audio(server):
+    messages, code = run(speak_session(url(server), []))
+    assert code == 1000 and [msgpack.unpackb(m) for m in messages] == [{"type": "Ready"}]
+
+
+def test_slots_and_auth(server, monkeypatch):
+    """Two slots: a third client gets Error 'no free channels' and a close; a client that leaves
+    (before Eos) frees its slot; a slot is free by the time its client sees the close after
+    Eos (a client may speak again at once, even while a slow Mimi gets ready for the next
+    stream). A wrong key is HTTP 401; a bad format HTTP 400."""
+    prepare_next = Synthesizer._prepare_next
+
+    def slowly(self, slot, done):
+        time.sleep(0.5)
+        prepare_next(self, slot, done)
+
+    monkeypatch.setattr(Synthesizer, "_prepare_next", slowly)
+
+    async def client():
+        async with aiohttp.ClientSession() as session:
+            for bad in ({"headers": {"kyutai-api-key": "wrong"}}, {}):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                    await session.ws_connect(url(server), **bad)
+                assert e.value.status == 401
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await connect(session, url(server, format="Wav"))
+            assert e.value.status == 400
+            await slots_in_use(session, server, 0)
+            first = await connect(session, url(server))
+            second = await session.ws_connect(url(server, auth_id=KEY))
+            for ws in (first, second):
+                assert msgpack.unpackb((await ws.receive(timeout=30)).data) == {"type": "Ready"}
+                await ws.send_bytes(packb({"type": "Text", "text": "Hello"}))
+            third = await connect(session, url(server))
+            assert msgpack.unpackb((await third.receive(timeout=30)).data) == {
+                "type": "Error", "message": "no free channels"}
+            assert (await third.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+            await first.close()
+            await slots_in_use(session, server, 1)
+            spoken = [await speak(session, url(server), WORDS[:3]) for _ in range(2)]
+            await second.close()
+            await slots_in_use(session, server, 0)
+            return spoken
+
+    for messages, code in run(client()):  # the slot is free when the close comes
+        assert code == 1000 and split(messages)[1].shape[0] > 0
+
+
+@pytest.mark.parametrize("query, bad, says", [
+    ({}, b"\x00\xff garbage", "not a MessagePack message"),
+    ({}, packb({"type": "Hello"}), "unknown message type 'Hello'"),
+    ({}, packb({"type": "Text", "text": 3}), "'text' must be a string"),
+    ({}, packb({"type": "Voice", "embeddings": [0.0] * 20, "shape": [1, 2, 10]}),
+     "a Voice's shape is [1, 512, frames]"),
+    ({}, packb({"type": "Voice", "embeddings": [0.0] * 20, "shape": [1, 512, 10]}),
+     "must be 5120 finite numbers"),
+    ({"voice": "nobody.wav"}, None, "unknown voice 'nobody.wav'"),
+    ({"voice": "..%2Fvoices%2Fpeople%2Falice.wav"}, None, "unknown voice"),
+], ids=["not-msgpack", "unknown-type", "text-number", "voice-shape", "voice-size",
+        "unknown-voice", "voice-outside"])
+def test_bad_input_is_one_clients_problem(server, alice, query, bad, says):
+    """Error to that client and a close; another client speaking at the same time gets the
+    audio it gets alone."""
+
+    async def evil(session):
+        ws = await connect(session, url(server, **query))
+        if bad is not None:
+            assert msgpack.unpackb((await ws.receive(timeout=30)).data) == {"type": "Ready"}
+            await ws.send_bytes(bad)
+        messages, code = await until_closed(ws)
+        message = msgpack.unpackb(messages[-1])
+        assert message["type"] == "Error" and says in message["message"], message
+        assert code in (1000, 1002)
+
+    async def both():
+        async with aiohttp.ClientSession() as session:
+            await slots_in_use(session, server, 0)
+            good, _ = await asyncio.gather(speak(session, url(server), WORDS), evil(session))
+            return good
+
+    messages, code = run(both())
+    assert code == 1000
+    np.testing.assert_array_equal(split(messages)[1], alice[0])
+
+
+def test_a_vanished_client_frees_its_slot(server):
+    """A client that stops answering (no pong) is dropped by the pings within seconds; its
+    slot is free again."""
+
+    async def client():
+        async with aiohttp.ClientSession() as session:
+            await slots_in_use(session, server, 0)
+            sock = silent_websocket(server.port, "/api/tts_streaming?format=Pcm")
+            await slots_in_use(session, server, 1)
+            await slots_in_use(session, server, 0)
+            sock.close()
+
+    run(client())
