@@ -25,7 +25,7 @@ from collections.abc import Coroutine
 
 from aiohttp import WSCloseCode, web
 
-from . import cli, families, model_files
+from . import cli, model_files, speech_services
 from .engine.tts import TtsOptions, tts_samplers
 from .engine.worker import ModelThread
 from .model_files.voices import DEFAULT_VOICE_REPO
@@ -108,12 +108,12 @@ async def serve(args: argparse.Namespace, stt: model_files.ModelFiles | None,
         if stt is not None:
             log.info("loading the speech-to-text model (%d streams)", args.batch_size)
             started.append(await start_service(
-                "stt", families.transcriber_loader(stt, args.batch_size, memory),
+                "stt", speech_services.transcriber_loader(stt, args.batch_size, memory),
                 lambda t: AsrService(t, args.api_key)))
         if tts is not None:
             log.info("loading the text-to-speech model (%d streams)", args.batch_size)
             started.append(await start_service(
-                "tts", families.synthesizer_loader(
+                "tts", speech_services.synthesizer_loader(
                     tts, args.batch_size, args.voice_repo, args.voice, tts_samplers(args.temp),
                     TtsOptions(n_q=TTS_CODEBOOKS), args.seed, memory),
                 lambda s: TtsService(s, args.api_key)))
@@ -156,10 +156,11 @@ def prepare(args: argparse.Namespace) -> Coroutine:
     stt = tts = None
     if args.stt is not None:
         stt = model_files.resolve_repo(args.stt)
-        families.transcriber_loader(stt, args.batch_size)  # the family, checked before loading
+        # the family, checked before loading
+        speech_services.transcriber_loader(stt, args.batch_size)
     if args.tts is not None:
         tts = model_files.resolve_repo(args.tts)
-        families.check_tts(tts, args.voice_repo, args.voice)
+        speech_services.check_tts(tts, args.voice_repo, args.voice)
     return serve(args, stt, tts)
 
 

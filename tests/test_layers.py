@@ -15,7 +15,7 @@ LAYERS = [  # from the bottom; a module may import its own layer and those below
     ("models", ["models"]),
     ("audio", ["audio"]),
     ("engine", ["engine"]),
-    ("files and families", ["families", "model_files", "weights"]),
+    ("files and families", ["families", "speech_services", "model_files", "weights"]),
     ("the apps' parts", ["cli", "web"]),  # the flags they share; the servers' web side
     ("apps", ["local", "local_web", "run_inference", "run_helium", "run_tts", "serve"]),
 ]

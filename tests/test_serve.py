@@ -18,7 +18,7 @@ import pytest
 import sphn
 from conftest import FRAME, RATE, serving_in_thread, silent_websocket, slots_in_use, used_slots
 
-from moshi_mlx import families, model_files, utils
+from moshi_mlx import families, model_files, speech_services, utils
 from moshi_mlx.engine import offline, transcription
 from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.web.asr import AsrService
@@ -42,7 +42,7 @@ def server(stt_dir):
     """The STT service on 127.0.0.1 (any port), its event loop on a thread of its own."""
     files = model_files.resolve_repo(str(stt_dir))
     model_thread = ModelThread("test-stt")
-    transcriber = model_thread.submit(families.transcriber_loader(files, ROWS)).result()
+    transcriber = model_thread.submit(speech_services.transcriber_loader(files, ROWS)).result()
     running = model_thread.submit(transcriber.run)
     asr = AsrService(transcriber, frozenset({KEY, "second_key"}))
     with serving_in_thread(speech_app([asr.service()])) as port:

@@ -20,7 +20,7 @@ import pytest
 import sphn
 from conftest import serving_in_thread, silent_websocket, slots_in_use
 
-from moshi_mlx import families, model_files, utils
+from moshi_mlx import model_files, speech_services, utils
 from moshi_mlx.audio.constants import FRAME_RATE, FRAME_SIZE
 from moshi_mlx.engine.speech_synthesis import Synthesizer
 from moshi_mlx.engine.tts import TtsOptions, TtsStream
@@ -59,7 +59,7 @@ def server(tmp_path_factory):
                   for seed, name in enumerate(("alice", "bob"))}
     files = model_files.resolve_repo(str(repo))
     model_thread = ModelThread("test-tts")
-    synthesizer = model_thread.submit(families.synthesizer_loader(
+    synthesizer = model_thread.submit(speech_services.synthesizer_loader(
         files, SLOTS, str(voices), "people/alice.wav", GREEDY, TtsOptions(n_q=24),
         seed=1)).result()
     running = model_thread.submit(synthesizer.run)
