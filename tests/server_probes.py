@@ -425,10 +425,11 @@ async def short_conversation(http: aiohttp.ClientSession, url: str, frames: int 
 
 
 def settled_figures(pid: int, before: ProcessFigures | None,
-                    timeout: float = 5.0) -> ProcessFigures | None:
+                    timeout: float = 15.0) -> ProcessFigures | None:
     """The process's figures once it holds no more open files and threads than `before` (the
     sockets of ended connections take a moment to close, the threads of ended conversations to
-    finish), or after `timeout` seconds."""
+    finish, the next Mimi to load: seconds on a loaded machine), or after `timeout` seconds (a
+    leak never settles)."""
     deadline = time.monotonic() + timeout
     while True:
         now = process_figures(pid)
