@@ -21,6 +21,9 @@ import mlx.core as mx
 import numpy as np
 
 from .. import models, utils
+from ..models.conditioner import ConditionTensor
+from ..models.generate import DepformerSamplings
+from ..models.tts import TtsGen, TtsStep
 
 GROW_STEPS = 256  # the cache grows by this many slots at a time, up to the context
 
@@ -79,7 +82,40 @@ class RowSteps:
         self.mask = (mx.arange(self.size)[None] < mx.array(held)[:, None])[:, None, None, :]
 
 
-class BatchedStepper:
+class RowBatch:
+    """The temporal transformer of `model` stepped for `rows` streams at once, each row at its
+    own position (`RowSteps`) with its keys and values in its own slots (`RowKVCache`). The
+    steppers below build each row's inputs and take its outputs."""
+
+    def __init__(self, model: models.Lm, rows: int, context: int | None = None):
+        """`context`: steps each stream attends to (default: the model's `kv_context`, else its
+        config's)."""
+        self.model = model
+        self.cfg = model.cfg
+        self.rows = rows
+        self.steps = RowSteps(rows, context or model.kv_context or model.cfg.context)
+        self.cache = [RowKVCache(self.steps) for _ in model.transformer.layers]
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Steps taken by each row's stream."""
+        return self.steps.positions
+
+    def _forward(self, text: mx.array, audio: mx.array, **conditions
+                 ) -> tuple[mx.array, mx.array]:
+        """One step of every row: text [rows, 1], audio [rows, n_q, 1] -> (hidden [rows, 1,
+        dim], text logits [rows, text_logits])."""
+        self.steps.prepare()
+        hidden, logits = self.model(text, audio, cache=self.cache, mask=self.steps.mask,
+                                    **conditions)
+        return hidden, logits[:, -1]
+
+    def _cached(self) -> list[mx.array]:
+        """What the step wrote, to evaluate with its outputs."""
+        return [part for c in self.cache for part in (c.keys, c.values)]
+
+
+class BatchedStepper(RowBatch):
     """A text-only model (Kyutai's speech-to-text: `dep_q` 0) stepped for `rows` streams at
     once. `step(codes, active)` runs one batched step: each active row takes its stream's next
     frame, the others stand still. Runs on the thread that loaded the model (MLX's arrays are
@@ -91,27 +127,17 @@ class BatchedStepper:
 
     def __init__(self, model: models.Lm, rows: int, text_sampler: utils.Sampler | None = None,
                  context: int | None = None):
-        """`context`: steps each stream attends to (default: the model's `kv_context`, else its
-        config's)."""
+        """`context`: as `RowBatch`'s."""
         cfg = model.cfg
         if cfg.dep_q:
             raise ValueError("the batched stepper runs text-only models (dep_q 0, speech to "
                              f"text); this one generates {cfg.dep_q} audio codebooks")
-        self.model = model
-        self.cfg = cfg
-        self.rows = rows
+        super().__init__(model, rows, context)
         self.text_sampler = text_sampler or utils.Sampler(temp=0.0)
-        self.steps = RowSteps(rows, context or model.kv_context or cfg.context)
-        self.cache = [RowKVCache(self.steps) for _ in model.transformer.layers]
         self.delays = cfg.audio_delays
         self.num_user_codebooks = cfg.num_user_codebooks
         self._text = np.full(rows, cfg.text_initial_token, np.int64)
         self._codes = [deque(maxlen=max(self.delays) + 1) for _ in range(rows)]
-
-    @property
-    def positions(self) -> np.ndarray:
-        """Steps taken by each row's stream."""
-        return self.steps.positions
 
     def reset_row(self, row: int) -> None:
         """Row `row` starts a new stream (its old keys are masked out, then overwritten)."""
@@ -139,16 +165,114 @@ class BatchedStepper:
         if codes.shape != (self.rows, self.num_user_codebooks):
             raise ValueError(f"codes must have shape {[self.rows, self.num_user_codebooks]}, "
                              f"got {list(codes.shape)}")
-        self.steps.prepare()
-        text, audio = self._inputs()
-        hidden, logits = self.model(text, audio, cache=self.cache, mask=self.steps.mask)
-        tokens = self.text_sampler(logits[:, -1])[0]
+        hidden, logits = self._forward(*self._inputs())
+        tokens = self.text_sampler(logits)[0]
         heads = [p[:, 0, 0] for p in self.model.extra_head_probs(hidden)]
         prs = mx.stack(heads, axis=1) if heads else mx.zeros((self.rows, 0))
-        mx.eval(tokens, prs, *[(c.keys, c.values) for c in self.cache])
+        mx.eval(tokens, prs, *self._cached())
         tokens, prs = np.array(tokens), np.array(prs, np.float32)
         for row in np.flatnonzero(active):
             self._text[row] = tokens[row]
             self._codes[row].append(codes[row].copy())
             self.steps.positions[row] += 1
         return tokens, prs
+
+
+class BatchedTts(RowBatch):
+    """Kyutai's TTS stepped for `rows` streams at once: `step({row: gen})` runs one batched
+    step, each `TtsGen` given taking its stream's next step; the other rows are
+    computed and dropped. Runs on the thread that loaded the model.
+
+    Each stream keeps its own `TtsGen` (its state machine, its words, its samplers, its
+    conditions): the step builds each row's inputs as the gen does alone, runs the temporal
+    transformer once for every row (each reading its own speaker condition: the keys and values
+    its gen computed when it started; its own summed conditions), hands each gen its row's text
+    logits (its state machine chooses the token fed), then runs the depformer once for every
+    row (its cache restarts at every step: the rows align there) and hands each gen its codes.
+    Rows that share a sampler sample together; with greedy samplers every stream's tokens are
+    those of the same stream stepped alone (`TtsGen.step`)."""
+
+    def __init__(self, model: models.Lm, rows: int, context: int | None = None):
+        """`context`: as `RowBatch`'s."""
+        cfg = model.cfg
+        if not cfg.dep_q or cfg.num_user_codebooks:
+            raise ValueError("not a TTS model: the batched TTS steps models that generate "
+                             "audio codebooks from text alone")
+        super().__init__(model, rows, context)
+        self.samplings = DepformerSamplings(model.depformer)
+        self._gens: list[TtsGen | None] = [None] * rows  # whose conditions are stacked
+        self._conditions: dict = {}
+
+    def step(self, gens: dict[int, TtsGen]) -> dict[int, TtsStep]:
+        """One step of the streams in `gens` (row -> its generation) -> row -> its `TtsStep`
+        (its frame's evaluation done)."""
+        for row, gen in gens.items():  # a new stream starts at 0
+            self.steps.positions[row] = gen.step_idx
+        if any(self._gens[row] is not gen for row, gen in gens.items()):
+            for row, gen in gens.items():
+                self._gens[row] = gen
+            self._conditions = self._stack_conditions()
+        hidden, logits = self._forward(*self._inputs(gens), **self._conditions)
+        sampled = {}
+        for sampler, rows in _grouped(gens, lambda gen: gen.text_sampler).items():
+            rows_logits = mx.concatenate([gens[r].text_logits(logits[r:r + 1]) for r in rows])
+            sampled.update(zip(rows, sampler(rows_logits)[0].tolist()))
+        steps = {row: gen.choose_text(sampled[row]) for row, gen in gens.items()}
+        fed = np.zeros(self.rows, np.int32)
+        for row, s in steps.items():
+            fed[row] = s.fed
+        fed = mx.array(fed)
+        for (sampler, codebooks), rows in _grouped(
+                gens, lambda gen: (gen.audio_sampler, gen.codebooks)).items():
+            codes = self.samplings(hidden, fed, sampler, codebooks)
+            for row in rows:
+                steps[row] = gens[row].take_audio(steps[row], codes[row:row + 1])
+        mx.eval([s.frame for s in steps.values() if s.frame is not None], *self._cached())
+        for row, gen in gens.items():  # a row that waits writes where its next step will
+            self.steps.positions[row] = gen.step_idx
+        return steps
+
+    def _inputs(self, gens: dict[int, TtsGen]) -> tuple[mx.array, mx.array]:
+        """Text [rows, 1] and audio [rows, n_q, 1]: each stepping row's as its gen builds them,
+        a first step's for the others."""
+        cfg = self.cfg
+        idle = (mx.full((1, 1), cfg.text_initial_token, mx.int32),
+                mx.full((1, cfg.n_q, 1), cfg.audio_padding_token, mx.int32))
+        inputs = [gens[row].input_tokens() if row in gens else idle for row in range(self.rows)]
+        return tuple(mx.concatenate(parts) for parts in zip(*inputs))
+
+    def _stack_conditions(self) -> dict:
+        """The rows' conditions for the model: `condition` (the summed ones, [rows, dim]) and
+        `cross` (each layer's speaker keys and values, [rows, heads, S, head_dim], with a mask
+        of each row's positions when the rows' speaker conditions differ in length)."""
+        first = next(gen for gen in self._gens if gen is not None)
+        gens = [gen or first for gen in self._gens]  # rows never used: any finite values
+        out = {}
+        if first.condition.tensor is not None:
+            out["condition"] = ConditionTensor(
+                mx.concatenate([gen.condition.tensor for gen in gens]))
+        if first.cross is not None:
+            lengths = [gen.cross[0][0].shape[2] for gen in gens]
+            size = max(lengths)
+
+            def stacked(layer: int, part: int) -> mx.array:
+                rows = []
+                for gen, length in zip(gens, lengths):
+                    x = gen.cross[layer][part]
+                    pad = mx.zeros((1, x.shape[1], size - length, x.shape[3]), x.dtype)
+                    rows.append(x if length == size else mx.concatenate([x, pad], axis=2))
+                return mx.concatenate(rows)
+
+            mask = ()
+            if min(lengths) < size:
+                mask = ((mx.arange(size)[None] < mx.array(lengths)[:, None])[:, None, None],)
+            out["cross"] = [(stacked(i, 0), stacked(i, 1), *mask) for i in range(len(first.cross))]
+        return out
+
+
+def _grouped(gens: dict, key) -> dict:
+    """The rows of `gens` grouped by `key(gen)`, in order."""
+    groups: dict = {}
+    for row, gen in gens.items():
+        groups.setdefault(key(gen), []).append(row)
+    return groups

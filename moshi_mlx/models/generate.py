@@ -12,6 +12,37 @@ from .lm import Lm, guided
 MAX_COMPILED_SAMPLERS = 8  # compiled depformer samplings kept (each sampler compiles once)
 
 
+class DepformerSamplings(dict):
+    """The depformer's sampling of one step for a batch, compiled (unless `compile` is False)
+    once per (sampler, codebooks) and kept, the last `MAX_COMPILED_SAMPLERS` of them: a new
+    stream with the same samplers does not compile again."""
+
+    def __init__(self, depformer, cfg_coef: float = 1.0, compile: bool = True):
+        super().__init__()
+        self.depformer = depformer
+        self.cfg_coef = cfg_coef
+        self.compile = compile
+
+    def __call__(self, hidden: mx.array, text_token: mx.array, sampler: Sampler,
+                 codebooks: int | None = None) -> mx.array:
+        """hidden [B, 1, dim], text [B] -> the first `codebooks` audio codes [B, codebooks]
+        (None: all dep_q)."""
+        key = (sampler, codebooks)
+        if key not in self:
+            depformer = self.depformer
+
+            def sample(hidden, text_token):
+                return depformer.sample(hidden, text_token, sampler, self.cfg_coef, codebooks)
+
+            if self.compile:
+                state = [depformer.state, mx.random.state]
+                sample = compile_with_state(sample, inputs=state, outputs=[mx.random.state])
+            if len(self) >= MAX_COMPILED_SAMPLERS:
+                del self[next(iter(self))]  # the oldest
+            self[key] = sample
+        return self[key](hidden, text_token)
+
+
 class LmGen:
     """Runs Moshi one step at a time.
 
@@ -80,7 +111,7 @@ class LmGen:
         self.max_delay = max(self.audio_delays)
         self._padding = mx.full((batch_size,), cfg.audio_padding_token, mx.int32)
         self.codebooks: int | None = None  # sample only the first ones (None: all dep_q)
-        self._compiled: dict[Sampler, object] = {}  # the depformer's sampling, per sampler
+        self._compiled = DepformerSamplings(model.depformer, cfg_coef, compile)
         self.reset(text_sampler or Sampler(), audio_sampler or Sampler())
 
     def reset(self, text_sampler: Sampler | None = None,
@@ -101,27 +132,13 @@ class LmGen:
 
     def sample_audio(self, hidden: mx.array, text_token: mx.array) -> mx.array:
         """The depformer's sampling of one step, (hidden [B, 1, dim], text [B]) -> [B, dep_q]."""
-        sampler = self.audio_sampler
-        if sampler not in self._compiled:
-            depformer = self.model.depformer
-
-            def sample(hidden, text_token):
-                return depformer.sample(hidden, text_token, sampler, self.cfg_coef,
-                                        self.codebooks)
-
-            if self.compile:
-                state = [depformer.state, mx.random.state]
-                sample = compile_with_state(sample, inputs=state, outputs=[mx.random.state])
-            if len(self._compiled) >= MAX_COMPILED_SAMPLERS:
-                del self._compiled[next(iter(self._compiled))]  # the oldest
-            self._compiled[sampler] = sample
-        return self._compiled[sampler](hidden, text_token)
+        return self._compiled(hidden, text_token, self.audio_sampler, self.codebooks)
 
     def _past(self, history: deque, steps_ago: int) -> mx.array | None:
         """The entry stored `steps_ago` steps before the current one (1 = previous step)."""
         return history[-steps_ago] if 0 < steps_ago <= len(history) else None
 
-    def _input_tokens(self) -> tuple[mx.array, mx.array]:
+    def input_tokens(self) -> tuple[mx.array, mx.array]:
         """Text [B, 1] and audio [B, n_q, 1] inputs of the current step."""
         t = self.step_idx
         b = self.batch_size
@@ -159,7 +176,7 @@ class LmGen:
             raise ValueError(
                 f"user_tokens must have shape [batch, codebooks] = {list(expected)}, "
                 f"got {list(user_tokens.shape)}")
-        text_in, audio_in = self._input_tokens()
+        text_in, audio_in = self.input_tokens()
         hidden, text_logits = self.model(self._rows(text_in), self._rows(audio_in),
                                          cache=self.cache, condition=self._condition(ct))
         text_token = self.text_sampler(guided(text_logits[:, -1], self.cfg_coef))[0]

@@ -89,14 +89,17 @@ class CrossAttention(Attention):
         kv = kv.reshape(b, s, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         return kv[0], kv[1]
 
-    def __call__(self, x: mx.array, keys_values: tuple[mx.array, mx.array]) -> mx.array:
-        """x: [B, T, dim]; `keys_values` from `keys_values` -> [B, T, dim]."""
+    def __call__(self, x: mx.array, keys_values: tuple[mx.array, ...]) -> mx.array:
+        """x: [B, T, dim]; `keys_values` from `keys_values`, or with a third item, a boolean
+        mask [B, 1, 1, S] of the source positions each row reads (rows of sources of several
+        lengths, padded: `engine.batched`) -> [B, T, dim]."""
         b, t, d = x.shape
         q = linear_rows(self.in_proj, x, 0, d)
         q = q.reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k, v = keys_values
+        k, v, *mask = keys_values
         out = mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                                   scale=self.scale)
+                                                   scale=self.scale,
+                                                   mask=mask[0] if mask else None)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 

@@ -153,40 +153,47 @@ class TtsGen(LmGen):
         end = self.state.end_step
         return end is not None and self.step_idx >= end + self.delay_steps + self.final_padding
 
-    def _audio(self, hidden: mx.array, text: mx.array, t: int) -> mx.array:
-        """The step's audio codes [1, dep_q]: nothing (ZERO_TOKEN) until each codebook's start,
-        the depformer's for the first n_q codebooks after."""
-        if t < self.delay_steps:
-            return self._nothing
-        audio = self.sample_audio(hidden, text)
-        audio = mx.where(t < self._audio_starts, ZERO_TOKEN, audio)
-        return mx.concatenate([audio, self._nothing[:, self.codebooks:]], axis=1)
+    def text_logits(self, logits: mx.array) -> mx.array:
+        """The model's text logits of this step [1, vocab], `padding_bonus` added to pad's."""
+        if not self.padding_bonus:
+            return logits
+        pad = self.machine.token_ids.pad
+        return logits + mx.where(mx.arange(logits.shape[-1]) == pad,
+                                 self.padding_bonus, 0.0).astype(logits.dtype)
+
+    def choose_text(self, sampled: int) -> TtsStep:
+        """The model sampled text token `sampled` at this step -> the step so far: the token
+        fed next (the state machine's; the depformer's input now) and the words started."""
+        heard = len(self.state.transcript)
+        fed, _ = self.machine.process(self.step_idx, self.state, sampled)
+        self._text = mx.array([fed], mx.int32)
+        return TtsStep(self.step_idx, sampled, fed, words=self.state.transcript[heard:])
+
+    def take_audio(self, out: TtsStep, codes: mx.array) -> TtsStep:
+        """The depformer's codes of this step [1, >= n_q] (any before the audio starts: they
+        are replaced by nothing, ZERO_TOKEN, until each codebook's start) end the step -> `out`
+        with the frame this step completed."""
+        t = self.step_idx
+        audio = mx.where(t < self._audio_starts, ZERO_TOKEN, codes[:, :self.codebooks])
+        audio = mx.concatenate([audio, self._nothing[:, self.codebooks:]], axis=1)
+        self._sampled.append(audio)
+        self._fed.append(out.fed)
+        mx.async_eval(audio)
+        self.step_idx += 1
+        frame = self.last_audio_tokens()
+        if frame is not None:
+            out.frame_index = t - self.max_delay
+            out.frame = mx.concatenate([mx.array([self._fed[0]], mx.int32),
+                                        frame[0, :self.codebooks]])
+        return out
 
     def step(self) -> TtsStep:
         """Runs one step; waits for the model's text choice (the state machine needs it)."""
-        t = self.step_idx
-        text_in, audio_in = self._input_tokens()
+        text_in, audio_in = self.input_tokens()
         hidden, logits = self.model(text_in, audio_in, cache=self.cache,
                                     condition=self.condition, cross=self.cross)
-        logits = logits[:, -1]
-        if self.padding_bonus:
-            pad = self.machine.token_ids.pad
-            logits = logits + mx.where(mx.arange(logits.shape[-1]) == pad,
-                                       self.padding_bonus, 0.0).astype(logits.dtype)
-        sampled = self.text_sampler(logits)[0].item()
-        heard = len(self.state.transcript)
-        fed, _ = self.machine.process(t, self.state, sampled)
-        text = mx.array([fed], mx.int32)
-        self._text = text
-        audio = self._audio(hidden, text, t)
-        self._sampled.append(audio)
-        self._fed.append(fed)
-        mx.async_eval(audio)
-        self.step_idx += 1
-        out = TtsStep(t, sampled, fed, words=self.state.transcript[heard:])
-        codes = self.last_audio_tokens()
-        if codes is not None:
-            out.frame_index = t - self.max_delay
-            out.frame = mx.concatenate([mx.array([self._fed[0]], mx.int32),
-                                        codes[0, :self.codebooks]])
-        return out
+        sampled = self.text_sampler(self.text_logits(logits[:, -1]))[0].item()
+        out = self.choose_text(sampled)
+        if self.step_idx < self.delay_steps:  # no audio yet: the depformer need not run
+            return self.take_audio(out, self._nothing)
+        return self.take_audio(out, self.sample_audio(hidden, self._text))
