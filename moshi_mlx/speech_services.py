@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from . import model_files, utils
 from .audio.mimi import Mimi
-from .engine.batched import BatchedStepper
+from .engine.batched import BatchedStepper, BatchedTts
 from .engine.speech_synthesis import Synthesizer, Voice
 from .engine.transcription import MIMI_REPLY_SECONDS, Transcriber
 from .engine.tts import TtsOptions, TtsStream
@@ -92,7 +92,7 @@ def synthesizer_loader(files: model_files.ModelFiles, rows: int, voice_repo: str
         suffix = voice_suffix(files.lm_config.to_config_dict())
         find_voice = ((lambda name: named_voice(name, voice_repo, suffix))
                       if settings.multi_speaker else None)
-        return Synthesizer(new_stream, mimis, settings.second_stream_ahead, find_voice,
-                           default_voice)
+        return Synthesizer(BatchedTts(model, rows), new_stream, mimis,
+                           settings.second_stream_ahead, find_voice, default_voice)
 
     return load

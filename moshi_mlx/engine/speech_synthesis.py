@@ -3,10 +3,12 @@ words out, for several streams at once (`web.tts` serves them in the protocol of
 server; the events below are its messages).
 
 Each stream holds a slot: a `TtsStream` of one loaded model (made when its first text comes,
-with its voice) and a Mimi decoder of the slot's. The model loop, on the model's thread, steps
-every stream that can go on once per tick, one after the other (the model is shared, its steps
-are not batched), as fast as it can: the audio is not paced to real time, as Kyutai's server
-sends it. Before the client's end of text a stream only steps while the words the model may
+with its voice) and a Mimi decoder of the slot's; the slots are the rows of one `BatchedTts`.
+The model loop, on the model's thread, steps every stream that can go on with one batched step
+per tick (a stream that cannot, or no stream on a row, does not hold the others back), then
+hands each stream's frame to its slot's Mimi, all at once (each Mimi is a process: the frames
+are decoded in parallel), as fast as it can: the audio is not paced to real time, as Kyutai's
+server sends it. Before the client's end of text a stream only steps while the words the model may
 take next are queued (the word and the lookahead word(s) of its second text stream), as Kyutai's
 server does it: a stream whose text comes word by word then makes exactly the audio of the same
 text given at once, with no gap; it waits, without steps, while they are missing.
@@ -15,6 +17,7 @@ text given at once, with no gap; it waits, without steps, while they are missing
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +29,9 @@ from ..audio.mimi import Mimi
 from .slots import SlotLoop
 
 if TYPE_CHECKING:  # the model's side (MLX) is handed over: the servers' byte side imports this
-    from .tts import TtsStream
+    from ..models.tts import TtsStep
+    from .batched import BatchedTts
+    from .tts import SpokenStep, TtsStream
 
 log = logging.getLogger(__name__)
 
@@ -141,19 +146,25 @@ class Synthesizer(SlotLoop):
     """The service: `open(slot, voice, emit)` a stream (waits for its slot's Mimi), `close` it;
     `run()` is the model loop (on the thread that loaded the model), until `stop()`.
 
-    `new_stream(voice, mimi)` makes a `TtsStream` (on the model's thread); `lookahead`: the
-    words the model may look at past the one it takes (the model's `second_stream_ahead`);
-    `find_voice(name)`: a voice file by name (no MLX: the byte side calls it), None when the
-    model takes no voice; `default_voice`: the name of the voice of clients that give none."""
+    `stepper`: the batched steps of the model, a row per slot; `new_stream(voice, mimi)` makes
+    a `TtsStream` (on the model's thread); `lookahead`: the words the model may look at past
+    the one it takes (the model's `second_stream_ahead`); `find_voice(name)`: a voice file by
+    name (no MLX: the byte side calls it), None when the model takes no voice;
+    `default_voice`: the name of the voice of clients that give none."""
 
-    def __init__(self, new_stream: Callable[[Voice, Mimi], "TtsStream"], mimis: list[Mimi],
-                 lookahead: int, find_voice: Callable[[str], Path] | None,
+    def __init__(self, stepper: "BatchedTts", new_stream: Callable[[Voice, Mimi], "TtsStream"],
+                 mimis: list[Mimi], lookahead: int, find_voice: Callable[[str], Path] | None,
                  default_voice: str | None = None):
+        if len(mimis) != stepper.rows:
+            raise ValueError(f"{stepper.rows} rows need as many Mimi decoders, got {len(mimis)}")
         super().__init__(mimis)
+        self.stepper = stepper
         self.new_stream = new_stream
         self.lookahead = lookahead
         self.find_voice = find_voice
         self.default_voice = default_voice
+        self._decoders = ThreadPoolExecutor(max_workers=stepper.rows,
+                                            thread_name_prefix="mimi-decode")
 
     @property
     def slots(self) -> int:
@@ -207,30 +218,56 @@ class Synthesizer(SlotLoop):
             return not tts.done
         return sum(1 for e in state.entries if e.tokens) > self.lookahead
 
-    def _step(self, stream: Stream) -> None:
-        s = stream.tts.step()
-        stream.steps += 1
-        stream.words_taken(s.words)
-        if s.pcm is not None:
-            stream.frames += 1
-            stream.emit(Audio(s.pcm))
-        if stream.tts.done:
-            stream.finish()
+    @staticmethod
+    def _speak(stream: Stream, step: "TtsStep") -> "SpokenStep | Exception":
+        """On a decoder's thread: the step spoken (its frame decoded), or what went wrong."""
+        try:
+            return stream.tts.speak(step)
+        except Exception as e:  # the model loop fails the stream
+            return e
+
+    def _fail(self, stream: Stream, e: Exception) -> None:
+        log.error("slot %d: the stream failed", stream.slot, exc_info=e)
+        stream.fail(f"internal error: {type(e).__name__} (see the server's log)"
+                    if not isinstance(e, ValueError) else str(e))
 
     def tick(self) -> bool:
-        """One tick of the loop: admits and drops streams, steps each that can go on once.
-        -> whether a step ran."""
+        """One tick of the loop: admits and drops streams, then one batched step of every
+        stream that can go on, their frames decoded in parallel. -> whether a step ran."""
         self._changes()
-        stepped = False
-        for stream in list(self._streams.values()):
+        ready = []
+        for stream in self._streams.values():
             if stream.failed or stream.finished:
                 continue
             try:
                 if self._ready(stream):
-                    self._step(stream)
-                    stepped = True
+                    ready.append(stream)
             except Exception as e:
-                log.exception("slot %d: the stream failed", stream.slot)
-                stream.fail(f"internal error: {type(e).__name__} (see the server's log)"
-                            if not isinstance(e, ValueError) else str(e))
-        return stepped
+                self._fail(stream, e)
+        if not ready:
+            return False
+        try:
+            steps = self.stepper.step({stream.slot: stream.tts.gen for stream in ready})
+        except Exception as e:
+            for stream in ready:
+                self._fail(stream, e)
+            return False
+        spoken = self._decoders.map(self._speak, ready, [steps[s.slot] for s in ready])
+        for stream, s in zip(ready, spoken):
+            if isinstance(s, Exception):
+                self._fail(stream, s)
+                continue
+            stream.steps += 1
+            stream.words_taken(s.words)
+            if s.pcm is not None:
+                stream.frames += 1
+                stream.emit(Audio(s.pcm))
+            if stream.tts.done:
+                stream.finish()
+        return True
+
+    def close_all(self) -> None:
+        """After `stop()` and the loop's end: ends the decoders' threads and every Mimi
+        process."""
+        self._decoders.shutdown(wait=True)
+        super().close_all()

@@ -108,7 +108,11 @@ class TtsStream:
         return self.gen.done
 
     def step(self) -> SpokenStep:
-        s = self.gen.step()
+        return self.speak(self.gen.step())
+
+    def speak(self, s: TtsStep) -> SpokenStep:
+        """A step of the model (`gen.step()`, or a batched step of `gen`'s) -> it spoken: the
+        frame it completed decoded by Mimi, its words timed."""
         out = SpokenStep(s, words=[(w, t / FRAME_RATE) for w, t in s.words])
         if s.frame is not None and s.frame_index >= self.settings.delay_steps:
             codes = np.array(s.frame[1:], dtype=np.int32)
