@@ -2,13 +2,15 @@
 streams served in real time with their Word latency; the TTS service's (`serve --tts`) time to
 first audio.
 
-    python -m benchmarks.bench_serve steps [--configs demo 1b] [--batches 1 2 4 8]
+    python -m benchmarks.bench_serve steps [--configs demo 1b demo-tts] [--batches 1 2 4 8] [-q 4]
     python -m benchmarks.bench_serve streams --streams 1 2 [--seconds 20]
     python -m benchmarks.bench_serve tts --clients 1 2 [--rounds 3]
 
 `steps`: one `BatchedStepper.step` for B rows (all active), random weights (speed does not
 depend on the values): the small demo STT model and one of stt-1b-en_fr's widths (Kyutai's 1B
-layout, text only, 32 input codebooks), bf16. Median (min-max) over the steps after 3 warm-up.
+layout, text only, 32 input codebooks), bf16 or quantized (`-q`); or one `BatchedTts.step` of
+the demo TTS model, every row past its text delay (the depformer samples 8 codebooks a row).
+Median (min-max) over the steps after 3 warm-up.
 
 `streams`: a server (`python -m moshi_mlx.serve` on the demo STT model, --batch-size N) and N
 clients, each sending audio in 80 ms chunks at real-time pace for `--seconds`. *behind*: the
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -40,38 +43,85 @@ import numpy as np
 FRAME, RATE = 1920, 24000
 
 
-def step_times(configs: list[str], batches: list[int], steps: int) -> None:
+def step_model(name: str, bits: int | None):
+    """The model of `steps` config `name`, random weights in bf16, or quantized to `bits` (its
+    activations then float32 on the CPU, as the apps choose: `models.lm.activation_dtype_for`)."""
     import mlx.core as mx
 
     from moshi_mlx import models
-    from moshi_mlx.engine.batched import BatchedStepper
     from moshi_mlx.weights.demo import kind_config
 
-    shapes = {"demo": kind_config("stt").to_config_dict(),
-              "1b": models.config1b_202412().to_config_dict()
-              | {"n_q": 32, "dep_q": 0, "delays": [0] * 33, "extra_heads_num_heads": 4}}
-    print("| config | batch | step ms median (min-max) | per stream ms | x one stream |")
-    print("|---|---|---|---|---|")
+    if name == "1b":
+        shape = models.config1b_202412().to_config_dict() | {
+            "n_q": 32, "dep_q": 0, "delays": [0] * 33, "extra_heads_num_heads": 4}
+        cfg = models.LmConfig.from_config_dict(shape)
+    else:
+        cfg = kind_config("tts" if name == "demo-tts" else "stt")
+    model = models.Lm(cfg)
+    model.set_dtype(mx.bfloat16)
+    if bits is not None:
+        models.quantize(model, bits=bits, group_size=64)
+    mx.eval(model.parameters())
+    return model
+
+
+def tts_gens(model, rows: int) -> list:
+    """A `TtsGen` per row with a long text and a random voice, greedy."""
+    import mlx.core as mx
+
+    from moshi_mlx.models.tts import TtsGen, TtsSettings, speaker_condition
+    from moshi_mlx.models.tts_script import script_to_entries
+    from moshi_mlx.utils.sampling import Sampler
+
+    settings = TtsSettings.of(model.cfg)
+    gens = []
+    for row in range(rows):
+        machine = settings.machine(model.cfg.text_card)
+        voice = mx.array(np.random.default_rng(row).standard_normal((1, 512, 10)), mx.float32)
+        condition = model.condition_provider.condition(
+            {"control": "ok", "cfg": "2.0",
+             "speaker_wavs": speaker_condition([voice], settings.max_speakers)})
+        gen = TtsGen(model, machine, condition, settings.delay_steps, Sampler(temp=0.0),
+                     Sampler(temp=0.0))
+        words = script_to_entries(lambda w: [4 + len(w) % 50], machine.token_ids, 12.5,
+                                  [" ".join(["word"] * 200)])
+        gen.push_words(words)
+        gens.append(gen)
+    return gens
+
+
+def step_times(configs: list[str], batches: list[int], steps: int, bits: int | None) -> None:
+    from moshi_mlx.engine.batched import BatchedStepper, BatchedTts
+
+    print("| config | weights | batch | step ms median (min-max) | per stream ms "
+          "| x one stream |")
+    print("|---|---|---|---|---|---|")
     for name in configs:
-        cfg = models.LmConfig.from_config_dict(shapes[name])
-        model = models.Lm(cfg)
-        model.set_dtype(mx.bfloat16)
-        mx.eval(model.parameters())
+        model = step_model(name, bits)
+        cfg = model.cfg
         one = None
         for batch in batches:
-            stepper = BatchedStepper(model, batch)
-            codes = np.random.default_rng(0).integers(0, cfg.card, (batch, cfg.num_user_codebooks))
-            active = np.ones(batch, bool)
+            if name == "demo-tts":  # every row past the text delay: the depformer runs
+                stepper, gens = BatchedTts(model, batch), tts_gens(model, batch)
+                step = partial(stepper.step, dict(enumerate(gens)))
+                for _ in range(max(cfg.audio_delays) + 16):
+                    step()
+            else:
+                stepper = BatchedStepper(model, batch)
+                codes = np.random.default_rng(0).integers(
+                    0, cfg.card, (batch, cfg.num_user_codebooks))
+                step = partial(stepper.step, codes, np.ones(batch, bool))
             times = []
             for i in range(steps + 3):
                 start = time.perf_counter()
-                stepper.step(codes, active)
+                step()
                 if i >= 3:
                     times.append(1000 * (time.perf_counter() - start))
             median = float(np.median(times))
             one = one or median
-            print(f"| {name} | {batch} | {median:.1f} ({min(times):.1f}-{max(times):.1f}) | "
-                  f"{median / batch:.1f} | {median / one:.2f} |", flush=True)
+            weights = f"q{bits}" if bits else "bf16"
+            print(f"| {name} | {weights} | {batch} | {median:.1f} ({min(times):.1f}-"
+                  f"{max(times):.1f}) | {median / batch:.1f} | {median / one:.2f} |", flush=True)
 
 
 async def client(url: str, pcm: np.ndarray, out: dict) -> None:
@@ -196,9 +246,15 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     steps = sub.add_parser("steps", help="the batched step against the batch")
-    steps.add_argument("--configs", nargs="+", default=["demo", "1b"], choices=["demo", "1b"])
+    steps.add_argument("--configs", nargs="+", default=["demo", "1b"],
+                       choices=["demo", "1b", "demo-tts"],
+                       help="demo, 1b: STT models (BatchedStepper); demo-tts: the demo TTS "
+                       "model (BatchedTts)")
     steps.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
     steps.add_argument("--steps", type=int, default=10)
+    steps.add_argument("-q", "--quantize", type=int, choices=[4, 8],
+                       help="weights quantized to 4 or 8 bits (group size 64; activations "
+                       "float32 on the CPU), as Kyutai's -mlx checkpoints; default bf16")
     live = sub.add_parser("streams", help="streams at real-time pace through the server")
     live.add_argument("--streams", nargs="+", type=int, default=[1, 2])
     live.add_argument("--seconds", type=float, default=20.0)
@@ -207,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     speech.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.what == "steps":
-        step_times(args.configs, args.batches, args.steps)
+        step_times(args.configs, args.batches, args.steps, args.quantize)
     elif args.what == "tts":
         tts(args.clients, args.rounds)
     else:
