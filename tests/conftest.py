@@ -20,8 +20,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
+import aiohttp
 import mlx.core as mx
 import mlx.nn as nn
+import msgpack
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
@@ -280,3 +282,41 @@ def silent_websocket(port: int, target: str) -> socket.socket:
                  "Sec-WebSocket-Version: 13\r\nkyutai-api-key: public_token\r\n\r\n".encode())
     assert sock.recv(4096).startswith(b"HTTP/1.1 101")
     return sock
+
+
+@pytest.fixture
+def mimi_fails_to_start_once(monkeypatch) -> list:
+    """The next `Mimi.reset()` (a slot's codec, starting a stream) raises MimiError, as when
+    its process cannot start; the later ones work. -> the Mimis whose reset failed."""
+    from moshi_mlx.audio.mimi import Mimi
+    from moshi_mlx.audio.mimi_process import MimiError
+
+    failed, reset = [], Mimi.reset
+
+    def reset_once_failing(self):
+        if not failed:
+            failed.append(self)
+            raise MimiError("the audio codec's process exited at start (a test's failure)")
+        return reset(self)
+
+    monkeypatch.setattr(Mimi, "reset", reset_once_failing)
+    return failed
+
+
+async def codec_fails_then_next_client_served(session, server, connect, address: str,
+                                              served) -> None:
+    """A speech service whose slot's Mimi does not start (`mimi_fails_to_start_once`): that
+    client gets Error and a close 1011, the slot is freed, and the next client is `served`
+    (a coroutine function of its websocket)."""
+    from moshi_mlx.web.speech import CODEC_DID_NOT_START
+
+    await slots_in_use(session, server, 0)
+    ws = await connect(session, address)
+    msg = await ws.receive(timeout=30)
+    assert msg.type == aiohttp.WSMsgType.BINARY, f"{msg.type}: {msg.data}"
+    assert msgpack.unpackb(msg.data) == {"type": "Error", "message": CODEC_DID_NOT_START}
+    assert (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 1011
+    await slots_in_use(session, server, 0)
+    async with await connect(session, address) as second:
+        await served(second)
