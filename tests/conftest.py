@@ -39,6 +39,24 @@ RATE = 24000  # Hz
 FRAME = 1920  # samples per 80 ms frame
 
 
+# Test files that keep real-time pace, wait on wall-clock deadlines (Mimi's 1.5 s, a page's)
+# or pings, or measure a device: `make test` runs their tests one at a time, after the others
+# have run on two workers, so that no other test takes their cores.
+REALTIME_FILES = {
+    "test_app_faults.py", "test_audio_devices.py", "test_chat_server.py", "test_echo_device.py",
+    "test_engine.py", "test_live_families.py", "test_local.py", "test_local_device.py",
+    "test_local_web.py", "test_mimi.py", "test_model_thread.py", "test_serve.py",
+    "test_serve_cli.py", "test_serve_tts.py", "test_server_probes.py", "test_sound_devices.py",
+    "test_web_browser.py", "test_worklets.py",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in REALTIME_FILES:
+            item.add_marker(pytest.mark.realtime)
+
+
 @pytest.fixture(autouse=True)
 def end_unused_mimi_processes():
     """After each test, conversations no longer used, also those in reference cycles (an engine
