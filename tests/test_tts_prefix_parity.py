@@ -12,7 +12,15 @@ frames, the transcript and the end step must be identical step by step.
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_tts_parity import WORDS, FakeTokenizer, build, torch, torch_tts
+from test_tts_parity import (
+    WORDS,
+    FakeTokenizer,
+    assert_same_steps,
+    build,
+    generate,
+    torch,
+    torch_tts,
+)
 
 from moshi_mlx.models import tts_script as ours
 from moshi_mlx.models.tts import TtsGen, TtsSettings, tts_condition
@@ -90,15 +98,7 @@ def our_run(model, prefix, cfg_coef):
     greedy = Sampler(temp=0.0)
     gen = TtsGen(model, machine, condition, settings.delay_steps, greedy, greedy,
                  cfg_coef=cfg_coef, prefix=None if prefix is None else mx.array(prefix))
-    gen.push_words(entries)
-    gen.end()
-    logged, frames = [], []
-    while not gen.done and gen.step_idx < STEPS:
-        s = gen.step()
-        logged.append((s.sampled, s.fed))
-        if s.frame is not None:
-            frames.append(s.frame.tolist())
-    return logged, frames, gen.state.transcript, gen.end_step
+    return generate(gen, entries, STEPS)
 
 
 CASES = {"prefix": (True, 1.0), "prefix, guidance 3": (True, 3.0),
@@ -110,16 +110,9 @@ def test_prefix_and_guidance_match_pytorch_step_by_step(models, case):
     d, lm, model = models
     with_prefix, cfg_coef = CASES[case]
     prefix = prefix_codes(d) if with_prefix else None
-    e_logged, e_frames, e_transcript, e_end = torch_run(lm, d, prefix, cfg_coef)
-    logged, frames, transcript, end = our_run(model, prefix, cfg_coef)
-    assert len(logged) == len(e_logged) == STEPS
-    for t, (a, b) in enumerate(zip(logged, e_logged)):
-        assert tuple(a) == tuple(b), f"step {t}: (sampled, fed) {a} != PyTorch's {b}"
-    assert len(frames) == len(e_frames)
-    for t, (a, b) in enumerate(zip(frames, e_frames)):
-        assert a == b, f"frame {t}: {a} != PyTorch's {b}"
-    assert transcript == e_transcript and end == e_end
-    assert {0, 3} <= {s for s, _ in logged[PREFIX:]}  # the model's own new words and pads
+    found = our_run(model, prefix, cfg_coef)
+    assert_same_steps(found, torch_run(lm, d, prefix, cfg_coef), STEPS)
+    logged, frames, transcript, _ = found
     if with_prefix:  # the prefix, then the speech: the script starts after the prefix
         assert [fed for _, fed in logged[:PREFIX]] == [-1] * PREFIX
         assert transcript[0][1] >= PREFIX + 2  # the initial padding
