@@ -224,7 +224,7 @@ class TtsGen(LmGen):
         null_audio = audio
         if self.prefix is not None:
             limit = self.prefix_steps + self.delay_steps
-            masked = mx.array([d < t <= d + limit for d in self.model.cfg.audio_delays])
+            masked = mx.array([d < t <= d + limit for d in self.audio_delays])
             null_audio = mx.where(masked[None, :, None], ZERO_TOKEN, audio)
         return mx.concatenate([text, null_text]), mx.concatenate([audio, null_audio])
 
