@@ -5,7 +5,10 @@ and the words that started.
 The model chooses on its text stream only "a new word starts" or "pad"; the state machine
 (`tts_script.StateMachine`) feeds each word's tokens, and the audio runs `delay_steps` behind
 the text (1.28 s for Kyutai's models). The speakers are a condition that every temporal layer
-cross-attends to (`speaker_condition`); `cfg` and `control` are summed conditions.
+cross-attends to (`speaker_condition`); `cfg` and `control` are summed conditions. A model
+without speaker conditioning (kyutai/tts-0.75b-en-public) takes its voice as an audio prefix:
+Mimi codes forced as its first frames. A model that is not cfg-distilled (no `cfg` condition)
+takes classifier-free guidance: a second, unconditioned row (`tts_condition`).
 """
 
 from collections import deque
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ..utils.sampling import Sampler
-from .conditioner import ConditionTensor
+from .conditioner import ConditionProvider, ConditionTensor
 from .generate import LmGen
 from .lm import ZERO_TOKEN, Lm
 from .tts_script import Entry, StateMachine, TokenIds
@@ -79,6 +82,23 @@ def speaker_condition(voices: list[mx.array], max_speakers: int = MAX_SPEAKERS
     return mx.concatenate(slots)[None], mask[None]
 
 
+def tts_condition(provider: ConditionProvider, values: dict, cfg_coef: float = 1.0
+                  ) -> ConditionTensor:
+    """The condition of a generation (`provider.condition(values)`), with classifier-free
+    guidance (`cfg_coef` != 1) followed by the unconditioned row (every condition dropped), as
+    `TtsGen` takes it. Raises ValueError for guidance on a cfg-distilled model (one with a `cfg`
+    condition: give that a value instead, as PyTorch moshi's TTSModel requires)."""
+    cond = provider.condition(values)
+    if cfg_coef == 1:
+        return cond
+    if "cfg" in provider.conditioners:
+        raise ValueError("this model is cfg-distilled: give its 'cfg' condition a value "
+                         "instead of classifier-free guidance")
+    null = provider.unconditioned(values)
+    return ConditionTensor(*(None if a is None else mx.concatenate([a, b])
+                             for a, b in ((cond.tensor, null.tensor), (cond.cross, null.cross))))
+
+
 @dataclass
 class TtsStep:
     """What one step made. `frame`: the frame of codes completed at this step, [1 + n_q] int32
@@ -103,13 +123,22 @@ class TtsGen(LmGen):
     `delay_steps` behind, has caught up plus `final_padding` steps. `n_q` codebooks are
     generated (the others fed as nothing), `padding_bonus` is added to the pad token's logit
     (positive: slower speech). Greedy samplers reproduce PyTorch `moshi`'s TTSModel exactly.
+
+    `prefix`: a voice as audio, int32 [n_q or more, P] Mimi codes (frame p in column p), forced
+    as the first P frames (text steps 0..P-1: the text fed is nothing, the state machine starts
+    at step P; frame p is made at step `delay_steps + p`, each codebook its delay later).
+    `cfg_coef` != 1: classifier-free guidance, as Kyutai's TTS does it (PyTorch moshi's
+    `cfg_is_no_text` and `cfg_is_no_prefix`): `condition` has a second, unconditioned row
+    (`tts_condition`) fed no text and none of the prefix; the text choice is the conditioned
+    row's, the depformer samples each codebook from `uncond + cfg_coef * (cond - uncond)`.
     """
 
     def __init__(self, model: Lm, machine: StateMachine, condition: ConditionTensor,
                  delay_steps: int, text_sampler: Sampler | None = None,
                  audio_sampler: Sampler | None = None, n_q: int | None = None,
                  padding_bonus: float = 0.0, final_padding: int = 4, compile: bool = True,
-                 context: int | None = None, kv_bits: int | None = None):
+                 context: int | None = None, kv_bits: int | None = None,
+                 cfg_coef: float = 1.0, prefix: mx.array | None = None):
         cfg = model.cfg
         if cfg.num_user_codebooks:
             raise ValueError("not a TTS model: it takes an input audio stream "
@@ -117,8 +146,17 @@ class TtsGen(LmGen):
         n_q = cfg.dep_q if n_q is None else n_q
         if not 1 <= n_q <= cfg.dep_q:
             raise ValueError(f"n_q must be from 1 to the model's {cfg.dep_q} codebooks, got {n_q}")
+        prefix = None if prefix is None else mx.array(prefix)
+        rows = 1 if cfg_coef == 1 else 2
+        if condition.tensor is not None and condition.tensor.shape[0] != rows:
+            raise ValueError(f"the condition has {condition.tensor.shape[0]} rows, guidance "
+                             f"{cfg_coef} takes {rows} (tts_condition)")
+        if prefix is not None and (prefix.ndim != 2 or prefix.shape[0] < n_q
+                                   or prefix.shape[1] < 1):
+            raise ValueError(f"a prefix is Mimi codes [{n_q} codebooks, frames], got "
+                             f"{list(prefix.shape)}")
         super().__init__(model, text_sampler=text_sampler, audio_sampler=audio_sampler,
-                         compile=compile, context=context, kv_bits=kv_bits)
+                         cfg_coef=cfg_coef, compile=compile, context=context, kv_bits=kv_bits)
         self.codebooks = n_q
         self.machine = machine
         self.condition = condition
@@ -130,8 +168,11 @@ class TtsGen(LmGen):
         self.state.closed = False
         self._fed: deque[int] = deque(maxlen=self.max_delay + 1)
         self._nothing = mx.full((1, cfg.dep_q), ZERO_TOKEN, mx.int32)
-        starts = mx.array([d + delay_steps for d in cfg.audio_delays[:n_q]])
-        self._audio_starts = starts  # codebook k is real from step delays[k] + delay_steps
+        # codebook k is real from step delays[k] + delay_steps
+        self._starts = [d + delay_steps for d in cfg.audio_delays[:n_q]]
+        self._audio_starts = mx.array(self._starts)
+        self.prefix = None if prefix is None else prefix[:n_q].astype(mx.int32)
+        self.prefix_steps = 0 if prefix is None else prefix.shape[1]
 
     def push_words(self, entries: list[Entry]) -> None:
         """Words to speak after those already given (`tts_script.script_to_entries`)."""
@@ -155,27 +196,57 @@ class TtsGen(LmGen):
 
     def _audio(self, hidden: mx.array, text: mx.array, t: int) -> mx.array:
         """The step's audio codes [1, dep_q]: nothing (ZERO_TOKEN) until each codebook's start,
-        the depformer's for the first n_q codebooks after."""
+        the prefix's codes while it lasts, the depformer's for the first n_q codebooks after."""
         if t < self.delay_steps:
             return self._nothing
-        audio = self.sample_audio(hidden, text)
-        audio = mx.where(t < self._audio_starts, ZERO_TOKEN, audio)
+        columns = [t - s for s in self._starts]  # the prefix frame of each codebook
+        forced = [0 <= c < self.prefix_steps for c in columns]
+        if all(forced):  # the prefix alone: no need of the depformer
+            audio = self._prefix_codes(columns)
+        else:
+            audio = self.sample_audio(hidden, text)
+            audio = mx.where(t < self._audio_starts, ZERO_TOKEN, audio)
+            if any(forced):
+                audio = mx.where(mx.array(forced), self._prefix_codes(columns), audio)
         return mx.concatenate([audio, self._nothing[:, self.codebooks:]], axis=1)
+
+    def _prefix_codes(self, columns: list[int]) -> mx.array:
+        """The prefix's code of each codebook at its frame `columns[k]` (clipped) -> [1, n_q]."""
+        frames = mx.clip(mx.array(columns), 0, self.prefix_steps - 1)
+        return self.prefix[mx.arange(self.codebooks), frames][None]
+
+    def _with_null_row(self, text: mx.array, audio: mx.array, t: int
+                       ) -> tuple[mx.array, mx.array]:
+        """Guidance's inputs: the step's, then the unconditioned row's, which has no text
+        (nothing after the initial token) and none of the prefix (nothing, past each codebook's
+        initial token, until `prefix_steps + delay_steps` steps after its delay)."""
+        null_text = text if t == 0 else mx.full(text.shape, ZERO_TOKEN, mx.int32)
+        null_audio = audio
+        if self.prefix is not None:
+            limit = self.prefix_steps + self.delay_steps
+            masked = mx.array([d < t <= d + limit for d in self.audio_delays])
+            null_audio = mx.where(masked[None, :, None], ZERO_TOKEN, audio)
+        return mx.concatenate([text, null_text]), mx.concatenate([audio, null_audio])
 
     def step(self) -> TtsStep:
         """Runs one step; waits for the model's text choice (the state machine needs it)."""
         t = self.step_idx
         text_in, audio_in = self._input_tokens()
+        if self.cfg_coef != 1:
+            text_in, audio_in = self._with_null_row(text_in, audio_in, t)
         hidden, logits = self.model(text_in, audio_in, cache=self.cache,
                                     condition=self.condition, cross=self.cross)
-        logits = logits[:, -1]
+        logits = logits[:1, -1]  # the null row, fed no text, has no say in the text
         if self.padding_bonus:
             pad = self.machine.token_ids.pad
             logits = logits + mx.where(mx.arange(logits.shape[-1]) == pad,
                                        self.padding_bonus, 0.0).astype(logits.dtype)
         sampled = self.text_sampler(logits)[0].item()
         heard = len(self.state.transcript)
-        fed, _ = self.machine.process(t, self.state, sampled)
+        if t < self.prefix_steps:
+            fed = ZERO_TOKEN  # the prefix has no text; the script starts after it
+        else:
+            fed, _ = self.machine.process(t, self.state, sampled)
         text = mx.array([fed], mx.int32)
         self._text = text
         audio = self._audio(hidden, text, t)
