@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import wave
@@ -63,6 +64,17 @@ def end_unused_mimi_processes():
     and its callbacks), are collected: their Mimi processes (~350 MB each) end."""
     yield
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """PyTorch (the parity references) on one thread: on two cores shared with another test or
+    a model's thread, its spinning threads made a parity test ten times slower (47 s against
+    4.7 s, measured)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(autouse=True)

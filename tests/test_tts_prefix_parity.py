@@ -43,15 +43,6 @@ PUBLIC = {  # the layout of a model without speaker conditioning, not cfg-distil
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """PyTorch on one thread: ten times faster here when the other core is busy (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return build(tmp_path_factory.mktemp("tts-public"), **PUBLIC)
