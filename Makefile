@@ -26,11 +26,15 @@ $(PARITY_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(PY) -m moshi_mlx.local_web --demo
 
-# All the tests, as CI runs them, one at a time (the real-time ones need the cores). Those marked
+# All the tests, as CI runs them: those marked `realtime` (real-time pace, wall-clock deadlines,
+# pings: see tests/conftest.py) one at a time, since they need the cores, after the others on two
+# workers (pytest-xdist); both parts run, and either failing fails the target. Those marked
 # `slow` (an app in a subprocess, a server, a real-time run, a PyTorch model) are left out of
-# test-fast, the subset for every change, which runs on two workers (pytest-xdist).
+# test-fast, the subset for every change.
 test: $(PARITY_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not realtime" -n 2; a=$$?; \
+	$(PY) -m pytest -q -m realtime; b=$$?; \
+	exit $$(( a != 0 || b != 0 ))
 
 test-fast: $(PARITY_STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2

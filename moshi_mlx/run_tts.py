@@ -9,6 +9,11 @@ alternate between the speakers, the main one first; one voice per speaker); each
 with their steps, `end_step`, the settings). With `-` as input, each line of stdin is spoken as it
 arrives (one voice, `--voice`), into `stdin.wav`, or to the speakers with `--out-folder -`.
 Files are written as the audio comes, under a temporary name, renamed when complete.
+
+A voice is a speaker embedding (.safetensors) for a model with speaker conditioning
+(kyutai/tts-1.6b-en_fr), or a wav for one without (kyutai/tts-0.75b-en-public): its audio,
+encoded with Mimi, is spoken first and the speech goes on in its voice (the wav, the word
+times and `end_step` leave it out; ID.safetensors keeps it, `start_step` frames).
 """
 
 import argparse
@@ -17,7 +22,7 @@ import math
 import queue
 import sys
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +32,9 @@ import numpy as np
 from . import cli, model_files, models
 from .audio.constants import FRAME_RATE, SAMPLE_RATE
 from .audio.devices import AudioDeviceError, playback
-from .audio.wav import WavWriter
-from .engine.tts import TtsOptions, TtsStream, tts_samplers
+from .audio.mimi import Mimi
+from .audio.wav import WavWriter, read_wav
+from .engine.tts import TtsOptions, TtsStream, tts_samplers, voice_prefix
 from .model_files.demo import demo_repo
 from .model_files.voices import DEFAULT_VOICE_REPO, load_voice, voice_path, voice_suffix
 from .models.tts import TtsSettings, VoiceError
@@ -92,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"repository of the voices (default: {DEFAULT_VOICE_REPO})")
     p.add_argument("--voice", action="append", default=[],
                    help="with '-' input: a voice (name in --voice-repo, hf:// address or local "
-                        ".safetensors); repeat for more speakers")
+                        "file: .safetensors for a model with speaker conditioning, repeat for "
+                        "more speakers; a wav spoken first for one without)")
     p.add_argument("--config", "--lm-config", dest="config", help="the model's config.json")
     p.add_argument("--tokenizer", help="the text tokenizer (sentencepiece .model)")
     p.add_argument("--mimi-weights", "--mimi-weight", dest="mimi_weights",
@@ -104,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="codebooks to generate (default 32, capped at the model's)")
     p.add_argument("--temp", type=float, default=0.6, help="text and audio temperature")
     p.add_argument("--cfg-coef", type=float, default=2.0,
-                   help="guidance value for cfg-distilled models (one of their 'cfg' values)")
+                   help="classifier-free guidance: for cfg-distilled models one of their 'cfg' "
+                        "values; for others 1 is none, another value runs two rows a step")
     p.add_argument("--quantize", type=int, choices=(4, 8),
                    help="quantize the model to 4 or 8 bits after loading, cross-attention too")
     p.add_argument("--max-padding", type=int, default=8, help="most pad steps in a row")
@@ -147,20 +155,45 @@ def load(args):
     return model, tokenizer, files, raw
 
 
-def multi_speaker(model) -> bool:
-    return TtsSettings.of(model.cfg).multi_speaker
-
-
-def voices_for(names: list[str], args, raw: dict, multi_speaker: bool) -> list[mx.array]:
-    if not multi_speaker:
-        if names:
-            raise VoiceError("this model takes no speaker embeddings: give no voice (audio "
-                             "prefixes are not supported yet)")
-        return []
+def voices_for(names: list[str], args, raw: dict) -> list[mx.array]:
+    """The speaker embeddings of a model with speaker conditioning."""
     if not names:
         raise VoiceError("this model needs a voice (--voice, or 'voices' in the request)")
     suffix = voice_suffix(raw)
-    return [load_voice(voice_path(n, args.voice_repo, suffix)) for n in names]
+    paths = [voice_path(n, args.voice_repo, suffix) for n in names]
+    for name, path in zip(names, paths, strict=True):
+        if path.suffix != ".safetensors":
+            raise VoiceError(f"voice '{name}': this model takes speaker embeddings "
+                             "(.safetensors); a wav is a voice for models without speaker "
+                             "conditioning")
+    return [load_voice(path) for path in paths]
+
+
+def prefix_for(names: list[str], args, mimi: Mimi) -> np.ndarray | None:
+    """The voice of a model without speaker conditioning: a wav's Mimi codes, or None."""
+    if not names:
+        return None
+    if len(names) > 1:
+        raise VoiceError(f"{len(names)} voices given: this model takes one (a wav spoken "
+                         "before the text)")
+    path = voice_path(names[0], args.voice_repo)
+    if path.suffix == ".safetensors":
+        raise VoiceError(f"voice '{names[0]}' is a speaker embedding: this model takes no "
+                         "speaker embeddings (no 'speaker_wavs' conditioner); give a wav, "
+                         "spoken before the text")
+    return voice_prefix(mimi, read_wav(path, SAMPLE_RATE))
+
+
+def new_stream(names: list[str], model, tokenizer, files, raw, args, stack) -> TtsStream:
+    """A generation in the voice(s) `names`, closed with `stack`."""
+    opts = options(args, model)
+    mimi = stack.enter_context(closing(Mimi(files.mimi_weight, num_codebooks=opts.n_q)))
+    if TtsSettings.of(model.cfg).multi_speaker:
+        voices, prefix = voices_for(names, args, raw), None
+    else:
+        voices, prefix = [], prefix_for(names, args, mimi)
+    return TtsStream(model, tokenizer, files.mimi_weight, voices, tts_samplers(args.temp), opts,
+                     mimi, prefix)
 
 
 def options(args, model) -> TtsOptions:
@@ -171,11 +204,9 @@ def options(args, model) -> TtsOptions:
         if cfg_value not in values or float(cfg_value) != args.cfg_coef:
             raise VoiceError(f"--cfg-coef {args.cfg_coef}: this model takes "
                              f"{', '.join(values)}")
-    elif args.cfg_coef != 1:
-        log.info("this model is not cfg-distilled: --cfg-coef is not used (no guidance)")
     return TtsOptions(min(args.nq, model.cfg.dep_q), cfg_value, args.max_padding,
                       args.initial_padding, args.final_padding, args.padding_between,
-                      args.padding_bonus)
+                      args.padding_bonus, cfg_coef=1.0 if values else args.cfg_coef)
 
 
 def speak(stream: TtsStream, out, on_words=None) -> tuple[list[np.ndarray], list]:
@@ -195,10 +226,7 @@ def speak(stream: TtsStream, out, on_words=None) -> tuple[list[np.ndarray], list
 
 
 def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None:
-    stream = TtsStream(model, tokenizer, files.mimi_weight,
-                       voices_for(req.voices, args, raw, multi_speaker(model)),
-                       tts_samplers(args.temp), options(args, model))
-    stack.callback(stream.close)
+    stream = new_stream(req.voices, model, tokenizer, files, raw, args, stack)
     for turn in req.turns:
         if turn.strip():
             stream.push_text(turn)
@@ -221,6 +249,7 @@ def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None
                 "final_padding": args.final_padding, "padding_between": args.padding_between,
                 "padding_bonus": args.padding_bonus, "nq": stream.gen.codebooks,
                 "transcript": transcript, "end_step": stream.gen.end_step,
+                "start_step": stream.gen.prefix_steps,
                 "turns": req.turns, "voices": req.voices}
         with atomic_write(path.with_suffix(".json"), "w") as f:
             json.dump(info, f)
@@ -229,10 +258,7 @@ def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None
 
 def run_stdin(model, tokenizer, files, raw, args, stack) -> None:
     """Speaks stdin line by line, as the lines arrive."""
-    stream = TtsStream(model, tokenizer, files.mimi_weight,
-                       voices_for(args.voice, args, raw, multi_speaker(model)),
-                       tts_samplers(args.temp), options(args, model))
-    stack.callback(stream.close)
+    stream = new_stream(args.voice, model, tokenizer, files, raw, args, stack)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read():

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import wave
@@ -20,8 +21,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
+import aiohttp
 import mlx.core as mx
 import mlx.nn as nn
+import msgpack
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
@@ -37,12 +40,41 @@ RATE = 24000  # Hz
 FRAME = 1920  # samples per 80 ms frame
 
 
+# Test files that keep real-time pace, wait on wall-clock deadlines (Mimi's 1.5 s, a page's)
+# or pings, or measure a device: `make test` runs their tests one at a time, after the others
+# have run on two workers, so that no other test takes their cores.
+REALTIME_FILES = {
+    "test_app_faults.py", "test_audio_devices.py", "test_chat_server.py", "test_echo_device.py",
+    "test_engine.py", "test_live_families.py", "test_local.py", "test_local_device.py",
+    "test_local_web.py", "test_mimi.py", "test_model_thread.py", "test_serve.py",
+    "test_serve_cli.py", "test_serve_tts.py", "test_server_probes.py", "test_sound_devices.py",
+    "test_web_browser.py", "test_worklets.py",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in REALTIME_FILES:
+            item.add_marker(pytest.mark.realtime)
+
+
 @pytest.fixture(autouse=True)
 def end_unused_mimi_processes():
     """After each test, conversations no longer used, also those in reference cycles (an engine
     and its callbacks), are collected: their Mimi processes (~350 MB each) end."""
     yield
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """PyTorch (the parity references) on one thread: on two cores shared with another test or
+    a model's thread, its spinning threads made a parity test ten times slower (47 s against
+    4.7 s, measured)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -280,3 +312,41 @@ def silent_websocket(port: int, target: str) -> socket.socket:
                  "Sec-WebSocket-Version: 13\r\nkyutai-api-key: public_token\r\n\r\n".encode())
     assert sock.recv(4096).startswith(b"HTTP/1.1 101")
     return sock
+
+
+@pytest.fixture
+def mimi_fails_to_start_once(monkeypatch) -> list:
+    """The next `Mimi.reset()` (a slot's codec, starting a stream) raises MimiError, as when
+    its process cannot start; the later ones work. -> the Mimis whose reset failed."""
+    from moshi_mlx.audio.mimi import Mimi
+    from moshi_mlx.audio.mimi_process import MimiError
+
+    failed, reset = [], Mimi.reset
+
+    def reset_once_failing(self):
+        if not failed:
+            failed.append(self)
+            raise MimiError("the audio codec's process exited at start (a test's failure)")
+        return reset(self)
+
+    monkeypatch.setattr(Mimi, "reset", reset_once_failing)
+    return failed
+
+
+async def codec_fails_then_next_client_served(session, server, connect, address: str,
+                                              served) -> None:
+    """A speech service whose slot's Mimi does not start (`mimi_fails_to_start_once`): that
+    client gets Error and a close 1011, the slot is freed, and the next client is `served`
+    (a coroutine function of its websocket)."""
+    from moshi_mlx.web.speech import CODEC_DID_NOT_START
+
+    await slots_in_use(session, server, 0)
+    ws = await connect(session, address)
+    msg = await ws.receive(timeout=30)
+    assert msg.type == aiohttp.WSMsgType.BINARY, f"{msg.type}: {msg.data}"
+    assert msgpack.unpackb(msg.data) == {"type": "Error", "message": CODEC_DID_NOT_START}
+    assert (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 1011
+    await slots_in_use(session, server, 0)
+    async with await connect(session, address) as second:
+        await served(second)

@@ -2,7 +2,8 @@
 of the same stream stepped alone by `models.TtsGen` (greedy): the text sampled and fed, the
 frames of codes, the words and their steps, with 1, 2 and 4 streams at once starting at
 different ticks, waiting some ticks (their next words not there yet), one ending early and its
-row taking a new stream, within and past the context, speakers of different lengths."""
+row taking a new stream, one going on from a voice prefix, within and past the context,
+speakers of different lengths."""
 
 import mlx.core as mx
 import numpy as np
@@ -28,8 +29,10 @@ def encode(word: str) -> list[int]:
     return [4 + len(word)] * (1 + len(word) // 4)
 
 
-def new_gen(model, i: int, context: int | None, frames: int = 6) -> TtsGen:
-    """Stream i: its own text and speaker (speakers of `frames` frames), its words all given."""
+def new_gen(model, i: int, context: int | None, frames: int = 6, cfg_coef: float = 1.0
+            ) -> TtsGen:
+    """Stream i: its own text and speaker (speakers of `frames` frames), its words all given;
+    stream 3 goes on from a voice given as audio (a prefix of 5 frames of codes)."""
     settings = TtsSettings.of(model.cfg)
     machine = settings.machine(model.cfg.text_card, max_padding=4, initial_padding=2)
     rng = np.random.default_rng(i)
@@ -37,8 +40,9 @@ def new_gen(model, i: int, context: int | None, frames: int = 6) -> TtsGen:
     condition = model.condition_provider.condition(
         {"control": "ok", "cfg": "2.0",
          "speaker_wavs": speaker_condition([voice], settings.max_speakers)})
+    prefix = rng.integers(0, model.cfg.card, (model.cfg.dep_q, 5)) if i == 3 else None
     gen = TtsGen(model, machine, condition, delay_steps=4, text_sampler=GREEDY,
-                 audio_sampler=GREEDY, context=context)
+                 audio_sampler=GREEDY, context=context, cfg_coef=cfg_coef, prefix=prefix)
     gen.push_words(ts.script_to_entries(encode, machine.token_ids, 12.5, [TEXTS[i]]))
     gen.end()
     return gen
@@ -106,6 +110,10 @@ def test_speakers_of_different_lengths(model):
     assert got == expected
 
 
-def test_refuses_models_without_audio_codebooks():
+def test_refuses_models_without_audio_codebooks_and_guidance(model):
     with pytest.raises(ValueError, match="not a TTS model"):
         BatchedTts(random_model(load_config("small_stt")), rows=2)
+    gen = new_gen(model, 0, None)
+    gen.cfg_coef = 2.0  # (a cfg-distilled model takes none: only the rows count here)
+    with pytest.raises(ValueError, match="guidance"):
+        BatchedTts(model, rows=2).step({0: gen})

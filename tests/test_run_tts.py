@@ -9,7 +9,7 @@ import huggingface_hub
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import read_24k
+from conftest import read_24k, write_pcm16
 from test_model_files import FakeHub
 
 from moshi_mlx import run_tts
@@ -142,3 +142,79 @@ def test_flag_values_no_model_takes_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         run_tts.parse_args(["in.jsonl", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture
+def public(env):
+    """A model as kyutai/tts-0.75b-en-public (no speaker conditioning, not cfg-distilled) with
+    the demo's vocabularies and Mimi: its config and random weights."""
+    from moshi_mlx.models import LmConfig
+    from moshi_mlx.weights.random_weights import write_random_lm
+
+    d = json.loads((run_tts.demo_repo(kind="tts") / "config.json").read_text())
+    del d["conditioners"]["speaker_wavs"], d["conditioners"]["cfg"]
+    d |= {"cross_attention": False, "fuser": {"sum": ["control"], "prepend": [], "cross": []}}
+    (env / "public.json").write_text(json.dumps(d))
+    write_random_lm(env / "public.safetensors", LmConfig.from_config_dict(d), seed=3)
+    return ["--config", str(env / "public.json"),
+            "--moshi-weights", str(env / "public.safetensors")]
+
+
+def speech_wav(path, seconds=1.0):
+    t = np.arange(int(24000 * seconds)) / 24000
+    return write_pcm16(path, 0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t), 24000)
+
+
+def test_a_wav_voice_is_spoken_first_by_a_model_without_speakers(env, capsys, public):
+    """The wav's Mimi codes (rustymimi's own encoding of the wav, frame by frame) are the first
+    frames; the wav written, the word times and the end step leave them out; the default
+    --cfg-coef 2 guides this model with a second row."""
+    import rustymimi
+
+    from moshi_mlx.audio.wav import read_wav
+
+    voice = speech_wav(env / "me.wav")
+    jsonl = write_jsonl(env / "in.jsonl", {"turns": ["Hello there."], "voices": ["me.wav"],
+                                           "id": "p"})
+    code, out = run(capsys, str(jsonl), "--out-folder", "out", *public)
+    assert code == 0, out.err
+    info = json.loads((env / "out" / "p.json").read_text())
+    prefix = 13 - 2  # 1 s: 12.5 frames, the last partial one padded, 2 dropped (as Kyutai)
+    assert info["start_step"] == prefix and info["cfg_coef"] == 2.0
+    assert [w for w, _ in info["transcript"]] == ["Hello", "there."]
+    assert info["transcript"][0][1] >= prefix + 2  # the initial padding after the prefix
+    frames = np.array(mx.load(str(env / "out" / "p.safetensors"))["frames"])
+    mimi_file = run_tts.demo_repo(kind="tts") / run_tts.MIMI_FILE
+    pcm = np.pad(read_wav(voice, 24000), (0, 13 * 1920 - 24000))
+    tokenizer = rustymimi.Tokenizer(str(mimi_file), num_codebooks=4)
+    codes = [tokenizer.encode_step(f[None, None])[0, :, 0] for f in pcm.reshape(13, 1920)]
+    assert (frames[1:, 16:16 + prefix] == np.stack(codes[:prefix], axis=1)).all()
+    assert (frames[0, :prefix] == -1).all() and frames[0, prefix] != -1  # no text meanwhile
+    pcm_out = read_24k(env / "out" / "p.wav", 1)
+    assert len(pcm_out) == (frames.shape[1] - 16 - prefix) * 1920
+
+
+@pytest.mark.parametrize("voices, message", [
+    (["alice.safetensors"], "'alice.safetensors' is a speaker embedding: this model takes no"),
+    (["me.wav", "me.wav"], "2 voices given: this model takes one"),
+    (["text.wav"], "text.wav: not a wav file"),
+    (["short.wav"], "the voice's audio is too short"),
+])
+def test_bad_voices_of_a_model_without_speakers_are_one_error(env, capsys, public, voices,
+                                                              message):
+    voice_file(env / "alice.safetensors")
+    speech_wav(env / "me.wav")
+    speech_wav(env / "short.wav", seconds=0.15)
+    (env / "text.wav").write_text("not audio")
+    jsonl = write_jsonl(env / "in.jsonl", {"turns": ["hi"], "voices": voices, "id": "a"})
+    code, out = run(capsys, str(jsonl), "--out-folder", "out", *public)
+    errors = [x for x in out.err.splitlines() if x.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and message in errors[0], out.err
+    assert not (env / "out").exists() or not list((env / "out").iterdir())
+
+
+def test_a_wav_voice_for_a_model_with_speakers_is_one_error(env, capsys):
+    speech_wav(env / "me.wav")
+    jsonl = write_jsonl(env / "in.jsonl", {"turns": ["hi"], "voices": ["me.wav"], "id": "a"})
+    code, out = run(capsys, str(jsonl), "--out-folder", "out")
+    assert code == 1 and "voice 'me.wav': this model takes speaker embeddings" in out.err

@@ -16,7 +16,15 @@ import msgpack
 import numpy as np
 import pytest
 import sphn
-from conftest import FRAME, RATE, serving_in_thread, silent_websocket, slots_in_use, used_slots
+from conftest import (
+    FRAME,
+    RATE,
+    codec_fails_then_next_client_served,
+    serving_in_thread,
+    silent_websocket,
+    slots_in_use,
+    used_slots,
+)
 
 from moshi_mlx import families, model_files, speech_services, utils
 from moshi_mlx.engine import offline, transcription
@@ -328,3 +336,19 @@ def test_bad_input_is_one_clients_problem(server, alone, bad, says, monkeypatch)
             return together
 
     assert run(both()) == alone
+
+
+def test_a_codec_that_does_not_start_is_one_clients_error(server, mimi_fails_to_start_once):
+    """The slot's Mimi cannot start: Error and close 1011 for that client, a log line, and the
+    next client on the same slot gets its words."""
+
+    async def served(ws):
+        assert len(await transcribe(ws, BAD_INPUT_PCM)) > 0
+
+    async def clients():
+        async with aiohttp.ClientSession() as session:
+            await codec_fails_then_next_client_served(session, server, connect, server.url,
+                                                      served)
+
+    run(clients())
+    assert len(mimi_fails_to_start_once) == 1

@@ -18,7 +18,12 @@ import msgpack
 import numpy as np
 import pytest
 import sphn
-from conftest import serving_in_thread, silent_websocket, slots_in_use
+from conftest import (
+    codec_fails_then_next_client_served,
+    serving_in_thread,
+    silent_websocket,
+    slots_in_use,
+)
 
 from moshi_mlx import model_files, speech_services, utils
 from moshi_mlx.audio.constants import FRAME_RATE, FRAME_SIZE
@@ -316,3 +321,25 @@ def test_a_vanished_client_frees_its_slot(server):
             sock.close()
 
     run(client())
+
+
+def test_a_codec_that_does_not_start_is_one_clients_error(server, alice,
+                                                          mimi_fails_to_start_once):
+    """The slot's Mimi cannot start: Error and close 1011 for that client, and the next client
+    on the same slot gets the audio it gets alone."""
+
+    async def served(ws):
+        for word in WORDS:
+            await ws.send_bytes(packb({"type": "Text", "text": word}))
+        await ws.send_bytes(packb({"type": "Eos"}))
+        messages, code = await until_closed(ws)
+        assert code == 1000
+        np.testing.assert_array_equal(split(messages)[1], alice[0])
+
+    async def clients():
+        async with aiohttp.ClientSession() as session:
+            await codec_fails_then_next_client_served(session, server, connect,
+                                                      url(server), served)
+
+    run(clients())
+    assert len(mimi_fails_to_start_once) == 1

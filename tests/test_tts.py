@@ -242,3 +242,30 @@ def test_voices_for_a_model_without_speaker_embeddings_are_refused():
     with pytest.raises(VoiceError, match="no speaker embeddings"):
         TtsStream(plain, None, "unused", [mx.ones((1, 512, 4))],
                   (Sampler(temp=0.0), Sampler(temp=0.0)))
+
+
+def test_the_unconditioned_row_drops_every_condition(model):
+    """Guidance's second row: the LUTs' learnt paddings, the speaker slots all learnt padding
+    (with their positions); a cfg-distilled model refuses guidance."""
+    from moshi_mlx.models.tts import tts_condition
+
+    provider = model.condition_provider
+    speakers = speaker_condition([mx.ones((1, 512, 3))], 2)
+    values = {"control": "ok", "speaker_wavs": speakers}
+    null = provider.unconditioned(values)
+    padding = np.array(provider.conditioners["speaker_wavs"].learnt_padding)[0, 0]
+    t = np.arange(6)[:, None] / 10000 ** (np.arange(128) / 127)  # Moshi's sinusoidal positions
+    positions = np.concatenate([np.cos(t), np.sin(t)], axis=1)
+    np.testing.assert_allclose(np.array(null.cross)[0], padding + positions, atol=1e-5)
+    lut = [provider.conditioners[n].learnt_padding[0, 0] for n in ("control", "cfg")]
+    np.testing.assert_allclose(np.array(null.tensor)[0], np.array(lut[0] + lut[1]), atol=1e-6)
+    with pytest.raises(ValueError, match="cfg-distilled"):
+        tts_condition(provider, values, 2.0)
+
+
+def test_tts_gen_checks_the_rows_and_the_prefix(model):
+    machine = ts.StateMachine(ts.TokenIds(model.cfg.text_card + 1))
+    with pytest.raises(ValueError, match="guidance 2.0 takes 2"):
+        TtsGen(model, machine, condition(model), delay_steps=2, cfg_coef=2.0)
+    with pytest.raises(ValueError, match=r"a prefix is Mimi codes \[8 codebooks"):
+        TtsGen(model, machine, condition(model), delay_steps=2, prefix=mx.zeros((4, 10)))

@@ -152,15 +152,35 @@ def our_run(model, script, n_voices, padding_between, ahead, cfg_value="2.0", bo
     greedy = Sampler(temp=0.0)
     gen = TtsGen(model, machine, condition, settings.delay_steps, greedy, greedy,
                  padding_bonus=bonus)
+    return (entries, *generate(gen, entries, STEPS))
+
+
+def generate(gen: TtsGen, entries, steps: int):
+    """Runs `gen` on `entries` to its end (at most `steps`) -> ((sampled, fed) of each step,
+    frames, transcript, end step)."""
     gen.push_words(entries)
     gen.end()
     logged, frames = [], []
-    while not gen.done and gen.step_idx < STEPS:
+    while not gen.done and gen.step_idx < steps:
         s = gen.step()
         logged.append((s.sampled, s.fed))
         if s.frame is not None:
             frames.append(s.frame.tolist())
-    return entries, logged, frames, gen.state.transcript, gen.end_step
+    return logged, frames, gen.state.transcript, gen.end_step
+
+
+def assert_same_steps(found, expected, steps: int) -> None:
+    """Ours and PyTorch's (logged, frames, transcript, end step) are identical."""
+    logged, frames, transcript, end = found
+    e_logged, e_frames, e_transcript, e_end = expected
+    assert len(logged) == len(e_logged) == steps
+    for t, (a, b) in enumerate(zip(logged, e_logged)):
+        assert tuple(a) == tuple(b), f"step {t}: (sampled, fed) {a} != PyTorch's {b}"
+    assert len(frames) == len(e_frames)
+    for t, (a, b) in enumerate(zip(frames, e_frames)):
+        assert a == b, f"frame {t}: {a} != PyTorch's {b}"
+    assert transcript == e_transcript and end == e_end
+    assert {0, 3} <= {s for s, _ in logged}, "the model's own choices: new word and pad"
 
 
 SCRIPT = " ".join(WORDS * 8)  # more words than 500 steps can say
@@ -181,19 +201,9 @@ def test_greedy_tts_matches_pytorch_step_by_step(models, case):
     script, n_voices, padding_between, ahead = CASES[case]
     expected = torch_run(lm, d, script, n_voices, padding_between, ahead)
     found = our_run(model, script, n_voices, padding_between, ahead)
-    e_entries, e_logged, e_frames, e_transcript, e_end = expected
-    entries, logged, frames, transcript, end = found
-    assert [(e.tokens, e.text, e.padding) for e in entries] == \
-        [(e.tokens, e.text, e.padding) for e in e_entries]
-    assert len(logged) == len(e_logged) == STEPS
-    for t, (a, b) in enumerate(zip(logged, e_logged)):
-        assert tuple(a) == tuple(b), f"step {t}: (sampled, fed) {a} != PyTorch's {b}"
-    assert len(frames) == len(e_frames)
-    for t, (a, b) in enumerate(zip(frames, e_frames)):
-        assert a == b, f"frame {t}: {a} != PyTorch's {b}"
-    assert transcript == e_transcript and end == e_end
-    choices = {s for s, _ in logged}
-    assert {0, 3} <= choices, "the model's own choices should include both new word and pad"
+    assert [(e.tokens, e.text, e.padding) for e in found[0]] == \
+        [(e.tokens, e.text, e.padding) for e in expected[0]]
+    assert_same_steps(found[1:], expected[1:], STEPS)
 
 
 def test_short_context_rotates_as_pytorchs_window(tmp_path):

@@ -207,6 +207,9 @@ class BatchedTts(RowBatch):
         """One step of the streams in `gens` (row -> its generation) -> row -> its `TtsStep`
         (its frame's evaluation done)."""
         for row, gen in gens.items():  # a new stream starts at 0
+            if gen.cfg_coef != 1:
+                raise ValueError("classifier-free guidance (two rows a stream) is not batched: "
+                                 "step that stream alone")
             self.steps.positions[row] = gen.step_idx
         if any(self._gens[row] is not gen for row, gen in gens.items()):
             for row, gen in gens.items():
@@ -222,8 +225,11 @@ class BatchedTts(RowBatch):
         for row, s in steps.items():
             fed[row] = s.fed
         fed = mx.array(fed)
+        sampling = {row: gen for row, gen in gens.items() if gen.samples_audio}
+        for row in set(gens) - set(sampling):
+            steps[row] = gens[row].take_audio(steps[row], None)
         for (sampler, codebooks), rows in _grouped(
-                gens, lambda gen: (gen.audio_sampler, gen.codebooks)).items():
+                sampling, lambda gen: (gen.audio_sampler, gen.codebooks)).items():
             codes = self.samplings(hidden, fed, sampler, codebooks)
             for row in rows:
                 steps[row] = gens[row].take_audio(steps[row], codes[row:row + 1])
@@ -238,7 +244,7 @@ class BatchedTts(RowBatch):
         cfg = self.cfg
         idle = (mx.full((1, 1), cfg.text_initial_token, mx.int32),
                 mx.full((1, cfg.n_q, 1), cfg.audio_padding_token, mx.int32))
-        inputs = [gens[row].input_tokens() if row in gens else idle for row in range(self.rows)]
+        inputs = [gens[row].step_inputs() if row in gens else idle for row in range(self.rows)]
         return tuple(mx.concatenate(parts) for parts in zip(*inputs))
 
     def _stack_conditions(self) -> dict:

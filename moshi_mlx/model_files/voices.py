@@ -1,5 +1,5 @@
-"""Kyutai TTS voices: speaker embeddings from kyutai/tts-voices (by name), an hf:// address or a
-local file, checked before use."""
+"""Kyutai TTS voices: speaker embeddings (or, for a model without speaker conditioning, wavs) from
+kyutai/tts-voices (by name), an hf:// address or a local file, checked before use."""
 
 from pathlib import Path, PurePosixPath
 
@@ -24,13 +24,13 @@ def voice_suffix(raw_config: dict) -> str:
 
 
 def voice_path(voice: str, voice_repo: str = DEFAULT_VOICE_REPO, suffix: str = "") -> Path:
-    """A voice: a local .safetensors file, an hf://owner/repo/file address, or a name in
-    `voice_repo` (e.g. 'expresso/ex03-ex01_happy_001_channel1_334s.wav', to which the model's
+    """A voice: a local .safetensors (or .wav) file, an hf://owner/repo/file address, or a name
+    in `voice_repo` (e.g. 'expresso/ex03-ex01_happy_001_channel1_334s.wav', to which the model's
     `suffix` is added). Raises ModelFilesError for a voice that cannot be found."""
     if voice.startswith(HF_PREFIX):
         return hub_download(*parse_hf_uri(voice))
     local = Path(voice).expanduser()
-    if local.suffix == ".safetensors" and local.is_file():
+    if local.suffix in (".safetensors", ".wav") and local.is_file():
         return local
     try:
         return hub_download(voice_repo, voice + suffix)
@@ -38,7 +38,7 @@ def voice_path(voice: str, voice_repo: str = DEFAULT_VOICE_REPO, suffix: str = "
         raise ModelFilesError(
             f"unknown voice '{voice}': {voice_repo} has no '{voice + suffix}' (the names are "
             "those of huggingface.co/kyutai/tts-voices without the suffix), and it is not a "
-            "local .safetensors file.") from None
+            "local .safetensors or .wav file.") from None
 
 
 def named_voice(name: str, voice_repo: str = DEFAULT_VOICE_REPO, suffix: str = "") -> Path:

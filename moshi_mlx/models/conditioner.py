@@ -131,3 +131,14 @@ class ConditionProvider(nn.Module):
                 pos = sin_embedding(cross.shape[1], cross.shape[-1])
                 cross = cross + self.cross_pos_scale * pos.astype(cross.dtype)
         return ConditionTensor(total, cross)
+
+    def unconditioned(self, values: dict) -> ConditionTensor:
+        """The row that classifier-free guidance compares with: `condition(values)` with every
+        condition dropped (PyTorch moshi's `dropout_all_conditions`): LUTs get their learnt
+        padding, a tensor condition keeps its positions, all of them masked (learnt padding)."""
+        dropped = {}
+        for name, value in values.items():
+            if isinstance(self.conditioners.get(name), TensorConditioner) and value is not None:
+                tensor = mx.array(value[0] if isinstance(value, tuple) else value)
+                dropped[name] = (mx.zeros_like(tensor), mx.zeros(tensor.shape[:-1], mx.bool_))
+        return self.condition(dropped)

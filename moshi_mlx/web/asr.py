@@ -69,7 +69,9 @@ class AsrService(SlotService):
         stream = None
         events, emit = outbox()
         try:
-            stream = await asyncio.to_thread(self.transcriber.open, row, emit)
+            stream = await self.open_stream(ws, row, lambda: self.transcriber.open(row, emit))
+            if stream is None:
+                return ws
             log.info("asr: %s on slot %d", request.remote, row)
             await converse(self._send(ws, events), self._receive(ws, stream, events))
         except ConnectionError:

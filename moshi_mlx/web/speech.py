@@ -18,12 +18,14 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgpack
 import numpy as np
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from .. import __version__
+from ..audio.mimi_process import MimiError
 from ..engine.slots import SlotLoop
 
 log = logging.getLogger("moshi_mlx")
@@ -34,6 +36,9 @@ DEFAULT_API_KEY = "public_token"  # the key of Kyutai's public configurations
 PING_SECONDS = 2.0  # aiohttp's heartbeat: a ping this often, its pong due within half of it
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # about 35 s of float32 audio in one message
 NO_FREE_CHANNELS = "no free channels"  # Kyutai's server's words, which Unmute expects
+CODEC_DID_NOT_START = "internal error: the audio codec did not start (see the server's log)"
+
+T = TypeVar("T")
 
 
 class BadMessage(ValueError):
@@ -144,6 +149,17 @@ class SlotService:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
+
+    async def open_stream(self, ws: web.WebSocketResponse, slot: int,
+                          open_: Callable[[], T]) -> T | None:
+        """`open_()` (it resets the slot's Mimi: it blocks) off the event loop -> the slot's
+        stream; None once the client got Error and a close because its Mimi did not start."""
+        try:
+            return await asyncio.to_thread(open_)
+        except MimiError as e:
+            log.warning("%s: slot %d: %s", self.path, slot, e)
+            await send_error(ws, CODEC_DID_NOT_START, WSCloseCode.INTERNAL_ERROR)
+            return None
 
 
 def outbox() -> tuple[asyncio.Queue, Callable[[object], None]]:

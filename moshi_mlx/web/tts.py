@@ -27,7 +27,6 @@ import sphn
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..audio.constants import SAMPLE_RATE
-from ..audio.mimi_process import MimiError
 from ..engine.speech_synthesis import (
     EMBEDDING_CHANNELS,
     Audio,
@@ -147,12 +146,9 @@ class TtsService(SlotService):
                 log.warning("tts: %s: %s", request.remote, e)
                 await send_error(ws, str(e))
                 return ws
-            try:
-                stream = await asyncio.to_thread(self.synthesizer.open, slot, voice, emit)
-            except MimiError as e:
-                log.warning("tts: slot %d: %s", slot, e)
-                await send_error(ws, "internal error: the audio codec did not start (see the "
-                                     "server's log)", WSCloseCode.INTERNAL_ERROR)
+            stream = await self.open_stream(
+                ws, slot, lambda: self.synthesizer.open(slot, voice, emit))
+            if stream is None:
                 return ws
             log.info("tts: %s on slot %d (voice %s, %s)", request.remote, slot, name, fmt)
             out = AudioOut(fmt)
