@@ -1,5 +1,6 @@
 """Several streams through one model: one batched step per 80 ms frame for all of them, each
-stream (a row of the batch) at its own position, as the servers' slots need (`web.asr`).
+stream (a row of the batch) at its own position, as the servers' slots need: speech to text
+(`BatchedStepper`, `web.asr`) and text to speech (`BatchedTts`, `web.tts`).
 
 Streams start and end at any time and a stream with no audio waiting skips a frame tick, so
 the rows are never aligned: each row keeps its own step count (`positions`), its tokens of the
@@ -190,7 +191,10 @@ class BatchedTts(RowBatch):
     logits (its state machine chooses the token fed), then runs the depformer once for every
     row (its cache restarts at every step: the rows align there) and hands each gen its codes.
     Rows that share a sampler sample together; with greedy samplers every stream's tokens are
-    those of the same stream stepped alone (`TtsGen.step`)."""
+    those of the same stream stepped alone (`TtsGen.step`). With a temperature, the rows draw
+    from MLX's one random state, as streams stepped one after the other do: a stream's draws
+    depend on the other streams' (a seed reproduces a whole run, not a stream alone). A
+    stream with classifier-free guidance (two rows) is refused: it runs alone."""
 
     def __init__(self, model: models.Lm, rows: int, context: int | None = None):
         """`context`: as `RowBatch`'s."""
