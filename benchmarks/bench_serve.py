@@ -94,18 +94,20 @@ def step_times(configs: list[str], batches: list[int], steps: int, bits: int | N
     from moshi_mlx.engine.batched import BatchedStepper, BatchedTts
 
     print("| config | weights | batch | step ms median (min-max) | per stream ms "
-          "| x one stream |")
-    print("|---|---|---|---|---|---|")
+          "| x one stream | the streams stepped alone, one after the other, ms |")
+    print("|---|---|---|---|---|---|---|")
     for name in configs:
         model = step_model(name, bits)
         cfg = model.cfg
         one = None
         for batch in batches:
+            alone = ""
             if name == "demo-tts":  # every row past the text delay: the depformer runs
                 stepper, gens = BatchedTts(model, batch), tts_gens(model, batch)
                 step = partial(stepper.step, dict(enumerate(gens)))
                 for _ in range(max(cfg.audio_delays) + 16):
                     step()
+                alone = f" {np.median(alone_times(tts_gens(model, batch), steps)):.1f} |"
             else:
                 stepper = BatchedStepper(model, batch)
                 codes = np.random.default_rng(0).integers(
@@ -121,7 +123,26 @@ def step_times(configs: list[str], batches: list[int], steps: int, bits: int | N
             one = one or median
             weights = f"q{bits}" if bits else "bf16"
             print(f"| {name} | {weights} | {batch} | {median:.1f} ({min(times):.1f}-"
-                  f"{max(times):.1f}) | {median / batch:.1f} | {median / one:.2f} |", flush=True)
+                  f"{max(times):.1f}) | {median / batch:.1f} | {median / one:.2f} |{alone}",
+                  flush=True)
+
+
+def alone_times(gens: list, steps: int) -> list[float]:
+    """ms of one step of every `TtsGen` in `gens`, one after the other (`TtsGen.step`: the TTS
+    service before it was batched), past the text delay, after 3 warm-up."""
+    import mlx.core as mx
+
+    for gen in gens:
+        for _ in range(max(gen.audio_delays) + gen.delay_steps):
+            gen.step()
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        for gen in gens:
+            mx.eval(gen.step().frame)
+        if i >= 3:
+            times.append(1000 * (time.perf_counter() - start))
+    return times
 
 
 async def client(url: str, pcm: np.ndarray, out: dict) -> None:
