@@ -1,6 +1,7 @@
 """Random bf16 checkpoints (Moshi, Helium), generated and written one tensor at a time (for
 demos, tests and benchmarks: files of any size without holding them in memory)."""
 
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,19 +36,28 @@ def write_random_model(path: str | Path, model: nn.Module, seed: int = 0) -> Pat
     """Writes a bf16 checkpoint of `model` (built lazily, in bf16) to `path`: every matrix
     (Linear and Embedding weights, conditioners' paddings) uniform with variance 1 / last
     dimension, from numpy's PCG64 seeded by `seed` (the same bytes on every platform), every
-    vector (the norms' scales) at the model's initial value."""
+    vector (the norms' scales) at the model's initial value. Names of one parameter (modules
+    the model ties: depformer slices of one weight set) get the same values, as in Kyutai's
+    files."""
     path = Path(path)
     tensors = model_tensors(model)
     random_names = {name for name, info in tensors.items() if len(info.shape) >= 2}
     initial = dict(tree_flatten(model.parameters()))
     layout = sorted(tensors.items())
     rng = np.random.default_rng(seed)
+    names_of = Counter(id(a) for a in initial.values())
+    drawn: dict[int, mx.array] = {}  # id of a tied parameter -> its values, for its other names
     with atomic_path(path) as tmp, tmp.open("wb") as f:
         writer = SafetensorsWriter(f, layout)
         for name, info in layout:
-            if name in random_names:
+            key = id(initial[name])
+            if key in drawn:
+                array = drawn[key]
+            elif name in random_names:
                 values = scaled_uniform(rng, info.shape, std=info.shape[-1] ** -0.5)
                 array = mx.array(values).astype(mx.bfloat16)
+                if names_of[key] > 1:
+                    drawn[key] = array
             else:
                 array = initial[name]
             writer.write(name, array)
