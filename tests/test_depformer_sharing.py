@@ -148,7 +148,6 @@ def test_tied_depformer_computes_what_one_copy_per_slice_computes(files):
     assert mx.array_equal(model.depformer(hidden, tokens), untied.depformer(hidden, tokens))
 
 
-@pytest.mark.slow  # compiles the depformer's sampling (3.5 s)
 def test_compiled_sampling_of_a_tied_depformer_equals_the_plain_one(files):
     """`LmGen`'s compiled depformer sampling (`mx.compile` over the shared modules) draws the
     same tokens as the uncompiled one."""
