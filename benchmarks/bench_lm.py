@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from moshi_mlx import models, utils
@@ -32,7 +31,7 @@ def build(config: str, fmt: str) -> models.Lm:
     model.set_dtype(mx.bfloat16)
     if FORMATS[fmt]:
         bits, group_size = FORMATS[fmt]
-        nn.quantize(model, bits=bits, group_size=group_size)
+        models.quantize(model, bits=bits, group_size=group_size)
     mx.eval(model.parameters())
     return model
 

@@ -39,6 +39,7 @@ log = logging.getLogger("moshi_mlx")
 STOP_SECONDS = 10.0  # the model loop's last step, at the end
 DEFAULT_VOICE = "unmute-prod-website/default_voice.wav"  # Kyutai's server configs' default_voice
 TTS_CODEBOOKS = 24  # Kyutai's server configs' n_q (capped at the model's)
+MAX_BREAK_SECONDS = 10.0  # Kyutai's server caps a <break> at this
 
 
 class SetupError(Exception):
@@ -115,7 +116,8 @@ async def serve(args: argparse.Namespace, stt: model_files.ModelFiles | None,
             started.append(await start_service(
                 "tts", speech_services.synthesizer_loader(
                     tts, args.batch_size, args.voice_repo, args.voice, tts_samplers(args.temp),
-                    TtsOptions(n_q=TTS_CODEBOOKS), args.seed, memory),
+                    TtsOptions(n_q=TTS_CODEBOOKS, max_break_seconds=MAX_BREAK_SECONDS),
+                    args.seed, memory),
                 lambda s: TtsService(s, args.api_key)))
         await run_site(args, [service for _, _, service in started])
     finally:

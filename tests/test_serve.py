@@ -352,3 +352,32 @@ def test_a_codec_that_does_not_start_is_one_clients_error(server, mimi_fails_to_
 
     run(clients())
     assert len(mimi_fails_to_start_once) == 1
+
+
+def test_a_client_reconnecting_at_once_is_served(server, monkeypatch):
+    """Both slots held; one client leaves and another connects at once, while the slot's Mimi
+    is still being prepared (made to take 1 s): it waits for that slot and gets Ready, not "no
+    free channels" (Kyutai's server frees a channel at once; its clients reconnect so)."""
+    from moshi_mlx.audio.mimi import Mimi
+
+    prepare = Mimi.prepare_next
+
+    def slow_prepare(self):
+        time.sleep(1.0)
+        prepare(self)
+
+    monkeypatch.setattr(Mimi, "prepare_next", slow_prepare)
+
+    async def clients():
+        async with aiohttp.ClientSession() as session:
+            await slots_in_use(session, server, 0)
+            first, second = await connect(session, server.url), await connect(session, server.url)
+            for ws in (first, second):
+                assert (await receive(ws))["type"] == "Ready"
+            await first.close()
+            async with await connect(session, server.url) as third:
+                assert (await receive(third))["type"] == "Ready"
+                assert await used_slots(session, server) == 2
+            await second.close()
+
+    run(clients())

@@ -127,6 +127,16 @@ def test_break_with_a_bad_time_is_one_clear_error(bad):
         ts.script_to_entries(encode, IDS, 12.5, [f"hello {bad} world"])
 
 
+def test_a_break_is_capped_at_max_break_seconds():
+    """As Kyutai's server caps a client's breaks (10 s there), `max_break_seconds` does."""
+    capped = ts.script_to_entries(encode, IDS, 12.5, ['a <break time="600s"/> b'],
+                                  max_break_seconds=10)
+    assert [e.padding for e in capped if not e.tokens] == [125]
+    short = ts.script_to_entries(encode, IDS, 12.5, ['a <break time="0.4s"/> b'],
+                                 max_break_seconds=10)
+    assert [e.padding for e in short if not e.tokens] == [5]
+
+
 def test_a_word_without_tokens_is_an_error():
     with pytest.raises(ts.ScriptError, match="no token for 'x'"):
         ts.script_to_entries(lambda w: [] if w == "x" else [5], IDS, 12.5, ["a x"])

@@ -13,7 +13,7 @@ from ..audio.constants import FRAME_RATE, FRAME_SIZE
 from ..audio.mimi import Mimi
 from ..models import Lm
 from ..models.tts import TtsGen, TtsSettings, TtsStep, VoiceError, speaker_condition, tts_condition
-from ..models.tts_script import ScriptError, script_to_entries
+from ..models.tts_script import NoWords, script_to_entries
 from ..utils.sampling import Sampler
 
 
@@ -22,7 +22,8 @@ class TtsOptions:
     """Kyutai's TTS knobs (run_tts's flags): codebooks `n_q` (None: all), the `cfg` value of a
     cfg-distilled model (a string of its `cfg` conditioner, e.g. "2.0"; None: none), the
     classifier-free guidance `cfg_coef` of a model that is not (1: none; else two rows a step),
-    and the state machine's paddings in steps of 80 ms, `padding_bonus` on the pad logit."""
+    and the state machine's paddings in steps of 80 ms, `padding_bonus` on the pad logit;
+    `max_break_seconds` caps a `<break>` (None: no cap; Kyutai's server caps at 10 s)."""
 
     n_q: int | None = None
     cfg_value: str | None = "2.0"
@@ -32,6 +33,7 @@ class TtsOptions:
     padding_between: int = 1
     padding_bonus: float = 0.0
     cfg_coef: float = 1.0
+    max_break_seconds: float | None = None
 
 
 PREFIX_TRIM = 2  # frames dropped at the end of an encoded voice (PyTorch moshi's TTS does so)
@@ -112,15 +114,17 @@ class TtsStream:
 
     def push_text(self, text: str, new_turn: bool = True) -> int:
         """Queues `text` (words, `<break time="1s"/>`) -> the number of words. Raises
-        `ScriptError` for a text that cannot be spoken (nothing in it, a bad break)."""
+        `ScriptError` for a text that cannot be spoken (`NoWords` when nothing is in it, a bad
+        break)."""
         if new_turn:
             self.turn += 1
         turns = [""] * max(self.turn, 0) + [text]
         entries = script_to_entries(
             self.tokenizer.encode, self.gen.machine.token_ids, FRAME_RATE, turns,
-            self.settings.multi_speaker and new_turn, self.options.padding_between)
+            self.settings.multi_speaker and new_turn, self.options.padding_between,
+            self.options.max_break_seconds)
         if not entries:
-            raise ScriptError("nothing to say: the text has no words")
+            raise NoWords("nothing to say: the text has no words")
         self.gen.push_words(entries)
         return len(entries)
 

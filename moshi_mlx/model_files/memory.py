@@ -11,11 +11,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..models.checkpoint import Quantization, quantization_of, read_header
+from ..models.checkpoint import Header, Quantization, quantization_of, read_header
 from ..models.config import ConfigError, LmConfig
-from ..models.lm import activation_dtype_for
+from ..models.lm import activation_dtype_for, tied_copies
 from ..models.transformer import kv_group_size
 from ..weights.mimi_layout import mimi_tensors
+from ..weights.safetensors_writer import nbytes
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class ModelSizes:
-    """What the estimate is made from: the config, the weight file's bytes and quantization, and
+    """What the estimate is made from: the config, the bytes the model loads from its weight
+    file (all but the copies of tied modules, `tied_copy_bytes`) and its quantization, and
     the number of Mimi's weights that Mimi reads (its file has 32 codebook levels; the model's
     `mimi_codebooks` are read), and the streams served at once (a server's slots: each has its
     KV cache and its Mimi)."""
@@ -94,7 +96,8 @@ class ModelSizes:
         """`files`: a `model_files.ModelFiles`. Reads the two weight files' headers only."""
         read = mimi_tensors(files.lm_config.mimi_codebooks)
         mimi = read_header(files.mimi_weight).tensors
-        return cls(files.lm_config, read_header(files.moshi_weight).data_bytes,
+        header = read_header(files.moshi_weight)
+        return cls(files.lm_config, header.data_bytes - tied_copy_bytes(files.lm_config, header),
                    files.quantization, sum(prod(t.shape) for n, t in mimi.items() if n in read),
                    streams)
 
@@ -106,6 +109,13 @@ class ModelSizes:
         kv_cache = kv_cache_bytes(self.cfg, setup, self.streams, activation_dtype)
         return MemoryEstimate(round(self.weight_bytes * ratio), kv_cache, mimi,
                               runtime_bytes(self.cfg), setup)
+
+
+def tied_copy_bytes(cfg: LmConfig, header: Header) -> int:
+    """Bytes of the file's copies of tied depformer modules (`models.lm.tied_copies`: the MLX
+    layout holds a copy per codebook of a weight set), which the model does not load."""
+    copies = tuple(f"{path}." for path in tied_copies(cfg))
+    return sum(nbytes(t) for name, t in header.tensors.items() if name.startswith(copies))
 
 
 def step_buffer_bytes(cfg) -> int:

@@ -44,8 +44,9 @@ class LmConfig:
     `dep_q = 0` is a text-only model (speech to text): no depformer.
 
     Optional parts: `conditioners` (name -> Kyutai's conditioner dict, summed into the input as
-    `fuser` says), `depformer_weights_per_step_schedule` (codebook -> depformer weight set; only
-    the PyTorch files share weights, the MLX layout has one copy per codebook),
+    `fuser` says), `depformer_weights_per_step_schedule` (codebook -> depformer weight set: the
+    codebooks of a set share their input projection and transformer; the PyTorch files hold each
+    set once, the MLX layout one copy per codebook),
     `depformer_low_rank_embeddings` (rank of the depformer's input embeddings),
     `demux_second_stream` (text input tokens carry two streams, `tok2 * (text_card + 1) + tok1`),
     `extra_heads_num_heads` x `extra_heads_dim` (linear heads on the temporal output, e.g. voice
@@ -336,6 +337,12 @@ class LmConfig:
             num_layers=self.depformer_num_layers, ffn_hidden=self.depformer_ffn_hidden,
             context=self.depformer_context, max_period=self.depformer_max_period,
             rope=self.depformer_pos_emb == "rope", norm_f32=self.norm == "rms_norm_f32")
+
+    @property
+    def depformer_weight_sets(self) -> list[int]:
+        """The depformer weight set of each generated codebook: the schedule, else one set per
+        codebook."""
+        return self.depformer_weights_per_step_schedule or list(range(self.dep_q))
 
     @property
     def ffn_hidden(self) -> int:

@@ -49,15 +49,16 @@ def quantize(model: nn.Module, bits: int | None = None, group_size: int | None =
     its own (mixed precision), the others left unquantized."""
     if layout is None:
         nn.quantize(model, group_size=group_size, bits=bits, class_predicate=quantizes)
-        return
+    else:
+        def params(path: str, module: nn.Module) -> dict | bool:
+            q = layout.get(path)
+            if q is None or not quantizes(path, module):
+                return False
+            return {"bits": q.bits, "group_size": q.group_size}
 
-    def params(path: str, module: nn.Module) -> dict | bool:
-        q = layout.get(path)
-        if q is None or not quantizes(path, module):
-            return False
-        return {"bits": q.bits, "group_size": q.group_size}
-
-    nn.quantize(model, class_predicate=params)
+        nn.quantize(model, class_predicate=params)
+    if isinstance(model, Lm):
+        model.depformer.tie_weights()  # nn.quantize replaced each slice's input projection
 
 
 def embed(emb: nn.Module, tokens: mx.array) -> mx.array:
@@ -115,18 +116,49 @@ class DepFormerSlice(nn.Module):
         return self.linear_out(self.transformer(x, cache=cache))[:, 0]
 
 
+TIED_MODULES = ("linear_in", "transformer")
+"""The modules of a depformer slice that all the slices of its weight set share."""
+
+
+def tied_slices(cfg: LmConfig) -> dict[int, int]:
+    """Slice k -> the first slice of its weight set (`cfg.depformer_weight_sets`), for the slices
+    that use another's `TIED_MODULES`."""
+    sets = cfg.depformer_weight_sets
+    return {k: sets.index(w) for k, w in enumerate(sets) if sets.index(w) != k}
+
+
+def tied_copies(cfg: LmConfig) -> list[str]:
+    """Paths in `Lm` of the modules that are another slice's (`tied_slices`): an MLX-layout
+    file holds copies of their tensors, which the model loads once."""
+    return [f"depformer.slices.{k}.{name}" for k in tied_slices(cfg) for name in TIED_MODULES]
+
+
 class DepFormer(nn.Module):
     """Samples the `dep_q` codebooks of one step one after the other. Slice k attends to the
-    slices before it within the step (the cache starts empty at every step)."""
+    slices before it within the step (the cache starts empty at every step, and is passed in:
+    the modules hold no state of a step).
+
+    The slices of one weight set (Kyutai's TTS and Hibiki: `depformer_weights_per_step_schedule`)
+    share their input projection and transformer: the same modules, one copy in memory, under
+    each slice's name (Kyutai's MLX files hold a copy per slice; loading keeps one)."""
 
     def __init__(self, cfg: LmConfig):
         super().__init__()
+        self.cfg = cfg
         args = cfg.depformer_args()
         self.slices = [
             DepFormerSlice(cfg.text_card + 1 if k == 0 else cfg.card + 1, cfg, args,
                            demux=k == 0 and cfg.demux_second_stream)
             for k in range(cfg.dep_q)
         ]
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Gives each slice its weight set's `TIED_MODULES` (those of the set's first slice).
+        `quantize` calls it again: `nn.quantize` replaces a Linear under each of its names."""
+        for k, first in tied_slices(self.cfg).items():
+            for name in TIED_MODULES:
+                setattr(self.slices[k], name, getattr(self.slices[first], name))
 
     def _new_cache(self) -> list[ConcatenateKVCache]:
         # At most dep_q (8) entries per step: mlx_lm's concatenating cache is the right fit.

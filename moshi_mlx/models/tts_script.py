@@ -17,6 +17,10 @@ class ScriptError(ValueError):
     """A script that cannot be spoken; the message says what and where."""
 
 
+class NoWords(ScriptError):
+    """A text with no word in it (nothing to speak)."""
+
+
 @dataclass(frozen=True)
 class TokenIds:
     """Text ids of Kyutai's TTS models. `card` is the text vocabulary plus one (`text_card + 1`),
@@ -142,7 +146,8 @@ SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?s")
 
 
 def script_to_entries(encode, token_ids: TokenIds, frame_rate: float, script: list[str],
-                      multi_speaker: bool = True, padding_between: int = 0) -> list[Entry]:
+                      multi_speaker: bool = True, padding_between: int = 0,
+                      max_break_seconds: float | None = None) -> list[Entry]:
     """Turns a script into the words to speak.
 
     `script`: the turns, alternating between the main and the other speaker (an empty first turn
@@ -151,7 +156,8 @@ def script_to_entries(encode, token_ids: TokenIds, frame_rate: float, script: li
     `<break time="1.5s"/>` inserts about that much silence (padding steps at `frame_rate`).
     With `multi_speaker`, the first word of a turn whose speaker changes starts with the
     speaker's token. `padding_between` > 0 forces that much padding after a word (plus one step
-    per token after its first). Raises `ScriptError` for a break whose time is not seconds.
+    per token after its first). A break longer than `max_break_seconds` (None: no limit) is
+    that long. Raises `ScriptError` for a break whose time is not seconds.
     """
     speakers = [token_ids.main, token_ids.other]
     entries: list[Entry] = []
@@ -166,7 +172,10 @@ def script_to_entries(encode, token_ids: TokenIds, frame_rate: float, script: li
                 if not SECONDS.fullmatch(piece.strip()):
                     raise ScriptError(f"turn {turn + 1}: a break needs a time in seconds, "
                                       f"like <break time=\"1.5s\"/>, got time=\"{piece}\"")
-                steps = int(round(float(piece.strip()[:-1]) * frame_rate))
+                seconds = float(piece.strip()[:-1])
+                if max_break_seconds is not None:
+                    seconds = min(seconds, max_break_seconds)
+                steps = int(round(seconds * frame_rate))
                 entries.append(Entry(tokens=[], text="", padding=steps))
                 continue
             for word in piece.split():

@@ -73,11 +73,12 @@ class AsrService(SlotService):
             if stream is None:
                 return ws
             log.info("asr: %s on slot %d", request.remote, row)
-            await converse(self._send(ws, events), self._receive(ws, stream, events))
+            await converse(ws, self._send(ws, events), self._receive(ws, stream, events))
         except ConnectionError:
             pass
         finally:
             self.sockets.discard(ws)
+            self.slots.leaving(row)
             try:
                 if stream is not None:
                     await asyncio.wrap_future(self.transcriber.close(stream))

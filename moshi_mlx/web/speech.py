@@ -15,6 +15,7 @@ no MLX.
 """
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ DEFAULT_API_KEY = "public_token"  # the key of Kyutai's public configurations
 PING_SECONDS = 2.0  # aiohttp's heartbeat: a ping this often, its pong due within half of it
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # about 35 s of float32 audio in one message
 NO_FREE_CHANNELS = "no free channels"  # Kyutai's server's words, which Unmute expects
+SLOT_WAIT_SECONDS = 10.0  # a client may wait this long for a slot whose client just left
+HELD_WAIT_SECONDS = 0.5  # and this long for a client to leave, when every slot is held
 CODEC_DID_NOT_START = "internal error: the audio codec did not start (see the server's log)"
 
 T = TypeVar("T")
@@ -99,25 +102,53 @@ def api_key_allowed(request: web.Request, keys: frozenset[str]) -> bool:
 
 
 class Slots:
-    """A service's `count` slots: a client holds one while its stream runs."""
+    """A service's `count` slots: a client holds one while its stream runs. A slot whose client
+    left is not free until its Mimi is ready for the next stream (`give_back`); a client that
+    comes meanwhile waits for it (Kyutai's server frees a channel at once: its clients may
+    reconnect straight away), and only gets "no free channels" while every slot is held."""
 
     def __init__(self, count: int):
         self.count = count
         self._free = list(range(count))
+        self._held: set[int] = set()  # slots of clients still connected
+        self._changed: asyncio.Event | None = None  # set by each leaving and give_back
 
     @property
     def used(self) -> int:
         return self.count - len(self._free)
 
-    def take(self) -> int | None:
-        """The lowest free slot, or None when every slot is held."""
-        if not self._free:
-            return None
+    async def take(self, wait_seconds: float = SLOT_WAIT_SECONDS,
+                   held_seconds: float = HELD_WAIT_SECONDS) -> int | None:
+        """The lowest free slot. While none is free but one is being given back, waits for it
+        (at most `wait_seconds`); while every slot is held, waits `held_seconds` for a client
+        to leave (one whose close is still on its way). None when that wait ends."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not self._free:
+            limit = wait_seconds if len(self._held) < self.count else held_seconds
+            left = start + limit - loop.time()
+            if left <= 0:
+                return None
+            self._changed = self._changed or asyncio.Event()
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
         self._free.sort()
-        return self._free.pop(0)
+        slot = self._free.pop(0)
+        self._held.add(slot)
+        return slot
+
+    def leaving(self, slot: int) -> None:
+        """The slot's client is gone; `give_back` follows once the slot is ready again."""
+        self._held.discard(slot)
+        if self._changed is not None:
+            self._changed.set()
 
     def give_back(self, slot: int) -> None:
+        self._held.discard(slot)
         self._free.append(slot)
+        if self._changed is not None:
+            self._changed.set()
 
 
 @dataclass
@@ -170,14 +201,16 @@ def outbox() -> tuple[asyncio.Queue, Callable[[object], None]]:
     return queue, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
 
 
-async def converse(send: Coroutine, receive: Coroutine) -> None:
+async def converse(ws: web.WebSocketResponse, send: Coroutine, receive: Coroutine) -> None:
     """A client's two directions: `send` (the stream's events, as a task) while `receive`
     (the client's messages) runs; once the client is done, an Error on its way still goes out
-    (1 s). The sender is cancelled at the end, whatever happened."""
+    (1 s) unless the connection is closed. The sender is cancelled at the end, whatever
+    happened."""
     sender = asyncio.create_task(send)
     try:
         await receive
-        await asyncio.wait([sender], timeout=1.0)
+        if not ws.closed:
+            await asyncio.wait([sender], timeout=1.0)
     finally:
         sender.cancel()
 
@@ -227,8 +260,8 @@ async def next_message(ws: web.WebSocketResponse, idle_seconds: float | None,
 
 async def take_slot(request: web.Request, ws: web.WebSocketResponse, slots: Slots
                     ) -> int | None:
-    """A free slot, or None after Error "no free channels" and a close."""
-    slot = slots.take()
+    """A free slot (see `Slots.take`), or None after Error "no free channels" and a close."""
+    slot = await slots.take()
     if slot is None:
         log.info("refused %s: %s", request.remote, NO_FREE_CHANNELS)
         await send_error(ws, NO_FREE_CHANNELS)

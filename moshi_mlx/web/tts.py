@@ -154,7 +154,7 @@ class TtsService(SlotService):
             out = AudioOut(fmt)
             if out.messages:
                 await ws.send_bytes(pack({"type": "Ready"}))
-            await converse(self._send(ws, events, out, release),
+            await converse(ws, self._send(ws, events, out, release),
                            self._receive(ws, stream, events))
         except ConnectionError:
             pass
@@ -164,6 +164,7 @@ class TtsService(SlotService):
         return ws
 
     async def _release(self, request: web.Request, slot: int, stream: Stream | None) -> None:
+        self.slots.leaving(slot)
         try:
             if stream is not None:
                 await asyncio.wrap_future(self.synthesizer.close(stream))

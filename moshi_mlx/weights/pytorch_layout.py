@@ -140,7 +140,7 @@ def conversion_rules(cfg: LmConfig, stacked: bool = True,
         if cfg.cross_attention:
             rules += _cross_attention_rules(layer, stacked if cross_stacked is None
                                             else cross_stacked)
-    weight_of = cfg.depformer_weights_per_step_schedule or list(range(cfg.dep_q))
+    weight_of = cfg.depformer_weight_sets
     low_rank = cfg.depformer_low_rank_embeddings is not None
     for w in range(max(weight_of, default=-1) + 1):
         users = tuple(f"depformer.slices.{k}.linear_in.weight"
