@@ -5,8 +5,9 @@ voices in a local voice directory.
 
 What a client can tell is checked: the message sequence (Ready, Audio and Text, a normal close
 after Eos), the audio and word times against `TtsStream` run offline on the same words and
-voice, words arriving one at a time (the same audio: no gap), the four formats, the Voice
-message, slots, the api key, bad input (one client's problem only)."""
+voice, words arriving one at a time (the same audio: no gap), two clients at once (batched
+steps: each its offline audio), the four formats, the Voice message, slots, the api key, bad
+input (one client's problem only)."""
 
 import asyncio
 import time
@@ -186,16 +187,27 @@ async def speak_session(address: str, texts: list[str], pause: float = 0.0,
         return await speak(session, address, texts, pause, before)
 
 
-def test_voice_from_the_query_or_a_voice_message(server):
+def test_voice_from_the_query_or_a_voice_message(server, alice):
     """`voice=people/bob.wav` and a Voice message holding bob's embedding give bob's offline
-    audio, not alice's."""
-    bob, _ = offline(server, WORDS[:3], "bob")
+    audio, not alice's. Bob by name speaks while alice (the default voice, longer) does: the
+    two streams share the batched steps, and each gets its offline audio and word times."""
+    bob, bob_texts = offline(server, WORDS[:3], "bob")
     embedding = server.embeddings["bob"]
     voice = packb({"type": "Voice", "embeddings": embedding.reshape(-1).tolist(),
                    "shape": list(embedding.shape)})
-    by_name = split(run(speak_session(url(server, voice="people%2Fbob.wav"), WORDS[:3]))[0])[1]
+
+    async def together():
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(
+                speak(session, url(server, voice="people%2Fbob.wav"), WORDS[:3]),
+                speak(session, url(server), WORDS))
+
+    (by_name, _), (with_bob, _) = run(together())
     by_message = split(run(speak_session(url(server), WORDS[:3], before=[voice]))[0])[1]
-    np.testing.assert_array_equal(by_name, bob)
+    np.testing.assert_array_equal(split(by_name)[1], bob)
+    assert split(by_name)[2] == bob_texts
+    np.testing.assert_array_equal(split(with_bob)[1], alice[0])
+    assert split(with_bob)[2] == alice[1]
     np.testing.assert_array_equal(by_message, bob)
 
 
