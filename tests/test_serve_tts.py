@@ -355,3 +355,24 @@ def test_a_codec_that_does_not_start_is_one_clients_error(server, alice,
 
     run(clients())
     assert len(mimi_fails_to_start_once) == 1
+
+
+def test_a_bad_break_is_that_clients_error(server, alice):
+    """A text whose break has no time in seconds: Error (nothing of it is spoken), a close;
+    another client at the same time gets the audio it gets alone."""
+
+    async def bad(session):
+        messages, code = await speak(session, url(server),
+                                     ['Hello <break time="soon"/> there'])
+        unpacked = [msgpack.unpackb(m) for m in messages]
+        assert unpacked[-1]["type"] == "Error" and code == 1002
+        assert "break needs a time in seconds" in unpacked[-1]["message"]
+
+    async def both():
+        async with aiohttp.ClientSession() as session:
+            good, _ = await asyncio.gather(speak(session, url(server), WORDS), bad(session))
+            return good
+
+    messages, code = run(both())
+    assert code == 1000
+    np.testing.assert_array_equal(split(messages)[1], alice[0])

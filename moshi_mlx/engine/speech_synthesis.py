@@ -198,6 +198,9 @@ class Synthesizer(SlotLoop):
 
     def _ready(self, stream: Stream) -> bool:
         """Takes the stream's new text -> whether it can step now."""
+        # imported here, on the model's thread: the module's byte side must not import MLX
+        from ..models.tts_script import NoWords, ScriptError
+
         texts, ended = stream.take()
         tts = stream.tts
         if tts is None and texts:
@@ -209,8 +212,12 @@ class Synthesizer(SlotLoop):
         for text in texts:
             try:
                 tts.push_text(text, new_turn=tts.turn < 0)
-            except ValueError as e:  # ScriptError: no word in it (Kyutai's server skips it)
+            except NoWords as e:  # Kyutai's server skips it
                 log.info("slot %d: text skipped: %s", stream.slot, e)
+            except ScriptError as e:  # a bad break: that client's Error
+                log.warning("slot %d: bad text: %s", stream.slot, e)
+                stream.fail(f"bad message: {e}")
+                return False
         if ended and not tts.gen.state.closed:
             tts.end()
         state = tts.gen.state
