@@ -74,10 +74,10 @@ def test_requests_give_wav_frames_and_transcript(env, capsys):
         steps = [s for _, s in info["transcript"]]
         assert steps == sorted(steps) and info["end_step"] > steps[-1]
         frames = mx.load(str(env / "out" / f"{rid}.safetensors"))["frames"]
-        assert frames.shape[0] == 5  # text + 4 codebooks
+        assert frames.shape[0] == 4  # the codebooks
         pcm = read_24k(env / "out" / f"{rid}.wav", 1)
-        # audio from the first frame past the delay (16) to the last made
-        assert len(pcm) == (frames.shape[1] - 16) * 1920
+        assert len(pcm) == frames.shape[1] * 1920  # a frame of codes per 80 ms of audio
+        assert len(info["logged_text_tokens"]) == info["end_step"] + 16 + 4  # delay, final
     one = json.loads((env / "out" / "one.json").read_text())
     assert one["transcript"][1][1] - one["transcript"][0][1] >= 12  # the 1 s break
     assert sorted(p.name for p in (env / "out").iterdir()) == [
