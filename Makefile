@@ -5,8 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PARITY_STAMP := $(VENV)/.installed-parity
+# Kyutai's moshi_mlx 0.3.0, the yardstick of the TTS tests and of bench-live and bench-tts.
+REFERENCE := .venv-kyutai
 
-.PHONY: install demo test test-fast test-probes bench bench-live bench-memory lint clean
+.PHONY: install demo test test-fast test-probes bench bench-live bench-memory bench-tts lint clean
 
 install: $(STAMP)
 
@@ -27,9 +29,10 @@ demo: $(STAMP)
 	$(PY) -m moshi_mlx.local_web --demo
 
 # All the tests, as CI runs them, one at a time (the real-time ones need the cores). Those marked
-# `slow` (an app in a subprocess, a server, a real-time run, a PyTorch model) are left out of
-# test-fast, the subset for every change, which runs on two workers (pytest-xdist).
-test: $(PARITY_STAMP)
+# `slow` (an app in a subprocess, a server, a real-time run, a PyTorch model, Kyutai's MLX
+# run_tts) are left out of test-fast, the subset for every change, which runs on two workers
+# (pytest-xdist).
+test: $(PARITY_STAMP) $(REFERENCE)/.installed
 	$(PY) -m pytest -q
 
 test-fast: $(PARITY_STAMP)
@@ -47,9 +50,8 @@ bench: $(STAMP)
 bench-memory: $(STAMP)
 	$(PY) -m benchmarks.bench_memory --config moshi_7b_4layers --fill direct
 
-# Kyutai's moshi_mlx 0.3.0, the yardstick of bench-live, in a venv of its own (never imported by
-# the project): --no-deps, since it pins an older mlx; what it imports is installed beside it.
-REFERENCE := .venv-kyutai
+# Kyutai's moshi_mlx 0.3.0 in a venv of its own (never imported by the project): --no-deps, since
+# it pins an older mlx; what it imports is installed beside it.
 $(REFERENCE)/.installed:
 	$(PYTHON) -m venv $(REFERENCE)
 	$(REFERENCE)/bin/pip install --quiet --no-deps moshi_mlx==0.3.0

@@ -6,10 +6,11 @@
 Each line of the JSONL file is a request `{"turns": [...], "voices": [...], "id": "x"}` (turns
 alternate between the speakers, the main one first; one voice per speaker); each gives
 `ID.wav`, and unless `--only-wav` `ID.safetensors` (`frames`: the audio codes [n_q, frames], a
-frame per 80 ms of the wav) and `ID.json` (the words with their steps, `end_step`, the text tokens
-of every step, the settings), as Kyutai's MLX run_tts writes them. With `-` as input, each line of stdin is spoken as it
-arrives (one voice, `--voice`), into `stdin.wav`, or to the speakers with `--out-folder -`.
-Files are written as the audio comes, under a temporary name, renamed when complete.
+frame per 80 ms of the wav) and `ID.json` (the words with their steps, `end_step`, the text
+tokens of every step, the settings), as Kyutai's MLX run_tts writes them. With `-` as input,
+each line of stdin is spoken as it arrives (one voice, `--voice`), into `stdin.wav`, or to the
+speakers with `--out-folder -`. Files are written as the audio comes, under a temporary name,
+renamed when complete.
 """
 
 import argparse
