@@ -196,6 +196,7 @@ def speak(stream: TtsStream, out) -> tuple[list[np.ndarray], list, list]:
 
 
 def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None:
+    log.info("speaking %s", req.id)
     stream = TtsStream(model, tokenizer, files.mimi_weight,
                        voices_for(req.voices, args, raw, multi_speaker(model)),
                        tts_samplers(args.temp), options(args, model))
@@ -208,7 +209,7 @@ def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None
     stream.end()
     folder = Path(args.out_folder)
     path = folder / f"{req.id}.wav"
-    with atomic_write(path) as f, WavWriter(f, SAMPLE_RATE) as wav:
+    with atomic_write(path, buffering=0) as f, WavWriter(f, SAMPLE_RATE) as wav:
         frames, transcript, logged = speak(stream, wav.write)
     if not args.only_wav:
         n_q = stream.gen.codebooks
@@ -257,7 +258,7 @@ def run_stdin(model, tokenizer, files, raw, args, stack) -> None:
         write = stack.enter_context(playback())
     else:
         path = Path(args.out_folder) / f"{STDIN_ID}.wav"
-        f = stack.enter_context(atomic_write(path))
+        f = stack.enter_context(atomic_write(path, buffering=0))
         write = stack.enter_context(WavWriter(f, SAMPLE_RATE)).write
     while not stream.done:
         while not lines.empty():
