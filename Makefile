@@ -77,7 +77,7 @@ bench-live: $(LIVE)/.installed $(REFERENCE)/.installed
 		--pace $(PACE)
 
 # Text to speech beside Kyutai's run_tts, the same files and text, each -q: the demo model and
-# kyutai/tts-1.6b-en_fr's widths (2 layers); about 20 min on 2 cores.
+# kyutai/tts-1.6b-en_fr's widths (2 layers); about 25 min on 2 cores.
 bench-tts: $(STAMP) $(REFERENCE)/.installed
 	$(PY) -m benchmarks.bench_tts --reference $(REFERENCE)/bin/python --models demo wide
 
