@@ -5,8 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PARITY_STAMP := $(VENV)/.installed-parity
+# Kyutai's moshi_mlx 0.3.0, the yardstick of the TTS tests and of bench-live and bench-tts.
+REFERENCE := .venv-kyutai
 
-.PHONY: install demo test test-fast test-probes bench bench-live bench-memory lint clean
+.PHONY: install demo test test-fast test-probes bench bench-live bench-memory bench-tts lint clean
 
 install: $(STAMP)
 
@@ -28,10 +30,11 @@ demo: $(STAMP)
 
 # All the tests, as CI runs them: those marked `realtime` (real-time pace, wall-clock deadlines,
 # pings: see tests/conftest.py) one at a time, since they need the cores, after the others on two
-# workers (pytest-xdist); both parts run, and either failing fails the target. Those marked
-# `slow` (an app in a subprocess, a server, a real-time run, a PyTorch model) are left out of
+# workers (pytest-xdist); both parts run, and either failing fails the target. Kyutai's MLX
+# run_tts (in its own venv) is one of the references. Those marked `slow` (an app in a
+# subprocess, a server, a real-time run, a PyTorch model, Kyutai's run_tts) are left out of
 # test-fast, the subset for every change.
-test: $(PARITY_STAMP)
+test: $(PARITY_STAMP) $(REFERENCE)/.installed
 	$(PY) -m pytest -q -m "not realtime" -n 2; a=$$?; \
 	$(PY) -m pytest -q -m realtime; b=$$?; \
 	exit $$(( a != 0 || b != 0 ))
@@ -51,9 +54,8 @@ bench: $(STAMP)
 bench-memory: $(STAMP)
 	$(PY) -m benchmarks.bench_memory --config moshi_7b_4layers --fill direct
 
-# Kyutai's moshi_mlx 0.3.0, the yardstick of bench-live, in a venv of its own (never imported by
-# the project): --no-deps, since it pins an older mlx; what it imports is installed beside it.
-REFERENCE := .venv-kyutai
+# Kyutai's moshi_mlx 0.3.0 in a venv of its own (never imported by the project): --no-deps, since
+# it pins an older mlx; what it imports is installed beside it.
 $(REFERENCE)/.installed:
 	$(PYTHON) -m venv $(REFERENCE)
 	$(REFERENCE)/bin/pip install --quiet --no-deps moshi_mlx==0.3.0
@@ -77,6 +79,11 @@ PACE ?= 1
 bench-live: $(LIVE)/.installed $(REFERENCE)/.installed
 	$(LIVE)/bin/python -m benchmarks.bench_live --reference $(REFERENCE)/bin/python --runs 2 \
 		--pace $(PACE)
+
+# Text to speech beside Kyutai's run_tts, the same files and text, each -q: the demo model and
+# kyutai/tts-1.6b-en_fr's widths (2 layers); about 25 min on 2 cores.
+bench-tts: $(STAMP) $(REFERENCE)/.installed
+	$(PY) -m benchmarks.bench_tts --reference $(REFERENCE)/bin/python --models demo wide
 
 lint: $(STAMP)
 	$(PY) -m ruff check moshi_mlx weights_tools tests benchmarks

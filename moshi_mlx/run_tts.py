@@ -5,15 +5,17 @@
 
 Each line of the JSONL file is a request `{"turns": [...], "voices": [...], "id": "x"}` (turns
 alternate between the speakers, the main one first; one voice per speaker); each gives
-`ID.wav`, and unless `--only-wav` `ID.safetensors` (the frames of codes) and `ID.json` (the words
-with their steps, `end_step`, the settings). With `-` as input, each line of stdin is spoken as it
-arrives (one voice, `--voice`), into `stdin.wav`, or to the speakers with `--out-folder -`.
-Files are written as the audio comes, under a temporary name, renamed when complete.
+`ID.wav`, and unless `--only-wav` `ID.safetensors` (`frames`: the audio codes [n_q, frames], a
+frame per 80 ms of the wav) and `ID.json` (the words with their steps, `end_step`, the text
+tokens of every step, the settings), as Kyutai's MLX run_tts writes them. With `-` as input,
+each line of stdin is spoken as it arrives (one voice, `--voice`), into `stdin.wav`, or to the
+speakers with `--out-folder -`. Files are written as the audio comes, under a temporary name,
+renamed when complete.
 
 A voice is a speaker embedding (.safetensors) for a model with speaker conditioning
 (kyutai/tts-1.6b-en_fr), or a wav for one without (kyutai/tts-0.75b-en-public): its audio,
 encoded with Mimi, is spoken first and the speech goes on in its voice (the wav, the word
-times and `end_step` leave it out; ID.safetensors keeps it, `start_step` frames).
+times and ID.safetensors leave it out; `start_step` counts its frames).
 """
 
 import argparse
@@ -209,23 +211,23 @@ def options(args, model) -> TtsOptions:
                       args.padding_bonus, cfg_coef=1.0 if values else args.cfg_coef)
 
 
-def speak(stream: TtsStream, out, on_words=None) -> tuple[list[np.ndarray], list]:
-    """Steps `stream` to its end, writing each frame's audio to `out` as it comes; ->
-    (frames of codes, transcript)."""
-    frames, transcript = [], []
+def speak(stream: TtsStream, out) -> tuple[list[np.ndarray], list, list]:
+    """Steps `stream` to its end, writing each frame's audio to `out` as it comes; -> (the
+    frames of audio codes [n_q] that `out` got, one per 80 ms, as Kyutai's run_tts saves them;
+    the transcript, (word, step); the text tokens (sampled, fed) of every step)."""
+    frames, transcript, logged = [], [], []
     while not stream.done:
         s = stream.step()
-        if s.step.frame is not None:
-            frames.append(np.array(s.step.frame))
+        logged.append(([s.step.sampled], s.step.fed))
         if s.pcm is not None:
+            frames.append(np.array(s.step.frame[1:]))
             out(s.pcm)
         transcript += [(w, t) for w, t in s.step.words]
-        if on_words and s.step.words:
-            on_words(s.step.words)
-    return frames, transcript
+    return frames, transcript, logged
 
 
 def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None:
+    log.info("speaking %s", req.id)
     stream = new_stream(req.voices, model, tokenizer, files, raw, args, stack)
     for turn in req.turns:
         if turn.strip():
@@ -235,10 +237,11 @@ def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None
     stream.end()
     folder = Path(args.out_folder)
     path = folder / f"{req.id}.wav"
-    with atomic_write(path) as f, WavWriter(f, SAMPLE_RATE) as wav:
-        frames, transcript = speak(stream, wav.write)
+    with atomic_write(path, buffering=0) as f, WavWriter(f, SAMPLE_RATE) as wav:
+        frames, transcript, logged = speak(stream, wav.write)
     if not args.only_wav:
-        codes = np.stack(frames, axis=1) if frames else np.zeros((1, 0), np.int32)
+        n_q = stream.gen.codebooks
+        codes = np.stack(frames, axis=1) if frames else np.zeros((n_q, 0), np.int32)
         with atomic_write(path.with_suffix(".safetensors")) as f:
             writer = SafetensorsWriter(f, [("frames", TensorInfo("int32", codes.shape))])
             writer.write("frames", mx.array(codes, mx.int32))
@@ -247,10 +250,11 @@ def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None
                 "model_id": raw.get("model_id"), "cfg_coef": args.cfg_coef, "temp": args.temp,
                 "max_padding": args.max_padding, "initial_padding": args.initial_padding,
                 "final_padding": args.final_padding, "padding_between": args.padding_between,
-                "padding_bonus": args.padding_bonus, "nq": stream.gen.codebooks,
-                "transcript": transcript, "end_step": stream.gen.end_step,
-                "start_step": stream.gen.prefix_steps,
-                "turns": req.turns, "voices": req.voices}
+                "padding_bonus": args.padding_bonus, "nq": n_q,
+                "transcript": transcript,
+                "consumption_times": stream.gen.state.consumption_times,
+                "turns": req.turns, "voices": req.voices, "logged_text_tokens": logged,
+                "end_step": stream.gen.end_step, "start_step": stream.gen.prefix_steps}
         with atomic_write(path.with_suffix(".json"), "w") as f:
             json.dump(info, f)
     log.info("wrote %s (%.1f s, %d words)", path, len(frames) / FRAME_RATE, len(transcript))
@@ -279,7 +283,7 @@ def run_stdin(model, tokenizer, files, raw, args, stack) -> None:
         write = stack.enter_context(playback())
     else:
         path = Path(args.out_folder) / f"{STDIN_ID}.wav"
-        f = stack.enter_context(atomic_write(path))
+        f = stack.enter_context(atomic_write(path, buffering=0))
         write = stack.enter_context(WavWriter(f, SAMPLE_RATE)).write
     while not stream.done:
         while not lines.empty():

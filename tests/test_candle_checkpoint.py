@@ -11,16 +11,7 @@ from mlx.utils import tree_flatten
 from moshi_mlx import model_files
 from moshi_mlx.models.checkpoint import read_header
 from moshi_mlx.weights.demo import MOSHI_NAME, build_demo_repo
-from moshi_mlx.weights.pytorch_layout import conversion_rules, is_pytorch_layout
-
-
-def pytorch_layout(mlx_weights: dict, cfg) -> dict:
-    """MLX weights -> PyTorch's names and shapes (what the conversion reads)."""
-    out = {}
-    for rule in conversion_rules(cfg):
-        value = mlx_weights[rule.targets[0]]
-        out[rule.source] = value.reshape(1, 1, -1) if rule.kind == "norm" else value
-    return out
+from moshi_mlx.weights.pytorch_layout import is_pytorch_layout, to_pytorch_layout
 
 
 def test_a_candle_repository_loads_as_the_mlx_one(tmp_path):
@@ -29,7 +20,7 @@ def test_a_candle_repository_loads_as_the_mlx_one(tmp_path):
     shutil.copytree(mlx_repo, candle)
     files = model_files.resolve_repo(str(mlx_repo))
     weights = mx.load(str(files.moshi_weight))
-    mx.save_safetensors(str(candle / MOSHI_NAME), pytorch_layout(weights, files.lm_config))
+    mx.save_safetensors(str(candle / MOSHI_NAME), to_pytorch_layout(weights, files.lm_config))
     assert is_pytorch_layout(read_header(candle / MOSHI_NAME).tensors)
     ours, _, _ = model_files.load_model(files, warmup=False)
     theirs, _, _ = model_files.load_model(model_files.resolve_repo(str(candle)), warmup=False)

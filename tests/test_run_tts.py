@@ -74,10 +74,10 @@ def test_requests_give_wav_frames_and_transcript(env, capsys):
         steps = [s for _, s in info["transcript"]]
         assert steps == sorted(steps) and info["end_step"] > steps[-1]
         frames = mx.load(str(env / "out" / f"{rid}.safetensors"))["frames"]
-        assert frames.shape[0] == 5  # text + 4 codebooks
+        assert frames.shape[0] == 4  # the codebooks
         pcm = read_24k(env / "out" / f"{rid}.wav", 1)
-        # audio from the first frame past the delay (16) to the last made
-        assert len(pcm) == (frames.shape[1] - 16) * 1920
+        assert len(pcm) == frames.shape[1] * 1920  # a frame of codes per 80 ms of audio
+        assert len(info["logged_text_tokens"]) == info["end_step"] + 16 + 4  # delay, final
     one = json.loads((env / "out" / "one.json").read_text())
     assert one["transcript"][1][1] - one["transcript"][0][1] >= 12  # the 1 s break
     assert sorted(p.name for p in (env / "out").iterdir()) == [
@@ -167,11 +167,13 @@ def speech_wav(path, seconds=1.0):
 
 def test_a_wav_voice_is_spoken_first_by_a_model_without_speakers(env, capsys, public):
     """The wav's Mimi codes (rustymimi's own encoding of the wav, frame by frame) are the first
-    frames; the wav written, the word times and the end step leave them out; the default
-    --cfg-coef 2 guides this model with a second row."""
+    frames; the wav written and the frames saved leave them out, the word steps count them;
+    the default --cfg-coef 2 guides this model with a second row."""
     import rustymimi
 
+    from moshi_mlx.audio.mimi import Mimi
     from moshi_mlx.audio.wav import read_wav
+    from moshi_mlx.engine.tts import voice_prefix
 
     voice = speech_wav(env / "me.wav")
     jsonl = write_jsonl(env / "in.jsonl", {"turns": ["Hello there."], "voices": ["me.wav"],
@@ -188,10 +190,16 @@ def test_a_wav_voice_is_spoken_first_by_a_model_without_speakers(env, capsys, pu
     pcm = np.pad(read_wav(voice, 24000), (0, 13 * 1920 - 24000))
     tokenizer = rustymimi.Tokenizer(str(mimi_file), num_codebooks=4)
     codes = [tokenizer.encode_step(f[None, None])[0, :, 0] for f in pcm.reshape(13, 1920)]
-    assert (frames[1:, 16:16 + prefix] == np.stack(codes[:prefix], axis=1)).all()
-    assert (frames[0, :prefix] == -1).all() and frames[0, prefix] != -1  # no text meanwhile
+    mimi = Mimi(mimi_file, num_codebooks=4)
+    try:
+        assert (voice_prefix(mimi, read_wav(voice, 24000)) == np.stack(codes[:prefix], 1)).all()
+    finally:
+        mimi.close()
+    assert all(fed == -1 for _, fed in info["logged_text_tokens"][:prefix])  # no text fed
+    assert info["logged_text_tokens"][prefix][1] != -1  # during the prefix, then text
     pcm_out = read_24k(env / "out" / "p.wav", 1)
-    assert len(pcm_out) == (frames.shape[1] - 16 - prefix) * 1920
+    assert frames.shape[0] == 4 and len(pcm_out) == frames.shape[1] * 1920
+    assert frames.shape[1] == len(info["logged_text_tokens"]) - 18 - prefix  # delays 16 + 2
 
 
 @pytest.mark.parametrize("voices, message", [

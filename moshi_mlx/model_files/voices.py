@@ -24,21 +24,31 @@ def voice_suffix(raw_config: dict) -> str:
 
 
 def voice_path(voice: str, voice_repo: str = DEFAULT_VOICE_REPO, suffix: str = "") -> Path:
-    """A voice: a local .safetensors (or .wav) file, an hf://owner/repo/file address, or a name
-    in `voice_repo` (e.g. 'expresso/ex03-ex01_happy_001_channel1_334s.wav', to which the model's
-    `suffix` is added). Raises ModelFilesError for a voice that cannot be found."""
+    """A voice, found where Kyutai's run_tts looks: a local .safetensors (or .wav) file (the name
+    with the model's `suffix` added, or the name), an hf://owner/repo/file address (the suffix
+    added unless it names a .safetensors file), or a name in `voice_repo`, a Hugging Face
+    repository or a local directory (e.g. 'expresso/ex03-ex01_happy_001_channel1_334s.wav', to
+    which the suffix is added). A model without speaker conditioning has no suffix: its voices
+    are wavs. Raises ModelFilesError for a voice that cannot be found."""
     if voice.startswith(HF_PREFIX):
-        return hub_download(*parse_hf_uri(voice))
-    local = Path(voice).expanduser()
-    if local.suffix in (".safetensors", ".wav") and local.is_file():
-        return local
-    try:
-        return hub_download(voice_repo, voice + suffix)
-    except HubFileMissing:
-        raise ModelFilesError(
-            f"unknown voice '{voice}': {voice_repo} has no '{voice + suffix}' (the names are "
-            "those of huggingface.co/kyutai/tts-voices without the suffix), and it is not a "
-            "local .safetensors or .wav file.") from None
+        return hub_download(*parse_hf_uri(voice if voice.endswith(".safetensors")
+                                          else voice + suffix))
+    for local in (Path(voice + suffix).expanduser(), Path(voice).expanduser()):
+        if local.suffix in (".safetensors", ".wav") and local.is_file():
+            return local
+    folder = Path(voice_repo).expanduser()
+    if folder.is_dir():
+        if (folder / (voice + suffix)).is_file():
+            return folder / (voice + suffix)
+    else:
+        try:
+            return hub_download(voice_repo, voice + suffix)
+        except HubFileMissing:
+            pass
+    raise ModelFilesError(
+        f"unknown voice '{voice}': {voice_repo} has no '{voice + suffix}' (the names are "
+        "those of huggingface.co/kyutai/tts-voices without the suffix), and it is not a "
+        "local .safetensors or .wav file.")
 
 
 def named_voice(name: str, voice_repo: str = DEFAULT_VOICE_REPO, suffix: str = "") -> Path:

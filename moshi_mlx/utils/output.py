@@ -75,14 +75,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | Path, mode: str = "wb", buffering: int = -1) -> Iterator[IO]:
     """Yields a file object on a temporary file next to `path`, as `atomic_path` does; an
-    `OSError` in the block (which only writes) becomes an `OutputFileError`."""
+    `OSError` in the block (which only writes) becomes an `OutputFileError`. `buffering`: as
+    `open`'s (0: each write reaches the file at once, for a file written as audio comes)."""
     path = Path(path)
     fd, tmp = _temporary_beside(path)
     with _replacing(path, tmp):
         try:
-            with os.fdopen(fd, mode) as f:
+            with os.fdopen(fd, mode, buffering) as f:
                 yield f
         except OSError as e:
             raise cannot_write(path, e) from None

@@ -47,6 +47,17 @@ class Rule:
             return (self.num_chunks * shape[0], *shape[1:])
         return shape
 
+    def source_of(self, weights: dict[str, mx.array]) -> mx.array:
+        """The source tensor that `apply` turns back into `weights` (MLX names)."""
+        if self.kind == "norm":
+            return weights[self.targets[0]].reshape(1, 1, -1)
+        if self.kind == "chunks":
+            first = {}
+            for target, c in zip(self.targets, self.chunk_of, strict=True):
+                first.setdefault(c, weights[target])
+            return mx.concatenate([first[c] for c in range(self.num_chunks)])
+        return weights[self.targets[0]]
+
     def apply(self, source: mx.array) -> list[tuple[str, mx.array]]:
         if self.kind == "norm":
             source = source.reshape(-1)
@@ -166,6 +177,12 @@ def conversion_rules(cfg: LmConfig, stacked: bool = True,
     return rules
 
 
+def to_pytorch_layout(weights: dict[str, mx.array], cfg: LmConfig) -> dict[str, mx.array]:
+    """An `Lm`'s unquantized weights (MLX names) -> the tensors of Kyutai's released PyTorch
+    file (attention weights stacked), which `load_pytorch_weights` reads back to them."""
+    return {rule.source: rule.source_of(weights) for rule in conversion_rules(cfg)}
+
+
 def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, TensorInfo],
                  config_name: str) -> None:
     """Raises `CheckpointError` listing every missing, unexpected, misshapen or non-float
@@ -182,8 +199,9 @@ def check_source(header: checkpoint.Header, rules: list[Rule], plain: dict[str, 
 
 
 def load_pytorch_weights(model, path: str | Path) -> None:
-    """Loads PyTorch moshi weights (either attention layout) into the unquantized `model`, each
-    tensor cast to its parameter's dtype, after checking every tensor of the file against the
+    """Loads PyTorch moshi weights (either attention layout) into the unquantized `model`, in
+    the file's dtype (a float32 file computes in float32, as Kyutai's MLX `run_tts` does; a
+    bf16 one, as released, in bf16), after checking every tensor of the file against the
     model's config (`CheckpointError` lists what does not match)."""
     header = checkpoint.read_header(path)
     rules = conversion_rules(model.cfg, *stacked_layouts(header.tensors))
@@ -194,5 +212,5 @@ def load_pytorch_weights(model, path: str | Path) -> None:
     weights = []
     for rule in rules:
         for name, value in rule.apply(arrays.pop(rule.source)):
-            weights.append((name, value.astype(getattr(mx, expected[name].dtype))))
+            weights.append((name, value))
     model.load_weights(weights, strict=True)
