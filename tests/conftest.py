@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +51,14 @@ REALTIME_FILES = {
     "test_serve_cli.py", "test_serve_tts.py", "test_server_probes.py", "test_sound_devices.py",
     "test_web_browser.py", "test_worklets.py",
 }
+
+
+def pytest_configure(config):
+    # A run started in the background by a shell without job control ignores SIGINT, and the
+    # apps it starts would inherit that: their Ctrl-C tests would find Ctrl-C ignored. A
+    # handler here is reset to the default in every child.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items):
