@@ -216,8 +216,7 @@ def speak(stream: TtsStream, out) -> tuple[list[np.ndarray], list, list]:
     frames of audio codes [n_q] that `out` got, one per 80 ms, as Kyutai's run_tts saves them;
     the transcript, (word, step); the text tokens (sampled, fed) of every step)."""
     frames, transcript, logged = [], [], []
-    while not stream.done:
-        s = stream.step()
+    for s in stream.spoken_steps():
         logged.append(([s.step.sampled], s.step.fed))
         if s.pcm is not None:
             frames.append(np.array(s.step.frame[1:]))

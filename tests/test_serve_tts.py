@@ -376,3 +376,20 @@ def test_a_bad_break_is_that_clients_error(server, alice):
     messages, code = run(both())
     assert code == 1000
     np.testing.assert_array_equal(split(messages)[1], alice[0])
+
+
+def test_pipelined_steps_equal_the_serial_ones(server, alice):
+    """`TtsStream.spoken_steps` (Mimi decodes a frame while the model makes the next: what
+    run_tts runs) gives the serial loop's audio, frame for frame, and its word times."""
+    model, tokenizer, _ = model_files.load_model(server.files, warmup=False)
+    stream = TtsStream(model, tokenizer, server.files.mimi_weight,
+                       [mx.array(server.embeddings["alice"])], GREEDY, TtsOptions(n_q=8))
+    try:
+        stream.push_text(" ".join(WORDS))
+        stream.end()
+        spoken = list(stream.spoken_steps())
+    finally:
+        stream.close()
+    np.testing.assert_array_equal(np.stack([s.pcm for s in spoken if s.pcm is not None]),
+                                  alice[0])
+    assert [w for s in spoken for w in s.words] == [(t["text"], t["start_s"]) for t in alice[1]]

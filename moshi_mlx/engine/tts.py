@@ -3,7 +3,9 @@
 `models.tts.TtsGen`; this adds the text tokenizer, the conditions and Mimi (the decoder, and
 the encoder of a voice given as audio: `voice_prefix`)."""
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
@@ -137,6 +139,21 @@ class TtsStream:
 
     def step(self) -> SpokenStep:
         return self.speak(self.gen.step())
+
+    def spoken_steps(self) -> Iterator[SpokenStep]:
+        """`step()` until `done`, each step yielded once spoken; Mimi decodes a step's frame
+        (in its process, waited on by a thread) while the model makes the next one."""
+        with ThreadPoolExecutor(1, thread_name_prefix="mimi-decode") as decoder:
+            pending = None
+            while not self.done:
+                s = self.gen.step()
+                if s.frame is not None:  # read here: MLX stays on the model's thread
+                    s = replace(s, frame=np.array(s.frame))
+                if pending is not None:
+                    yield pending.result()
+                pending = decoder.submit(self.speak, s)
+            if pending is not None:
+                yield pending.result()
 
     def speak(self, s: TtsStep) -> SpokenStep:
         """A step of the model (`gen.step()`, or a batched step of `gen`'s) -> it spoken: the
