@@ -151,7 +151,9 @@ def load(args):
     if not files.lm_config.cross_attention and files.lm_config.tts_config is None:
         raise models.ConfigError("this model is not a TTS model (no tts_config): use "
                                  "run_inference or local for Moshi's other models")
-    model, tokenizer, _ = model_files.load_model(files, warmup=False)
+    guided = not cfg_values(files.lm_config) and args.cfg_coef != 1  # a second row each step
+    model, tokenizer, _ = model_files.load_model(
+        files, warmup=False, options=model_files.MemoryOptions(rows_per_stream=1 + guided))
     if args.quantize:
         models.quantize(model, bits=args.quantize, group_size=64 if args.quantize == 8 else 32)
     return model, tokenizer, files, raw
@@ -198,8 +200,13 @@ def new_stream(names: list[str], model, tokenizer, files, raw, args, stack) -> T
                      mimi, prefix)
 
 
+def cfg_values(cfg) -> list[str]:
+    """The `cfg` values of a cfg-distilled model ([] for one that is not)."""
+    return cfg.conditioners.get("cfg", {}).get("lut", {}).get("possible_values", [])
+
+
 def options(args, model) -> TtsOptions:
-    values = model.cfg.conditioners.get("cfg", {}).get("lut", {}).get("possible_values", [])
+    values = cfg_values(model.cfg)
     cfg_value = None
     if values:
         cfg_value = format(args.cfg_coef, ".1f")

@@ -201,3 +201,19 @@ def test_tts_estimate_counts_the_speakers_keys_and_values():
                                                  if k != "speaker_wavs"}})
     extra = memory.kv_cache_bytes(cfg, setup) - memory.kv_cache_bytes(plain, setup)
     assert extra == sum(k.nbytes + v.nbytes for k, v in cross) > 0
+
+
+def test_guidance_rows_each_have_a_kv_cache_and_share_the_mimi():
+    """Classic guidance steps two rows of the model per stream: the estimate counts a full cache
+    for each (the arrays of a real cache filled by a batch of 2, float32 model) and one Mimi."""
+    cfg = tiny_config(dim=256, num_heads=4, context=40)
+    model = random_model(cfg)
+    cache = model.make_cache(context=30)
+    text = mx.zeros((2, 50), mx.int32)
+    model(text, mx.zeros((2, cfg.n_q, 50), mx.int32), cache=cache)
+    model(text[:, :1], mx.zeros((2, cfg.n_q, 1), mx.int32), cache=cache)  # trims to 30 steps
+    setup = memory.Setup(Q4 if mx.default_device().type == mx.DeviceType.cpu else None, None, 30)
+    one, guided = (memory.ModelSizes(cfg, 10**6, None, 1000, rows_per_stream=rows).estimate(setup)
+                   for rows in (1, 2))
+    assert guided.kv_cache == 2 * one.kv_cache == sum(c.nbytes for c in cache)
+    assert guided.mimi == one.mimi and guided.weights == one.weights
