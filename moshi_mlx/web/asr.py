@@ -78,14 +78,9 @@ class AsrService(SlotService):
             pass
         finally:
             self.sockets.discard(ws)
-            self.slots.leaving(row)
-            try:
-                if stream is not None:
-                    await asyncio.wrap_future(self.transcriber.close(stream))
-            finally:
-                self.slots.give_back(row)
-                log.info("asr: %s left slot %d (%d frames transcribed)", request.remote, row,
-                         stream.steps if stream is not None else 0)
+            await self.release(row, stream)
+            log.info("asr: %s left slot %d (%d frames transcribed)", request.remote, row,
+                     stream.steps if stream is not None else 0)
         return ws
 
     async def _send(self, ws: web.WebSocketResponse, events: asyncio.Queue) -> None:

@@ -181,6 +181,16 @@ class SlotService:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
 
+    async def release(self, slot: int, stream: object | None) -> None:
+        """`slot`'s client is gone: its stream (if it had one) ends, and the slot is given back
+        once ready for the next stream (a client coming meanwhile waits for it)."""
+        self.slots.leaving(slot)
+        try:
+            if stream is not None:
+                await asyncio.wrap_future(self.engine.close(stream))
+        finally:
+            self.slots.give_back(slot)
+
     async def open_stream(self, ws: web.WebSocketResponse, slot: int,
                           open_: Callable[[], T]) -> T | None:
         """`open_()` (it resets the slot's Mimi: it blocks) off the event loop -> the slot's

@@ -164,14 +164,9 @@ class TtsService(SlotService):
         return ws
 
     async def _release(self, request: web.Request, slot: int, stream: Stream | None) -> None:
-        self.slots.leaving(slot)
-        try:
-            if stream is not None:
-                await asyncio.wrap_future(self.synthesizer.close(stream))
-        finally:
-            self.slots.give_back(slot)
-            log.info("tts: %s left slot %d (%d frames spoken)", request.remote, slot,
-                     stream.frames if stream is not None else 0)
+        await self.release(slot, stream)
+        log.info("tts: %s left slot %d (%d frames spoken)", request.remote, slot,
+                 stream.frames if stream is not None else 0)
 
     async def _send(self, ws: web.WebSocketResponse, events: asyncio.Queue, out: AudioOut,
                     release: Callable[[], Awaitable]) -> None:
