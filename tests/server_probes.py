@@ -424,17 +424,23 @@ async def short_conversation(http: aiohttp.ClientSession, url: str, frames: int 
     return waited
 
 
-def settled_figures(pid: int, before: ProcessFigures | None,
-                    timeout: float = 15.0) -> ProcessFigures | None:
-    """The process's figures once it holds no more open files and threads than `before` (the
-    sockets of ended connections take a moment to close, the threads of ended conversations to
-    finish, the next Mimi to load: seconds on a loaded machine), or after `timeout` seconds (a
-    leak never settles)."""
+def settled_figures(pid: int, before: ProcessFigures | None, timeout: float = 15.0,
+                    steady: float = 1.0) -> ProcessFigures | None:
+    """The process's figures once they have not changed for `steady` seconds and it holds no more
+    open files and threads than `before` (the sockets of ended connections take a moment to close,
+    the threads of ended conversations to finish, the next conversation's Mimi to start with its
+    pipes: seconds on a loaded machine; a reading in the middle of that is not the idle server's),
+    or after `timeout` seconds (a leak never settles)."""
     deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
     while True:
         now = process_figures(pid)
-        if (now is None or before is None or time.monotonic() > deadline
-                or (now.fds <= before.fds and now.threads <= before.threads)):
+        if now is None or time.monotonic() > deadline:
+            return now
+        if last is None or (now.fds, now.threads) != (last.fds, last.threads):
+            last, since = now, time.monotonic()
+        elif (time.monotonic() - since >= steady
+              and (before is None or (now.fds <= before.fds and now.threads <= before.threads))):
             return now
         time.sleep(0.1)
 
@@ -444,6 +450,7 @@ class MemoryRun:
     start: ProcessFigures | None  # the server ready, before any conversation
     first: ProcessFigures | None  # after the first conversation
     last: ProcessFigures | None  # after all of them
+    idle: ProcessFigures | None  # the most threads and fds the idle server held: start or first
     conversations: int
     waits: list[float]  # seconds each conversation waited for its handshake
 
@@ -456,12 +463,16 @@ def memory_probe(server: ServerProcess, conversations: int) -> MemoryRun:
         async with aiohttp.ClientSession() as http:
             return [await short_conversation(http, server.url) for _ in range(count)]
 
-    start = process_figures(server.proc.pid)
+    start = settled_figures(server.proc.pid, None)
     waits = asyncio.run(talk(1))
     first = settled_figures(server.proc.pid, start)
+    # Between two conversations the server swaps the ended one's Mimi process for a fresh one, so
+    # an idle reading may catch it with or without that process's pipes: the larger one counts.
+    idle = first and start and ProcessFigures(first.rss_mb, max(start.threads, first.threads),
+                                              max(start.fds, first.fds))
     waits += asyncio.run(talk(conversations - 1))
-    last = settled_figures(server.proc.pid, first)
-    return MemoryRun(start, first, last, conversations, waits)
+    last = settled_figures(server.proc.pid, idle)
+    return MemoryRun(start, first, last, idle, conversations, waits)
 
 
 # Malformed HTTP requests, as raw bytes.
