@@ -65,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"the voice of TTS clients that name none (default: {DEFAULT_VOICE})")
     parser.add_argument("--temp", type=float, default=0.6,
                         help="TTS sampling temperature (default: 0.6; 0: greedy)")
-    parser.add_argument("--seed", type=int, default=299792458, help="TTS random seed")
+    parser.add_argument("--seed", type=int, default=299792458,
+                        help="random seed of each TTS stream (default: %(default)s): the same "
+                        "seed, text and voice give the same speech, alone or beside others")
     parser.add_argument("--host", default="localhost",
                         help="address to listen on (default: localhost; 0.0.0.0 lets other "
                              "machines use the models)")

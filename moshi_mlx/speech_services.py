@@ -61,13 +61,13 @@ def synthesizer_loader(files: model_files.ModelFiles, rows: int, voice_repo: str
                        memory: model_files.MemoryOptions | None = None
                        ) -> Callable[[], Synthesizer]:
     """What the TTS service (`serve --tts`) runs on its model's thread: loads the
-    text-to-speech model in `files` (random state from `seed`) and a Mimi decoder for each of
-    its `rows` streams; voices are looked up by name in `voice_repo` (`default_voice` for
+    text-to-speech model in `files` and a Mimi decoder for each of its `rows` streams (each
+    stream draws with a random key of its own, from its client's seed or else `seed`: the
+    same seed, text and voice give the same speech, alone or beside other streams); voices are looked up by name in `voice_repo` (`default_voice` for
     clients that name none). Raises FamilyError for a model that is not Kyutai's TTS."""
     check_tts(files)
 
     def load() -> Synthesizer:
-        mx.random.seed(seed)
         model, tokenizer, cfg = model_files.load_model(files, warmup=False, options=memory)
         settings = TtsSettings.of(cfg)
         codebooks = min(options.n_q or cfg.dep_q, cfg.dep_q)
@@ -76,7 +76,7 @@ def synthesizer_loader(files: model_files.ModelFiles, rows: int, voice_repo: str
                  for _ in range(rows)]
         voices: dict[Path, mx.array] = {}
 
-        def new_stream(voice: Voice, mimi: Mimi) -> TtsStream:
+        def new_stream(voice: Voice, mimi: Mimi, stream_seed: int | None) -> TtsStream:
             if isinstance(voice, Path):
                 if voice not in voices:
                     try:
@@ -87,7 +87,8 @@ def synthesizer_loader(files: model_files.ModelFiles, rows: int, voice_repo: str
             else:
                 embeddings = [] if voice is None else [mx.array(voice)]
             return TtsStream(model, tokenizer, files.mimi_weight, embeddings, samplers,
-                             options_used, mimi)
+                             options_used, mimi,
+                             seed=seed if stream_seed is None else stream_seed)
 
         suffix = voice_suffix(files.lm_config.to_config_dict())
         find_voice = ((lambda name: named_voice(name, voice_repo, suffix))

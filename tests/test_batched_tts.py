@@ -3,7 +3,8 @@ of the same stream stepped alone by `models.TtsGen` (greedy): the text sampled a
 frames of codes, the words and their steps, with 1, 2 and 4 streams at once starting at
 different ticks, waiting some ticks (their next words not there yet), one ending early and its
 row taking a new stream, one going on from a voice prefix, within and past the context,
-speakers of different lengths."""
+speakers of different lengths; and with a temperature, each stream drawing with a seed of its
+own."""
 
 import mlx.core as mx
 import numpy as np
@@ -16,6 +17,7 @@ from moshi_mlx.models.tts import TtsGen, TtsSettings, speaker_condition
 from moshi_mlx.utils.sampling import Sampler
 
 GREEDY = Sampler(temp=0.0)
+WARM = Sampler(temp=0.8, top_k=20)
 TEXTS = ["one two three", "hello", "a bb ccc dddd", "six seven", "last one"]
 MAX_STEPS = 80
 
@@ -29,8 +31,8 @@ def encode(word: str) -> list[int]:
     return [4 + len(word)] * (1 + len(word) // 4)
 
 
-def new_gen(model, i: int, context: int | None, frames: int = 6, cfg_coef: float = 1.0
-            ) -> TtsGen:
+def new_gen(model, i: int, context: int | None, frames: int = 6, cfg_coef: float = 1.0,
+            sampler: Sampler = GREEDY, seed: int | None = None) -> TtsGen:
     """Stream i: its own text and speaker (speakers of `frames` frames), its words all given;
     stream 3 goes on from a voice given as audio (a prefix of 5 frames of codes)."""
     settings = TtsSettings.of(model.cfg)
@@ -41,8 +43,9 @@ def new_gen(model, i: int, context: int | None, frames: int = 6, cfg_coef: float
         {"control": "ok", "cfg": "2.0",
          "speaker_wavs": speaker_condition([voice], settings.max_speakers)})
     prefix = rng.integers(0, model.cfg.card, (model.cfg.dep_q, 5)) if i == 3 else None
-    gen = TtsGen(model, machine, condition, delay_steps=4, text_sampler=GREEDY,
-                 audio_sampler=GREEDY, context=context, cfg_coef=cfg_coef, prefix=prefix)
+    gen = TtsGen(model, machine, condition, delay_steps=4, text_sampler=sampler,
+                 audio_sampler=sampler, context=context, cfg_coef=cfg_coef, prefix=prefix,
+                 seed=seed)
     gen.push_words(ts.script_to_entries(encode, machine.token_ids, 12.5, [TEXTS[i]]))
     gen.end()
     return gen
@@ -108,6 +111,25 @@ def test_speakers_of_different_lengths(model):
     got = batched(stepper, [new_gen(model, 0, None, 6), new_gen(model, 2, None, 3)], [0, 1],
                   [0, 2], [set(), set()])
     assert got == expected
+
+
+@pytest.mark.slow
+def test_seeded_streams_sample_as_alone(model):
+    """With a temperature, each stream with a seed of its own draws as it does alone, whatever
+    the others draw; a greedy stream without a seed rides in the same batch."""
+    specs = [(0, WARM, 1), (2, WARM, 2), (4, GREEDY, None), (1, WARM, 1)]
+
+    def gens():
+        return [new_gen(model, i, 16, sampler=sampler, seed=seed) for i, sampler, seed in specs]
+
+    mx.random.seed(7)
+    expected = [alone(gen) for gen in gens()]
+    mx.random.seed(8)  # the global state differs: keyed streams do not read it
+    got = batched(BatchedTts(model, rows=4, context=16), gens(), [0, 1, 2, 3], [0, 2, 0, 5],
+                  [set(), {4, 9}, set(), set()])
+    assert got == expected
+    other_seed = alone(new_gen(model, 0, 16, sampler=WARM, seed=3))
+    assert other_seed != expected[0]  # the seed decides the draws
 
 
 def test_refuses_models_without_audio_codebooks_and_guidance(model):

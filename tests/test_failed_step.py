@@ -19,8 +19,8 @@ SEED = 11
 class FailingSampler(utils.Sampler):
     """Draws its tokens (advancing the random state), then fails."""
 
-    def __call__(self, logits):
-        super().__call__(logits)
+    def __call__(self, logits, keys=None):
+        super().__call__(logits, keys)
         raise RuntimeError("sampler failed")
 
 

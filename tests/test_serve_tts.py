@@ -1,12 +1,13 @@
 """`serve --tts`: Kyutai's /api/tts_streaming, spoken by clients written here (MessagePack maps
 over a websocket, as Kyutai's `tts_rust_server.py` and Unmute speak it), on the small random
-TTS demo model (speaker conditioning, lookahead 2 words, 8 codebooks), greedy, two slots; the
+TTS demo model (speaker conditioning, lookahead 2 words, 8 codebooks), sampling at a
+temperature with the service's seed (each stream draws with a key of its own), two slots; the
 voices in a local voice directory.
 
 What a client can tell is checked: the message sequence (Ready, Audio and Text, a normal close
 after Eos), the audio and word times against `TtsStream` run offline on the same words and
 voice, words arriving one at a time (the same audio: no gap), two clients at once (batched
-steps: each its offline audio), the four formats, the Voice message, slots, the api key, bad
+steps: each its offline audio, drawn as alone), the four formats, the Voice message, slots, the api key, bad
 input (one client's problem only)."""
 
 import asyncio
@@ -41,7 +42,8 @@ SLOTS = 2
 KEY = "public_token"
 SUFFIX = ".demo@0.safetensors"  # the demo config's model_id
 WORDS = ["Hello", "there,", "how", "are", "you?"]
-GREEDY = (utils.Sampler(temp=0), utils.Sampler(temp=0))
+SAMPLERS = (utils.Sampler(temp=0.8, top_k=25), utils.Sampler(temp=0.8, top_k=250))
+SEED = 1  # the service's: every stream's, as no client gives one
 
 
 def voice_file(path, seed: int):
@@ -66,8 +68,8 @@ def server(tmp_path_factory):
     files = model_files.resolve_repo(str(repo))
     model_thread = ModelThread("test-tts")
     synthesizer = model_thread.submit(speech_services.synthesizer_loader(
-        files, SLOTS, str(voices), "people/alice.wav", GREEDY, TtsOptions(n_q=24),
-        seed=1)).result()
+        files, SLOTS, str(voices), "people/alice.wav", SAMPLERS, TtsOptions(n_q=24),
+        seed=SEED)).result()
     running = model_thread.submit(synthesizer.run)
     tts = TtsService(synthesizer, frozenset({KEY}))
     with serving_in_thread(speech_app([tts.service()])) as port:
@@ -81,11 +83,12 @@ def server(tmp_path_factory):
 
 
 def offline(server, words: list[str], voice: str) -> tuple[np.ndarray, list[dict]]:
-    """`TtsStream` alone on the same text and voice, greedy: (audio float32 [frames, 1920],
+    """`TtsStream` alone on the same text, voice and seed: (audio float32 [frames, 1920],
     the Text messages Kyutai's server sends: each word from its step to the next's)."""
     model, tokenizer, _ = model_files.load_model(server.files, warmup=False)
     stream = TtsStream(model, tokenizer, server.files.mimi_weight,
-                       [mx.array(server.embeddings[voice])], GREEDY, TtsOptions(n_q=8))
+                       [mx.array(server.embeddings[voice])], SAMPLERS, TtsOptions(n_q=8),
+                       seed=SEED)
     try:
         stream.push_text(" ".join(words))
         stream.end()
@@ -383,7 +386,8 @@ def test_pipelined_steps_equal_the_serial_ones(server, alice):
     run_tts runs) gives the serial loop's audio, frame for frame, and its word times."""
     model, tokenizer, _ = model_files.load_model(server.files, warmup=False)
     stream = TtsStream(model, tokenizer, server.files.mimi_weight,
-                       [mx.array(server.embeddings["alice"])], GREEDY, TtsOptions(n_q=8))
+                       [mx.array(server.embeddings["alice"])], SAMPLERS, TtsOptions(n_q=8),
+                       seed=SEED)
     try:
         stream.push_text(" ".join(WORDS))
         stream.end()

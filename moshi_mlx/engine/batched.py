@@ -190,11 +190,11 @@ class BatchedTts(RowBatch):
     its gen computed when it started; its own summed conditions), hands each gen its row's text
     logits (its state machine chooses the token fed), then runs the depformer once for every
     row (its cache restarts at every step: the rows align there) and hands each gen its codes.
-    Rows that share a sampler sample together; with greedy samplers every stream's tokens are
-    those of the same stream stepped alone (`TtsGen.step`). With a temperature, the rows draw
-    from MLX's one random state, as streams stepped one after the other do: a stream's draws
-    depend on the other streams' (a seed reproduces a whole run, not a stream alone). A
-    stream with classifier-free guidance (two rows) is refused: it runs alone."""
+    Rows that share a sampler sample together. Every stream's tokens are those of the same
+    stream stepped alone (`TtsGen.step`) with greedy samplers, and with a temperature when the
+    stream has a seed of its own (`TtsGen(seed=)`: its random key); streams without one draw
+    from MLX's global random state, so their draws depend on the other streams'. A stream with
+    classifier-free guidance (two rows) is refused: it runs alone."""
 
     def __init__(self, model: models.Lm, rows: int, context: int | None = None):
         """`context`: as `RowBatch`'s."""
@@ -220,10 +220,13 @@ class BatchedTts(RowBatch):
                 self._gens[row] = gen
             self._conditions = self._stack_conditions()
         hidden, logits = self._forward(*self._inputs(gens), **self._conditions)
+        keys = {row: gen.step_keys() for row, gen in gens.items()}  # (text, audio) or Nones
         sampled = {}
-        for sampler, rows in _grouped(gens, lambda gen: gen.text_sampler).items():
+        for (sampler, keyed), rows in _grouped(
+                gens, lambda gen: (gen.text_sampler, gen.seeded)).items():
             rows_logits = mx.concatenate([gens[r].text_logits(logits[r:r + 1]) for r in rows])
-            sampled.update(zip(rows, sampler(rows_logits)[0].tolist()))
+            rows_keys = mx.concatenate([keys[r][0] for r in rows]) if keyed else None
+            sampled.update(zip(rows, sampler(rows_logits, rows_keys)[0].tolist()))
         steps = {row: gen.choose_text(sampled[row]) for row, gen in gens.items()}
         fed = np.zeros(self.rows, np.int32)
         for row, s in steps.items():
@@ -232,9 +235,14 @@ class BatchedTts(RowBatch):
         sampling = {row: gen for row, gen in gens.items() if gen.samples_audio}
         for row in set(gens) - set(sampling):
             steps[row] = gens[row].take_audio(steps[row], None)
-        for (sampler, codebooks), rows in _grouped(
-                sampling, lambda gen: (gen.audio_sampler, gen.codebooks)).items():
-            codes = self.samplings(hidden, fed, sampler, codebooks)
+        for (sampler, codebooks, keyed), rows in _grouped(
+                sampling, lambda gen: (gen.audio_sampler, gen.codebooks, gen.seeded)).items():
+            rows_keys = None
+            if keyed:  # every row draws; those of other groups with a key never used
+                rows_keys = mx.concatenate([keys[r][1] if r in rows
+                                            else mx.zeros((1, 2), mx.uint32)
+                                            for r in range(self.rows)])
+            codes = self.samplings(hidden, fed, sampler, codebooks, rows_keys)
             for row in rows:
                 steps[row] = gens[row].take_audio(steps[row], codes[row:row + 1])
         mx.eval([s.frame for s in steps.values() if s.frame is not None], *self._cached())

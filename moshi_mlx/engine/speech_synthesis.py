@@ -75,12 +75,15 @@ class UnknownVoice(ValueError):
 class Stream:
     """One client's stream on a slot: its text waiting (added from any thread) and, once its
     first text came, its `TtsStream` (the model loop's own). `emit(event)` is called on the
-    model's thread: it must only hand the event over."""
+    model's thread: it must only hand the event over. `seed`: the stream's random seed (None:
+    the service's)."""
 
-    def __init__(self, slot: int, voice: Voice, emit: Callable[[Event], None]):
+    def __init__(self, slot: int, voice: Voice, emit: Callable[[Event], None],
+                 seed: int | None = None):
         self.slot = slot
         self.voice = voice
         self.emit = emit
+        self.seed = seed
         self.steps = 0  # model steps run
         self.frames = 0  # Audio events sent
         self.failed = False  # an Error was sent
@@ -146,13 +149,14 @@ class Synthesizer(SlotLoop):
     """The service: `open(slot, voice, emit)` a stream (waits for its slot's Mimi), `close` it;
     `run()` is the model loop (on the thread that loaded the model), until `stop()`.
 
-    `stepper`: the batched steps of the model, a row per slot; `new_stream(voice, mimi)` makes
-    a `TtsStream` (on the model's thread); `lookahead`: the words the model may look at past
+    `stepper`: the batched steps of the model, a row per slot; `new_stream(voice, mimi, seed)`
+    makes a `TtsStream` (on the model's thread; seed None: the service's); `lookahead`: the words the model may look at past
     the one it takes (the model's `second_stream_ahead`); `find_voice(name)`: a voice file by
     name (no MLX: the byte side calls it), None when the model takes no voice;
     `default_voice`: the name of the voice of clients that give none."""
 
-    def __init__(self, stepper: "BatchedTts", new_stream: Callable[[Voice, Mimi], "TtsStream"],
+    def __init__(self, stepper: "BatchedTts",
+                 new_stream: Callable[[Voice, Mimi, int | None], "TtsStream"],
                  mimis: list[Mimi], lookahead: int, find_voice: Callable[[str], Path] | None,
                  default_voice: str | None = None):
         if len(mimis) != stepper.rows:
@@ -184,11 +188,12 @@ class Synthesizer(SlotLoop):
         except Exception as e:  # the files' errors (not found, no connection) say what
             raise UnknownVoice(str(e)) from None
 
-    def open(self, slot: int, voice: Voice, emit: Callable[[Event], None]) -> Stream:
+    def open(self, slot: int, voice: Voice, emit: Callable[[Event], None],
+             seed: int | None = None) -> Stream:
         """A stream on `slot` (free), once its Mimi is ready (blocks: call it off the event
-        loop)."""
+        loop); `seed`: its random seed (None: the service's)."""
         self.mimis[slot].reset()
-        stream = Stream(slot, voice, emit)
+        stream = Stream(slot, voice, emit, seed)
         self._join(stream)
         return stream
 
@@ -204,7 +209,8 @@ class Synthesizer(SlotLoop):
         texts, ended = stream.take()
         tts = stream.tts
         if tts is None and texts:
-            tts = stream.tts = self.new_stream(stream.voice, self.mimis[stream.slot])
+            tts = stream.tts = self.new_stream(stream.voice, self.mimis[stream.slot],
+                                                   stream.seed)
         if tts is None:
             if ended:  # Eos before any text: nothing to say
                 stream.finish()

@@ -79,12 +79,13 @@ class TtsStream:
     pushed with `new_turn=False` continues the current turn. `prefix`: for a model without
     speaker conditioning, a voice as Mimi codes [n_q, P] (`voice_prefix`): the speech goes on
     from it (its P frames are decoded, not output; word times count from the speech).
+    `seed`: the stream's own random key (`TtsGen`); None: MLX's global random state.
     """
 
     def __init__(self, model: Lm, tokenizer: sentencepiece.SentencePieceProcessor,
                  mimi_weight, voices: list[mx.array], samplers: tuple[Sampler, Sampler],
                  options: TtsOptions = TtsOptions(), mimi: Mimi | None = None,
-                 prefix: np.ndarray | None = None):
+                 prefix: np.ndarray | None = None, seed: int | None = None):
         """`mimi`: a decoder of `n_q` codebooks at the start of a stream, owned by the caller
         (a server's slot); None: the stream loads its own and `close()` ends it."""
         cfg = model.cfg
@@ -109,7 +110,7 @@ class TtsStream:
         self.gen = TtsGen(model, machine, condition, self.settings.delay_steps, *samplers,
                           n_q=options.n_q, padding_bonus=options.padding_bonus,
                           final_padding=options.final_padding, cfg_coef=options.cfg_coef,
-                          prefix=prefix)
+                          prefix=prefix, seed=seed)
         self._own_mimi = mimi is None
         self.mimi = Mimi(mimi_weight, num_codebooks=self.gen.codebooks) if mimi is None else mimi
         self.turn = -1

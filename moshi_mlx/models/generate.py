@@ -24,15 +24,16 @@ class DepformerSamplings(dict):
         self.compile = compile
 
     def __call__(self, hidden: mx.array, text_token: mx.array, sampler: Sampler,
-                 codebooks: int | None = None) -> mx.array:
+                 codebooks: int | None = None, keys: mx.array | None = None) -> mx.array:
         """hidden [B, 1, dim], text [B] -> the first `codebooks` audio codes [B, codebooks]
-        (None: all dep_q)."""
-        key = (sampler, codebooks)
+        (None: all dep_q). `keys`: each row's random key [B, 2] (None: MLX's global state)."""
+        key = (sampler, codebooks, keys is None)
         if key not in self:
             depformer = self.depformer
 
-            def sample(hidden, text_token):
-                return depformer.sample(hidden, text_token, sampler, self.cfg_coef, codebooks)
+            def sample(hidden, text_token, *keys):
+                return depformer.sample(hidden, text_token, sampler, self.cfg_coef, codebooks,
+                                        *keys)
 
             if self.compile:
                 state = [depformer.state, mx.random.state]
@@ -40,7 +41,7 @@ class DepformerSamplings(dict):
             if len(self) >= MAX_COMPILED_SAMPLERS:
                 del self[next(iter(self))]  # the oldest
             self[key] = sample
-        return self[key](hidden, text_token)
+        return self[key](hidden, text_token, *(() if keys is None else (keys,)))
 
 
 class LmGen:
@@ -130,9 +131,11 @@ class LmGen:
         self._sampled: deque[mx.array] = deque(maxlen=self.max_delay + 1)  # [B, dep_q] per step
         self._user: deque[mx.array] = deque(maxlen=self.max_delay + 1)  # [B, n_user] per step
 
-    def sample_audio(self, hidden: mx.array, text_token: mx.array) -> mx.array:
-        """The depformer's sampling of one step, (hidden [B, 1, dim], text [B]) -> [B, dep_q]."""
-        return self._compiled(hidden, text_token, self.audio_sampler, self.codebooks)
+    def sample_audio(self, hidden: mx.array, text_token: mx.array,
+                     keys: mx.array | None = None) -> mx.array:
+        """The depformer's sampling of one step, (hidden [B, 1, dim], text [B]) -> [B, dep_q];
+        `keys` as `DepformerSamplings`'."""
+        return self._compiled(hidden, text_token, self.audio_sampler, self.codebooks, keys)
 
     def _past(self, history: deque, steps_ago: int) -> mx.array | None:
         """The entry stored `steps_ago` steps before the current one (1 = previous step)."""

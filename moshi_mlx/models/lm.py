@@ -176,18 +176,25 @@ class DepFormer(nn.Module):
         return mx.stack(logits, axis=1).reshape(b, t, len(self.slices), -1)
 
     def sample(self, hidden: mx.array, text_token: mx.array, sampler: Sampler,
-               cfg_coef: float = 1.0, codebooks: int | None = None) -> mx.array:
+               cfg_coef: float = 1.0, codebooks: int | None = None,
+               keys: mx.array | None = None) -> mx.array:
         """hidden: [B, 1, dim]; text_token: [B] -> Moshi's audio tokens [B, dep_q] (int32), or
         only the first `codebooks` of them.
 
         With `cfg_coef` != 1, `hidden` has 2B rows (conditioned, then unconditioned), both fed
-        the same tokens, and each codebook samples from `guided(logits)`."""
+        the same tokens, and each codebook samples from `guided(logits)`. `keys`: None draws
+        from MLX's global random state; else each row's random key, uint32 [B, 2], split into
+        one key per codebook."""
+        slices = self.slices[:codebooks]
+        if keys is not None:  # [B, codebooks, 2]
+            keys = mx.stack([mx.random.split(keys[b], len(slices)) for b in range(keys.shape[0])])
         cache = self._new_cache()
         token = text_token
         out = []
-        for s in self.slices[:codebooks]:
+        for k, s in enumerate(slices):
             fed = token if cfg_coef == 1 else mx.concatenate([token, token])
-            token = sampler(guided(s(hidden, fed, cache), cfg_coef))[0]
+            token = sampler(guided(s(hidden, fed, cache), cfg_coef),
+                            None if keys is None else keys[:, k])[0]
             out.append(token)
         return mx.stack(out, axis=1)
 

@@ -131,6 +131,8 @@ class TtsGen(LmGen):
     `cfg_is_no_text` and `cfg_is_no_prefix`): `condition` has a second, unconditioned row
     (`tts_condition`) fed no text and none of the prefix; the text choice is the conditioned
     row's, the depformer samples each codebook from `uncond + cfg_coef * (cond - uncond)`.
+    `seed`: the stream draws from a random key of its own, split once a step (its draws are
+    the same whatever else runs, alone or batched); None: from MLX's global random state.
     """
 
     def __init__(self, model: Lm, machine: StateMachine, condition: ConditionTensor,
@@ -138,7 +140,8 @@ class TtsGen(LmGen):
                  audio_sampler: Sampler | None = None, n_q: int | None = None,
                  padding_bonus: float = 0.0, final_padding: int = 4, compile: bool = True,
                  context: int | None = None, kv_bits: int | None = None,
-                 cfg_coef: float = 1.0, prefix: mx.array | None = None):
+                 cfg_coef: float = 1.0, prefix: mx.array | None = None,
+                 seed: int | None = None):
         cfg = model.cfg
         if cfg.num_user_codebooks:
             raise ValueError("not a TTS model: it takes an input audio stream "
@@ -173,6 +176,20 @@ class TtsGen(LmGen):
         self._audio_starts = mx.array(self._starts)
         self.prefix = None if prefix is None else prefix[:n_q].astype(mx.int32)
         self.prefix_steps = 0 if prefix is None else prefix.shape[1]
+        self._key = None if seed is None else mx.random.key(seed)
+
+    @property
+    def seeded(self) -> bool:
+        """Whether the stream draws from a random key of its own (`seed`)."""
+        return self._key is not None
+
+    def step_keys(self) -> tuple[mx.array, mx.array] | tuple[None, None]:
+        """This step's random keys, (text [1, 2], audio [1, 2]); (None, None) without a seed.
+        Call once a step."""
+        if self._key is None:
+            return None, None
+        self._key, text, audio = mx.random.split(self._key, 3)
+        return text[None], audio[None]
 
     def push_words(self, entries: list[Entry]) -> None:
         """Words to speak after those already given (`tts_script.script_to_entries`)."""
@@ -282,8 +299,10 @@ class TtsGen(LmGen):
         text_in, audio_in = self.step_inputs()
         hidden, logits = self.model(text_in, audio_in, cache=self.cache,
                                     condition=self.condition, cross=self.cross)
+        text_key, audio_key = self.step_keys()
         # the null row of guidance, fed no text, has no say in the text
-        sampled = self.text_sampler(self.text_logits(logits[:1, -1]))[0].item()
+        sampled = self.text_sampler(self.text_logits(logits[:1, -1]), text_key)[0].item()
         out = self.choose_text(sampled)
-        codes = self.sample_audio(hidden, self._text) if self.samples_audio else None
+        codes = (self.sample_audio(hidden, self._text, audio_key) if self.samples_audio
+                 else None)
         return self.take_audio(out, codes)

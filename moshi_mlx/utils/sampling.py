@@ -56,11 +56,15 @@ class Sampler:
             return apply_min_p(logits, self.min_p)
         return logits
 
-    def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+    def __call__(self, logits: mx.array, keys: mx.array | None = None
+                 ) -> tuple[mx.array, mx.array]:
         """Samples one token per row.
 
         Args:
             logits: [..., vocab].
+            keys: None: draw from MLX's global random state. Else one random key per row of
+                `logits` [rows, vocab]: uint32 [rows, 2] (`mx.random.key`); a row's draw
+                depends on its key and its logits alone, not on the other rows.
 
         Returns:
             (tokens int32 [...], log-probabilities [..., vocab] at temperature 1).
@@ -75,7 +79,12 @@ class Sampler:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.temp == 0:
             return mx.argmax(logprobs, axis=-1).astype(mx.int32), logprobs
-        tokens = categorical_sampling(self._filter(logprobs * (1 / self.temp)), 1.0)
+        tempered = self._filter(logprobs * (1 / self.temp))
+        if keys is None:
+            tokens = categorical_sampling(tempered, 1.0)
+        else:  # mlx_lm's sampling takes no key; each row draws with its own
+            tokens = mx.concatenate([mx.random.categorical(tempered[r:r + 1], key=keys[r])
+                                     for r in range(tempered.shape[0])])
         return tokens.astype(mx.int32), logprobs
 
 
