@@ -61,10 +61,11 @@ def synthesizer_loader(files: model_files.ModelFiles, rows: int, voice_repo: str
                        memory: model_files.MemoryOptions | None = None
                        ) -> Callable[[], Synthesizer]:
     """What the TTS service (`serve --tts`) runs on its model's thread: loads the
-    text-to-speech model in `files` and a Mimi decoder for each of its `rows` streams (each
-    stream draws with a random key of its own, from its client's seed or else `seed`: the
-    same seed, text and voice give the same speech, alone or beside other streams); voices are looked up by name in `voice_repo` (`default_voice` for
-    clients that name none). Raises FamilyError for a model that is not Kyutai's TTS."""
+    text-to-speech model in `files` and a Mimi decoder for each of its `rows` streams. Each
+    stream draws with a random key of its own, from its client's seed or else `seed`: the same
+    seed, text and voice give the same speech, alone or beside other streams. Voices are looked
+    up by name in `voice_repo` (`default_voice` for clients that name none). Raises FamilyError
+    for a model that is not Kyutai's TTS."""
     check_tts(files)
 
     def load() -> Synthesizer:

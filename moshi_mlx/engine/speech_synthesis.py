@@ -150,9 +150,10 @@ class Synthesizer(SlotLoop):
     `run()` is the model loop (on the thread that loaded the model), until `stop()`.
 
     `stepper`: the batched steps of the model, a row per slot; `new_stream(voice, mimi, seed)`
-    makes a `TtsStream` (on the model's thread; seed None: the service's); `lookahead`: the words the model may look at past
-    the one it takes (the model's `second_stream_ahead`); `find_voice(name)`: a voice file by
-    name (no MLX: the byte side calls it), None when the model takes no voice;
+    makes a `TtsStream` (on the model's thread; seed None: the service's); `lookahead`: the
+    words the model may look at past the one it takes (the model's `second_stream_ahead`);
+    `find_voice(name)`: a voice file by name (no MLX: the byte side calls it), None when the
+    model takes no voice;
     `default_voice`: the name of the voice of clients that give none."""
 
     def __init__(self, stepper: "BatchedTts",
