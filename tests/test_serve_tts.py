@@ -7,8 +7,8 @@ voices in a local voice directory.
 What a client can tell is checked: the message sequence (Ready, Audio and Text, a normal close
 after Eos), the audio and word times against `TtsStream` run offline on the same words and
 voice, words arriving one at a time (the same audio: no gap), two clients at once (batched
-steps: each its offline audio, drawn as alone), the four formats, the Voice message, slots, the api key, bad
-input (one client's problem only)."""
+steps: each its offline audio, drawn as alone), the four formats, the Voice message, slots,
+the api key, bad input (one client's problem only)."""
 
 import asyncio
 import time
