@@ -65,8 +65,9 @@ def step_model(name: str, bits: int | None):
     return model
 
 
-def tts_gens(model, rows: int) -> list:
-    """A `TtsGen` per row with a long text and a random voice, greedy."""
+def tts_gens(model, rows: int, temp: float = 0.0) -> list:
+    """A `TtsGen` per row with a long text and a random voice; greedy (`temp` 0) or sampling at
+    `temp` with a seed of its own (as the service's streams)."""
     import mlx.core as mx
 
     from moshi_mlx.models.tts import TtsGen, TtsSettings, speaker_condition
@@ -81,8 +82,9 @@ def tts_gens(model, rows: int) -> list:
         condition = model.condition_provider.condition(
             {"control": "ok", "cfg": "2.0",
              "speaker_wavs": speaker_condition([voice], settings.max_speakers)})
-        gen = TtsGen(model, machine, condition, settings.delay_steps, Sampler(temp=0.0),
-                     Sampler(temp=0.0))
+        gen = TtsGen(model, machine, condition, settings.delay_steps,
+                     Sampler(temp=temp, top_k=25), Sampler(temp=temp, top_k=250),
+                     seed=row if temp else None)
         words = script_to_entries(lambda w: [4 + len(w) % 50], machine.token_ids, 12.5,
                                   [" ".join(["word"] * 200)])
         gen.push_words(words)
@@ -90,7 +92,8 @@ def tts_gens(model, rows: int) -> list:
     return gens
 
 
-def step_times(configs: list[str], batches: list[int], steps: int, bits: int | None) -> None:
+def step_times(configs: list[str], batches: list[int], steps: int, bits: int | None,
+               temp: float = 0.0) -> None:
     from moshi_mlx.engine.batched import BatchedStepper, BatchedTts
 
     print("| config | weights | batch | step ms median (min-max) | per stream ms "
@@ -103,11 +106,11 @@ def step_times(configs: list[str], batches: list[int], steps: int, bits: int | N
         for batch in batches:
             alone = ""
             if name == "demo-tts":  # every row past the text delay: the depformer runs
-                stepper, gens = BatchedTts(model, batch), tts_gens(model, batch)
+                stepper, gens = BatchedTts(model, batch), tts_gens(model, batch, temp)
                 step = partial(stepper.step, dict(enumerate(gens)))
                 for _ in range(max(cfg.audio_delays) + 16):
                     step()
-                alone = f" {np.median(alone_times(tts_gens(model, batch), steps)):.1f} |"
+                alone = f" {np.median(alone_times(tts_gens(model, batch, temp), steps)):.1f} |"
             else:
                 stepper = BatchedStepper(model, batch)
                 codes = np.random.default_rng(0).integers(
@@ -276,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     steps.add_argument("-q", "--quantize", type=int, choices=[4, 8],
                        help="weights quantized to 4 or 8 bits (group size 64; activations "
                        "float32 on the CPU), as Kyutai's -mlx checkpoints; default bf16")
+    steps.add_argument("--temp", type=float, default=0.0,
+                       help="demo-tts: 0 greedy (default); above, each row samples at this "
+                       "temperature with a random key of its own, as the service's streams")
     live = sub.add_parser("streams", help="streams at real-time pace through the server")
     live.add_argument("--streams", nargs="+", type=int, default=[1, 2])
     live.add_argument("--seconds", type=float, default=20.0)
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     speech.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.what == "steps":
-        step_times(args.configs, args.batches, args.steps, args.quantize)
+        step_times(args.configs, args.batches, args.steps, args.quantize, args.temp)
     elif args.what == "tts":
         tts(args.clients, args.rounds)
     else:
