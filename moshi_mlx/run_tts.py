@@ -79,8 +79,10 @@ def parse_request(line: str, number: int) -> Request:
         raise RequestError(f"{where}: the turns have no text")
     if not (isinstance(voices, list) and all(isinstance(v, str) for v in voices)):
         raise RequestError(f"{where}: 'voices' must be a list of voice names")
+    if isinstance(rid, (int, float)) and not isinstance(rid, bool):
+        rid = str(rid)  # a number names the files as in Kyutai's run_tts: {"id": 7} -> 7.wav
     if not (isinstance(rid, str) and rid and "/" not in rid and rid not in (".", "..")):
-        raise RequestError(f"{where}: 'id' must be a non-empty file name (no '/')")
+        raise RequestError(f"{where}: 'id' must be a non-empty file name (no '/') or a number")
     return Request(turns, voices, rid)
 
 
@@ -125,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--padding-between", type=int, default=1,
                    help="pad steps forced between words")
     p.add_argument("--only-wav", action="store_true", help="write only ID.wav")
-    p.add_argument("--seed", type=int, default=299792458, help="random seed")
+    p.add_argument("--seed", type=int, default=cli.KYUTAI_SEED,
+                   help="random seed (default: %(default)s, Kyutai's)")
     args = p.parse_args(argv)
     for name in ("max_padding", "initial_padding", "final_padding", "padding_between"):
         if getattr(args, name) < 0:
@@ -252,8 +255,11 @@ def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None
             writer = SafetensorsWriter(f, [("frames", TensorInfo("int32", codes.shape))])
             writer.write("frames", mx.array(codes, mx.int32))
             writer.finish()
+        # cfg_coef: the classic guidance applied, as Kyutai's (1.0 for a cfg-distilled model,
+        # whose --cfg-coef is the condition `cfg`)
         info = {"hf_repo": args.hf_repo, "voice_repo": args.voice_repo,
-                "model_id": raw.get("model_id"), "cfg_coef": args.cfg_coef, "temp": args.temp,
+                "model_id": raw.get("model_id"), "cfg_coef": stream.options.cfg_coef,
+                "cfg": stream.options.cfg_value, "temp": args.temp,
                 "max_padding": args.max_padding, "initial_padding": args.initial_padding,
                 "final_padding": args.final_padding, "padding_between": args.padding_between,
                 "padding_bonus": args.padding_bonus, "nq": n_q,
@@ -318,10 +324,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise RequestError(f"{path}: no such file")
             requests = [parse_request(line, i + 1)
                         for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
-            if not requests:
-                raise RequestError(f"{path}: no request in the file")
         if args.out_folder != "-":
             Path(args.out_folder).mkdir(parents=True, exist_ok=True)
+        if args.jsonl != "-" and not requests:  # as Kyutai's: nothing to do is no error
+            log.warning("%s holds no request: nothing to speak", args.jsonl)
+            return
         model, tokenizer, files, raw = load(args)
         with ExitStack() as stack:
             if args.jsonl == "-":
