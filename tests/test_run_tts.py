@@ -152,7 +152,7 @@ def test_a_number_as_id_names_the_files():
     (["--temp", "nan"], "--temp must be a finite number"),
     (["--max-padding", "-1"], "--max-padding must be >= 0"),
     (["--nq", "0"], "argument --nq: must be at least 1"),
-    (["--quantize", "3"], "argument --quantize: invalid choice"),
+    (["--quantize", "7"], "argument --quantize: invalid choice"),
 ])
 def test_flag_values_no_model_takes_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
