@@ -115,6 +115,27 @@ def test_with_echo_cancellation_both_sides_of_the_canceller_are_recorded(tmp_pat
         np.testing.assert_allclose(raw[frame_k], k / 1000, atol=1e-4)
 
 
+def test_steps_end_the_conversation():
+    """--steps N (Kyutai's flag): the conversation ends once Moshi has made N steps."""
+    assert local.parse_args(["--steps", "3"]).steps == 3
+    audio, conv = FakeAudio(), EchoConversation()
+    live = live_conversation(audio, conv)
+    stop = threading.Event()
+
+    def user():
+        assert audio.started.wait(10)
+        for k in range(1, 4):
+            audio.speak(frame(k))
+            conv.wait_for(k)
+
+    talking = threading.Thread(target=user)
+    talking.start()
+    converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), None, None,
+                                   steps=3, stop=stop))
+    talking.join()
+    assert stop.is_set() and conv.heard == [1, 2, 3] and live.counters.processed == 3
+
+
 def test_ctrl_c_stops_the_conversation_cleanly(tmp_path):
     handler = signal.getsignal(signal.SIGINT)
     audio, conv = FakeAudio(), EchoConversation()
