@@ -73,8 +73,14 @@ def parse_request(line: str, number: int) -> Request:
         data = json.loads(line)
     except json.JSONDecodeError as e:
         raise RequestError(f"{where}: not JSON ({e.msg})") from None
-    if not isinstance(data, dict) or set(data) - {"turns", "voices", "id", "prefix"}:
+    if not isinstance(data, dict):
         raise RequestError(f"{where}: a request is an object with 'turns', 'voices' and 'id'")
+    unknown = sorted(set(data) - {"turns", "voices", "id"})
+    if unknown:  # Kyutai's refuses them too ('prefix', in its docstring, included)
+        hint = (" (the voice of a model without speaker conditioning, a wav spoken first, is "
+                "given in 'voices')") if "prefix" in unknown else ""
+        raise RequestError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}: a "
+                           f"request has 'turns', 'voices' and 'id'{hint}")
     turns, voices, rid = data.get("turns"), data.get("voices", []), data.get("id")
     if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
         raise RequestError(f"{where}: 'turns' must be a non-empty list of strings")
@@ -96,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(or '-': lines of text from stdin, spoken as they arrive).")
     p.add_argument("jsonl", help="JSONL file of requests {turns, voices, id}, or - for stdin")
     p.add_argument("--out-folder", default="tts-outputs",
-                   help="where ID.wav (and ID.safetensors, ID.json) go; - plays the audio")
+                   help="where ID.wav (and ID.safetensors, ID.json) go; with '-' input, - "
+                        "plays the audio")
     p.add_argument("--hf-repo", default=DEFAULT_REPO,
                    help=f"repository of the model (default: {DEFAULT_REPO})")
     p.add_argument("--demo", action="store_true",
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RequestError(f"{path}: no such file")
             requests = [parse_request(line, i + 1)
                         for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
-        if args.out_folder != "-":
+        if args.out_folder != "-" or args.jsonl != "-":  # '-' plays only stdin's text
             Path(args.out_folder).mkdir(parents=True, exist_ok=True)
         if args.jsonl != "-" and not requests:  # as Kyutai's: nothing to do is no error
             log.warning("%s holds no request: nothing to speak", args.jsonl)

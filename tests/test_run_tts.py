@@ -98,6 +98,8 @@ def test_only_wav_and_stdin_lines_quantized(env, capsys, monkeypatch):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 1: not JSON"),
+    ('{"turns": ["hi"], "voices": ["alice"], "id": "a", "prefix": "a.wav"}',
+     "unknown key(s) 'prefix'"),
     ('{"turns": [], "voices": ["alice"], "id": "a"}', "'turns' must be a non-empty list"),
     ('{"turns": ["  "], "voices": ["alice"], "id": "a"}', "the turns have no text"),
     ('{"turns": ["hi"], "voices": ["alice"], "id": "../a"}', "'id' must be"),
@@ -132,10 +134,13 @@ def test_bad_cfg_coef_and_missing_file(env, capsys):
 
 
 def test_a_file_without_requests_is_nothing_to_do(env, capsys):
-    """As Kyutai's run_tts: exit code 0, the output folder made and left empty."""
-    code, out = run(capsys, str(write_jsonl(env / "empty.jsonl", "", "  ")), "--out-folder", "o")
-    assert code == 0 and "holds no request" in out.err and "error" not in out.err
-    assert list((env / "o").iterdir()) == []
+    """As Kyutai's run_tts: exit code 0, the output folder made and left empty (a folder named
+    '-' too: only stdin's text is played)."""
+    for folder in ("o", "-"):
+        code, out = run(capsys, str(write_jsonl(env / "empty.jsonl", "", "  ")),
+                        "--out-folder", folder)
+        assert code == 0 and "holds no request" in out.err and "error" not in out.err
+        assert list((env / folder).iterdir()) == []
 
 
 def test_a_number_as_id_names_the_files():
