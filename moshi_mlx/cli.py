@@ -35,15 +35,18 @@ VOCABULARY = {"text": "text vocabulary (32000 for Moshi 7B)",
               "audio": "codebook size (2048 for Moshi 7B)"}
 SAMPLING_FLAGS = {field.name: f"--{field.name.replace('_', '-')}"  # e.g. --text-top-k
                   for field in dataclasses.fields(utils.SamplingSettings)}
+KYUTAI_SEED = 299792458  # the seed of Kyutai's run_inference, run_tts and run_helium
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Registers --seed, --{text,audio}-{temp,top-k} and --cfg-coef; see `check_sampling_args` and
-    `make_samplers`."""
+def add_sampling_args(parser: argparse.ArgumentParser, seed: int | None = None) -> None:
+    """Registers --seed (default `seed`; None: a random one), --{text,audio}-{temp,top-k} and
+    --cfg-coef; see `check_sampling_args` and `make_samplers`."""
     group = parser.add_argument_group(
         "sampling", "as Kyutai's Moshi samples: at the temperature, among the top-k most likely "
                     "tokens (no top-p)")
-    group.add_argument("--seed", type=int, help="random seed (default: a random one, logged)")
+    group.add_argument("--seed", type=int, default=seed,
+                       help="random seed (default: %s, logged)" % (
+                           "a random one" if seed is None else "%(default)s, Kyutai's"))
     defaults = utils.SamplingSettings()
     for stream, vocab in VOCABULARY.items():
         temp, top_k = getattr(defaults, f"{stream}_temp"), getattr(defaults, f"{stream}_top_k")
@@ -119,12 +122,13 @@ def choose_seed(seed: int | None) -> int:
     return seed
 
 
-def parse_app_args(parser: argparse.ArgumentParser,
-                   argv: list[str] | None) -> argparse.Namespace:
+def parse_app_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+                   seed: int | None = None) -> argparse.Namespace:
     """Adds the flags every app shares (sampling, seed, model files, memory) to the app's own
     `parser` and parses `argv`; sampling values are checked against a model by `make_samplers`,
-    memory ones by the preflight (`model_files.load_model`)."""
-    add_sampling_args(parser)
+    memory ones by the preflight (`model_files.load_model`). `seed`: --seed's default (None: a
+    random one)."""
+    add_sampling_args(parser, seed)
     model_files.add_model_args(parser)
     add_memory_args(parser)
     args = parser.parse_args(argv)

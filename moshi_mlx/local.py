@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "rooms where you wait your turn)")
     audio.add_argument("--noise-suppression", action="store_true",
                        help="also suppress steady background noise in the microphone's sound")
+    parser.add_argument("--steps", type=cli.positive_int, metavar="N",
+                        help="end the conversation after N steps of 80 ms (Kyutai's flag; "
+                             "default: at Ctrl-C)")
     return cli.parse_app_args(parser, argv)
 
 
@@ -204,8 +207,12 @@ class Presenter:
     SLOW_AFTER = 25  # frames handled before the stages' times are judged
 
     def __init__(self, live: LiveConversation, display: Display, recorder: WavWriter | None,
-                 quantized: int | None, raw_recorder: WavWriter | None = None):
+                 quantized: int | None, raw_recorder: WavWriter | None = None,
+                 steps: int | None = None, stop: threading.Event | None = None):
+        """`steps`: the conversation ends (`stop` is set) once Moshi has made that many."""
         self.live = live
+        self.steps = steps
+        self.stop = stop
         self.display = display
         self.recorder = recorder
         self.raw_recorder = raw_recorder
@@ -237,6 +244,8 @@ class Presenter:
             self.display.notice(
                 "Moshi fell behind real time: the oldest frames of your speech were dropped to "
                 "keep the delay bounded (the status line counts the frames dropped).")
+        if event.kind == "done" and self.steps and self.live.counters.processed >= self.steps:
+            self.stop.set()
         if (event.kind == "done" and not self._too_slow_said
                 and self.live.counters.processed >= self.SLOW_AFTER):
             slowest = slowest_stage(self.live.engine.times)
@@ -348,7 +357,8 @@ def run(args: argparse.Namespace) -> None:
                 WavWriter(args.record, SAMPLE_RATE, 2))
             raw_recorder = args.record_raw and recordings.enter_context(
                 WavWriter(args.record_raw, SAMPLE_RATE))
-            presenter = Presenter(live, Display(), recorder, args.quantized, raw_recorder)
+            presenter = Presenter(live, Display(), recorder, args.quantized, raw_recorder,
+                                  args.steps, stop)
             converse(live, stop, presenter)
     finally:  # also when the conversation failed: the error line comes after the summary
         log.info("%s", summary(time.monotonic() - start, live))

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "stops after --nsteps tokens or at the end of sequence.")
     parser.add_argument("--prompt", default="Aujourd'hui, il est temps",
                         help="the text to continue (default: %(default)r)")
-    parser.add_argument("--nsteps", type=cli.positive_int, default=20,
-                        help="tokens to generate at most (default: %(default)s)")
+    parser.add_argument("--nsteps", type=int, default=20,
+                        help="tokens to generate at most (default: %(default)s; 0 prints the "
+                             "prompt only, e.g. with --save-quantized)")
     parser.add_argument("--verbose", action="store_true",
                         help="one line per token: step, token id, text")
     files = parser.add_argument_group("model files")
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=int, default=0,
                           help="sample among the top-k tokens (replaces --top-p); 0 for none "
                                "(default: %(default)s)")
-    sampling.add_argument("--seed", type=int, help="random seed (default: a random one, logged)")
+    sampling.add_argument("--seed", type=int, default=cli.KYUTAI_SEED,
+                          help="random seed (default: %(default)s, Kyutai's)")
     return parser
 
 
@@ -97,8 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags, with the usage errors (exit code 2) of values no model takes."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.prompt.strip():
-        parser.error("--prompt is empty: give the text to continue")
+    if args.nsteps < 0:
+        parser.error(f"--nsteps must be 0 or more, got {args.nsteps}")
     try:
         utils.check_temperature(args.temp, "--temp")
         utils.check_top_k(args.top_k, None, "--top-k")
@@ -228,6 +230,8 @@ def print_continuation(model: Helium, sp: sentencepiece.SentencePieceProcessor,
             print(text, end="", flush=True)
     print("" if args.verbose else stream.finish(), flush=True)
     count = len(times) - 1
+    if args.nsteps == 0:
+        return
     speed = f", then {(count - 1) / (times[-1] - times[1]):.1f} tokens/s" if count > 1 else ""
     log.info("%d tokens (%s); the prompt's %d tokens and the first in %.2f s%s", count,
              "end of sequence" if count < args.nsteps else f"{args.nsteps} steps", len(prompt),
@@ -239,6 +243,9 @@ def run(args: argparse.Namespace) -> None:
     weights = fetch(args.weights, args.hf_repo, WEIGHTS_NAME)
     sp = load_tokenizer(fetch(args.tokenizer, args.hf_repo, TOKENIZER_NAME), cfg)
     prompt = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(args.prompt)
+    if not prompt:
+        raise ModelFilesError(f"{args.tokenizer or TOKENIZER_NAME}: the tokenizer has no "
+                              "beginning-of-sequence token to continue an empty prompt from.")
     utils.check_top_k(args.top_k, cfg.vocab, "--top-k")
     sampler = utils.Sampler(temp=args.temp, top_p=args.top_p, top_k=args.top_k)
     if args.save_quantized:
@@ -248,7 +255,7 @@ def run(args: argparse.Namespace) -> None:
     memory.wire_model_memory()
     model = load_model(weights, cfg, args.quantize_bits, args.quantize_group_size)
     if args.save_quantized:
-        log.info("saving the quantized weights in %s", args.save_quantized)
+        print(f"saving quantized weights in {args.save_quantized}", flush=True)  # as Kyutai's
         with atomic_write(args.save_quantized) as f:
             mx.save_safetensors(f, dict(tree_flatten(model.parameters())), {"format": "mlx"})
     mx.random.seed(cli.choose_seed(args.seed))

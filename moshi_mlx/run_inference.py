@@ -1,10 +1,11 @@
 """Offline inference: Moshi listens to a wav file and its voice is written to another.
 
-    python -m moshi_mlx.run_inference INPUT.wav OUTPUT.wav [--json FILE] [--seed N] [-q 4|8] ...
+    python -m moshi_mlx.run_inference INPUT.wav [OUTPUT.wav] [--json FILE] [--seed N] [-q 4|8] ...
 
 The input is resampled to 24 kHz mono and streamed frame by frame (80 ms) through Mimi and Moshi,
 as the live apps do. Moshi's text is printed as it comes; its voice is written as a 24 kHz mono
-wav of the input's duration.
+wav of the input's duration (when OUTPUT is given, as with Kyutai's run_inference, whose flags
+`--temp`, `--moshi-weights` and `--mimi-weights` are taken too).
 
 The repository's config.json may describe another of Kyutai's models (see `families`): Hibiki
 (`--hf-repo kyutai/hibiki-1b-mlx-bf16 --cfg-coef 3`) writes its translated voice and prints its
@@ -24,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import cli, families, model_files
+from . import cli, families, model_files, utils
 from .audio.constants import SAMPLE_RATE
 from .audio.wav import WavWriter, check_writable, read_wav
 from .engine import offline
@@ -38,17 +39,31 @@ PROGRESS_MIN_SECONDS = 5.0  # inputs longer than this get a progress bar (on a t
 LINE_WIDTH = 72
 
 
+class BothTemperatures(argparse.Action):
+    """`--temp T`: sets --text-temp and --audio-temp to T (in the order of the command line)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        try:
+            utils.check_temperature(value, option_string)
+        except utils.SamplingError as e:
+            parser.error(str(e))
+        namespace.text_temp = namespace.audio_temp = value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m moshi_mlx.run_inference",
         description="Stream a wav file through Moshi; write its voice and print its text.")
     parser.add_argument("input", type=Path, help="input wav (any rate, mono or stereo)")
     parser.add_argument("output", type=Path, nargs="?",
-                        help="output wav: the model's voice, 24 kHz mono (not for speech-to-text "
-                             "models)")
+                        help="output wav: the model's voice, 24 kHz mono (none for "
+                             "speech-to-text models); without it only the text is printed")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="write the transcript (words with frame times) and timing figures")
-    return cli.parse_app_args(parser, argv)
+    parser.add_argument("--temp", type=float, action=BothTemperatures, default=argparse.SUPPRESS,
+                        help="the text and the audio temperature at once (Kyutai's run_inference "
+                             "flag); a --text-temp or --audio-temp after it overrides its part")
+    return cli.parse_app_args(parser, argv, seed=cli.KYUTAI_SEED)
 
 
 class TextPrinter:
@@ -126,8 +141,11 @@ def run(args: argparse.Namespace) -> None:
     log.info("input: %s, %.2f s", args.input, len(pcm) / SAMPLE_RATE)
     files = model_files.resolve(args)
     kind = families.model_kind(files.lm_config)
+    if kind == "stt" and args.output:
+        raise families.FamilyError("this model (stt) has no voice: run it without OUTPUT "
+                                   "(--json FILE writes the words and their times)")
     if kind != "stt" and not args.output:
-        raise families.FamilyError(f"this model ({kind}) speaks: give an OUTPUT wav")
+        log.info("no OUTPUT wav given: the model's voice is not written, its text is printed")
     families.check_cfg_coef(files.lm_config, args.cfg_coef)
     text_sampler, audio_sampler = cli.make_samplers(args, files.lm_config)
     model, tokenizer, cfg = model_files.load_model(files, options=cli.memory_options(args))

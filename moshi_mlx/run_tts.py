@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import queue
+import re
 import sys
 import threading
 from contextlib import ExitStack, closing
@@ -42,13 +43,15 @@ from .model_files.voices import DEFAULT_VOICE_REPO, load_voice, voice_path, voic
 from .models.tts import TtsSettings, VoiceError
 from .models.tts_script import ScriptError
 from .utils.output import atomic_write
-from .utils.safetensors import TensorInfo
+from .utils.safetensors import Quantization, TensorInfo
 from .weights.mimi_layout import MIMI_FILE
 from .weights.safetensors_writer import SafetensorsWriter
 
 log = cli.log
 DEFAULT_REPO = "kyutai/tts-1.6b-en_fr"
 STDIN_ID = "stdin"
+QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
+KYUTAI_QUANTIZED = re.compile(r"depformer\.|transformer\.layers\.\d+\.(self_attn|gating)\.")
 WAIT_STEPS = 8  # after the audio of the last word, a stream waiting for text stops stepping
 
 
@@ -70,8 +73,14 @@ def parse_request(line: str, number: int) -> Request:
         data = json.loads(line)
     except json.JSONDecodeError as e:
         raise RequestError(f"{where}: not JSON ({e.msg})") from None
-    if not isinstance(data, dict) or set(data) - {"turns", "voices", "id", "prefix"}:
+    if not isinstance(data, dict):
         raise RequestError(f"{where}: a request is an object with 'turns', 'voices' and 'id'")
+    unknown = sorted(set(data) - {"turns", "voices", "id"})
+    if unknown:  # Kyutai's refuses them too ('prefix', in its docstring, included)
+        hint = (" (the voice of a model without speaker conditioning, a wav spoken first, is "
+                "given in 'voices')") if "prefix" in unknown else ""
+        raise RequestError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}: a "
+                           f"request has 'turns', 'voices' and 'id'{hint}")
     turns, voices, rid = data.get("turns"), data.get("voices", []), data.get("id")
     if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
         raise RequestError(f"{where}: 'turns' must be a non-empty list of strings")
@@ -79,8 +88,10 @@ def parse_request(line: str, number: int) -> Request:
         raise RequestError(f"{where}: the turns have no text")
     if not (isinstance(voices, list) and all(isinstance(v, str) for v in voices)):
         raise RequestError(f"{where}: 'voices' must be a list of voice names")
+    if isinstance(rid, (int, float)) and not isinstance(rid, bool):
+        rid = str(rid)  # a number names the files as in Kyutai's run_tts: {"id": 7} -> 7.wav
     if not (isinstance(rid, str) and rid and "/" not in rid and rid not in (".", "..")):
-        raise RequestError(f"{where}: 'id' must be a non-empty file name (no '/')")
+        raise RequestError(f"{where}: 'id' must be a non-empty file name (no '/') or a number")
     return Request(turns, voices, rid)
 
 
@@ -91,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(or '-': lines of text from stdin, spoken as they arrive).")
     p.add_argument("jsonl", help="JSONL file of requests {turns, voices, id}, or - for stdin")
     p.add_argument("--out-folder", default="tts-outputs",
-                   help="where ID.wav (and ID.safetensors, ID.json) go; - plays the audio")
+                   help="where ID.wav (and ID.safetensors, ID.json) go; with '-' input, - "
+                        "plays the audio")
     p.add_argument("--hf-repo", default=DEFAULT_REPO,
                    help=f"repository of the model (default: {DEFAULT_REPO})")
     p.add_argument("--demo", action="store_true",
@@ -115,8 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg-coef", type=float, default=2.0,
                    help="classifier-free guidance: for cfg-distilled models one of their 'cfg' "
                         "values; for others 1 is none, another value runs two rows a step")
-    p.add_argument("--quantize", type=int, choices=(4, 8),
-                   help="quantize the model to 4 or 8 bits after loading, cross-attention too")
+    p.add_argument("--quantize", type=int, choices=QUANT_BITS,
+                   help="quantize to this many bits after loading, as Kyutai's run_tts: the "
+                        "depformer and the temporal layers' self-attention and MLP, groups of 64 "
+                        "(cross-attention, embeddings and text head stay as loaded)")
     p.add_argument("--max-padding", type=int, default=8, help="most pad steps in a row")
     p.add_argument("--initial-padding", type=int, default=2, help="pad steps at the start")
     p.add_argument("--final-padding", type=int, default=4, help="steps after the last word")
@@ -125,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--padding-between", type=int, default=1,
                    help="pad steps forced between words")
     p.add_argument("--only-wav", action="store_true", help="write only ID.wav")
-    p.add_argument("--seed", type=int, default=299792458, help="random seed")
+    p.add_argument("--seed", type=int, default=cli.KYUTAI_SEED,
+                   help="random seed (default: %(default)s, Kyutai's)")
     args = p.parse_args(argv)
     for name in ("max_padding", "initial_padding", "final_padding", "padding_between"):
         if getattr(args, name) < 0:
@@ -155,8 +170,16 @@ def load(args):
     model, tokenizer, _ = model_files.load_model(
         files, warmup=False, options=model_files.MemoryOptions(rows_per_stream=1 + guided))
     if args.quantize:
-        models.quantize(model, bits=args.quantize, group_size=64 if args.quantize == 8 else 32)
+        models.quantize(model, layout=kyutai_quantization(model, args.quantize))
     return model, tokenizer, files, raw
+
+
+def kyutai_quantization(model, bits: int) -> dict[str, Quantization]:
+    """--quantize's modules (path -> quantization), those Kyutai's run_tts quantizes, so that
+    the outputs are its own: the depformer's and each temporal layer's self-attention and MLP,
+    at `bits` in groups of 64 (`nn.quantize`'s default)."""
+    return {path: Quantization(bits, 64) for path, module in model.named_modules()
+            if KYUTAI_QUANTIZED.match(path) and hasattr(module, "to_quantized")}
 
 
 def voices_for(names: list[str], args, raw: dict) -> list[mx.array]:
@@ -252,8 +275,11 @@ def run_request(req: Request, model, tokenizer, files, raw, args, stack) -> None
             writer = SafetensorsWriter(f, [("frames", TensorInfo("int32", codes.shape))])
             writer.write("frames", mx.array(codes, mx.int32))
             writer.finish()
+        # cfg_coef: the classic guidance applied, as Kyutai's (1.0 for a cfg-distilled model,
+        # whose --cfg-coef is the condition `cfg`)
         info = {"hf_repo": args.hf_repo, "voice_repo": args.voice_repo,
-                "model_id": raw.get("model_id"), "cfg_coef": args.cfg_coef, "temp": args.temp,
+                "model_id": raw.get("model_id"), "cfg_coef": stream.options.cfg_coef,
+                "cfg": stream.options.cfg_value, "temp": args.temp,
                 "max_padding": args.max_padding, "initial_padding": args.initial_padding,
                 "final_padding": args.final_padding, "padding_between": args.padding_between,
                 "padding_bonus": args.padding_bonus, "nq": n_q,
@@ -318,10 +344,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise RequestError(f"{path}: no such file")
             requests = [parse_request(line, i + 1)
                         for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
-            if not requests:
-                raise RequestError(f"{path}: no request in the file")
-        if args.out_folder != "-":
+        if args.out_folder != "-" or args.jsonl != "-":  # '-' plays only stdin's text
             Path(args.out_folder).mkdir(parents=True, exist_ok=True)
+        if args.jsonl != "-" and not requests:  # as Kyutai's: nothing to do is no error
+            log.warning("%s holds no request: nothing to speak", args.jsonl)
+            return
         model, tokenizer, files, raw = load(args)
         with ExitStack() as stack:
             if args.jsonl == "-":

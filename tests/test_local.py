@@ -52,6 +52,23 @@ def talk(audio: FakeAudio, conv: EchoConversation, then) -> threading.Thread:
     return thread
 
 
+def speak_in_turn(audio: FakeAudio, conv: EchoConversation, frames: int,
+                  then=lambda: None) -> threading.Thread:
+    """The user, on a thread: frames 1 to `frames`, each once Moshi has heard the one before;
+    then `then()`."""
+
+    def user():
+        assert audio.started.wait(10)
+        for k in range(1, frames + 1):
+            audio.speak(frame(k))
+            conv.wait_for(k)
+        then()
+
+    thread = threading.Thread(target=user)
+    thread.start()
+    return thread
+
+
 def test_conversation_is_shown_recorded_and_stopped(tmp_path, caplog):
     audio, conv = FakeAudio(), EchoConversation()
     live = live_conversation(audio, conv)
@@ -86,16 +103,7 @@ def test_with_echo_cancellation_both_sides_of_the_canceller_are_recorded(tmp_pat
     audio, conv = FakeAudio(), EchoConversation()
     live = live_conversation(audio, conv, echo=FakeCanceller(), keep_raw=True)
     stop = threading.Event()
-
-    def user():
-        assert audio.started.wait(10)
-        for k in range(1, 5):
-            audio.speak(frame(k))
-            conv.wait_for(k)
-        stop.set()
-
-    talking = threading.Thread(target=user)
-    talking.start()
+    talking = speak_in_turn(audio, conv, 4, stop.set)
     with caplog.at_level(logging.INFO, "moshi_mlx"), \
             WavWriter(tmp_path / "rec.wav", 24000, 2) as recorder, \
             WavWriter(tmp_path / "raw.wav", 24000) as raw_recorder:
@@ -113,6 +121,19 @@ def test_with_echo_cancellation_both_sides_of_the_canceller_are_recorded(tmp_pat
         heard = k / 1000 + FakeCanceller.CLEANED
         np.testing.assert_allclose(rec[frame_k, 0], heard, atol=1e-4)
         np.testing.assert_allclose(raw[frame_k], k / 1000, atol=1e-4)
+
+
+def test_steps_end_the_conversation():
+    """--steps N (Kyutai's flag): the conversation ends once Moshi has made N steps."""
+    assert local.parse_args(["--steps", "3"]).steps == 3
+    audio, conv = FakeAudio(), EchoConversation()
+    live = live_conversation(audio, conv)
+    stop = threading.Event()
+    talking = speak_in_turn(audio, conv, 3)
+    converse(live, stop, Presenter(live, Display(io.StringIO(), tty=False), None, None,
+                                   steps=3, stop=stop))
+    talking.join()
+    assert stop.is_set() and conv.heard == [1, 2, 3] and live.counters.processed == 3
 
 
 def test_ctrl_c_stops_the_conversation_cleanly(tmp_path):

@@ -202,11 +202,11 @@ def test_local_files_need_no_hub(hub, tmp_path):
     moshi = write_weights(tmp_path / "m.safetensors")
     (tmp_path / "mimi.safetensors").write_text("x")
     (tmp_path / "spm.model").write_text("x")
-    files = model_files.resolve(parse(
-        "--moshi-weight", str(moshi), "--mimi-weight", str(tmp_path / "mimi.safetensors"),
+    files = model_files.resolve(parse(  # Kyutai's plural flag and file:// address too
+        "--moshi-weight", str(moshi), "--mimi-weights", f"file://{tmp_path}/mimi.safetensors",
         "--tokenizer", str(tmp_path / "spm.model")))
     assert hub.calls == []
-    assert files.moshi_weight == moshi
+    assert files.moshi_weight == moshi and files.mimi_weight == tmp_path / "mimi.safetensors"
     assert files.quantization is None
     assert files.lm_config.dim == 4096
 

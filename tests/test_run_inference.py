@@ -185,3 +185,37 @@ def test_a_device_as_output_is_refused(tmp_path, demo_env):
     result = run_cli(tmp_path / "in.wav", "/dev/null", "--demo", env=demo_env)
     assert result.returncode == 1
     assert one_error_line(result).startswith("error: /dev/null: not a regular file")
+
+
+def test_kyutais_flags_are_taken(capsys):
+    """Kyutai's run_inference flags: --temp (the text and the audio temperature, a later
+    --text-temp or --audio-temp overriding its part), --moshi-weights and --mimi-weights (its
+    plural spelling); its seed is the default."""
+    from moshi_mlx import run_inference
+
+    args = run_inference.parse_args(["in.wav", "--temp", "0.5", "--moshi-weights", "m",
+                                     "--mimi-weights", "x"])
+    assert (args.text_temp, args.audio_temp, args.moshi_weight, args.mimi_weight, args.seed) == (
+        0.5, 0.5, "m", "x", 299792458)
+    args = run_inference.parse_args(["in.wav", "--temp", "0", "--audio-temp", "0.9"])
+    assert (args.text_temp, args.audio_temp) == (0, 0.9)
+    args = run_inference.parse_args(["in.wav", "--text-temp", "0.3", "--temp", "1"])
+    assert (args.text_temp, args.audio_temp) == (1, 1)
+    with pytest.raises(SystemExit) as e:
+        run_inference.parse_args(["in.wav", "--temp", "-1"])
+    assert e.value.code == 2 and "--temp must be 0 (greedy) or" in capsys.readouterr().err
+
+
+def test_without_output_only_the_text_is_printed(demo_env, tmp_path, monkeypatch, capsys):
+    """As Kyutai's run_inference: OUTPUT is optional; the text is printed, no wav written."""
+    from moshi_mlx import run_inference
+
+    t = np.arange(36000) / 24000
+    write_pcm16(tmp_path / "in.wav", 0.3 * np.sin(2 * np.pi * 220 * t), 24000)
+    monkeypatch.chdir(tmp_path)
+    assert run_inference.main(["in.wav", "--demo", "--temp", "0", "--json", "r.json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert out.strip() and report["text"] == " ".join(out.split()) and report["output"] is None
+    assert "voice is not written" in err and "error" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "r.json"]

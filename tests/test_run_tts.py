@@ -71,6 +71,7 @@ def test_requests_give_wav_frames_and_transcript(env, capsys):
         info = json.loads((env / "out" / f"{rid}.json").read_text())
         assert [w for w, _ in info["transcript"]] == words
         assert info["nq"] == 4 and info["padding_bonus"] == 1.5
+        assert info["cfg"] == "2.0" and info["cfg_coef"] == 1.0  # as Kyutai's: no classic CFG
         steps = [s for _, s in info["transcript"]]
         assert steps == sorted(steps) and info["end_step"] > steps[-1]
         frames = mx.load(str(env / "out" / f"{rid}.safetensors"))["frames"]
@@ -97,6 +98,8 @@ def test_only_wav_and_stdin_lines_quantized(env, capsys, monkeypatch):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 1: not JSON"),
+    ('{"turns": ["hi"], "voices": ["alice"], "id": "a", "prefix": "a.wav"}',
+     "unknown key(s) 'prefix'"),
     ('{"turns": [], "voices": ["alice"], "id": "a"}', "'turns' must be a non-empty list"),
     ('{"turns": ["  "], "voices": ["alice"], "id": "a"}', "the turns have no text"),
     ('{"turns": ["hi"], "voices": ["alice"], "id": "../a"}', "'id' must be"),
@@ -128,15 +131,33 @@ def test_bad_cfg_coef_and_missing_file(env, capsys):
     assert code == 1 and "--cfg-coef 1.7: this model takes 1.0, 1.5" in out.err
     code, out = run(capsys, str(env / "missing.jsonl"))
     assert code == 1 and "no such file" in out.err
-    code, out = run(capsys, str(write_jsonl(env / "empty.jsonl", "", "")))
-    assert code == 1 and "no request" in out.err
+
+
+def test_a_file_without_requests_is_nothing_to_do(env, capsys):
+    """As Kyutai's run_tts: exit code 0, the output folder made and left empty (a folder named
+    '-' too: only stdin's text is played)."""
+    for folder in ("o", "-"):
+        code, out = run(capsys, str(write_jsonl(env / "empty.jsonl", "", "  ")),
+                        "--out-folder", folder)
+        assert code == 0 and "holds no request" in out.err and "error" not in out.err
+        assert list((env / folder).iterdir()) == []
+
+
+def test_a_number_as_id_names_the_files():
+    """Kyutai's run_tts names the files f"{id}.wav" whatever the id's JSON type."""
+    line = '{"turns": ["hi"], "voices": ["alice"], "id": %s}'
+    assert [run_tts.parse_request(line % rid, 1).id for rid in ("7", "-2", "1.5")] == [
+        "7", "-2", "1.5"]
+    for rid in ("true", "null", "[1]", '""'):
+        with pytest.raises(run_tts.RequestError, match="'id' must be"):
+            run_tts.parse_request(line % rid, 1)
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--temp", "nan"], "--temp must be a finite number"),
     (["--max-padding", "-1"], "--max-padding must be >= 0"),
     (["--nq", "0"], "argument --nq: must be at least 1"),
-    (["--quantize", "3"], "argument --quantize: invalid choice"),
+    (["--quantize", "7"], "argument --quantize: invalid choice"),
 ])
 def test_flag_values_no_model_takes_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -226,3 +247,17 @@ def test_a_wav_voice_for_a_model_with_speakers_is_one_error(env, capsys):
     jsonl = write_jsonl(env / "in.jsonl", {"turns": ["hi"], "voices": ["me.wav"], "id": "a"})
     code, out = run(capsys, str(jsonl), "--out-folder", "out")
     assert code == 1 and "voice 'me.wav': this model takes speaker embeddings" in out.err
+
+
+def test_a_voice_as_a_file_address(tmp_path, monkeypatch):
+    """file://NAME, as Kyutai's run_tts reads it: the local file NAME with the model's suffix
+    (or NAME), never the voice repository."""
+    from moshi_mlx.model_files import ModelFilesError
+    from moshi_mlx.model_files.voices import voice_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "v").mkdir()
+    voice_file(tmp_path / "v" / f"alice{SUFFIX}")
+    assert str(voice_path("file://v/alice", "kyutai/tts-voices", SUFFIX)) == f"v/alice{SUFFIX}"
+    with pytest.raises(ModelFilesError, match="unknown voice 'file://v/bob'"):
+        voice_path("file://v/bob", "kyutai/tts-voices", SUFFIX)

@@ -164,10 +164,14 @@ def outputs(folder: Path, rid: str) -> tuple[np.ndarray, dict]:
 
 
 COMPARED = ("transcript", "consumption_times", "logged_text_tokens", "end_step", "start_step")
+SETTINGS = ("hf_repo", "voice_repo", "model_id", "cfg_coef", "temp", "max_padding",
+            "initial_padding", "final_padding", "padding_between", "padding_bonus", "turns",
+            "voices")
 
 
 def test_greedy_outputs_match_kyutais_mlx_run_tts(files):
-    """One and two speakers: the same codes, words, steps and text tokens as Kyutai's."""
+    """One and two speakers: the same codes, words, steps, text tokens and settings (ID.json)
+    as Kyutai's."""
     theirs, ours = kyutai_run_tts(files, "kyutai"), our_run_tts(files, "ours")
     for request in REQUESTS:
         rid = request["id"]
@@ -175,7 +179,7 @@ def test_greedy_outputs_match_kyutais_mlx_run_tts(files):
         o_frames, o_info = outputs(ours, rid)
         assert o_frames.shape == k_frames.shape and o_frames.shape[0] == 8
         np.testing.assert_array_equal(o_frames, k_frames, err_msg=rid)
-        for key in COMPARED:
+        for key in COMPARED + SETTINGS:
             assert o_info[key] == k_info[key], f"{rid}: {key}"
         assert [w for w, _ in o_info["transcript"]] == " ".join(request["turns"]).split()
         sampled = {s[0] for s, _ in o_info["logged_text_tokens"]}
@@ -183,6 +187,21 @@ def test_greedy_outputs_match_kyutais_mlx_run_tts(files):
         for folder in (theirs, ours):  # the wav: a frame of codes per 80 ms
             with wave.open(str(folder / f"{rid}.wav")) as w:
                 assert w.getnframes() == 1920 * k_frames.shape[1]
+
+
+def test_quantized_outputs_match_kyutais(files):
+    """--quantize quantizes what Kyutai's run_tts quantizes (the depformer, each layer's
+    self-attention and MLP; groups of 64): the same codes and text tokens as its own."""
+    one = {"requests": "one.jsonl"}
+    theirs = kyutai_run_tts(files, "k-q4", "--quantize", "4", **one)
+    ours = our_run_tts(files, "o-q4", "--quantize", "4", **one)
+    k_frames, k_info = outputs(theirs, "one")
+    o_frames, o_info = outputs(ours, "one")
+    np.testing.assert_array_equal(o_frames, k_frames)
+    for key in COMPARED:
+        assert o_info[key] == k_info[key], key
+    float_frames, _ = outputs(our_run_tts(files, "o-float", **one), "one")
+    assert float_frames.shape != k_frames.shape or (float_frames != k_frames).any()
 
 
 CONTEXT = 10  # steps of attention in the config of the window case

@@ -6,6 +6,7 @@ from pathlib import Path
 from .errors import HubFileMissing, HubUnreachable, ModelFilesError
 
 HF_PREFIX = "hf://"
+FILE_PREFIX = "file://"  # Kyutai's run_tts takes file://path for a local file, as a path
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str]:

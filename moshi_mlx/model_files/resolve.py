@@ -14,7 +14,7 @@ from .. import models
 from ..utils.safetensors import Quantization, describe, quantization_of, read_header
 from .demo import demo_repo
 from .errors import HubFileMissing, HubUnreachable, ModelFilesError
-from .hub import HF_PREFIX, hub_download, parse_hf_uri
+from .hub import FILE_PREFIX, HF_PREFIX, hub_download, parse_hf_uri
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--demo", action="store_true",
         help="use a small random demo model, built once in the cache directory: no download")
-    for flag, what in (("--moshi-weight", "Moshi's weights (.safetensors)"),
-                       ("--mimi-weight", "Mimi's weights (.safetensors)"),
-                       ("--tokenizer", "the text tokenizer (sentencepiece .model)"),
-                       ("--lm-config", "the model's config.json")):
-        group.add_argument(flag, metavar="PATH", help=f"{what}: a local path or hf://owner/repo/file")
+    # Kyutai's local and local_web spell the weights' flags in the singular, its run_inference
+    # in the plural: both are taken.
+    for flags, what in ((("--moshi-weight", "--moshi-weights"), "Moshi's weights (.safetensors)"),
+                        (("--mimi-weight", "--mimi-weights"), "Mimi's weights (.safetensors)"),
+                        (("--tokenizer",), "the text tokenizer (sentencepiece .model)"),
+                        (("--lm-config",), "the model's config.json")):
+        group.add_argument(*flags, metavar="PATH",
+                           help=f"{what}: a local path or hf://owner/repo/file")
 
 
 class _Source:
@@ -101,10 +104,10 @@ def _local_file(path: Path) -> Path:
 
 
 def _fetch(value: str, source: _Source) -> Path:
-    """A flag's value: an hf:// address or a local path."""
+    """A flag's value: an hf:// address or a local path (file://path too)."""
     if value.startswith(HF_PREFIX):
         return source.get(value)
-    return _local_file(Path(value).expanduser())
+    return _local_file(Path(value.removeprefix(FILE_PREFIX)).expanduser())
 
 
 def _read_json(path: Path) -> dict:

@@ -9,7 +9,7 @@ from ..engine.speech_synthesis import EMBEDDING_CHANNELS
 from ..models.tts import SPEAKER_KEY
 from ..utils.safetensors import read_header
 from .errors import HubFileMissing, ModelFilesError
-from .hub import HF_PREFIX, hub_download, parse_hf_uri
+from .hub import FILE_PREFIX, HF_PREFIX, hub_download, parse_hf_uri
 
 DEFAULT_VOICE_REPO = "kyutai/tts-voices"
 
@@ -25,14 +25,21 @@ def voice_suffix(raw_config: dict) -> str:
 
 def voice_path(voice: str, voice_repo: str = DEFAULT_VOICE_REPO, suffix: str = "") -> Path:
     """A voice, found where Kyutai's run_tts looks: a local .safetensors (or .wav) file (the name
-    with the model's `suffix` added, or the name), an hf://owner/repo/file address (the suffix
-    added unless it names a .safetensors file), or a name in `voice_repo`, a Hugging Face
-    repository or a local directory (e.g. 'expresso/ex03-ex01_happy_001_channel1_334s.wav', to
-    which the suffix is added). A model without speaker conditioning has no suffix: its voices
-    are wavs. Raises ModelFilesError for a voice that cannot be found."""
+    with the model's `suffix` added, or the name; file://name: a local file only), an
+    hf://owner/repo/file address (the suffix added unless it names a .safetensors file), or a
+    name in `voice_repo`, a Hugging Face repository or a local directory (e.g.
+    'expresso/ex03-ex01_happy_001_channel1_334s.wav', to which the suffix is added). A model
+    without speaker conditioning has no suffix: its voices are wavs. Raises ModelFilesError for
+    a voice that cannot be found."""
     if voice.startswith(HF_PREFIX):
         return hub_download(*parse_hf_uri(voice if voice.endswith(".safetensors")
                                           else voice + suffix))
+    if voice.startswith(FILE_PREFIX):  # a local file only, as Kyutai's run_tts reads it
+        name = voice.removeprefix(FILE_PREFIX)
+        for local in (Path(name + suffix).expanduser(), Path(name).expanduser()):
+            if local.is_file():
+                return local
+        raise ModelFilesError(f"unknown voice '{voice}': no file {name + suffix}")
     for local in (Path(voice + suffix).expanduser(), Path(voice).expanduser()):
         if local.suffix in (".safetensors", ".wav") and local.is_file():
             return local

@@ -143,6 +143,8 @@ def generate(model: Helium, prompt: list[int], sampler: Sampler, max_tokens: int
     pass; each step is queued (`mx.async_eval`) before the previous token is read, so that the
     caller's work overlaps the model's. This is mlx_lm's `generate_step` loop, written out
     because its module imports `transformers` (seconds of start-up, torch where installed)."""
+    if max_tokens <= 0:
+        return
     cache = model.make_cache()
 
     def step(tokens: mx.array) -> mx.array:
