@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=cli.positive_int, default=4, metavar="N",
                         help="streams served at once by each service, in one batched step "
                              "(default: 4); each takes a Mimi process (about 0.4 GB)")
+    parser.add_argument("--asr-delay-in-tokens", type=cli.positive_int, metavar="N",
+                        help="the STT model's text delay in 80 ms steps, as Kyutai's server "
+                             "config's asr_delay_in_tokens: word times are steps minus it, a "
+                             "Marker comes back that many steps after the audio before it "
+                             "(default: Kyutai's configs' value: 6 for stt-1b-en_fr, 32 for "
+                             "stt-2.6b-en)")
     parser.add_argument("--ignore-memory", action="store_true",
                         help="load even when the model does not fit the memory available")
     args = parser.parse_args(argv)
@@ -111,7 +117,8 @@ async def serve(args: argparse.Namespace, stt: model_files.ModelFiles | None,
         if stt is not None:
             log.info("loading the speech-to-text model (%d streams)", args.batch_size)
             started.append(await start_service(
-                "stt", speech_services.transcriber_loader(stt, args.batch_size, memory),
+                "stt", speech_services.transcriber_loader(stt, args.batch_size, memory,
+                                                          args.asr_delay_in_tokens),
                 lambda t: AsrService(t, args.api_key)))
         if tts is not None:
             log.info("loading the text-to-speech model (%d streams)", args.batch_size)

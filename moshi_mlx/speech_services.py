@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import model_files, utils
+from .audio.constants import FRAME_RATE
 from .audio.mimi import Mimi
 from .engine.batched import BatchedStepper, BatchedTts
 from .engine.speech_synthesis import Synthesizer, Voice
@@ -16,25 +17,41 @@ from .engine.transcription import MIMI_REPLY_SECONDS, Transcriber
 from .engine.tts import TtsOptions, TtsStream
 from .families import FamilyError, model_kind, stt_delay_seconds
 from .model_files.voices import load_voice, named_voice, voice_suffix
+from .models import LmConfig
 from .models.tts import TtsSettings, VoiceError
+
+# Kyutai's server configurations' asr_delay_in_tokens, by the model's audio_delay_seconds
+# (stt-1b-en_fr: 0.5 s, stt-2.6b-en: 2.5 s): not the delay rounded one way
+KYUTAI_ASR_DELAYS = {0.5: 6, 2.5: 32}
+
+
+def asr_delay_in_tokens(cfg: LmConfig) -> int:
+    """An STT model's text delay in steps as Kyutai's server is configured for it (the nearest
+    step for another model)."""
+    delay = stt_delay_seconds(cfg)
+    return KYUTAI_ASR_DELAYS.get(delay, round(delay * FRAME_RATE))
 
 
 def transcriber_loader(files: model_files.ModelFiles, rows: int,
-                       memory: model_files.MemoryOptions | None = None
-                       ) -> Callable[[], Transcriber]:
+                       memory: model_files.MemoryOptions | None = None,
+                       delay_steps: int | None = None) -> Callable[[], Transcriber]:
     """What the STT service (`serve --stt`) runs on its model's thread: loads the speech-to-text
     model in `files` and a Mimi encoder for each of its `rows` streams. The service needs no
     silence prefix: clients send their own (Kyutai's file client sends 1 s), and word times are
-    in the client's audio. Raises FamilyError for a model of another family."""
+    in the client's audio. `delay_steps`: Kyutai's server's `asr_delay_in_tokens` (None: that
+    of its configurations, `asr_delay_in_tokens`). Raises FamilyError for a model of another
+    family."""
     kind = model_kind(files.lm_config)
     if kind != "stt":
         raise FamilyError(f"this model ({kind}) is not a speech-to-text model")
+    if delay_steps is None:
+        delay_steps = asr_delay_in_tokens(files.lm_config)
 
     def load() -> Transcriber:
         model, tokenizer, cfg = model_files.load_model(files, options=memory)
         mimis = [Mimi(files.mimi_weight, cfg.mimi_codebooks, decoder=False,
                       reply_seconds=MIMI_REPLY_SECONDS) for _ in range(rows)]
-        return Transcriber(BatchedStepper(model, rows), tokenizer, mimis, stt_delay_seconds(cfg))
+        return Transcriber(BatchedStepper(model, rows), tokenizer, mimis, delay_steps)
 
     return load
 
@@ -72,7 +89,10 @@ def synthesizer_loader(files: model_files.ModelFiles, rows: int, voice_repo: str
         model, tokenizer, cfg = model_files.load_model(files, warmup=False, options=memory)
         settings = TtsSettings.of(cfg)
         codebooks = min(options.n_q or cfg.dep_q, cfg.dep_q)
-        options_used = replace(options, n_q=codebooks)
+        # Kyutai's server ends a stream the model's acoustic delay after the offline rule
+        # (its last step counts it): that many more frames of audio
+        options_used = replace(options, n_q=codebooks,
+                               final_padding=options.final_padding + cfg.max_delay)
         mimis = [Mimi(files.mimi_weight, codebooks, reply_seconds=MIMI_REPLY_SECONDS)
                  for _ in range(rows)]
         voices: dict[Path, mx.array] = {}

@@ -296,11 +296,12 @@ def serving_in_thread(app) -> Iterator[int]:
 
 async def used_slots(session, server) -> int:
     """The slots in use of `server`'s one speech service (`/api/modules_info`), which must be
-    `server.module`: (type, path, total slots)."""
+    `server.module`: (type, path, total slots; strings, as Kyutai's server writes them)."""
     async with session.get(f"{server.http}/api/modules_info") as response:
         (module,) = await response.json()
     assert (module["type"], module["path"], module["total_slots"]) == server.module
-    return module["used_slots"]
+    assert isinstance(module["used_slots"], str)
+    return int(module["used_slots"])
 
 
 async def slots_in_use(session, server, count: int, seconds: float = 15) -> None:
@@ -359,3 +360,28 @@ async def codec_fails_then_next_client_served(session, server, connect, address:
     await slots_in_use(session, server, 0)
     async with await connect(session, address) as second:
         await served(second)
+
+
+def kyutai_asr_words(tokens: list[int], delay_steps: int, decode) -> list[tuple]:
+    """moshi-core's `asr.rs` (`State::step_tokens`) on one stream's text tokens, as Kyutai's
+    server runs it, written here from its source: the text read from step `delay_steps`
+    (counted from 1); a padding token (3, or 0: the end of padding) ends the word being spelled,
+    `decode(its tokens)`; the end of padding times the last word sent's end and the next word's
+    start. -> ("Word", text, start_time) and ("EndWord", stop_time)."""
+    events, word, unended, last_stop = [], [], False, 0.0
+    for step_idx, token in enumerate(tokens, start=1):
+        if step_idx < delay_steps:
+            continue
+        if token in (0, 3):
+            if word:
+                events.append(("Word", decode(word), last_stop))
+                word, unended = [], True
+        else:
+            word.append(token)
+        if token == 0:
+            stop = (step_idx - delay_steps) / 12.5
+            if unended:
+                events.append(("EndWord", stop))
+                unended = False
+            last_stop = stop
+    return events

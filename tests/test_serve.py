@@ -3,8 +3,8 @@ over a websocket), on the small random STT model of `make_demo --kind stt` (text
 four voice-activity heads), two slots.
 
 What a client can tell is checked: the message sequence and encoding, the words and times
-against the offline transcript of the same audio, markers, slots, the api key, a vanished
-client, bad input (one client's problem only)."""
+against Kyutai's server's algorithm on the offline run's tokens of the same audio, markers,
+slots, the api key, a vanished client, bad input (one client's problem only)."""
 
 import asyncio
 import time
@@ -12,6 +12,7 @@ from math import ceil
 from types import SimpleNamespace
 
 import aiohttp
+import mlx.core as mx
 import msgpack
 import numpy as np
 import pytest
@@ -20,29 +21,40 @@ from conftest import (
     FRAME,
     RATE,
     codec_fails_then_next_client_served,
+    kyutai_asr_words,
     serving_in_thread,
     silent_websocket,
     slots_in_use,
     used_slots,
 )
 
-from moshi_mlx import families, model_files, speech_services, utils
+from moshi_mlx import __version__, families, model_files, speech_services, utils
 from moshi_mlx.engine import offline, transcription
 from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.web.asr import AsrService
-from moshi_mlx.web.speech import speech_app
-from moshi_mlx.weights.demo import build_demo_repo
+from moshi_mlx.web.speech import BUILD_INFO_KEYS, speech_app
+from moshi_mlx.weights.demo import MOSHI_NAME, build_demo_repo
 
 pytestmark = pytest.mark.slow  # a server with its model and Mimi processes
 
 ROWS = 2
 KEY = "public_token"
-DELAY_STEPS = 7  # ceil(0.5 s * 12.5): the marker's wait after the audio before it
+DELAY_STEPS = 6  # Kyutai's asr_delay_in_tokens for a 0.5 s delay: word times, marker's wait
 
 
 @pytest.fixture(scope="module")
 def stt_dir(tmp_path_factory):
-    return build_demo_repo(tmp_path_factory.mktemp("stt-repo"), seed=5, kind="stt")
+    """The demo STT repository, its text head changed so that the model writes padding (3) and
+    ends of padding (0) often, in the place of two tokens it writes often: words for Kyutai's
+    server to make (of the text between padding tokens; the random model writes no padding)."""
+    repo = build_demo_repo(tmp_path_factory.mktemp("stt-repo"), seed=5, kind="stt")
+    weights = mx.load(str(repo / MOSHI_NAME))
+    head = weights["text_linear.weight"]
+    rows = mx.arange(head.shape[0])[:, None]
+    padding = mx.where(rows == 3, 1.5 * head[610], mx.where(rows == 0, 1.5 * head[583], head))
+    weights["text_linear.weight"] = padding.astype(head.dtype)
+    mx.save_safetensors(str(repo / MOSHI_NAME), weights)
+    return repo
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +68,7 @@ def server(stt_dir):
     with serving_in_thread(speech_app([asr.service()])) as port:
         yield SimpleNamespace(url=f"ws://127.0.0.1:{port}/api/asr-streaming",
                               http=f"http://127.0.0.1:{port}", files=files, asr=asr, port=port,
-                              module=("BatchedAsr", "/api/asr-streaming", ROWS))
+                              module=("batched_asr", "/api/asr-streaming", str(ROWS)))
     transcriber.stop()
     running.result(timeout=10)
     transcriber.close_all()
@@ -68,6 +80,10 @@ def speech(seconds: float, seed: int) -> np.ndarray:
     x = 0.3 * np.sin(2 * np.pi * (180 + 40 * seed) * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
     x += 0.05 * np.random.default_rng(seed).normal(size=t.size)
     return x.astype(np.float32)
+
+
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # a websocket handshake's headers
 
 
 def packb(message: dict) -> bytes:
@@ -107,11 +123,10 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def offline_words(server, pcm: np.ndarray) -> list[dict]:
-    """The offline transcript (run_inference's loop) of `pcm`, greedy. Asserts that no padding
-    token came inside a word (see `WordEvents`: Kyutai's server, and this one, end a word at a
-    padding token, the offline transcript does not; Kyutai's models do not pad inside words,
-    a random model may)."""
+def kyutai_words(server, pcm: np.ndarray, steps: int) -> list[dict]:
+    """The Word and EndWord messages of Kyutai's server (conftest's `kyutai_asr_words`) for the
+    text tokens of the first `steps` steps of the offline run (run_inference's loop) of `pcm`,
+    greedy."""
     model, tokenizer, _ = model_files.load_model(server.files, warmup=False)
     conversation = families.conversation(model, tokenizer, server.files.mimi_weight,
                                          utils.Sampler(temp=0), utils.Sampler())
@@ -119,15 +134,17 @@ def offline_words(server, pcm: np.ndarray) -> list[dict]:
         result = offline.run(conversation, pcm, families.offline_plan(conversation))
     finally:
         conversation.close()
-    after_padding = [frame.text for previous, frame in zip(result.frames, result.frames[1:])
-                     if previous.text is None and frame.text is not None]
-    assert all(text.startswith(" ") for text in after_padding[1:])
-    return [{"text": w.text, "time": w.time} for w in result.transcript.words]
+    tokens = [frame.token for frame in result.frames[:steps]]
+    assert len(tokens) == steps
+    return [{"type": "Word", "text": e[1], "start_time": e[2]} if e[0] == "Word"
+            else {"type": "EndWord", "stop_time": e[1]}
+            for e in kyutai_asr_words(tokens, DELAY_STEPS, tokenizer.decode)]
 
 
-def test_words_and_times_are_the_offline_transcripts(server):
-    """The same audio, padded as the offline loop pads it: the same words at the same times.
-    One Step per frame with the four heads' probabilities; EndWord after each Word."""
+def test_words_and_times_are_kyutais_on_the_offline_tokens(server):
+    """The same audio, padded as the offline loop pads it: the Word and EndWord messages Kyutai's
+    server makes of the offline run's text tokens. One Step per frame with the four heads'
+    probabilities, counted as Kyutai's server counts its steps (its two warm-up steps first)."""
     pcm = speech(2.0, seed=2)
     padded = np.concatenate([pcm, np.zeros(int(1.5 * RATE), np.float32)])
     frames = ceil(len(padded) / FRAME)
@@ -141,22 +158,14 @@ def test_words_and_times_are_the_offline_transcripts(server):
     steps = [m for m in messages if m["type"] == "Step"]
     assert len(steps) == frames + DELAY_STEPS
     assert all(len(m["prs"]) == 4 and all(0 <= p <= 1 for p in m["prs"]) for m in steps)
-    assert [m["step_idx"] for m in steps] == sorted(m["step_idx"] for m in steps)
+    assert [m["step_idx"] for m in steps] == list(range(steps[0]["step_idx"],
+                                                        steps[0]["step_idx"] + len(steps)))
+    assert steps[0]["step_idx"] >= 3
     words = [m for m in messages if m["type"] in ("Word", "EndWord")]
-    assert words, "nothing was transcribed"
-    kinds = [m["type"] for m in words]
-    assert kinds[::2] == ["Word"] * len(kinds[::2]) and set(kinds[1::2]) <= {"EndWord"}
-    for word, end in zip(words[::2], words[1::2]):
-        assert end["stop_time"] >= word["start_time"]
-    # Words that start within the padded audio are the offline ones (the last one may go on
-    # being spelled in the steps after it).
-    expected = offline_words(server, pcm)
-    last_time = frames / 12.5 - 0.5
-    got = [{"text": m["text"], "time": m["start_time"]} for m in words[::2]
-           if m["start_time"] < last_time]
-    assert got[:-1] == expected[:-1]
-    assert got[-1]["time"] == expected[-1]["time"]
-    assert got[-1]["text"].startswith(expected[-1]["text"])
+    # the events of the first `frames` steps come first (then those of the silence after)
+    expected = kyutai_words(server, pcm, frames)
+    assert expected, "nothing was transcribed"
+    assert words[:len(expected)] == expected
 
 
 def test_step_probabilities_are_float32_and_times_float64(server):
@@ -181,8 +190,9 @@ def test_step_probabilities_are_float32_and_times_float64(server):
 
 
 def test_marker_waits_for_the_audio_before_it_and_the_delay(server):
-    """A marker after 2.5 frames comes back after 3 + 7 steps; audio after it is still taken
-    and the server does not close."""
+    """A marker after 2.5 frames comes back after 2 + 6 steps (as Kyutai's server: the whole
+    frames before it, then its asr_delay_in_tokens); audio after it is still taken and the
+    server does not close."""
 
     async def client():
         async with aiohttp.ClientSession() as session, await connect(session, server.url) as ws:
@@ -200,11 +210,12 @@ def test_marker_waits_for_the_audio_before_it_and_the_delay(server):
             assert not ws.closed
             return steps
 
-    assert run(client()) == 3 + DELAY_STEPS
+    assert run(client()) == 2 + DELAY_STEPS
 
 
 def test_ogg_opus_audio_is_transcribed(server):
-    """OggOpus{data}: an Ogg-Opus stream, in pages as they come, transcribed frame by frame."""
+    """OggOpus{data}: an Ogg-Opus stream, in pages as they come, transcribed frame by frame; a
+    page as an array of byte values (as Kyutai's server reads it) or as bytes."""
     writer = sphn.OpusStreamWriter(RATE)
     pcm = speech(1.0, seed=5)
     pages = [writer.append_pcm(pcm[i:i + FRAME]) for i in range(0, len(pcm) - FRAME + 1, FRAME)]
@@ -212,8 +223,9 @@ def test_ogg_opus_audio_is_transcribed(server):
     async def client():
         async with aiohttp.ClientSession() as session, await connect(session, server.url) as ws:
             assert (await receive(ws))["type"] == "Ready"
-            for page in pages:
-                await ws.send_bytes(packb({"type": "OggOpus", "data": page}))
+            for i, page in enumerate(pages):
+                data = list(page) if i % 2 == 0 else page
+                await ws.send_bytes(packb({"type": "OggOpus", "data": data}))
             steps = 0
             while steps < len(pages) - 2:  # Opus's own delay holds back a little
                 steps += (await receive(ws))["type"] == "Step"
@@ -229,11 +241,20 @@ def test_slots_auth_and_build_info(server):
     async def client():
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{server.http}/api/build_info") as response:
-                assert response.status == 200 and "version" in await response.json()
+                assert response.status == 200
+                info = await response.json()  # the keys of Kyutai's server's, all strings
+                assert sorted(info) == sorted(BUILD_INFO_KEYS)
+                assert all(isinstance(value, str) for value in info.values())
+                assert __version__ in info["git_describe"]
             for bad in ({"headers": {"kyutai-api-key": "wrong"}}, {}):
                 with pytest.raises(aiohttp.WSServerHandshakeError) as e:
                     await session.ws_connect(server.url, **bad)
                 assert e.value.status == 401
+            # as Kyutai's server: the 401 has no body; a GET that is no upgrade is a 400
+            async with session.get(server.url, headers=UPGRADE) as response:
+                assert response.status == 401 and await response.read() == b""
+            async with session.get(server.url) as response:
+                assert response.status == 400
             await slots_in_use(session, server, 0)
             first = await connect(session, server.url)
             second = await session.ws_connect(f"{server.url}?auth_id=second_key")
@@ -297,13 +318,17 @@ def alone(server) -> list[dict]:
     (packb({"type": "Audio", "pcm": 3}), "'pcm' must be a list of numbers"),
     (packb([1, 2]), "a MessagePack map with a string 'type'"),
     (packb({"type": "Marker", "id": "x"}), "'id' must be an integer"),
+    (packb({"type": "Marker", "id": True}), "'id' must be an integer"),
+    (packb({"type": "Marker", "id": 2**63}), "'id' must be an integer"),
     (packb({"type": "OggOpus", "data": b"not an Ogg stream" * 10}), "not an Ogg-Opus stream"),
     (packb({"type": "OggOpus", "data": "text"}), "'data' must be bytes"),
+    (packb({"type": "OggOpus", "data": [79, 300]}), "a list of byte values"),
     (packb({"type": "Audio", "pcm": [0.0] * 6 * RATE}), "more than 5 s of audio waiting"),
     (packb({"type": "Audio", "pcm": [0.5, float("nan")]}), "not a finite number"),
     (b"\x00" * (5 * 1024 * 1024), None),
 ], ids=["not-msgpack", "unknown-type", "pcm-strings", "pcm-number", "not-a-map", "marker-id",
-        "not-ogg", "opus-not-bytes", "too-much-audio", "nan", "huge"])
+        "marker-bool", "marker-u64",
+        "not-ogg", "opus-not-bytes", "opus-not-byte-values", "too-much-audio", "nan", "huge"])
 def test_bad_input_is_one_clients_problem(server, alone, bad, says, monkeypatch):
     """Error to that client and a close; another client streaming at the same time gets the
     words it gets alone. A message over the size limit (4 MiB) is dropped with the connection

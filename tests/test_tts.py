@@ -142,6 +142,33 @@ def test_a_word_without_tokens_is_an_error():
         ts.script_to_entries(lambda w: [] if w == "x" else [5], IDS, 12.5, ["a x"])
 
 
+def test_server_text_as_kyutais_server_reads_it():
+    """moshi-server's tts_preprocess: en dashes dropped; only a whole break tag is a break, of
+    max(floor(min(s, 10) * 12.5), 1) steps, with a text of its own; a tag it does not take is
+    words, one whose time is no number or 0 s is dropped; the first word gets `first_token`."""
+    entries = ts.server_text_to_entries(
+        encode, IDS, 12.5, 'Hi – there<break time="0.3s"/>a <break time="soon"/> '
+        '<break time="1.2.3s"/><break time="0s"/><break time="20s"/>(b): c–d',
+        first_token=IDS.main, padding_between=1, max_break_seconds=10)
+    assert [(e.text, e.tokens, e.padding) for e in entries] == [
+        ("Hi", [IDS.main, 6], 2), ("there", [9, 9], 2), ('<break time="0.30s">', [], 3),
+        ("a", [5], 1), ("<break", [10, 10], 2), ('time="soon"/>', [17] * 4, 4),
+        ('<break time="20.00s">', [], 125), ("b", [5], 1), ("cd", [6], 1)]
+    assert ts.server_text_to_entries(encode, IDS, 12.5, " – ") == []
+
+
+def test_a_break_with_a_text_is_in_the_transcript():
+    """A break is in the transcript when it has a text (Kyutai's server's), not otherwise
+    (script_to_entries', as PyTorch moshi's)."""
+    machine = ts.StateMachine(IDS, max_padding=1, initial_padding=0)
+    state = machine.new_state([ts.Entry([7], "a", 1), ts.Entry([], "", 1),
+                               ts.Entry([], "<break>", 1), ts.Entry([8], "b")])
+    for t in range(12):
+        machine.process(t, state, IDS.new_word)
+    assert [word for word, _ in state.transcript] == ["a", "<break>", "b"]
+    assert len(state.consumption_times) == 4
+
+
 def test_state_machine_pads_forces_words_and_ends():
     """Initial padding 2, then the model's pad choices until `max_padding` forces the word; a
     word's tokens are fed one per step; asking past the last word ends (end_step)."""

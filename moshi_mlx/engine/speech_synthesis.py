@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the model's side (MLX) is handed over: the servers' byte si
 log = logging.getLogger(__name__)
 
 EMBEDDING_CHANNELS = 512  # a speaker embedding's channels (Kyutai's voices: [1, 512, frames])
+MAX_AMPLITUDE = 0.99  # Kyutai's server clamps its audio to this
 
 Voice = Path | np.ndarray | None
 """A stream's voice: a voice file, a speaker embedding float32 [1, 512, frames] (a client's
@@ -84,6 +85,7 @@ class Stream:
         self.voice = voice
         self.emit = emit
         self.seed = seed
+        self.first_word = True  # its first word, still to come, starts with the speaker token
         self.steps = 0  # model steps run
         self.frames = 0  # Audio events sent
         self.failed = False  # an Error was sent
@@ -122,10 +124,12 @@ class Stream:
             texts, self._texts = self._texts, []
             return texts, self._ended
 
-    def words_taken(self, words: list[tuple[str, float]]) -> None:
-        """Words the model took at this step: the previous one's Text goes out (Kyutai's server
-        times a word from its start to the next word's)."""
-        for word, seconds in words:
+    def words_taken(self, words: list[str]) -> None:
+        """Words the model took at the step just run: the previous one's Text goes out. Kyutai's
+        server times a word from the steps run when it was taken (that step included) to the
+        steps run when the next one was (or the stream ended)."""
+        seconds = self.steps / FRAME_RATE
+        for word in words:
             self._send_word(seconds)
             self._word = (word, seconds)
 
@@ -205,7 +209,7 @@ class Synthesizer(SlotLoop):
     def _ready(self, stream: Stream) -> bool:
         """Takes the stream's new text -> whether it can step now."""
         # imported here, on the model's thread: the module's byte side must not import MLX
-        from ..models.tts_script import NoWords, ScriptError
+        from ..models.tts_script import ScriptError, server_text_to_entries
 
         texts, ended = stream.take()
         tts = stream.tts
@@ -216,20 +220,27 @@ class Synthesizer(SlotLoop):
             if ended:  # Eos before any text: nothing to say
                 stream.finish()
             return False
-        for text in texts:
+        for text in texts:  # a text without words is skipped, as Kyutai's server does
+            first = tts.gen.machine.token_ids.main if tts.settings.multi_speaker else None
             try:
-                tts.push_text(text, new_turn=tts.turn < 0)
-            except NoWords as e:  # Kyutai's server skips it
-                log.info("slot %d: text skipped: %s", stream.slot, e)
-            except ScriptError as e:  # a bad break: that client's Error
+                entries = server_text_to_entries(
+                    tts.tokenizer.encode, tts.gen.machine.token_ids, FRAME_RATE, text,
+                    first if stream.first_word else None, tts.options.padding_between,
+                    tts.options.max_break_seconds)
+            except ScriptError as e:  # that client's Error
                 log.warning("slot %d: bad text: %s", stream.slot, e)
                 stream.fail(f"bad message: {e}")
                 return False
+            stream.first_word = stream.first_word and not any(e.tokens for e in entries)
+            tts.gen.push_words(entries)
         if ended and not tts.gen.state.closed:
             tts.end()
         state = tts.gen.state
         if state.closed:
             return not tts.done
+        # as Kyutai's server: the next entry, and the lookahead words past it unless it is a break
+        if not state.entries or not state.entries[0].tokens:
+            return bool(state.entries)
         return sum(1 for e in state.entries if e.tokens) > self.lookahead
 
     @staticmethod
@@ -272,10 +283,10 @@ class Synthesizer(SlotLoop):
                 self._fail(stream, s)
                 continue
             stream.steps += 1
-            stream.words_taken(s.words)
+            stream.words_taken([word for word, _ in s.words])
             if s.pcm is not None:
                 stream.frames += 1
-                stream.emit(Audio(s.pcm))
+                stream.emit(Audio(np.clip(s.pcm, -MAX_AMPLITUDE, MAX_AMPLITUDE)))
             if stream.tts.done:
                 stream.finish()
         return True

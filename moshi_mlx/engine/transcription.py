@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from math import ceil
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,13 +24,14 @@ from ..audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from ..audio.mimi import Mimi
 from ..audio.mimi_process import MimiError
 from .slots import SlotLoop
-from .text import PADDING_TOKEN, Transcript, token_text
+from .text import PADDING_TOKEN
 
 if TYPE_CHECKING:  # the stepper (MLX) is handed over: the servers' byte-moving side imports this
     from .batched import BatchedStepper
 
 log = logging.getLogger(__name__)
 
+WARMUP_STEPS = 2  # Kyutai's server's steps before its first stream's (its Steps count from 3)
 MAX_BUFFERED_SECONDS = 600.0  # audio a stream may have waiting (a client far ahead of real time)
 MIMI_REPLY_SECONDS = 10.0  # a Mimi process that codes no frame in this long hangs (a server's
 # Mimi processes share the CPU: a live app's 1.5 s would end streams of a loaded machine)
@@ -79,58 +79,42 @@ class TooMuchAudio(ValueError):
 
 
 class WordEvents:
-    """One stream's text tokens -> its Word and EndWord events.
-
-    Words and start times are those of the offline transcript of the same audio
-    (`engine.offline`, `run_inference --json`): a piece starting with a space starts a word, a
-    word's time is the step of its first piece minus the model's text delay. A word is sent as
-    soon as it is complete: at the next padding token or the next word. As Kyutai's server
-    does it, a padding token also ends the word being spelled (the offline transcript joins
-    pieces across padding; Kyutai's models put none inside a word). Its EndWord follows when the
-    next word starts: at the end-of-padding token (0) announcing it, or its first piece.
+    """One stream's text tokens -> its Word and EndWord events, as Kyutai's server makes them
+    (moshi-core's `asr.rs`). The text is read from step `delay_steps` (its
+    `asr_delay_in_tokens`; steps counted from 1) on. A word is the tokens between two padding
+    tokens (the padding id, or 0: the end of padding, after which a word starts), decoded by the
+    tokenizer, sent at the padding token that ends it. An end of padding at step s is at
+    (s - delay_steps) / 12.5 s of audio: the EndWord of the last word sent, and the start of the
+    next (the stream's start before the first). For Kyutai's models, which end the padding right
+    before each word and pad inside none, these are the words of the offline transcript
+    (`engine.offline`, `run_inference --json`), each delay_steps / 12.5 s earlier.
     """
 
     def __init__(self, tokenizer: sentencepiece.SentencePieceProcessor, padding_id: int,
-                 delay_seconds: float):
+                 delay_steps: int):
         self.tokenizer = tokenizer
-        self.padding_id = padding_id
-        self.delay_seconds = delay_seconds
-        self.transcript = Transcript(FRAME_RATE)
-        self.pending = None  # the word being spelled (a `text.Word`)
+        self.padding_ids = (PADDING_TOKEN, padding_id)
+        self.delay_steps = delay_steps
+        self.tokens: list[int] = []  # the word being spelled
+        self.start = 0.0  # its start, seconds
         self.unended = False  # a Word was sent and its EndWord not yet
-
-    def _time(self, seconds: float) -> float:
-        """A time in steps' seconds -> the audio's, as `engine.offline` computes it."""
-        return max(0.0, round(seconds - self.delay_seconds, 3))
-
-    def _send_pending(self, events: list[Event]) -> None:
-        if self.pending is not None:
-            events.append(Word(self.pending.text, self._time(self.pending.time)))
-            self.pending, self.unended = None, True
-
-    def _end(self, events: list[Event], seconds: float) -> None:
-        if self.unended:
-            events.append(EndWord(self._time(seconds)))
-            self.unended = False
 
     def add(self, token: int, step: int) -> list[Event]:
         """The stream's text token of its step `step` (from 0) -> the events it completes."""
         events: list[Event] = []
-        piece = token_text(self.tokenizer, token, self.padding_id)
-        if piece is None:
-            self._send_pending(events)
-            self.transcript.add(" ", step)  # the next piece starts a word
-            if token == PADDING_TOKEN:  # a word starts at the next step
-                self._end(events, round((step + 1) / FRAME_RATE, 3))
+        step += 1  # as Kyutai's server counts them
+        if step < self.delay_steps:
             return events
-        count = len(self.transcript.words)
-        self.transcript.add(piece, step)
-        if len(self.transcript.words) > count:
-            word = self.transcript.words[-1]
-            self._send_pending(events)
-            self._end(events, word.time)
-            self.pending = word
-            del self.transcript.words[:-1]
+        if token not in self.padding_ids:
+            self.tokens.append(token)
+        elif self.tokens:
+            events.append(Word(self.tokenizer.decode(self.tokens), self.start))
+            self.tokens, self.unended = [], True
+        if token == PADDING_TOKEN:
+            self.start = (step - self.delay_steps) / FRAME_RATE
+            if self.unended:
+                events.append(EndWord(self.start))
+                self.unended = False
         return events
 
 
@@ -167,10 +151,11 @@ class Stream:
                 self._buffered += len(pcm)
 
     def add_marker(self, marker_id: int) -> None:
-        """Marker `marker_id` comes back once the audio before it (a partial frame counted
-        whole) and the model's delay after it are transcribed."""
+        """Marker `marker_id` comes back once the whole frames of audio before it and the
+        model's delay after it are transcribed (as Kyutai's server: a partial frame waiting
+        is not counted)."""
         with self._lock:
-            due = self.taken + ceil(self._buffered / FRAME_SIZE) + self.marker_steps
+            due = self.taken + self._buffered // FRAME_SIZE + self.marker_steps
             self._markers.append((due, marker_id))
 
     def take_frame(self) -> np.ndarray | None:
@@ -216,17 +201,18 @@ class Transcriber(SlotLoop):
     rows of the batched step."""
 
     def __init__(self, stepper: "BatchedStepper", tokenizer: sentencepiece.SentencePieceProcessor,
-                 mimis: list[Mimi], delay_seconds: float):
-        """`mimis`: one per row; `delay_seconds`: the model's text delay (its `stt_config`)."""
+                 mimis: list[Mimi], delay_steps: int):
+        """`mimis`: one per row; `delay_steps`: the model's text delay in steps (Kyutai's
+        server's `asr_delay_in_tokens`)."""
         if len(mimis) != stepper.rows:
             raise ValueError(f"{stepper.rows} rows need as many Mimi encoders, got {len(mimis)}")
         super().__init__(mimis)
         self.stepper = stepper
         self.tokenizer = tokenizer
-        self.delay_seconds = delay_seconds
-        self.marker_steps = ceil(delay_seconds * FRAME_RATE)
+        self.delay_steps = delay_steps
+        self.marker_steps = delay_steps
         self.has_heads = stepper.cfg.extra_heads_num_heads > 0
-        self.step_idx = 0  # batched steps run
+        self.step_idx = WARMUP_STEPS  # batched steps run, counted as Kyutai's server counts them
         self._encoders = ThreadPoolExecutor(max_workers=stepper.rows,
                                             thread_name_prefix="mimi-encode")
 
@@ -239,7 +225,7 @@ class Transcriber(SlotLoop):
         Its first event is Ready, from the model loop's next tick."""
         self.mimis[row].reset()
         words = WordEvents(self.tokenizer, self.stepper.cfg.existing_text_padding_id,
-                           self.delay_seconds)
+                           self.delay_steps)
         stream = Stream(row, emit, words, self.marker_steps)
         self._join(stream)
         return stream

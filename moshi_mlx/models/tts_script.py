@@ -37,7 +37,8 @@ class TokenIds:
 @dataclass
 class Entry:
     """One word to speak: its text tokens (a speaker token first when it starts a turn) and
-    `padding`, steps during which no next word may start. A break is an entry without tokens."""
+    `padding`, steps during which no next word may start. A break is an entry without tokens
+    (the transcript keeps it only if it has a text)."""
 
     tokens: list[int]
     text: str
@@ -48,7 +49,8 @@ class Entry:
 class State:
     """Where one generation stands: words left, padding counters, tokens still to feed on the
     main and the lookahead stream, and what happened (`transcript`: (word, step) at which each
-    word started; `end_step`: the step at which the model asked for a word past the last)."""
+    word, or break with a text, started; `end_step`: the step at which the model asked for a
+    word past the last)."""
 
     entries: deque
     remaining_padding: int
@@ -105,9 +107,10 @@ class StateMachine:
         entry = state.entries.popleft()
         state.consumption_times.append(step)
         state.forced_padding = entry.padding
+        if entry.text:  # a word, or a break with a text (Kyutai's server's)
+            state.transcript.append((entry.text, step))
         if not entry.tokens:  # a break: padding only
             return ids.pad
-        state.transcript.append((entry.text, step))
         state.queued.extend(entry.tokens)
         if self.second_stream_ahead:
             state.lookahead_queued.extend(state.tokens_ahead(self.second_stream_ahead))
@@ -140,6 +143,16 @@ class StateMachine:
         return (second + 1) * ids.card + output, consumed
 
 
+def normalized(text: str) -> str:
+    """Kyutai's scripts' text: `’` as `'`, `:` as a space, no parentheses."""
+    return text.replace("’", "'").replace(":", " ").replace("(", "").replace(")", "")
+
+
+def word_padding(tokens: list[int], padding_between: int) -> int:
+    """The padding forced after a word of `tokens` (see `script_to_entries`)."""
+    return max(0, padding_between + len(tokens) - 1) if padding_between > 0 else 0
+
+
 BREAK = re.compile(r"<break\s+time=\"([^\"]*)\"\s*/?>")
 """SSML's break, the one tag Kyutai's scripts take: `<break time="1.5s"/>`."""
 SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?s")
@@ -165,7 +178,7 @@ def script_to_entries(encode, token_ids: TokenIds, frame_rate: float, script: li
     for turn, line in enumerate(script):
         speaker = turn % len(speakers)
         first = True
-        line = line.replace("’", "'").replace(":", " ").replace("(", "").replace(")", "")
+        line = normalized(line)
         pieces = BREAK.split(line)  # text, time, text, time, ..., text
         for i, piece in enumerate(pieces):
             if i % 2 == 1:
@@ -188,6 +201,47 @@ def script_to_entries(encode, token_ids: TokenIds, frame_rate: float, script: li
                         last_speaker = speaker
                         tokens.insert(0, speakers[speaker])
                     first = False
-                padding = max(0, padding_between + len(tokens) - 1) if padding_between > 0 else 0
-                entries.append(Entry(tokens=tokens, text=word, padding=padding))
+                entries.append(Entry(tokens, word, word_padding(tokens, padding_between)))
+    return entries
+
+
+SERVER_BREAK = re.compile(r"<break\s+time=\"([0-9.]+)s\"\s*/>")  # Kyutai's server's
+
+
+def server_text_to_entries(encode, token_ids: TokenIds, frame_rate: float, text: str,
+                           first_token: int | None = None, padding_between: int = 0,
+                           max_break_seconds: float | None = None) -> list[Entry]:
+    """One `Text` message of Kyutai's server's protocol -> its words, as that server reads it
+    (moshi-server's `tts_preprocess.rs`), where it differs from `script_to_entries`: en dashes
+    are dropped; only a whole `<break time="1.5s"/>` is a break (another tag is words, one whose
+    time is no number is dropped), of max(floor(min(seconds, max_break_seconds) * frame_rate),
+    1) steps (none for 0 s; None: no cap), with a text of its own, `<break time="1.50s">`, that
+    the state machine's transcript keeps. `first_token` (the main speaker's, or None) goes
+    before the first word. Raises ScriptError for a word the tokenizer gives no token for."""
+    entries: list[Entry] = []
+
+    def add_words(segment: str) -> None:
+        nonlocal first_token
+        for word in normalized(segment.replace("–", "")).split():
+            tokens = list(encode(word))
+            if not tokens:
+                raise ScriptError(f"the tokenizer gives no token for {word!r}")
+            if first_token is not None:
+                tokens.insert(0, first_token)
+                first_token = None
+            entries.append(Entry(tokens, word, word_padding(tokens, padding_between)))
+
+    last = 0
+    for match in SERVER_BREAK.finditer(text):
+        add_words(text[last:match.start()])
+        last = match.end()
+        try:
+            seconds = float(match.group(1))
+        except ValueError:
+            continue
+        if seconds > 0:
+            capped = seconds if max_break_seconds is None else min(seconds, max_break_seconds)
+            entries.append(Entry(tokens=[], text=f"<break time=\"{seconds:.2f}s\">",
+                                 padding=max(int(capped * frame_rate), 1)))
+    add_words(text[last:])
     return entries

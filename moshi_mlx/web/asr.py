@@ -1,6 +1,7 @@
 """`/api/asr-streaming`: streaming speech to text in the protocol of Kyutai's server.
 
-In: `Audio{pcm}` (24 kHz float32, any length), `OggOpus{data}` (an Ogg-Opus stream), `Marker{id}`.
+In: `Audio{pcm}` (24 kHz float32, any length), `OggOpus{data}` (an Ogg-Opus stream: byte
+values, as Kyutai's server takes them, or bytes), `Marker{id}`.
 Out: `Ready` first, then `Word{text, start_time}`, `EndWord{stop_time}`, `Step{step_idx, prs,
 buffered_pcm}` (one per 80 ms frame transcribed, for a model with voice-activity heads),
 `Marker{id}` once the audio before it and the model's delay are transcribed, `Error{message}`.
@@ -50,10 +51,24 @@ def message_of(event: Event) -> bytes:
     return pack({"type": type(event).__name__, **fields})
 
 
+def bytes_of(message: dict) -> bytes:
+    """An OggOpus message's data: bytes, or a list of byte values (as Kyutai's server reads and
+    writes it: MessagePack's bin is also taken here). BadMessage otherwise."""
+    data = message.get("data")
+    if isinstance(data, list):
+        try:
+            return bytes(data)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(data, bytes):
+        return data
+    raise BadMessage("'data' must be bytes or a list of byte values (an Ogg-Opus stream)")
+
+
 class AsrService(SlotService):
     """The service over one `Transcriber` (its rows are the slots)."""
 
-    kind = "BatchedAsr"
+    kind = "batched_asr"  # as Kyutai's server names the module in /api/modules_info
     path = PATH
 
     def __init__(self, transcriber: Transcriber, api_keys: frozenset[str]):
@@ -109,14 +124,13 @@ class AsrService(SlotService):
                 if kind == "Audio":
                     stream.add_audio(pcm_of(message))
                 elif kind == "OggOpus":
-                    if not isinstance(message.get("data"), bytes):
-                        raise BadMessage("'data' must be bytes (an Ogg-Opus stream)")
                     opus = opus or OpusAudio()
-                    stream.add_audio(opus.decode(message["data"]))
+                    stream.add_audio(opus.decode(bytes_of(message)))
                 elif kind == "Marker":
-                    if not isinstance(message.get("id"), int):
-                        raise BadMessage("a Marker's 'id' must be an integer")
-                    stream.add_marker(message["id"])
+                    marker_id = message.get("id")  # Kyutai's server's i64
+                    if type(marker_id) is not int or not -2**63 <= marker_id < 2**63:
+                        raise BadMessage("a Marker's 'id' must be an integer (64 bits)")
+                    stream.add_marker(marker_id)
                 else:
                     raise BadMessage(f"unknown message type {kind!r}")
                 self.transcriber.wake()

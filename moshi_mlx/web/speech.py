@@ -155,7 +155,7 @@ class Slots:
 class Service:
     """One websocket service of the server, as `/api/modules_info` lists it."""
 
-    kind: str  # Kyutai's module type, e.g. "BatchedAsr"
+    kind: str  # Kyutai's module type, as /api/modules_info names it, e.g. "batched_asr"
     path: str
     slots: Slots
     handler: object  # the websocket's request handler
@@ -226,13 +226,14 @@ async def converse(ws: web.WebSocketResponse, send: Coroutine, receive: Coroutin
 
 
 async def open_socket(request: web.Request, keys: frozenset[str]) -> web.WebSocketResponse:
-    """Checks the api key (HTTPUnauthorized) and opens the websocket, pinged as the module's
-    docstring says."""
-    if not api_key_allowed(request, keys):
-        log.info("refused %s on %s: no valid api key", request.remote, request.path)
-        raise web.HTTPUnauthorized(text="invalid api key\n")
+    """Opens the websocket, pinged as the module's docstring says. As Kyutai's server: a
+    request that is no websocket upgrade is HTTP 400 whatever its key, then a key not allowed
+    is HTTP 401 with no body."""
     ws = web.WebSocketResponse(heartbeat=PING_SECONDS, max_msg_size=MAX_MESSAGE_BYTES)
-    await ws.prepare(request)
+    if ws.can_prepare(request).ok and not api_key_allowed(request, keys):
+        log.info("refused %s on %s: no valid api key", request.remote, request.path)
+        raise web.HTTPUnauthorized(body=b"")
+    await ws.prepare(request)  # HTTPBadRequest for a request that is no upgrade
     return ws
 
 
@@ -278,10 +279,16 @@ async def take_slot(request: web.Request, ws: web.WebSocketResponse, slots: Slot
     return slot
 
 
+BUILD_INFO_KEYS = ("build_timestamp", "build_date", "git_branch", "git_timestamp", "git_date",
+                   "git_hash", "git_describe", "rustc_host_triple", "rustc_version",
+                   "cargo_target_triple")  # Kyutai's server's BuildInfo, all strings
+
+
 def build_info() -> dict:
-    """What `GET /api/build_info` answers (Unmute's health check only needs the 200)."""
-    return {"package": "moshi_mlx", "version": __version__,
-            "protocol": "Kyutai moshi-server (asr-streaming)"}
+    """What `GET /api/build_info` answers (Unmute's health check only needs the 200): the keys
+    of Kyutai's server's, this package's version as the `git_describe`, the others empty."""
+    return {key: f"moshi_mlx {__version__}" if key == "git_describe" else ""
+            for key in BUILD_INFO_KEYS}
 
 
 def speech_app(services: list[Service]) -> web.Application:
@@ -293,8 +300,10 @@ def speech_app(services: list[Service]) -> web.Application:
         return web.json_response(build_info())
 
     async def modules(request: web.Request) -> web.Response:
-        return web.json_response([{"type": s.kind, "path": s.path, "used_slots": s.slots.used,
-                                   "total_slots": s.slots.count} for s in services])
+        # Kyutai's server writes every value as a string
+        return web.json_response([{"type": s.kind, "path": s.path,
+                                   "used_slots": str(s.slots.used),
+                                   "total_slots": str(s.slots.count)} for s in services])
 
     app.router.add_get("/api/build_info", info)
     app.router.add_get("/api/modules_info", modules)

@@ -6,7 +6,8 @@ server's default voice without one), `auth_id` (the api key, if not in the heade
 In: `Text{text}` (one or more words; a websocket text frame is taken as one), `Eos` (or a binary
 frame `\\0`), `Voice{embeddings, shape}` (a speaker embedding [1, 512, frames], before the first
 Text). Out, in the MessagePack formats: `Ready` at once, then `Audio{pcm}` (1920 float32 samples,
-80 ms at 24 kHz; `OggOpus{data}`, the pages of one Ogg-Opus stream, in `OggOpusMessagePack`),
+80 ms at 24 kHz, clamped to +-0.99; `OggOpus{data}`, the pages of one Ogg-Opus stream as an
+array of byte values, in `OggOpusMessagePack`: the header pages first, on their own),
 `Text{text, start_s, stop_s}` (a word and when the model took it, in seconds of the stream's
 steps: ahead of the audio by the model's delay), `Error{message}`. The raw formats send only the
 audio: float32 little-endian bytes (`Pcm`) or Ogg pages (`OggOpus`). After `Eos` the rest is
@@ -91,12 +92,20 @@ class AudioOut:
         if fmt.startswith("OggOpus"):
             self.opus = sphn.OpusStreamWriter(SAMPLE_RATE)
 
+    def header(self) -> bytes | None:
+        """The Ogg-Opus stream's header pages, on their own before any audio as Kyutai's server
+        sends them (None for PCM)."""
+        return self._pages(self.opus.append_pcm(np.zeros(0, np.float32))) if self.opus else None
+
+    def _pages(self, data: bytes) -> bytes | None:
+        if not data:
+            return None
+        # Kyutai's server writes the bytes as an array of byte values
+        return pack({"type": "OggOpus", "data": list(data)}) if self.messages else data
+
     def audio(self, pcm: np.ndarray) -> bytes | None:
         if self.opus is not None:
-            data = self.opus.append_pcm(pcm)
-            if not data:
-                return None
-            return pack({"type": "OggOpus", "data": data}) if self.messages else data
+            return self._pages(self.opus.append_pcm(pcm))
         if self.messages:
             return pack({"type": "Audio", "pcm": pcm})
         return pcm.astype("<f4").tobytes()
@@ -111,7 +120,7 @@ class AudioOut:
 class TtsService(SlotService):
     """The service over one `Synthesizer` (its slots)."""
 
-    kind = "Py"  # Kyutai's server serves its TTS from a Python module
+    kind = "py"  # Kyutai's server serves its TTS from a Python module (its tts.py)
     path = PATH
 
     def __init__(self, synthesizer: Synthesizer, api_keys: frozenset[str]):
@@ -154,6 +163,8 @@ class TtsService(SlotService):
             out = AudioOut(fmt)
             if out.messages:
                 await ws.send_bytes(pack({"type": "Ready"}))
+            if (header := out.header()) is not None:
+                await ws.send_bytes(header)
             await converse(ws, self._send(ws, events, out, release),
                            self._receive(ws, stream, events))
         except ConnectionError:
