@@ -28,6 +28,7 @@ import mlx.nn as nn
 import msgpack
 import numpy as np
 import pytest
+from chat_client import receive_within
 from mlx.utils import tree_flatten, tree_unflatten
 
 from moshi_mlx import model_files, models
@@ -352,10 +353,10 @@ async def codec_fails_then_next_client_served(session, server, connect, address:
 
     await slots_in_use(session, server, 0)
     ws = await connect(session, address)
-    msg = await ws.receive(timeout=30)
+    msg = await receive_within(ws, 30)
     assert msg.type == aiohttp.WSMsgType.BINARY, f"{msg.type}: {msg.data}"
     assert msgpack.unpackb(msg.data) == {"type": "Error", "message": CODEC_DID_NOT_START}
-    assert (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+    assert (await receive_within(ws, 10)).type == aiohttp.WSMsgType.CLOSE
     assert ws.close_code == 1011
     await slots_in_use(session, server, 0)
     async with await connect(session, address) as second:

@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 import sphn
+from chat_client import receive_within
 from conftest import (
     FRAME,
     RATE,
@@ -95,7 +96,7 @@ async def connect(session: aiohttp.ClientSession, url: str, **kwargs):
 
 
 async def receive(ws) -> dict:
-    msg = await ws.receive(timeout=60)
+    msg = await receive_within(ws, 60)
     assert msg.type == aiohttp.WSMsgType.BINARY, f"{msg.type}: {msg.data}"
     return msgpack.unpackb(msg.data)
 
@@ -174,19 +175,18 @@ def test_step_probabilities_are_float32_and_times_float64(server):
     async def client():
         async with aiohttp.ClientSession() as session, await connect(session, server.url) as ws:
             await receive(ws)
-            await send_audio(ws, speech(1.0, seed=2))
-            raw = []
-            while len(raw) < 20:
-                raw.append((await ws.receive(timeout=60)).data)
+            await send_audio(ws, speech(4.0, seed=2))
+            raw = {}  # the first Step and the first Word
+            while len(raw) < 2:
+                data = (await receive_within(ws, 60)).data
+                raw.setdefault(msgpack.unpackb(data)["type"], data)
+                raw.pop("EndWord", None)
             return raw
 
-    for data in run(client()):
-        message = msgpack.unpackb(data)
-        if message["type"] == "Step":  # "prs", an array of 4, each 0xca and 4 bytes
-            prs = data[data.index(b"\xa3prs\x94") + 5:]
-            assert [prs[i] for i in range(0, 20, 5)] == [0xCA] * 4
-        elif message["type"] == "Word":  # 0xcb and 8 bytes
-            assert data[data.index(b"\xaastart_time") + 11] == 0xCB
+    raw = run(client())
+    prs = raw["Step"][raw["Step"].index(b"\xa3prs\x94") + 5:]  # an array of 4: 0xca, 4 bytes
+    assert [prs[i] for i in range(0, 20, 5)] == [0xCA] * 4
+    assert raw["Word"][raw["Word"].index(b"\xaastart_time") + 11] == 0xCB  # 0xcb, 8 bytes
 
 
 def test_marker_waits_for_the_audio_before_it_and_the_delay(server):
@@ -263,7 +263,7 @@ def test_slots_auth_and_build_info(server):
             assert await used_slots(session, server) == 2
             third = await connect(session, server.url)
             assert (await receive(third)) == {"type": "Error", "message": "no free channels"}
-            assert (await third.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+            assert (await receive_within(third, 10)).type == aiohttp.WSMsgType.CLOSE
             await first.close()
             await slots_in_use(session, server, 1)
             fourth = await connect(session, server.url)
@@ -343,7 +343,7 @@ def test_bad_input_is_one_clients_problem(server, alone, bad, says, monkeypatch)
         if says is None:
             with pytest.raises(ConnectionError):
                 await ws.send_bytes(bad)
-                while (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                while (await receive_within(ws, 10)).type == aiohttp.WSMsgType.BINARY:
                     pass
                 raise ConnectionError
             return
@@ -351,7 +351,7 @@ def test_bad_input_is_one_clients_problem(server, alone, bad, says, monkeypatch)
         while (message := await receive(ws))["type"] != "Error":
             pass
         assert says in message["message"]
-        assert (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+        assert (await receive_within(ws, 10)).type == aiohttp.WSMsgType.CLOSE
 
     async def both():
         async with aiohttp.ClientSession() as session:

@@ -20,6 +20,7 @@ import msgpack
 import numpy as np
 import pytest
 import sphn
+from chat_client import receive_within
 from conftest import (
     codec_fails_then_next_client_served,
     serving_in_thread,
@@ -137,7 +138,7 @@ async def until_closed(ws) -> tuple[list, int]:
     ones, the close code)."""
     messages = []
     while True:
-        msg = await ws.receive(timeout=60)
+        msg = await receive_within(ws, 60)
         if msg.type == aiohttp.WSMsgType.CLOSE:
             return messages, msg.data
         assert msg.type == aiohttp.WSMsgType.BINARY, f"{msg.type}: {msg.data}"
@@ -284,12 +285,12 @@ def test_slots_and_auth(server, monkeypatch):
             first = await connect(session, url(server))
             second = await session.ws_connect(url(server, auth_id=KEY))
             for ws in (first, second):
-                assert msgpack.unpackb((await ws.receive(timeout=30)).data) == {"type": "Ready"}
+                assert msgpack.unpackb((await receive_within(ws, 30)).data) == {"type": "Ready"}
                 await ws.send_bytes(packb({"type": "Text", "text": "Hello"}))
             third = await connect(session, url(server))
-            assert msgpack.unpackb((await third.receive(timeout=30)).data) == {
+            assert msgpack.unpackb((await receive_within(third, 30)).data) == {
                 "type": "Error", "message": "no free channels"}
-            assert (await third.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+            assert (await receive_within(third, 10)).type == aiohttp.WSMsgType.CLOSE
             await first.close()
             await slots_in_use(session, server, 1)
             spoken = [await speak(session, url(server), WORDS[:3]) for _ in range(2)]
@@ -320,7 +321,7 @@ def test_bad_input_is_one_clients_problem(server, alice, query, bad, says):
     async def evil(session):
         ws = await connect(session, url(server, **query))
         if bad is not None:
-            assert msgpack.unpackb((await ws.receive(timeout=30)).data) == {"type": "Ready"}
+            assert msgpack.unpackb((await receive_within(ws, 30)).data) == {"type": "Ready"}
             await ws.send_bytes(bad)
         messages, code = await until_closed(ws)
         message = msgpack.unpackb(messages[-1])
