@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import queue
-import re
 import sys
 import threading
 from contextlib import ExitStack, closing
@@ -43,7 +42,7 @@ from .model_files.voices import DEFAULT_VOICE_REPO, load_voice, voice_path, voic
 from .models.tts import TtsSettings, VoiceError
 from .models.tts_script import ScriptError
 from .utils.output import atomic_write
-from .utils.safetensors import Quantization, TensorInfo
+from .utils.safetensors import TensorInfo
 from .weights.mimi_layout import MIMI_FILE
 from .weights.safetensors_writer import SafetensorsWriter
 
@@ -51,7 +50,6 @@ log = cli.log
 DEFAULT_REPO = "kyutai/tts-1.6b-en_fr"
 STDIN_ID = "stdin"
 QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
-KYUTAI_QUANTIZED = re.compile(r"depformer\.|transformer\.layers\.\d+\.(self_attn|gating)\.")
 WAIT_STEPS = 8  # after the audio of the last word, a stream waiting for text stops stepping
 
 
@@ -128,9 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="classifier-free guidance: for cfg-distilled models one of their 'cfg' "
                         "values; for others 1 is none, another value runs two rows a step")
     p.add_argument("--quantize", type=int, choices=QUANT_BITS,
-                   help="quantize to this many bits after loading, as Kyutai's run_tts: the "
-                        "depformer and the temporal layers' self-attention and MLP, groups of 64 "
-                        "(cross-attention, embeddings and text head stay as loaded)")
+                   help="quantize every linear layer to this many bits after loading, "
+                        "cross-attention included (Kyutai's run_tts leaves it, the "
+                        "embeddings and the text head unquantized); groups of 32 at 4 bits, "
+                        "as Kyutai's q4 checkpoints, 64 otherwise")
     p.add_argument("--max-padding", type=int, default=8, help="most pad steps in a row")
     p.add_argument("--initial-padding", type=int, default=2, help="pad steps at the start")
     p.add_argument("--final-padding", type=int, default=4, help="steps after the last word")
@@ -170,16 +169,8 @@ def load(args):
     model, tokenizer, _ = model_files.load_model(
         files, warmup=False, options=model_files.MemoryOptions(rows_per_stream=1 + guided))
     if args.quantize:
-        models.quantize(model, layout=kyutai_quantization(model, args.quantize))
+        models.quantize(model, bits=args.quantize, group_size=32 if args.quantize == 4 else 64)
     return model, tokenizer, files, raw
-
-
-def kyutai_quantization(model, bits: int) -> dict[str, Quantization]:
-    """--quantize's modules (path -> quantization), those Kyutai's run_tts quantizes, so that
-    the outputs are its own: the depformer's and each temporal layer's self-attention and MLP,
-    at `bits` in groups of 64 (`nn.quantize`'s default)."""
-    return {path: Quantization(bits, 64) for path, module in model.named_modules()
-            if KYUTAI_QUANTIZED.match(path) and hasattr(module, "to_quantized")}
 
 
 def voices_for(names: list[str], args, raw: dict) -> list[mx.array]:

@@ -7,6 +7,7 @@ import json
 
 import huggingface_hub
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import read_24k, write_pcm16
@@ -94,6 +95,21 @@ def test_only_wav_and_stdin_lines_quantized(env, capsys, monkeypatch):
     assert said == ["Hello", "world.", "And", "more", "words."]
     assert [p.name for p in (env / "o").iterdir()] == ["stdin.wav"]
     assert len(read_24k(env / "o" / "stdin.wav", 1)) > 0
+
+
+def test_quantize_covers_cross_attention(env):
+    """--quantize 4: every linear layer at 4 bits in groups of 32, cross-attention and the text
+    head included (Kyutai's run_tts leaves them in bf16); the speaker conditioner,
+    run once per text, stays exact."""
+    model, *_ = run_tts.load(run_tts.parse_args(["-", "--demo", "--quantize", "4"]))
+    layer = model.transformer.layers[0]
+    linears = [m for module in (layer.cross_attention, layer.self_attn, layer.gating,
+                                model.text_linear, model.depformer)
+               for _, m in module.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    assert len(linears) > 6 and all(isinstance(m, nn.QuantizedLinear)
+                                    and (m.bits, m.group_size) == (4, 32) for m in linears)
+    speaker = model.condition_provider.conditioners["speaker_wavs"]
+    assert type(speaker.output_proj) is nn.Linear
 
 
 @pytest.mark.parametrize("line, message", [
