@@ -232,7 +232,7 @@ async def open_socket(request: web.Request, keys: frozenset[str]) -> web.WebSock
     ws = web.WebSocketResponse(heartbeat=PING_SECONDS, max_msg_size=MAX_MESSAGE_BYTES)
     if ws.can_prepare(request).ok and not api_key_allowed(request, keys):
         log.info("refused %s on %s: no valid api key", request.remote, request.path)
-        raise web.HTTPUnauthorized(body=b"")
+        raise web.HTTPUnauthorized(text="")
     await ws.prepare(request)  # HTTPBadRequest for a request that is no upgrade
     return ws
 
