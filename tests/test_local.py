@@ -136,6 +136,13 @@ def test_steps_end_the_conversation():
     assert stop.is_set() and conv.heard == [1, 2, 3] and live.counters.processed == 3
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "ten"])
+def test_bad_steps_are_refused(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        local.parse_args(["--steps", value])
+    assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
 def test_ctrl_c_stops_the_conversation_cleanly(tmp_path):
     handler = signal.getsignal(signal.SIGINT)
     audio, conv = FakeAudio(), EchoConversation()

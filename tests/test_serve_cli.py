@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from moshi_mlx import serve
+from moshi_mlx import serve, speech_services
 from moshi_mlx.weights.demo import build_demo_repo
 
 
@@ -40,6 +41,24 @@ def test_one_line_errors(argv, says, capsys):
     assert serve.main(argv) == 1
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "six"])
+def test_a_bad_asr_delay_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.parse_args(["--stt", "x", "--asr-delay-in-tokens", value])
+    assert e.value.code == 2 and "--asr-delay-in-tokens" in capsys.readouterr().err
+
+
+def test_asr_delays_are_kyutais_configs():
+    """Kyutai's server configs' asr_delay_in_tokens: 6 for stt-1b-en_fr (0.5 s), 32 for
+    stt-2.6b-en (2.5 s), the nearest step for another delay; the flag's value otherwise."""
+    def cfg(seconds):
+        return SimpleNamespace(stt_config={"audio_delay_seconds": seconds})
+
+    assert [speech_services.asr_delay_in_tokens(cfg(s)) for s in (0.5, 2.5, 1.0)] == [6, 32, 12]
+    assert serve.parse_args(["--stt", "x", "--asr-delay-in-tokens", "7"]).asr_delay_in_tokens == 7
+    assert serve.parse_args(["--stt", "x"]).asr_delay_in_tokens is None
 
 
 def test_a_negative_temperature_is_refused(capsys):
