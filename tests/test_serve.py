@@ -33,6 +33,7 @@ from moshi_mlx import __version__, families, model_files, speech_services, utils
 from moshi_mlx.engine import offline, transcription
 from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.web.asr import AsrService
+from moshi_mlx.web import speech as speech_web
 from moshi_mlx.web.speech import BUILD_INFO_KEYS, speech_app
 from moshi_mlx.weights.demo import MOSHI_NAME, build_demo_repo
 
@@ -274,9 +275,10 @@ def test_slots_auth_and_build_info(server):
     run(client())
 
 
-def test_a_vanished_client_frees_its_slot(server):
+def test_a_vanished_client_frees_its_slot(server, monkeypatch):
     """A client that stops answering (its process frozen, its network gone) is dropped by the
-    pings within seconds; its slot is free again."""
+    pings (here every 2 s, to be quick); its slot is free again."""
+    monkeypatch.setattr(speech_web, "PING_SECONDS", 2.0)
 
     async def client():
         async with aiohttp.ClientSession() as session:
@@ -361,6 +363,20 @@ def test_bad_input_is_one_clients_problem(server, alone, bad, says, monkeypatch)
             return together
 
     assert run(both()) == alone
+
+
+def test_a_client_busy_for_seconds_stays(server):
+    """Kyutai's file client (delayed-streams-modeling's stt_from_file_rust_server.py) reads and
+    resamples its whole file after connecting, its event loop blocked meanwhile (about 3 s for
+    an hour of audio): it answers no ping for that long, and is still served, as by Kyutai's
+    server (a ping every 10 s, no pong due)."""
+
+    async def client():
+        async with aiohttp.ClientSession() as session, await connect(session, server.url) as ws:
+            time.sleep(3.5)  # blocks this event loop, as the file client's read does
+            return await transcribe(ws, speech(0.5, seed=4))
+
+    assert [message for message in run(client()) if message["type"] == "Step"]
 
 
 def test_a_codec_that_does_not_start_is_one_clients_error(server, mimi_fails_to_start_once):

@@ -34,6 +34,7 @@ from moshi_mlx.engine.speech_synthesis import Synthesizer
 from moshi_mlx.engine.tts import TtsOptions, TtsStream
 from moshi_mlx.engine.worker import ModelThread
 from moshi_mlx.model_files.demo import demo_repo
+from moshi_mlx.web import speech as speech_web
 from moshi_mlx.web.speech import speech_app
 from moshi_mlx.web.tts import TtsService
 
@@ -339,9 +340,10 @@ def test_bad_input_is_one_clients_problem(server, alice, query, bad, says):
     np.testing.assert_array_equal(split(messages)[1], alice[0])
 
 
-def test_a_vanished_client_frees_its_slot(server):
-    """A client that stops answering (no pong) is dropped by the pings within seconds; its
-    slot is free again."""
+def test_a_vanished_client_frees_its_slot(server, monkeypatch):
+    """A client that stops answering (no pong) is dropped by the pings (here every 2 s, to be
+    quick); its slot is free again."""
+    monkeypatch.setattr(speech_web, "PING_SECONDS", 2.0)
 
     async def client():
         async with aiohttp.ClientSession() as session:

@@ -10,8 +10,10 @@ no MLX.
   key not allowed is HTTP 401 before the websocket opens.
 - A service has a fixed number of slots (`--batch-size`); a client beyond them gets
   Error "no free channels" and a close.
-- The server pings each client every PING_SECONDS; one that answers no ping within half of
-  that (gone, frozen) is dropped, its slot freed.
+- The server pings each client every PING_SECONDS, as Kyutai's server does; one that answers
+  no ping within half of that (gone, frozen) is dropped, its slot freed. A client busy for a
+  few seconds stays (Kyutai's file client reads and resamples the whole file after connecting:
+  about 3 s for an hour of audio).
 """
 
 import asyncio
@@ -34,7 +36,8 @@ log = logging.getLogger("moshi_mlx")
 API_KEY_HEADER = "kyutai-api-key"
 API_KEY_QUERY = "auth_id"
 DEFAULT_API_KEY = "public_token"  # the key of Kyutai's public configurations
-PING_SECONDS = 2.0  # aiohttp's heartbeat: a ping this often, its pong due within half of it
+PING_SECONDS = 10.0  # aiohttp's heartbeat: a ping this often (Kyutai's SEND_PING_EVERY), its pong
+# due within half of it
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # about 35 s of float32 audio in one message
 NO_FREE_CHANNELS = "no free channels"  # Kyutai's server's words, which Unmute expects
 SLOT_WAIT_SECONDS = 10.0  # a client may wait this long for a slot whose client just left
