@@ -32,8 +32,8 @@ from conftest import (
 from moshi_mlx import __version__, families, model_files, speech_services, utils
 from moshi_mlx.engine import offline, transcription
 from moshi_mlx.engine.worker import ModelThread
-from moshi_mlx.web.asr import AsrService
 from moshi_mlx.web import speech as speech_web
+from moshi_mlx.web.asr import AsrService
 from moshi_mlx.web.speech import BUILD_INFO_KEYS, speech_app
 from moshi_mlx.weights.demo import MOSHI_NAME, build_demo_repo
 
