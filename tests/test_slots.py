@@ -5,6 +5,8 @@ import asyncio
 
 from moshi_mlx.web.speech import Slots
 
+UNMUTE_START_SECONDS = 0.5  # Unmute's wait from connecting to Ready or Error (find_instance)
+
 
 def test_a_client_waits_for_a_slot_being_given_back_not_for_a_held_one():
     async def scenario():
@@ -24,5 +26,20 @@ def test_a_client_waits_for_a_slot_being_given_back_not_for_a_held_one():
         assert await slots.take(wait_seconds=0.3) is None  # never given back: the wait ends
         slots.give_back(0)
         assert await slots.take() == 0
+
+    asyncio.run(scenario())
+
+
+def test_every_slot_held_is_told_before_unmute_gives_up():
+    """Every slot held: "no free channels" comes within Unmute's 0.5 s (then Unmute says the
+    service is at capacity, as with Kyutai's server; later, it says the service timed out)."""
+
+    async def scenario():
+        slots = Slots(1)
+        assert await slots.take() == 0
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await slots.take() is None
+        assert loop.time() - start < UNMUTE_START_SECONDS / 2
 
     asyncio.run(scenario())

@@ -41,7 +41,8 @@ PING_SECONDS = 10.0  # aiohttp's heartbeat: a ping this often (Kyutai's SEND_PIN
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # about 35 s of float32 audio in one message
 NO_FREE_CHANNELS = "no free channels"  # Kyutai's server's words, which Unmute expects
 SLOT_WAIT_SECONDS = 10.0  # a client may wait this long for a slot whose client just left
-HELD_WAIT_SECONDS = 0.5  # and this long for a client to leave, when every slot is held
+HELD_WAIT_SECONDS = 0.2  # and this long for a client to leave, when every slot is held: Unmute
+# waits 0.5 s from connecting for Ready or Error, and only an Error in time reads "at capacity"
 CODEC_DID_NOT_START = "internal error: the audio codec did not start (see the server's log)"
 
 T = TypeVar("T")
