@@ -151,10 +151,10 @@ class TtsService(SlotService):
             name = request.query.get("voice") or self.synthesizer.default_voice
             try:
                 voice = await asyncio.to_thread(self.synthesizer.voice, name)
-            except UnknownVoice as e:
-                log.warning("tts: %s: %s", request.remote, e)
-                await send_error(ws, str(e))
-                return ws
+            except UnknownVoice as e:  # as Kyutai's server: its clients take no Error here
+                log.warning("tts: %s: %s: the default voice speaks", request.remote, e)
+                name = self.synthesizer.default_voice
+                voice = await asyncio.to_thread(self.synthesizer.voice, name)
             stream = await self.open_stream(
                 ws, slot, lambda: self.synthesizer.open(slot, voice, emit))
             if stream is None:
