@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"repeatable (default: {DEFAULT_API_KEY})")
     parser.add_argument("--batch-size", type=cli.positive_int, default=4, metavar="N",
                         help="streams served at once by each service, in one batched step "
-                             "(default: 4); each takes a Mimi process (about 0.4 GB)")
+                             "(default: 4); each takes a Mimi process (about 0.4 GB), and each "
+                             "service one more, loaded for the next stream")
     parser.add_argument("--asr-delay-in-tokens", type=cli.positive_int, metavar="N",
                         help="the STT model's text delay in 80 ms steps, as Kyutai's server "
                              "config's asr_delay_in_tokens: word times are steps minus it, a "
@@ -111,7 +112,8 @@ async def serve(args: argparse.Namespace, stt: model_files.ModelFiles | None,
     if not is_loopback(args.host):
         log.warning("warning: listening on %s: other machines can use the models (with an api "
                     "key)", args.host)
-    memory = model_files.MemoryOptions(ignore_memory=args.ignore_memory, streams=args.batch_size)
+    memory = model_files.MemoryOptions(ignore_memory=args.ignore_memory, streams=args.batch_size,
+                                       spare_mimis=1)
     started = []
     try:
         if stt is not None:

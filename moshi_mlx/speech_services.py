@@ -49,9 +49,9 @@ def transcriber_loader(files: model_files.ModelFiles, rows: int,
 
     def load() -> Transcriber:
         model, tokenizer, cfg = model_files.load_model(files, options=memory)
-        mimis = [Mimi(files.mimi_weight, cfg.mimi_codebooks, decoder=False,
-                      reply_seconds=MIMI_REPLY_SECONDS) for _ in range(rows)]
-        return Transcriber(BatchedStepper(model, rows), tokenizer, mimis, delay_steps)
+        *mimis, spare = [Mimi(files.mimi_weight, cfg.mimi_codebooks, decoder=False,
+                              reply_seconds=MIMI_REPLY_SECONDS) for _ in range(rows + 1)]
+        return Transcriber(BatchedStepper(model, rows), tokenizer, mimis, delay_steps, spare)
 
     return load
 
@@ -93,8 +93,8 @@ def synthesizer_loader(files: model_files.ModelFiles, rows: int, voice_repo: str
         # (its last step counts it): that many more frames of audio
         options_used = replace(options, n_q=codebooks,
                                final_padding=options.final_padding + cfg.max_delay)
-        mimis = [Mimi(files.mimi_weight, codebooks, reply_seconds=MIMI_REPLY_SECONDS)
-                 for _ in range(rows)]
+        *mimis, spare = [Mimi(files.mimi_weight, codebooks, reply_seconds=MIMI_REPLY_SECONDS)
+                         for _ in range(rows + 1)]
         voices: dict[Path, mx.array] = {}
 
         def new_stream(voice: Voice, mimi: Mimi, stream_seed: int | None) -> TtsStream:
@@ -115,6 +115,6 @@ def synthesizer_loader(files: model_files.ModelFiles, rows: int, voice_repo: str
         find_voice = ((lambda name: named_voice(name, voice_repo, suffix))
                       if settings.multi_speaker else None)
         return Synthesizer(BatchedTts(model, rows), new_stream, mimis,
-                           settings.second_stream_ahead, find_voice, default_voice)
+                           settings.second_stream_ahead, find_voice, default_voice, spare)
 
     return load

@@ -2,6 +2,7 @@
 text tokens (against the offline transcript's, timed as Kyutai's server times them), audio cut
 into frames, markers."""
 
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -177,3 +178,36 @@ def test_steps_are_counted_as_kyutais_server_counts_them():
     finally:
         transcriber.close_all()
     assert events == [Ready(), Step(3, [0.5] * 4, FRAME), Step(4, [0.5] * 4, 0)]
+
+
+class SlowEncoder(Encoder):
+    """An encoder whose preparation for the next stream waits for `prepared`."""
+
+    def __init__(self):
+        self.prepared = threading.Event()
+        self.preparing = threading.Event()
+
+    def prepare_next(self) -> None:
+        self.preparing.set()
+        assert self.prepared.wait(10)
+
+
+def test_a_slot_freed_takes_the_spare_at_once():
+    """A stream that leaves frees its slot at once with the service's spare Mimi (loaded for the
+    next stream: a client connecting again gets Ready without the ~0.6 s of a Mimi loading);
+    the Mimi it used is prepared meanwhile and becomes the spare."""
+    used, spare = SlowEncoder(), Encoder()
+    transcriber = Transcriber(Stepper(), Pieces(), [used], DELAY_STEPS, spare=spare)
+    try:
+        stream = transcriber.open(0, lambda event: None)
+        transcriber.tick()
+        done = transcriber.close(stream)
+        transcriber.tick()
+        assert done.result(timeout=10) == 0 and used.preparing.wait(10)
+        assert not used.prepared.is_set()  # the slot was free before its Mimi was prepared
+        assert transcriber.mimis == [spare] and transcriber.spare is used
+        used.prepared.set()
+    finally:
+        used.prepared.set()
+        transcriber.close_all()
+

@@ -158,15 +158,15 @@ class Synthesizer(SlotLoop):
     words the model may look at past the one it takes (the model's `second_stream_ahead`);
     `find_voice(name)`: a voice file by name (no MLX: the byte side calls it), None when the
     model takes no voice;
-    `default_voice`: the name of the voice of clients that give none."""
+    `default_voice`: the name of the voice of clients that give none; `spare`: see `SlotLoop`."""
 
     def __init__(self, stepper: "BatchedTts",
                  new_stream: Callable[[Voice, Mimi, int | None], "TtsStream"],
                  mimis: list[Mimi], lookahead: int, find_voice: Callable[[str], Path] | None,
-                 default_voice: str | None = None):
+                 default_voice: str | None = None, spare: Mimi | None = None):
         if len(mimis) != stepper.rows:
             raise ValueError(f"{stepper.rows} rows need as many Mimi decoders, got {len(mimis)}")
-        super().__init__(mimis)
+        super().__init__(mimis, spare)
         self.stepper = stepper
         self.new_stream = new_stream
         self.lookahead = lookahead

@@ -201,12 +201,12 @@ class Transcriber(SlotLoop):
     rows of the batched step."""
 
     def __init__(self, stepper: "BatchedStepper", tokenizer: sentencepiece.SentencePieceProcessor,
-                 mimis: list[Mimi], delay_steps: int):
+                 mimis: list[Mimi], delay_steps: int, spare: Mimi | None = None):
         """`mimis`: one per row; `delay_steps`: the model's text delay in steps (Kyutai's
-        server's `asr_delay_in_tokens`)."""
+        server's `asr_delay_in_tokens`); `spare`: see `SlotLoop`."""
         if len(mimis) != stepper.rows:
             raise ValueError(f"{stepper.rows} rows need as many Mimi encoders, got {len(mimis)}")
-        super().__init__(mimis)
+        super().__init__(mimis, spare)
         self.stepper = stepper
         self.tokenizer = tokenizer
         self.delay_steps = delay_steps

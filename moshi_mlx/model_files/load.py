@@ -38,13 +38,15 @@ class MemoryOptions:
     """The user's memory flags: `kv_bits` (4, 8; None: an unquantized KV cache), `context`
     (steps; None: the model's), `ignore_memory`: load even when the preflight finds that the
     model does not fit; `streams`: streams served at once (a server's `--batch-size`), each of
-    `rows_per_stream` rows (2 with classic guidance)."""
+    `rows_per_stream` rows (2 with classic guidance); `spare_mimis`: Mimi processes kept loaded
+    for the next stream (a server's, one a service)."""
 
     kv_bits: int | None = None
     context: int | None = None
     ignore_memory: bool = False
     streams: int = 1
     rows_per_stream: int = 1
+    spare_mimis: int = 0
 
 
 def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | None = None):
@@ -71,7 +73,8 @@ def load_model(files: ModelFiles, warmup: bool = True, options: MemoryOptions | 
     options = options or MemoryOptions()
     text_tokenizer = load_text_tokenizer(files.tokenizer, cfg)
     memory.check_setup(cfg, options.kv_bits, options.context)
-    sizes = memory.ModelSizes.of(files, options.streams, options.rows_per_stream)
+    sizes = memory.ModelSizes.of(files, options.streams, options.rows_per_stream,
+                                  options.spare_mimis)
     setup = memory.choose(sizes, options.kv_bits, options.context, force=options.ignore_memory)
     model = models.Lm(cfg)
     model.kv_bits, model.kv_context = setup.kv_bits, setup.context

@@ -84,7 +84,8 @@ class ModelSizes:
     the number of Mimi's weights that Mimi reads (its file has 32 codebook levels; the model's
     `mimi_codebooks` are read), and the streams served at once (a server's slots: each has its
     KV cache and its Mimi), each with `rows_per_stream` rows of the model (2 with classic
-    guidance: a KV cache each)."""
+    guidance: a KV cache each), and `spare_mimis` Mimi instances more (a server's, loaded for
+    its next stream)."""
 
     cfg: LmConfig
     weight_bytes: int
@@ -92,22 +93,25 @@ class ModelSizes:
     mimi_params: int
     streams: int = 1
     rows_per_stream: int = 1
+    spare_mimis: int = 0
 
     @classmethod
-    def of(cls, files, streams: int = 1, rows_per_stream: int = 1) -> "ModelSizes":
+    def of(cls, files, streams: int = 1, rows_per_stream: int = 1,
+           spare_mimis: int = 0) -> "ModelSizes":
         """`files`: a `model_files.ModelFiles`. Reads the two weight files' headers only."""
         read = mimi_tensors(files.lm_config.mimi_codebooks)
         mimi = read_header(files.mimi_weight).tensors
         header = read_header(files.moshi_weight)
         return cls(files.lm_config, header.data_bytes - tied_copy_bytes(files.lm_config, header),
                    files.quantization, sum(prod(t.shape) for n, t in mimi.items() if n in read),
-                   streams, rows_per_stream)
+                   streams, rows_per_stream, spare_mimis)
 
     def estimate(self, setup: Setup, activation_dtype: mx.Dtype | None = None) -> MemoryEstimate:
         """`activation_dtype`: the KV cache's when unquantized, its scales' when quantized
         (default: this backend's, `activation_dtype_for`)."""
         ratio = bits_per_weight(setup.quantization) / bits_per_weight(self.quantization)
-        mimi = self.streams * MIMI_INSTANCES * (4 * self.mimi_params + MIMI_PROCESS_BYTES)
+        instances = self.streams * MIMI_INSTANCES + self.spare_mimis
+        mimi = instances * (4 * self.mimi_params + MIMI_PROCESS_BYTES)
         kv_cache = kv_cache_bytes(self.cfg, setup, self.streams * self.rows_per_stream,
                                   activation_dtype)
         return MemoryEstimate(round(self.weight_bytes * ratio), kv_cache, mimi,
