@@ -83,15 +83,15 @@ class SlotLoop:
             self._cleaner.submit(self._prepare_next, stream.slot, done)
 
     def _prepare_next(self, slot: int, done: Future) -> None:
-        used = self.mimis[slot]
-        if self.spare is not None:  # the slot is free at once, with the spare
-            self.mimis[slot], self.spare = self.spare, used
+        used, spare = self.mimis[slot], self.spare
+        if spare is not None:  # the slot is free at once, with the spare; `used` is the next
+            self.mimis[slot], self.spare = spare, used
             done.set_result(slot)
         try:
             used.prepare_next()
         except Exception:  # the next stream's reset loads a fresh Mimi anyway
             log.exception("Mimi of slot %d: preparing the next stream failed", slot)
-        if not done.done():
+        if spare is None:
             done.set_result(slot)
 
     def tick(self) -> bool:

@@ -209,8 +209,7 @@ class Transcriber(SlotLoop):
         super().__init__(mimis, spare)
         self.stepper = stepper
         self.tokenizer = tokenizer
-        self.delay_steps = delay_steps
-        self.marker_steps = delay_steps
+        self.delay_steps = delay_steps  # a Marker's wait after the audio before it too
         self.has_heads = stepper.cfg.extra_heads_num_heads > 0
         self.step_idx = WARMUP_STEPS  # batched steps run, counted as Kyutai's server counts them
         self._encoders = ThreadPoolExecutor(max_workers=stepper.rows,
@@ -226,7 +225,7 @@ class Transcriber(SlotLoop):
         self.mimis[row].reset()
         words = WordEvents(self.tokenizer, self.stepper.cfg.existing_text_padding_id,
                            self.delay_steps)
-        stream = Stream(row, emit, words, self.marker_steps)
+        stream = Stream(row, emit, words, self.delay_steps)
         self._join(stream)
         return stream
 
